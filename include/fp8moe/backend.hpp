@@ -1,0 +1,145 @@
+// The handful of operations the engine calls. The CPU backend implements them plainly (the
+// oracle); the CUDA backend implements them fast. The engine (engine/moe_layer.cpp) is written
+// once against this interface, so a backend bug shows up as a difference from the CPU result.
+//
+// Rows: every grouped operation works on M = T*k rows in *expert order*: rows of expert e are
+// [offsets[e], offsets[e+1]), and within an expert they are sorted by pair index p = t*k + j
+// (stable, hence deterministic). An operand can be read "by token": row r is then row
+// sorted_pairs[r] / k of a [T, K] source, so gathers fuse into the consumer.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "fp8moe/moe.hpp"
+#include "fp8moe/quant.hpp"
+#include "fp8moe/tensor.hpp"
+
+namespace fp8moe {
+
+// Built on the device by Backend::build_plan; never read by the host on the CUDA path.
+struct RoutingPlan {
+  int64_t tokens = 0, top_k = 0, experts = 0;
+  Tensor offsets;       // [E + 1] I32: row range of each expert (offsets[E] = M)
+  Tensor sorted_pairs;  // [M] I32: pair index of row r
+  Tensor row_of_pair;   // [M] I32: row of pair p (inverse permutation)
+  Tensor schedule;      // backend-private (CUDA: row-tile -> expert map); may be undefined
+  int64_t rows() const { return tokens * top_k; }
+};
+
+enum class RowSource : uint8_t {
+  Rows,    // row r of the operand is src[r]            (src [M, K], expert order)
+  Tokens,  // row r of the operand is src[pair(r) / k]  (src [T, K], token order)
+};
+
+struct GemmOperand {
+  TensorView src;
+  RowSource rows = RowSource::Rows;
+  bool defined() const { return src.defined(); }
+};
+
+// What the grouped GEMM does with its fp32 accumulator before the store.
+enum class Epilogue : uint8_t {
+  Store,        // out[r, n] = v                                            out [M, N]
+  GluForward,   // aux[r, n] = v (pre-activation, if aux defined);
+                // out[r, j] = act(v[gate_row(j)], v[up_row(j)])            out [M, N/2]
+  GluBackward,  // v is dL/dact [M, N]; aux holds the saved pre-activation [M, 2N];
+                // out[r, gate_row(j)], out[r, up_row(j)] = dL/dgate, dL/dup  out [M, 2N]
+};
+
+// Grouped GEMM, one group per expert:
+//   v[r, n] = row_scale(r) * ( sum_k A[r, k] W_e[n, k]  +  lora_scale * sum_q L[r, q] LB_e[n, q] )
+//             + bias_e[n]
+// with W_e = b[e] read as [N, K] (transpose_b = false) or as the transpose of a stored [K, N]
+// matrix (transpose_b = true: dgrad reads the forward weight the other way round, no copy).
+// The optional L / LB pair is the LoRA delta folded into the same K loop; LB is [E, N, r] or,
+// with transpose_b, [E, r, N]. Rows of experts with no rows produce nothing; M = 0 is fine.
+struct GroupedGemm {
+  const RoutingPlan* plan = nullptr;
+  GemmOperand a;             // [*, K]
+  QuantTensor b;             // [E, N, K] or [E, K, N]; FP8 + scales or plain
+  bool transpose_b = false;
+  GemmOperand lora_a;        // L [*, r] (optional)
+  TensorView lora_b;         // [E, N, r] or [E, r, N]
+  double lora_scale = 0.0;
+  TensorView row_scale;      // [T * k] per-pair factor (routing weights), optional
+  TensorView bias;           // [E, N] optional (added after row_scale; used only with row_scale absent)
+  Epilogue epilogue = Epilogue::Store;
+  ActivationSpec act;
+  TensorView aux;
+  TensorView out;
+};
+
+// Per-expert reduction over the expert's rows (the LoRA weight gradients):
+//   out[e, n, q] = alpha * sum_{r of e} row_scale(r) * L[r, n] * R[r, q]        out [E, N, Q]
+// Experts with no rows get zeros.
+struct GroupedOuter {
+  const RoutingPlan* plan = nullptr;
+  GemmOperand left;      // [*, N]
+  GemmOperand right;     // [*, Q]
+  TensorView row_scale;  // [T * k] optional
+  double alpha = 1.0;
+  TensorView out;
+};
+
+// out[t, :] = sum_{j < k} weight(t, j) * rows[row_of_pair(t*k + j), :], j in fixed order,
+// accumulated in fp32 or wider: deterministic, no atomics.
+struct Combine {
+  const RoutingPlan* plan = nullptr;
+  TensorView rows;     // [M, H]
+  TensorView weights;  // [T, k] optional (1 when absent)
+  TensorView out;      // [T, H]
+};
+
+// out[t, j] = < tokens[t, :], rows[row_of_pair(t*k + j), :] >      (routing-weight gradient)
+struct PairDot {
+  const RoutingPlan* plan = nullptr;
+  TensorView tokens;  // [T, H]
+  TensorView rows;    // [M, H]
+  TensorView out;     // [T, k]
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual Device device() const = 0;
+  // Dtype of the intermediates the engine allocates (F64 on the CPU oracle, BF16 on CUDA).
+  virtual DType activation_dtype() const = 0;
+  virtual Allocator& allocator() = 0;
+
+  // Copies between host and this backend's device (either direction; same shape and dtype).
+  virtual void copy(const TensorView& dst, const TensorView& src) = 0;
+  // Sets every element to `value` (poisoning in tests, zeroing).
+  virtual void fill(const TensorView& t, double value) = 0;
+  // Waits for all queued work (tests, timing); never called by the engine.
+  virtual void synchronize() = 0;
+
+  virtual void build_plan(const TensorView& topk_ids, int64_t experts, RoutingPlan& plan) = 0;
+  virtual void grouped_gemm(const GroupedGemm& g) = 0;
+  virtual void grouped_outer(const GroupedOuter& g) = 0;
+  virtual void combine(const Combine& c) = 0;
+  virtual void pair_dot(const PairDot& d) = 0;
+  // logits [T, E] F32/BF16/F64 -> ids [T, k] I32, weights [T, k]
+  virtual void route(const RouterSpec& r, const TensorView& logits, const TensorView& ids,
+                     const TensorView& weights) = 0;
+  // dL/dlogits [T, E] from dL/dweights [T, k] (selection is piecewise constant: no gradient).
+  virtual void route_backward(const RouterSpec& r, const TensorView& logits, const TensorView& ids,
+                              const TensorView& grad_weights, const TensorView& grad_logits) = 0;
+
+  // Convenience: a new tensor on this backend's device.
+  Tensor empty(DType dtype, Shape shape) { return Tensor(dtype, shape, allocator()); }
+  // Convenience: upload a host tensor to this backend's device (a no-op copy on CPU).
+  Tensor upload(const TensorView& host);
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// Throws a clear error when fp8moe was built without CUDA or no GPU is present.
+// `stream` is a cudaStream_t (nullptr: the legacy default stream).
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, void* stream = nullptr);
+bool cuda_available();
+// "cpu", "cuda", or "auto" (CUDA when a GPU is present, else CPU; says which once on stderr).
+std::unique_ptr<Backend> make_backend(const std::string& name);
+
+}  // namespace fp8moe

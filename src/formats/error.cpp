@@ -1,0 +1,16 @@
+#include "fp8moe/error.hpp"
+
+#include <cstring>
+
+namespace fp8moe::detail {
+
+[[noreturn]] void throw_error(const char* file, int line, const std::string& msg) {
+  // Keep only the path below the repository's src/ or include/ so messages stay short.
+  const char* short_file = file;
+  for (const char* anchor : {"/src/", "/include/", "/tools/", "/tests/"}) {
+    if (const char* p = std::strstr(file, anchor)) { short_file = p + 1; break; }
+  }
+  throw Error(msg + " (" + short_file + ":" + std::to_string(line) + ")");
+}
+
+}  // namespace fp8moe::detail
