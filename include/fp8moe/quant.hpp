@@ -45,6 +45,10 @@ struct ScaleSpec {
     const int64_t seg = n / sr;
     return (seg * grid_n() + (n - seg * sr) / block_n) * grid_k() + k / block_k;
   }
+  // The two separable parts of index(n, k) == row_index(n) + col_index(k): kernels hoist the
+  // part that stays fixed across their K loop.
+  FP8MOE_HD int64_t row_index(int64_t n) const { return index(n, 0); }
+  FP8MOE_HD int64_t col_index(int64_t k) const { return k / block_k; }
 
   static ScaleSpec none(int64_t rows, int64_t cols) { return {ScaleKind::None, rows, cols, 1, 1, 1}; }
   static ScaleSpec tensor(int64_t rows, int64_t cols, int64_t segments = 1) {

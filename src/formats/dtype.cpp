@@ -95,28 +95,33 @@ double load_as_double(const void* data, DType t, int64_t i) {
   }
 }
 
+namespace {
+// double -> float rounded to odd (truncate toward zero, then set the last bit if anything was
+// dropped). Rounding that result to nearest even in any format with at least two fewer significand
+// bits (bf16, f16, fp8) equals rounding the double once: plain RNE to float first could land
+// exactly on a tie of the narrower format and round twice.
+float round_to_odd_float(double v) {
+  if (!std::isfinite(v)) return static_cast<float>(v);
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) == v) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);  // toward zero
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= 1u;  // sticky: v was not exact
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+}  // namespace
+
 void store_from_double(void* data, DType t, int64_t i, double v) {
   auto* p = static_cast<unsigned char*>(data);
   switch (t) {
     case DType::F64: std::memcpy(p + 8 * i, &v, 8); return;
     case DType::F32: { float f = static_cast<float>(v); std::memcpy(p + 4 * i, &f, 4); return; }
-    case DType::F16: { uint16_t h = float_to_f16_bits(static_cast<float>(v)); std::memcpy(p + 2 * i, &h, 2); return; }
-    case DType::BF16: {
-      // Round once from the double: rounding to float first could land on a bf16 tie and round
-      // twice. When f is exactly a tie but v is not, v's side of f decides.
-      const float f = static_cast<float>(v);
-      uint16_t b = float_to_bf16_bits(f);
-      uint32_t fu;
-      std::memcpy(&fu, &f, 4);
-      if (std::isfinite(v) && static_cast<double>(f) != v && (fu & 0xFFFFu) == 0x8000u) {
-        const uint16_t trunc = static_cast<uint16_t>(fu >> 16);  // magnitude rounded down
-        b = std::fabs(v) > std::fabs(static_cast<double>(f)) ? static_cast<uint16_t>(trunc + 1) : trunc;
-      }
-      std::memcpy(p + 2 * i, &b, 2);
-      return;
-    }
-    case DType::F8_E4M3: p[i] = encode_e4m3_sat(static_cast<float>(v)); return;
-    case DType::F8_E5M2: p[i] = encode_e5m2_sat(static_cast<float>(v)); return;
+    case DType::F16: { uint16_t h = float_to_f16_bits(round_to_odd_float(v)); std::memcpy(p + 2 * i, &h, 2); return; }
+    case DType::BF16: { uint16_t b = float_to_bf16_bits(round_to_odd_float(v)); std::memcpy(p + 2 * i, &b, 2); return; }
+    case DType::F8_E4M3: p[i] = encode_e4m3_sat(round_to_odd_float(v)); return;
+    case DType::F8_E5M2: p[i] = encode_e5m2_sat(round_to_odd_float(v)); return;
     case DType::I32: { int32_t x = static_cast<int32_t>(v); std::memcpy(p + 4 * i, &x, 4); return; }
     case DType::I64: { int64_t x = static_cast<int64_t>(v); std::memcpy(p + 8 * i, &x, 8); return; }
     default: FP8MOE_FAIL("cannot store a number as dtype ", dtype_name(t));
