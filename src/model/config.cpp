@@ -1,0 +1,209 @@
+// config.json -> ModelConfig: field aliases across model families, which layers are MoE, and
+// the router / activation each family uses.
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "fp8moe/checkpoint.hpp"
+#include "fp8moe/error.hpp"
+
+namespace fp8moe {
+
+namespace {
+
+using nlohmann::json;
+
+// The first of `keys` present and not null, or nullptr.
+const json* find_field(const json& j, std::initializer_list<const char*> keys) {
+  for (const char* k : keys) {
+    auto it = j.find(k);
+    if (it != j.end() && !it->is_null()) return &*it;
+  }
+  return nullptr;
+}
+
+std::string key_list(std::initializer_list<const char*> keys) {
+  std::string s;
+  for (const char* k : keys) s += (s.empty() ? "" : " | ") + std::string(k);
+  return s;
+}
+
+int64_t get_int(const json& j, const std::string& src, std::initializer_list<const char*> keys,
+                std::optional<int64_t> fallback = std::nullopt) {
+  const json* v = find_field(j, keys);
+  if (!v) {
+    FP8MOE_CHECK(fallback.has_value(), src, ": required field ", key_list(keys), " is missing");
+    return *fallback;
+  }
+  FP8MOE_CHECK(v->is_number_integer(), src, ": field ", key_list(keys), " must be an integer, found ", v->dump());
+  return v->get<int64_t>();
+}
+
+double get_double(const json& j, const std::string& src, std::initializer_list<const char*> keys,
+                  std::optional<double> fallback = std::nullopt) {
+  const json* v = find_field(j, keys);
+  if (!v) {
+    FP8MOE_CHECK(fallback.has_value(), src, ": required field ", key_list(keys), " is missing");
+    return *fallback;
+  }
+  FP8MOE_CHECK(v->is_number(), src, ": field ", key_list(keys), " must be a number, found ", v->dump());
+  return v->get<double>();
+}
+
+bool get_bool(const json& j, const std::string& src, const char* key, bool fallback) {
+  const json* v = find_field(j, {key});
+  if (!v) return fallback;
+  FP8MOE_CHECK(v->is_boolean(), src, ": field ", key, " must be true or false, found ", v->dump());
+  return v->get<bool>();
+}
+
+enum class Family { Qwen, Mixtral, DeepSeek, GptOss };
+
+Family family_of(const std::string& model_type, const std::string& src) {
+  if (model_type == "qwen3_moe" || model_type == "qwen2_moe") return Family::Qwen;
+  if (model_type == "mixtral") return Family::Mixtral;
+  if (model_type == "glm4_moe_lite" || model_type == "glm4_moe" || model_type == "deepseek_v3") return Family::DeepSeek;
+  if (model_type == "gpt_oss") return Family::GptOss;
+  FP8MOE_FAIL(src, ": model_type \"", model_type,
+              "\" is not supported (expected qwen3_moe, qwen2_moe, mixtral, glm4_moe_lite, glm4_moe, deepseek_v3 "
+              "or gpt_oss)");
+}
+
+}  // namespace
+
+bool ModelConfig::is_moe_layer(int64_t layer) const {
+  if (layer < 0 || layer >= num_hidden_layers) return false;
+  switch (router) {
+    case RouterKind::SoftmaxTopK:  // Qwen / Mixtral (Mixtral: no mlp_only_layers, step 1)
+      for (int64_t d : mlp_only_layers)
+        if (d == layer) return false;
+      return (layer + 1) % decoder_sparse_step == 0;
+    case RouterKind::SigmoidBiasTopK:  // GLM / DeepSeek
+      return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+    case RouterKind::TopKSoftmax:  // GPT-OSS: every layer
+      return true;
+  }
+  return false;
+}
+
+std::vector<int64_t> ModelConfig::moe_layers() const {
+  std::vector<int64_t> out;
+  for (int64_t l = 0; l < num_hidden_layers; ++l)
+    if (is_moe_layer(l)) out.push_back(l);
+  return out;
+}
+
+RouterSpec ModelConfig::router_spec() const {
+  FP8MOE_CHECK(n_group <= 1 || topk_group >= n_group, source, ": group-limited routing (n_group ", n_group,
+               ", topk_group ", topk_group, ") is not supported; only n_group 1 (or topk_group == n_group)");
+  RouterSpec r;
+  r.kind = router;
+  r.top_k = top_k;
+  r.normalize = norm_topk_prob;
+  r.scaling = routed_scaling_factor;
+  return r;
+}
+
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    FP8MOE_FAIL(source, ": not valid JSON: ", e.what());
+  }
+  FP8MOE_CHECK(j.is_object(), source, ": expected a JSON object at the top level, found ", j.type_name());
+
+  ModelConfig c;
+  c.source = source;
+  const json* mt = find_field(j, {"model_type"});
+  FP8MOE_CHECK(mt && mt->is_string(), source, ": required field model_type is missing or not a string");
+  c.model_type = mt->get<std::string>();
+  if (const json* a = find_field(j, {"architectures"})) {
+    FP8MOE_CHECK(a->is_array(), source, ": field architectures must be a list, found ", a->dump());
+    for (const json& s : *a) {
+      FP8MOE_CHECK(s.is_string(), source, ": architectures entries must be strings, found ", s.dump());
+      c.architectures.push_back(s.get<std::string>());
+    }
+  }
+  const Family fam = family_of(c.model_type, source);
+
+  c.hidden_size = get_int(j, source, {"hidden_size"});
+  c.num_hidden_layers = get_int(j, source, {"num_hidden_layers"});
+  c.num_experts = get_int(j, source, {"num_experts", "n_routed_experts", "num_local_experts"});
+  c.top_k = get_int(j, source, {"num_experts_per_tok", "experts_per_token"});
+  // Mixtral and GPT-OSS name the expert width intermediate_size; the others keep
+  // intermediate_size for their dense layers.
+  if (fam == Family::Mixtral || fam == Family::GptOss)
+    c.moe_intermediate_size = get_int(j, source, {"intermediate_size"});
+  else
+    c.moe_intermediate_size = get_int(j, source, {"moe_intermediate_size"});
+
+  FP8MOE_CHECK(c.hidden_size > 0, source, ": hidden_size must be positive, found ", c.hidden_size);
+  FP8MOE_CHECK(c.moe_intermediate_size > 0, source, ": the expert intermediate size must be positive, found ",
+               c.moe_intermediate_size);
+  FP8MOE_CHECK(c.num_hidden_layers > 0, source, ": num_hidden_layers must be positive, found ", c.num_hidden_layers);
+  FP8MOE_CHECK(c.num_experts > 0, source, ": the number of routed experts must be positive, found ", c.num_experts);
+  FP8MOE_CHECK(c.top_k > 0 && c.top_k <= c.num_experts, source, ": experts per token must be in [1, ", c.num_experts,
+               "], found ", c.top_k);
+
+  switch (fam) {
+    case Family::Qwen: {
+      c.router = RouterKind::SoftmaxTopK;
+      c.norm_topk_prob = get_bool(j, source, "norm_topk_prob", false);  // transformers' default
+      c.decoder_sparse_step = get_int(j, source, {"decoder_sparse_step"}, 1);
+      FP8MOE_CHECK(c.decoder_sparse_step >= 1, source, ": decoder_sparse_step must be >= 1, found ",
+                   c.decoder_sparse_step);
+      if (const json* m = find_field(j, {"mlp_only_layers"})) {
+        FP8MOE_CHECK(m->is_array(), source, ": field mlp_only_layers must be a list, found ", m->dump());
+        for (const json& v : *m) {
+          FP8MOE_CHECK(v.is_number_integer(), source, ": mlp_only_layers entries must be integers, found ", v.dump());
+          c.mlp_only_layers.push_back(v.get<int64_t>());
+        }
+      }
+      if (c.model_type == "qwen2_moe") {
+        c.shared_intermediate_size = get_int(j, source, {"shared_expert_intermediate_size"}, 0);
+        c.n_shared_experts = c.shared_intermediate_size > 0 ? 1 : 0;
+      }
+      break;
+    }
+    case Family::Mixtral:
+      c.router = RouterKind::SoftmaxTopK;
+      c.norm_topk_prob = true;  // Mixtral always renormalises the kept weights
+      break;
+    case Family::DeepSeek: {
+      c.router = RouterKind::SigmoidBiasTopK;
+      c.norm_topk_prob = get_bool(j, source, "norm_topk_prob", true);
+      // transformers' defaults differ across these families (1.0 vs 2.5): require it.
+      c.routed_scaling_factor = get_double(j, source, {"routed_scaling_factor"});
+      c.first_k_dense_replace = get_int(j, source, {"first_k_dense_replace"}, 0);
+      c.moe_layer_freq = get_int(j, source, {"moe_layer_freq"}, 1);
+      FP8MOE_CHECK(c.moe_layer_freq >= 1, source, ": moe_layer_freq must be >= 1, found ", c.moe_layer_freq);
+      c.n_shared_experts = get_int(j, source, {"n_shared_experts"}, 0);
+      c.shared_intermediate_size = c.n_shared_experts * c.moe_intermediate_size;
+      c.n_group = get_int(j, source, {"n_group"}, 1);
+      c.topk_group = get_int(j, source, {"topk_group"}, 1);
+      break;
+    }
+    case Family::GptOss:
+      c.router = RouterKind::TopKSoftmax;
+      c.norm_topk_prob = true;  // softmax over the k kept sums to one
+      c.act.kind = Activation::GptOssGlu;
+      c.act.layout = GateUpLayout::Interleaved;
+      c.act.alpha = 1.702f;
+      c.act.limit = static_cast<float>(get_double(j, source, {"swiglu_limit"}, 7.0));
+      FP8MOE_CHECK(c.act.limit > 0, source, ": swiglu_limit must be positive, found ", c.act.limit);
+      break;
+  }
+  return c;
+}
+
+ModelConfig load_model_config(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  FP8MOE_CHECK(f.good(), path, ": cannot open the model config");
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return parse_model_config(ss.str(), path);
+}
+
+}  // namespace fp8moe

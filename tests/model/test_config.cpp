@@ -1,0 +1,151 @@
+// config.json parsing (src/model/config.cpp) on Qwen3-, GLM-4.7-Flash- and GPT-OSS-shaped
+// configs with their real field names.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "fp8moe/checkpoint.hpp"
+
+namespace fp8moe {
+namespace {
+
+template <typename F>
+void expect_error(F&& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error containing \"" << parts.front() << "\"";
+  } catch (const Error& e) {
+    for (const std::string& p : parts)
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
+  }
+}
+
+// Replaces the one occurrence of `from` in `j`.
+void sub(std::string& j, const std::string& from, const std::string& to) {
+  const size_t at = j.find(from);
+  ASSERT_NE(at, std::string::npos) << from;
+  j.replace(at, from.size(), to);
+}
+
+// Qwen3-30B-A3B (second-hand config, formats.md section 3), trimmed to the MoE fields.
+const char* kQwen3 = R"({
+  "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+  "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+  "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true,
+  "num_hidden_layers": 48, "decoder_sparse_step": 1, "mlp_only_layers": [],
+  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936
+})";
+
+const char* kGlm = R"({
+  "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
+  "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
+  "n_routed_experts": 64, "n_shared_experts": 1, "num_experts_per_tok": 4,
+  "num_hidden_layers": 47, "first_k_dense_replace": 1, "routed_scaling_factor": 1.8,
+  "norm_topk_prob": true, "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": 1
+})";
+
+const char* kGptOss = R"({
+  "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+  "hidden_size": 2880, "intermediate_size": 2880, "num_local_experts": 32,
+  "num_experts_per_tok": 4, "experts_per_token": 4, "num_hidden_layers": 24, "swiglu_limit": 7.0
+})";
+
+TEST(ConfigQwen3, FieldsAndAllLayersMoe) {
+  const ModelConfig c = parse_model_config(kQwen3, "qwen/config.json");
+  EXPECT_EQ(c.model_type, "qwen3_moe");
+  EXPECT_EQ(c.architectures, std::vector<std::string>{"Qwen3MoeForCausalLM"});
+  EXPECT_EQ(c.hidden_size, 2048);
+  EXPECT_EQ(c.moe_intermediate_size, 768);  // not intermediate_size (dense)
+  EXPECT_EQ(c.num_experts, 128);
+  EXPECT_EQ(c.top_k, 8);
+  EXPECT_TRUE(c.norm_topk_prob);
+  EXPECT_EQ(c.moe_layers().size(), 48u);
+  EXPECT_FALSE(c.is_moe_layer(48));
+  const RouterSpec r = c.router_spec();
+  EXPECT_EQ(r.kind, RouterKind::SoftmaxTopK);
+  EXPECT_EQ(r.top_k, 8);
+  EXPECT_EQ(c.act.kind, Activation::SiluGlu);
+  EXPECT_EQ(c.act.layout, GateUpLayout::Halves);
+  EXPECT_EQ(c.n_shared_experts, 0);
+}
+
+TEST(ConfigQwen3, SparseStepAndMlpOnlyLayers) {
+  std::string j = kQwen3;
+  sub(j, "\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2");
+  sub(j, "\"mlp_only_layers\": []", "\"mlp_only_layers\": [5]");
+  const ModelConfig c = parse_model_config(j, "cfg");
+  // MoE iff L not in mlp_only_layers and (L + 1) % 2 == 0: 1, 3, 7, 9, ... (5 is dense)
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(1));
+  EXPECT_TRUE(c.is_moe_layer(3));
+  EXPECT_FALSE(c.is_moe_layer(5));
+  EXPECT_TRUE(c.is_moe_layer(7));
+  EXPECT_EQ(c.moe_layers().size(), 23u);
+}
+
+TEST(ConfigGlm, DenseFirstLayerMtpAndSigmoidRouter) {
+  const ModelConfig c = parse_model_config(kGlm, "glm/config.json");
+  EXPECT_EQ(c.num_experts, 64);
+  EXPECT_EQ(c.top_k, 4);
+  EXPECT_EQ(c.moe_intermediate_size, 1536);
+  EXPECT_EQ(c.n_shared_experts, 1);
+  EXPECT_EQ(c.shared_intermediate_size, 1536);
+  EXPECT_FALSE(c.is_moe_layer(0));  // first_k_dense_replace 1
+  EXPECT_TRUE(c.is_moe_layer(1));
+  EXPECT_TRUE(c.is_moe_layer(46));
+  EXPECT_FALSE(c.is_moe_layer(47));  // the MTP layer model.layers.47.* is not part of the model
+  EXPECT_EQ(c.moe_layers().size(), 46u);
+  const RouterSpec r = c.router_spec();
+  EXPECT_EQ(r.kind, RouterKind::SigmoidBiasTopK);
+  EXPECT_DOUBLE_EQ(r.scaling, 1.8);
+  EXPECT_TRUE(r.normalize);
+}
+
+TEST(ConfigGptOss, InterleavedClampedActivation) {
+  const ModelConfig c = parse_model_config(kGptOss, "gpt/config.json");
+  EXPECT_EQ(c.num_experts, 32);
+  EXPECT_EQ(c.top_k, 4);
+  EXPECT_EQ(c.moe_intermediate_size, 2880);  // GPT-OSS names it intermediate_size
+  EXPECT_EQ(c.moe_layers().size(), 24u);
+  EXPECT_EQ(c.router, RouterKind::TopKSoftmax);
+  EXPECT_EQ(c.act.kind, Activation::GptOssGlu);
+  EXPECT_EQ(c.act.layout, GateUpLayout::Interleaved);
+  EXPECT_FLOAT_EQ(c.act.alpha, 1.702f);
+  EXPECT_FLOAT_EQ(c.act.limit, 7.0f);
+
+  std::string j = kGptOss;
+  sub(j, ", \"swiglu_limit\": 7.0", "");
+  sub(j, "\"num_experts_per_tok\": 4, ", "");
+  const ModelConfig d = parse_model_config(j, "cfg");
+  EXPECT_FLOAT_EQ(d.act.limit, 7.0f);  // default
+  EXPECT_EQ(d.top_k, 4);               // from experts_per_token
+}
+
+TEST(ConfigErrors, MissingOrInvalidFieldsNameFileAndField) {
+  std::string j = kGlm;
+  sub(j, "\"n_routed_experts\": 64, ", "");
+  expect_error([&] { parse_model_config(j, "glm/config.json"); },
+               {"glm/config.json", "num_experts | n_routed_experts | num_local_experts", "missing"});
+  j = kGlm;
+  sub(j, "\"routed_scaling_factor\": 1.8,", "");
+  expect_error([&] { parse_model_config(j, "c.json"); }, {"c.json", "routed_scaling_factor"});
+  j = kQwen3;
+  sub(j, "\"hidden_size\": 2048", "\"hidden_size\": \"2048\"");
+  expect_error([&] { parse_model_config(j, "c.json"); }, {"hidden_size", "must be an integer"});
+  expect_error([&] { parse_model_config(R"({"model_type": "llama", "hidden_size": 8})", "l.json"); },
+               {"l.json", "model_type \"llama\" is not supported"});
+  expect_error([&] { parse_model_config("{not json", "bad.json"); }, {"bad.json", "not valid JSON"});
+  j = kQwen3;
+  sub(j, "\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 200");
+  expect_error([&] { parse_model_config(j, "c.json"); }, {"experts per token must be in [1, 128]"});
+}
+
+TEST(ConfigErrors, GroupLimitedRoutingIsRefused) {
+  std::string j = kGlm;
+  sub(j, "\"n_group\": 1, \"topk_group\": 1", "\"n_group\": 8, \"topk_group\": 4");
+  const ModelConfig c = parse_model_config(j, "ds.json");
+  expect_error([&] { c.router_spec(); }, {"ds.json", "group-limited routing"});
+}
+
+}  // namespace
+}  // namespace fp8moe
