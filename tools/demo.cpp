@@ -23,7 +23,6 @@
 
 #include "args.hpp"
 #include "command.hpp"
-#include "device.hpp"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/convert.hpp"
@@ -138,13 +137,13 @@ std::vector<double> to_vec(const TensorView& t) {
 }
 
 Results run_engine(Backend& be, const ExpertStack& stack, const Problem& p) {
-  const DeviceExperts dx = upload_experts(be, stack);
+  const ExpertStack dx = stack.upload(be);
   const Tensor gu_A = be.upload(p.gu_A), gu_B = be.upload(p.gu_B), d_A = be.upload(p.d_A), d_B = be.upload(p.d_B);
   const LoraAdapters lora{gu_A.view(), gu_B.view(), d_A.view(), d_B.view(), p.scaling};
   const Tensor hidden = be.upload(p.hidden), ids = be.upload(p.routing.ids), weights = be.upload(p.routing.weights);
   const Tensor grad_out = be.upload(p.grad_out);
   const int64_t T = p.hidden.size(0), H = p.hidden.size(1), k = p.routing.ids.size(1);
-  const MoeLayer layer(be, dx.weights, lora);
+  const MoeLayer layer(be, dx.view(), lora);
   const MoeInputs in{hidden.view(), ids.view(), weights.view()};
   // Outputs poisoned with NaN, so anything the engine fails to write shows up.
   auto poisoned = [&be](Shape s) {
@@ -395,8 +394,8 @@ struct TokenSource {
 bool train(Backend& be, Backend& cpu, const Model& m, int64_t layer, int64_t steps, std::mt19937_64& rng) {
   const MoeLayerWeights fp8 = Checkpoint::open(m.fp8.string()).load_moe_layer(layer);
   const MoeLayerWeights bf16 = Checkpoint::open(m.bf16.string()).load_moe_layer(layer);
-  const DeviceExperts d_fp8 = upload_experts(be, fp8.routed), d_bf16 = upload_experts(be, bf16.routed);
-  const int64_t H = d_fp8.weights.hidden();
+  const ExpertStack d_fp8 = fp8.routed.upload(be), d_bf16 = bf16.routed.upload(be);
+  const int64_t H = d_fp8.view().hidden();
 
   // A batch: random tokens, routed by the layer's router, and the BF16 experts' output as target.
   struct Batch {
@@ -408,7 +407,7 @@ bool train(Backend& be, Backend& cpu, const Model& m, int64_t layer, int64_t ste
     const Tensor h = tokens.sample(rng, T);
     const Routed r = route(cpu, fp8.router, h);
     Batch b{be.upload(h), be.upload(r.ids), be.upload(r.weights), be.empty(DType::F32, Shape{T, H})};
-    MoeLayer(be, d_bf16.weights).forward(b.in(), b.target);
+    MoeLayer(be, d_bf16.view()).forward(b.in(), b.target);
     return b;
   };
 
@@ -417,7 +416,7 @@ bool train(Backend& be, Backend& cpu, const Model& m, int64_t layer, int64_t ste
   cfg.alpha = 16.0;
   cfg.adam.lr = 1e-3;
   cfg.seed = rng();
-  LoraTrainer trainer(be, d_fp8.weights, cfg);
+  LoraTrainer trainer(be, d_fp8.view(), cfg);
   const Batch eval = make_batch(kEvalTokens);
   const double initial = trainer.evaluate(eval.in(), eval.target);
   std::printf("    LoRA r %lld (alpha %.0f, Adam lr %.0e) on the experts of %s layer %lld (FP8), %lld tokens per step\n"

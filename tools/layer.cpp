@@ -13,7 +13,6 @@
 
 #include "args.hpp"
 #include "command.hpp"
-#include "device.hpp"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/lora.hpp"
@@ -133,8 +132,8 @@ int run_layer(const std::vector<std::string>& argv) {
   const Checkpoint ck = Checkpoint::open(args.positional()[0]);
   const MoeLayerWeights lw = ck.load_moe_layer(layer);
   auto be = make_backend(args.get_or("backend", "auto"));
-  const DeviceExperts experts = upload_experts(*be, lw.routed);
-  const ExpertWeights& w = experts.weights;
+  const ExpertStack experts = lw.routed.upload(*be);
+  const ExpertWeights w = experts.view();
   const int64_t E = w.experts(), H = w.hidden();
 
   const Inputs in(in_path);

@@ -165,6 +165,8 @@ struct ExpertStack {
   int64_t experts() const { return gate_up.data.size(0); }
   // Views for MoeLayer; valid while this stack lives.
   ExpertWeights view() const;
+  // A copy of this stack on `backend`'s device (FP8 codes stay FP8: nothing is dequantized).
+  ExpertStack upload(Backend& backend) const;
 };
 
 // The router of one MoE layer, as stored.

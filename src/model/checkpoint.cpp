@@ -16,6 +16,7 @@
 #include <set>
 #include <sstream>
 
+#include "fp8moe/backend.hpp"
 #include "fp8moe/error.hpp"
 #include "model/experts.hpp"
 
@@ -565,6 +566,17 @@ ExpertWeights ExpertStack::view() const {
   if (down_bias.defined()) w.down_bias = down_bias.view();
   w.act = act;
   return w;
+}
+
+ExpertStack ExpertStack::upload(Backend& backend) const {
+  auto up = [&backend](const Tensor& t) { return t.defined() ? backend.upload(t.view()) : Tensor(); };
+  ExpertStack d;
+  d.gate_up = {up(gate_up.data), up(gate_up.scale), gate_up.spec};
+  d.down = {up(down.data), up(down.scale), down.spec};
+  d.gate_up_bias = up(gate_up_bias);
+  d.down_bias = up(down_bias);
+  d.act = act;
+  return d;
 }
 
 RouterSpec RouterWeights::view() const {
