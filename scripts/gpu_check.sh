@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# gpu_check.sh - the one script to run on a GPU machine (H100/H200, sm_90a): build for the card,
+# run the CPU tests and the GPU tests, compute-sanitizer (memcheck + racecheck) on a representative
+# subset with small shapes, then the benchmark against the torch peer script. Every log goes under
+# $OUT; a short summary table is printed last (and kept in $OUT/summary.txt).
+#
+# Usage (from anywhere; it works in the repository root):
+#   scripts/gpu_check.sh
+# Environment:
+#   OUT              where logs and results go (default ./out). At most 8 files are written, so
+#                    that all of them come back from the lent device machine:
+#                      build.log tests.log sanitizer.log bench.log bench.json torch_baselines.json
+#                      BENCHMARKS.md summary.txt
+#   STEPS            the steps to run, in order (default "build cpu gpu sanitize bench")
+#   BUILD_DIR        build folder (default build-gpu)
+#   JOBS             parallel build jobs (default 16)
+#   GPU_FILTER       gtest filter for the GPU tests (default: all)
+#   SANITIZE_FILTER  gtest filter for compute-sanitizer (default: below, small shapes)
+#   BENCH_ARGS       arguments for `fp8moe bench` (default: --shape all --tokens 256,4096,16384 --routing both)
+#   TORCH_BASELINES  the shared peer script torch_baselines.py. It lives at ../shared/bench/ on
+#                    developer machines but does not travel to the device machine: copy it into
+#                    .deps/ before a run (cp ../shared/bench/torch_baselines.py .deps/). Default:
+#                    .deps/torch_baselines.py if present, else ../shared/bench/torch_baselines.py.
+# GoogleTest and nlohmann-json come from .deps/ where the machine lacks them (CMakeLists.txt).
+# The exit status is non-zero when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-./out}
+STEPS=${STEPS:-"build cpu gpu sanitize bench"}
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+JOBS=${JOBS:-16}
+GPU_FILTER=${GPU_FILTER:-*}
+SANITIZE_FILTER=${SANITIZE_FILTER:-"CudaBackendPlan.*:CudaBackendCombine.*:CudaBackendPairDot.*:CudaBackendRouter.TiesGoToLowerIndex:CudaBackendFill.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/gptoss_interleaved_channel_bias:Cases/CudaLayer.ForwardBackwardMatchCpu/odd_dims_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/tokens0:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts"}
+RACECHECK_FILTER=${RACECHECK_FILTER:-"CudaBackendPlan.ZeroTokens:CudaBackendPlan.OutOfRangeIdsAreExcludedAndReported:CudaBackendCombine.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts"}
+BENCH_ARGS=${BENCH_ARGS:-"--shape all --tokens 256,4096,16384 --routing both"}
+if [ -z "${TORCH_BASELINES:-}" ]; then
+  if [ -f .deps/torch_baselines.py ]; then TORCH_BASELINES=.deps/torch_baselines.py; else TORCH_BASELINES=../shared/bench/torch_baselines.py; fi
+fi
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY=()
+FAILED=0
+record() {  # step status seconds note
+  SUMMARY+=("$(printf '%-10s %-6s %6ss  %s' "$1" "$2" "$3" "$4")")
+  [ "$2" = ok ] || [ "$2" = skip ] || FAILED=1
+}
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+run_timed() {  # name logfile command...: appends to the log, sets STATUS and SECS
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  echo "==== $name: $*" >>"$log"
+  if "$@" >>"$log" 2>&1; then STATUS=ok; else STATUS=FAIL; fi
+  SECS=$((SECONDS - t0))
+}
+gtest_counts() {  # summarises a gtest log: "N passed, M failed, S skipped"
+  local log=$1 p f s
+  p=$(grep -c '^\[       OK \]' "$log" || true)
+  f=$(grep -c '^\[  FAILED  \] .*(' "$log" || true)
+  s=$(grep -c '^\[  SKIPPED \]' "$log" || true)
+  echo "$p passed, $f failed, $s skipped"
+}
+: >"$OUT/build.log"; : >"$OUT/tests.log"; : >"$OUT/sanitizer.log"; : >"$OUT/bench.log"
+
+{
+  echo "gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
+  nvcc --version | tail -1; cmake --version | head -1
+} | tee -a "$OUT/build.log"
+
+BUILT=1
+if has_step build; then
+  run_timed build "$OUT/build.log" bash -c "cmake -S . -B '$BUILD_DIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real \
+      && ninja -C '$BUILD_DIR' -j$JOBS fp8moe_tests fp8moe_gpu_tests fp8moe_cli"
+  record build "$STATUS" "$SECS" "$BUILD_DIR (sm_90a), log build.log"
+  [ "$STATUS" = ok ] || BUILT=0
+fi
+if [ "$BUILT" = 0 ]; then
+  echo "build failed: skipping the other steps" | tee -a "$OUT/build.log"
+  tail -30 "$OUT/build.log"
+  STEPS=""
+fi
+
+if has_step cpu; then
+  run_timed cpu "$OUT/tests.log" "$BUILD_DIR/fp8moe_tests"
+  record cpu-tests "$STATUS" "$SECS" "$(gtest_counts "$OUT/tests.log")"
+fi
+
+if has_step gpu; then
+  part=$(mktemp)  # counted apart from the CPU tests, then appended to tests.log
+  run_timed gpu "$part" "$BUILD_DIR/fp8moe_gpu_tests" "--gtest_filter=$GPU_FILTER"
+  record gpu-tests "$STATUS" "$SECS" "$(gtest_counts "$part")"
+  cat "$part" >>"$OUT/tests.log"
+  rm -f "$part"
+fi
+
+if has_step sanitize; then
+  run_timed memcheck "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$BUILD_DIR/fp8moe_gpu_tests" "--gtest_filter=$SANITIZE_FILTER"
+  record memcheck "$STATUS" "$SECS" "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+  run_timed racecheck "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 3 \
+    "$BUILD_DIR/fp8moe_gpu_tests" "--gtest_filter=$RACECHECK_FILTER"
+  record racecheck "$STATUS" "$SECS" "$(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+fi
+
+if has_step bench; then
+  peer_note="peer $TORCH_BASELINES"
+  [ -f "$TORCH_BASELINES" ] || peer_note="peer script missing ($TORCH_BASELINES): ours only"
+  # shellcheck disable=SC2086
+  run_timed bench "$OUT/bench.log" python3 bench/run_bench.py --fp8moe "$BUILD_DIR/fp8moe" \
+    --torch-baselines "$TORCH_BASELINES" --out "$OUT" --md "$OUT/BENCHMARKS.md" -- $BENCH_ARGS
+  record bench "$STATUS" "$SECS" "$peer_note; BENCHMARKS.md, bench.json"
+fi
+
+{
+  echo
+  echo "==== summary ($(date -u '+%H:%M UTC'))"
+  printf '%-10s %-6s %7s  %s\n' step status time note
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  if [ -f "$OUT/BENCHMARKS.md" ]; then
+    echo
+    sed -n '/^## Targets/,/^## /p' "$OUT/BENCHMARKS.md" | sed '$d'
+  fi
+} | tee "$OUT/summary.txt"
+exit $FAILED
