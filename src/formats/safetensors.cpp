@@ -232,6 +232,14 @@ ParsedHeader validate(const unsigned char* bytes, uint64_t size, const std::stri
     for (uint64_t d : e.dims)
       FP8MOE_CHECK(d <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()), at, ": dimension ", d,
                    " exceeds int64");
+    // An empty tensor passes the byte-count rules whatever its other dims are, but its row-major
+    // strides (suffix products) must still fit int64 for a TensorView to describe it.
+    uint64_t stride = 1;
+    for (size_t i = e.dims.size(); i-- > 1;) {
+      const bool over = __builtin_mul_overflow(stride, e.dims[i], &stride) ||
+                        stride > static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+      FP8MOE_CHECK(!over, at, ": shape ", dims_str(e.dims), " has strides that exceed int64");
+    }
     std::vector<int64_t> dims(e.dims.begin(), e.dims.end());
     out.entries.push_back(SafetensorsEntry{e.name, e.dtype, Shape(dims), e.begin, e.end});
     expected_begin = e.end;
@@ -275,7 +283,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());  // owns the mapping from here on
   f->path_ = path;
 
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer (regular files ignore it).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   FP8MOE_CHECK(fd >= 0, where, ": cannot open: ", std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
