@@ -1,0 +1,224 @@
+// Grouped GEMM lab: times every tile shape of fp8moe::cuda::grouped_gemm and the heuristic's
+// choice on the target MoE shapes in one process on one card, and checks each against a double-precision host reference on
+// sampled rows. Built and run by run.sh; prints one line per (problem, variant).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/grouped_gemm.cuh"
+#include "fp8moe/backend.hpp"
+#include "fp8moe/fp8.hpp"
+
+using namespace fp8moe;
+
+namespace {
+
+class DeviceAllocator : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    void* p = nullptr;
+    FP8MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  void deallocate(void* p) override { cudaFree(p); }
+  Device device() const override { return Device::CUDA; }
+};
+DeviceAllocator dev;
+
+Tensor upload(const Tensor& h) {
+  Tensor d(h.dtype(), h.shape(), dev);
+  FP8MOE_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), h.view().nbytes(), cudaMemcpyHostToDevice));
+  return d;
+}
+Tensor download(const Tensor& d) {
+  Tensor h(d.dtype(), d.shape());
+  FP8MOE_CUDA_CHECK(cudaMemcpy(h.data(), d.data(), d.view().nbytes(), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+struct Problem {
+  std::string name;
+  int64_t T, k, E, N, K;  // N, K of v = A W^T
+  bool tokens, trans, channel, glu, row_scale;
+};
+
+struct Built {
+  Problem pb;
+  std::vector<int32_t> offsets, sorted;
+  Tensor a, w, ws, rs;                              // host
+  Tensor d_off, d_sorted, d_a, d_w, d_ws, d_rs, d_aux, d_out;
+  RoutingPlan plan;
+  GroupedGemm g;
+  ScaleSpec spec;
+};
+
+Built build(const Problem& pb, std::mt19937_64& rng) {
+  Built b;
+  b.pb = pb;
+  const int64_t M = pb.T * pb.k, SR = pb.trans ? pb.K : pb.N, SC = pb.trans ? pb.N : pb.K;
+  // Uniform routing: k distinct experts per token, rows stable by pair inside an expert.
+  std::vector<int32_t> ids(M), pool(pb.E);
+  std::iota(pool.begin(), pool.end(), 0);
+  for (int64_t t = 0; t < pb.T; ++t) {
+    std::shuffle(pool.begin(), pool.end(), rng);
+    for (int64_t j = 0; j < pb.k; ++j) ids[t * pb.k + j] = pool[j];
+  }
+  b.offsets.assign(pb.E + 1, 0);
+  for (int32_t id : ids) ++b.offsets[id + 1];
+  for (int64_t e = 0; e < pb.E; ++e) b.offsets[e + 1] += b.offsets[e];
+  std::vector<int32_t> next(b.offsets.begin(), b.offsets.end() - 1);
+  b.sorted.assign(M, 0);
+  for (int64_t p = 0; p < M; ++p) b.sorted[next[ids[p]]++] = static_cast<int32_t>(p);
+  auto up32 = [](std::vector<int32_t>& v) {
+    Tensor h(DType::I32, {static_cast<int64_t>(v.size())});
+    std::copy(v.begin(), v.end(), h.ptr<int32_t>());
+    return upload(h);
+  };
+  b.d_off = up32(b.offsets);
+  b.d_sorted = up32(b.sorted);
+  b.plan.tokens = pb.T, b.plan.top_k = pb.k, b.plan.experts = pb.E;
+  b.plan.offsets = b.d_off, b.plan.sorted_pairs = b.d_sorted;
+
+  std::normal_distribution<double> nd;
+  b.a = Tensor(DType::BF16, {pb.tokens ? pb.T : M, pb.K});
+  for (int64_t i = 0; i < b.a.numel(); ++i) store_from_double(b.a.data(), DType::BF16, i, nd(rng));
+  // Random E4M3 codes (no NaN), scales around 1/sqrt(K).
+  b.w = Tensor(DType::F8_E4M3, {pb.E, SR, SC});
+  uint64_t x = rng() | 1;
+  for (int64_t i = 0; i < b.w.numel(); ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    b.w.ptr<uint8_t>()[i] = static_cast<uint8_t>(x >> 40) & 0xBF;
+  }
+  b.spec = pb.channel ? ScaleSpec::channel(SR, SC) : ScaleSpec::block(SR, SC, 128, 128, pb.glu || pb.trans ? 2 : 1);
+  b.ws = Tensor(DType::F32, {pb.E, b.spec.scale_rows(), b.spec.grid_k()});
+  for (int64_t i = 0; i < b.ws.numel(); ++i)
+    b.ws.ptr<float>()[i] = static_cast<float>((0.5 + (rng() % 1000) / 1000.0) / std::sqrt(double(pb.K)));
+  b.d_a = upload(b.a);
+  b.d_w = upload(b.w);
+  b.d_ws = upload(b.ws);
+  GroupedGemm& g = b.g;
+  g.plan = &b.plan;
+  g.a = {b.d_a, pb.tokens ? RowSource::Tokens : RowSource::Rows};
+  g.b = {b.d_w, b.d_ws, b.spec};
+  g.transpose_b = pb.trans;
+  if (pb.row_scale) {
+    b.rs = Tensor(DType::F32, {M});
+    for (int64_t i = 0; i < M; ++i) b.rs.ptr<float>()[i] = static_cast<float>(nd(rng));
+    b.d_rs = upload(b.rs);
+    g.row_scale = b.d_rs;
+  }
+  if (pb.glu) {
+    g.epilogue = Epilogue::GluForward;
+    b.d_aux = Tensor(DType::BF16, {M, pb.N}, dev);
+    g.aux = b.d_aux;
+  }
+  b.d_out = Tensor(DType::BF16, {M, pb.glu ? pb.N / 2 : pb.N}, dev);
+  g.out = b.d_out;
+  return b;
+}
+
+// The double-precision reference of v (pre-activation for GLU) on 8 sampled rows (the first,
+// the last, random others), computed once per problem.
+struct Reference {
+  std::vector<int64_t> rows;
+  std::vector<double> v;  // [rows, N]
+};
+Reference reference(const Built& b, std::mt19937_64& rng) {
+  const Problem& pb = b.pb;
+  const int64_t M = pb.T * pb.k;
+  const QuantTensor q{b.w.view(), b.ws.view(), b.spec};
+  Reference ref;
+  for (int s = 0; s < 8; ++s) {
+    const int64_t r = s == 0 ? 0 : s == 1 ? M - 1 : static_cast<int64_t>(rng() % M);
+    const int64_t e = std::upper_bound(b.offsets.begin(), b.offsets.end(), r) - b.offsets.begin() - 1;
+    const int64_t pair = b.sorted[r], src = pb.tokens ? pair / pb.k : r;
+    const double rs = pb.row_scale ? b.rs.ptr<float>()[pair] : 1.0;
+    ref.rows.push_back(r);
+    for (int64_t n = 0; n < pb.N; ++n) {
+      double acc = 0;
+      for (int64_t kk = 0; kk < pb.K; ++kk)
+        acc += load_as_double(b.a.data(), DType::BF16, src * pb.K + kk) * (pb.trans ? q.at(e, kk, n) : q.at(e, n, kk));
+      ref.v.push_back(rs * acc);
+    }
+  }
+  return ref;
+}
+// Relative Frobenius error of v (aux for GLU, out otherwise) over the reference rows.
+double check(const Built& b, const Reference& ref) {
+  const Tensor v = download(b.pb.glu ? b.d_aux : b.d_out);
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.rows.size(); ++i)
+    for (int64_t n = 0; n < b.pb.N; ++n) {
+      const double got = load_as_double(v.data(), DType::BF16, ref.rows[i] * b.pb.N + n), want = ref.v[i * b.pb.N + n];
+      num += (got - want) * (got - want);
+      den += want * want;
+    }
+  return std::sqrt(num / den);  // NaN (unwritten rows) fails the check below too
+}
+
+double median_ms(const std::function<void()>& fn) {
+  cudaEvent_t a, b;
+  FP8MOE_CUDA_CHECK(cudaEventCreate(&a));
+  FP8MOE_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<float> ms;
+  for (int i = 0; i < 15; ++i) {
+    FP8MOE_CUDA_CHECK(cudaEventRecord(a));
+    fn();
+    FP8MOE_CUDA_CHECK(cudaEventRecord(b));
+    FP8MOE_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    FP8MOE_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop;
+  FP8MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const uint64_t seed = std::random_device{}();
+  std::printf("gemm_lab on %s, seed %llu\n", prop.name, static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  const std::vector<Problem> problems = {
+      // name                        T     k  E    N     K     tokens trans  chan   glu    rs
+      {"qwen3 gate_up fwd T4096", 4096, 8, 128, 1536, 2048, true, false, false, true, false},
+      {"qwen3 down fwd T4096", 4096, 8, 128, 2048, 768, false, false, false, false, true},
+      {"qwen3 gate_up dgrad T4096", 4096, 8, 128, 2048, 1536, false, true, false, false, false},
+      {"glm gate_up fwd T4096", 4096, 4, 64, 3072, 2048, true, false, true, true, false},
+      {"glm down fwd T4096", 4096, 4, 64, 2048, 1536, false, false, true, false, true},
+      {"qwen3 gate_up fwd T16384", 16384, 8, 128, 1536, 2048, true, false, false, true, false},
+  };
+  for (const Problem& pb : problems) {
+    Built b = build(pb, rng);
+    const Reference ref = reference(b, rng);
+    const double flop = 2.0 * pb.T * pb.k * pb.N * pb.K;
+    auto report = [&](const char* variant, const std::function<void()>& fn) {
+      FP8MOE_CUDA_CHECK(cudaMemset(b.d_out.data(), 0xFF, b.d_out.view().nbytes()));
+      if (b.d_aux.defined()) FP8MOE_CUDA_CHECK(cudaMemset(b.d_aux.data(), 0xFF, b.d_aux.view().nbytes()));
+      fn();
+      FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
+      const double err = check(b, ref);
+      const double ms = median_ms(fn);
+      std::printf("LAB %-26s %-12s %8.3f ms %7.1f TFLOP/s  rel err %.2e%s\n", pb.name.c_str(), variant, ms,
+                  flop / ms / 1e9, err, err < 1e-2 ? "" : "  WRONG");
+    };
+    for (cuda::gemm::TileShape s : cuda::gemm::kTileShapes)
+      report(cuda::gemm::tile_shape_name(s), [&] { cuda::grouped_gemm(b.g, nullptr, s); });
+    report("chosen", [&] { cuda::grouped_gemm(b.g, nullptr); });
+  }
+  return 0;
+}

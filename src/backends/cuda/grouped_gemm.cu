@@ -1,0 +1,202 @@
+// Grouped GEMM over experts (backend.hpp: GroupedGemm), one kernel family for every variant.
+//
+// Canonical problem: v[r, n] = rs(r) * (A[r, :] . W_e[n, :] + lora_scale * L[r, :] . LB_e[n, :]) + bias_e[n]
+// for the rows r of expert e, then an epilogue policy (store / GLU forward / GLU backward).
+//
+// Structure (sm_80+, BF16 mma.sync m16n8k16, fp32 accumulators):
+//   schedule  each CTA takes one row tile of one expert (found from the device offsets) and one
+//             N tile; CTAs past the last tile exit at once.
+//   fetch     cp.async, kStages deep: A rows (gathered through the plan, zero-filled past the
+//             expert's rows) straight into the BF16 tile that ldmatrix reads; W as raw bytes
+//             (FP8 codes or BF16) into a per-thread staging area.
+//   convert   each thread dequantizes its own W chunks (code * scale -> BF16) into a
+//             double-buffered tile one K step ahead of the math: one barrier per K tile.
+//             F32 A is loaded and converted synchronously (no cp.async); odd shapes (K % 8,
+//             split scale blocks) and the LoRA tiles take a per-element path.
+//   matmul    ldmatrix (.trans when W is stored [K, N]) + mma.sync over the tile.
+//   lora      the LoRA delta is r/BK extra K tiles of the same accumulation (L and LB with
+//             lora_scale folded into LB's conversion).
+//   epilogue  row scale, bias, then the policy; stores straight from the accumulators.
+// Template parameters: tile shape, A element bytes, W element bytes, W orientation. Everything
+// else (FP8 format, scale scheme, epilogue, activation, output dtypes) is a launch-uniform
+// runtime value, so the variants share one compiled loop per storage type.
+// This file: the host side (checks, descriptor -> Params, fast-path conditions, shape choice).
+// The kernel is in gemm_kernel.cuh, its building blocks in gemm_tile.cuh.
+#include "backends/cuda/grouped_gemm.cuh"
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/gemm_kernel.cuh"
+
+namespace fp8moe::cuda {
+namespace gemm {
+namespace {
+
+// ---- host side
+
+Elem elem_of(DType t, const char* name) {
+  switch (t) {
+    case DType::BF16: return Elem::BF16;
+    case DType::F32: return Elem::F32;
+    case DType::F8_E4M3: return Elem::E4M3;
+    case DType::F8_E5M2: return Elem::E5M2;
+    default: FP8MOE_FAIL("grouped_gemm: ", name, " has dtype ", dtype_name(t), "; supported: BF16, F32 (FP8 E4M3/E5M2 for b)");
+  }
+}
+
+void check_view(const TensorView& t, const char* name, const Shape& shape, std::initializer_list<DType> dtypes) {
+  FP8MOE_CHECK(t.device == Device::CUDA, "grouped_gemm: ", name, " must be on the GPU, found ", t.str());
+  check_shape(t, name, shape);
+  check_dtype(t, name, dtypes);
+  check_contiguous(t, name);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+OperandA make_operand_a(const GemmOperand& op, const char* name, const RoutingPlan& plan, int64_t cols) {
+  const int64_t rows = op.rows == RowSource::Tokens ? plan.tokens : plan.rows();
+  check_view(op.src, name, {rows, cols}, {DType::BF16, DType::F32});
+  return {op.src.data, elem_of(op.src.dtype, name), cols, op.rows == RowSource::Tokens};
+}
+
+}  // namespace
+}  // namespace gemm
+
+void grouped_gemm(const GroupedGemm& g, cudaStream_t stream) {
+  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
+  const TensorView& bd = g.b.data;
+  FP8MOE_CHECK(bd.rank() == 3, "grouped_gemm b: expected [E, *, *], found ", bd.str());
+  grouped_gemm(g, stream,
+               gemm::choose_tile_shape(g.plan->rows(), g.plan->experts, g.transpose_b ? bd.size(2) : bd.size(1),
+                                       g.transpose_b ? bd.size(1) : bd.size(2)));
+}
+
+void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape) {
+  using namespace gemm;
+  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
+  const RoutingPlan& plan = *g.plan;
+  const int64_t M = plan.rows(), E = plan.experts;
+  FP8MOE_CHECK(E >= 1 && E <= kMaxExperts, "grouped_gemm: experts = ", E, " outside [1, ", kMaxExperts, "]");
+  FP8MOE_CHECK(M < (int64_t{1} << 31), "grouped_gemm: M = ", M, " rows exceed int32 row indices");
+
+  // W: [E, N, K] or [E, K, N]
+  const TensorView& bd = g.b.data;
+  FP8MOE_CHECK(bd.rank() == 3 && bd.size(0) == E, "grouped_gemm b: expected [E=", E, ", *, *], found ", bd.str());
+  check_view(bd, "grouped_gemm b", bd.shape, {DType::F8_E4M3, DType::F8_E5M2, DType::BF16, DType::F32});
+  const int64_t N = g.transpose_b ? bd.size(2) : bd.size(1);
+  const int64_t K = g.transpose_b ? bd.size(1) : bd.size(2);
+  FP8MOE_CHECK(N < (int64_t{1} << 30) && K < (int64_t{1} << 30), "grouped_gemm: N = ", N, ", K = ", K, " too large");
+  const bool quant = g.b.quantized();
+  FP8MOE_CHECK(quant == is_fp8(bd.dtype), "grouped_gemm b: FP8 data needs a scale scheme and plain data none; found ",
+               dtype_name(bd.dtype), " with scales '", scale_kind_name(g.b.spec.kind), "'");
+  if (quant) {
+    const ScaleSpec& s = g.b.spec;
+    s.validate("grouped_gemm b");
+    FP8MOE_CHECK(s.rows == bd.size(1) && s.cols == bd.size(2), "grouped_gemm b: scale spec covers [", s.rows, ", ",
+                 s.cols, "] but the stored matrices are ", bd.str());
+    check_view(g.b.scale, "grouped_gemm b.scale", {E, s.scale_rows(), s.grid_k()}, {DType::F32});
+  }
+
+  Params p;
+  p.M = M;
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.E = static_cast<int>(E);
+  p.top_k = static_cast<int>(plan.top_k);
+  p.offsets = plan.offsets.ptr<const int32_t>();
+  p.sorted_pairs = plan.sorted_pairs.ptr<const int32_t>();
+  p.a = make_operand_a(g.a, "grouped_gemm a", plan, K);
+  p.b = {bd.data, elem_of(bd.dtype, "grouped_gemm b"), N * K, g.transpose_b ? N : K,
+         quant ? g.b.scale.ptr<const float>() : nullptr, quant ? g.b.spec.numel() : 0, g.b.spec, 1.0f};
+
+  FP8MOE_CHECK(g.lora_a.defined() == g.lora_b.defined(), "grouped_gemm: lora_a and lora_b must be given together");
+  if (g.lora_a.defined()) {
+    FP8MOE_CHECK(g.lora_a.src.rank() == 2, "grouped_gemm lora_a: expected [*, r], found ", g.lora_a.src.str());
+    const int64_t R = g.lora_a.src.size(1);
+    FP8MOE_CHECK(R >= 1 && R <= 4096, "grouped_gemm lora_a: rank r = ", R, " outside [1, 4096]");
+    p.R = static_cast<int>(R);
+    p.la = make_operand_a(g.lora_a, "grouped_gemm lora_a", plan, R);
+    check_view(g.lora_b, g.transpose_b ? "grouped_gemm lora_b [E, r, N]" : "grouped_gemm lora_b [E, N, r]",
+               g.transpose_b ? Shape{E, R, N} : Shape{E, N, R}, {DType::BF16, DType::F32});
+    p.lb = {g.lora_b.data, elem_of(g.lora_b.dtype, "grouped_gemm lora_b"), N * R, g.transpose_b ? N : R, nullptr, 0,
+            ScaleSpec::none(g.transpose_b ? R : N, g.transpose_b ? N : R), static_cast<float>(g.lora_scale)};
+  }
+  if (g.row_scale.defined()) {
+    check_view(g.row_scale, "grouped_gemm row_scale", {M}, {DType::BF16, DType::F32});
+    p.row_scale = g.row_scale.data;
+    p.rs_type = elem_of(g.row_scale.dtype, "grouped_gemm row_scale");
+  }
+  if (g.bias.defined()) {
+    check_view(g.bias, "grouped_gemm bias", {E, N}, {DType::BF16, DType::F32});
+    p.bias = g.bias.data;
+    p.bias_type = elem_of(g.bias.dtype, "grouped_gemm bias");
+  }
+
+  p.epi = g.epilogue;
+  p.act = g.act;
+  int64_t out_cols = N;
+  switch (g.epilogue) {
+    case Epilogue::Store: break;
+    case Epilogue::GluForward:
+      FP8MOE_CHECK(N % 2 == 0, "grouped_gemm GluForward: N = ", N, " must be even (gate and up rows)");
+      out_cols = N / 2;
+      if (g.aux.defined()) check_view(g.aux, "grouped_gemm aux (GluForward) [M, N]", {M, N}, {DType::BF16, DType::F32});
+      break;
+    case Epilogue::GluBackward:
+      out_cols = 2 * N;
+      check_view(g.aux, "grouped_gemm aux (GluBackward) [M, 2N]", {M, 2 * N}, {DType::BF16, DType::F32});
+      break;
+  }
+  check_view(g.out, "grouped_gemm out", {M, out_cols}, {DType::BF16, DType::F32});
+  p.out = g.out.data;
+  p.out_type = elem_of(g.out.dtype, "grouped_gemm out");
+  p.out_vec2 = out_cols % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % 8 == 0;
+  if (g.aux.defined()) {
+    p.aux = g.aux.data;
+    p.aux_type = elem_of(g.aux.dtype, "grouped_gemm aux");
+    p.aux_vec2 = N % 2 == 0 && reinterpret_cast<uintptr_t>(p.aux) % 8 == 0;
+  }
+  if (M == 0) return;  // nothing to compute, nothing to write
+
+  // Fast-path conditions (else the per-element path: same results, slower).
+  p.vec_a = K % 8 == 0 && aligned16(p.a.ptr);
+  const ScaleSpec& s = g.b.spec;
+  // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
+  // multiples of 8 or span them all.
+  const bool chunk_uniform = !quant || s.block_k % 8 == 0 || s.block_k >= s.cols;
+  // F32 weights always take the per-element path (see launch_tile).
+  p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
+  // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
+  const int64_t kBK = tile_bk(shape);
+  if (quant) {
+    const int64_t nkt = (K + kBK - 1) / kBK;
+    bool uniform = nkt <= kMaxKTiles;
+    if (g.transpose_b)  // k runs along stored rows: segment and block boundaries on tile edges
+      uniform = uniform && s.seg_rows() % kBK == 0 && (s.block_n % kBK == 0 || s.block_n >= s.seg_rows());
+    else
+      uniform = uniform && (s.block_k % kBK == 0 || s.block_k >= s.cols);
+    p.b_tile_uniform = uniform;
+  }
+
+  const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
+  const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
+  const int64_t bn = 128;  // every shape is 128 wide
+  const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
+  switch (shape) {
+    case TileShape::M128N128:
+      launch_m128n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
+      break;
+    case TileShape::M64N128:
+      launch_m64n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
+      break;
+    case TileShape::M128N128K64:
+      launch_m128n128k64(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
+      break;
+    case TileShape::M64N128K64:
+      launch_m64n128k64(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
+      break;
+  }
+}
+
+}  // namespace fp8moe::cuda

@@ -1,0 +1,52 @@
+// The grouped GEMM family of the CUDA backend: one expert per group, rows in expert order
+// (backend.hpp states the math). CudaBackend::grouped_gemm / grouped_outer call these.
+//
+// Both launchers check their descriptor on the host, read nothing of the routing plan there
+// (offsets, sorted_pairs stay on the device), queue their kernels on `stream` and return:
+// everything is capturable in a CUDA graph. Results are deterministic (no atomics).
+//
+// Supported operands (anything else throws an fp8moe::Error naming the field):
+//   a        BF16 or F32, RowSource Rows or Tokens (the token gather is fused into the load)
+//   b        FP8 E4M3/E5M2 with any ScaleSpec (dequantized inside the kernel, never copied),
+//            or plain BF16/F32; stored [E, N, K], or [E, K, N] with transpose_b
+//   lora_a   BF16 or F32 [*, r], Rows or Tokens; lora_b BF16/F32 [E, N, r] (or [E, r, N])
+//   row_scale, bias: BF16/F32; out, aux: BF16/F32; every Epilogue and Activation, both layouts.
+// Any K works. The fast vectorised loads need K % 8 == 0 (N % 8 == 0 with transpose_b),
+// 16-byte aligned operands and scale blocks that do not split an 8-element chunk; other shapes
+// take a correct per-element path (slower, not a silent change of result).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fp8moe/backend.hpp"
+
+namespace fp8moe::cuda {
+
+void grouped_gemm(const GroupedGemm& g, cudaStream_t stream);
+void grouped_outer(const GroupedOuter& g, cudaStream_t stream);
+
+namespace gemm {
+
+// Tile shapes of the grouped GEMM kernel (one kernel template, instantiated for each).
+enum class TileShape : uint8_t {
+  M128N128,     // 128 x 128, K step 32, 8 warps of 64 x 32: large groups
+  M64N128,      // 64 x 128, K step 32, 8 warps of 32 x 32: few rows per expert (less padding)
+  M128N128K64,  // 128 x 128, K step 64: half the barriers and per-step overhead
+  M64N128K64,   // 64 x 128, K step 64, two CTAs per SM
+};
+inline constexpr TileShape kTileShapes[] = {TileShape::M128N128, TileShape::M64N128, TileShape::M128N128K64,
+                                            TileShape::M64N128K64};
+const char* tile_shape_name(TileShape s);
+constexpr int tile_bk(TileShape s) { return s == TileShape::M128N128K64 || s == TileShape::M64N128K64 ? 64 : 32; }
+// The one place that picks a tile shape, from host-known sizes only (M = T*k rows, E groups).
+TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t n, int64_t k);
+
+}  // namespace gemm
+
+// grouped_gemm with an explicit tile shape instead of choose_tile_shape's (benchmarks and tests
+// run every shape; the result is the same up to fp32 summation order).
+void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape);
+
+}  // namespace fp8moe::cuda

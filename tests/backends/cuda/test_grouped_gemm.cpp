@@ -1,0 +1,839 @@
+// GPU tests of the grouped GEMM family (src/backends/cuda/grouped_gemm.cu, grouped_outer.cu):
+// fresh random inputs, outputs poisoned with NaN, a double-precision host reference written
+// from backend.hpp's descriptor semantics, relative Frobenius error plus per-row checks (an
+// unwritten row stays NaN), bitwise determinism, and a timing of the Qwen3 shapes.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/grouped_gemm.cuh"
+#include "fp8moe/backend.hpp"
+#include "fp8moe/fp8.hpp"
+
+namespace fp8moe {
+namespace {
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+#define REQUIRE_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+class DeviceAllocator : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    void* p = nullptr;
+    FP8MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  void deallocate(void* p) override { cudaFree(p); }
+  Device device() const override { return Device::CUDA; }
+};
+DeviceAllocator& dev_alloc() {
+  static DeviceAllocator a;
+  return a;
+}
+
+Tensor upload(const TensorView& h) {
+  Tensor d(h.dtype, h.shape, dev_alloc());
+  if (h.nbytes() > 0) FP8MOE_CUDA_CHECK(cudaMemcpy(d.data(), h.data, h.nbytes(), cudaMemcpyHostToDevice));
+  return d;
+}
+Tensor download(const TensorView& d) {
+  Tensor h(d.dtype, d.shape);
+  if (d.nbytes() > 0) FP8MOE_CUDA_CHECK(cudaMemcpy(h.data(), d.data, d.nbytes(), cudaMemcpyDeviceToHost));
+  return h;
+}
+// Device buffer filled with NaN (all bits set is a NaN in BF16 and F32).
+Tensor poisoned(DType dt, Shape s) {
+  Tensor d(dt, s, dev_alloc());
+  if (d.nbytes() > 0) FP8MOE_CUDA_CHECK(cudaMemset(d.data(), 0xFF, d.nbytes()));
+  return d;
+}
+
+struct Rng {
+  explicit Rng(uint64_t seed) : g(seed) {}
+  std::mt19937_64 g;
+  double normal() { return std::normal_distribution<double>(0.0, 1.0)(g); }
+  int64_t below(int64_t n) { return static_cast<int64_t>(g() % static_cast<uint64_t>(n)); }
+};
+uint64_t fresh_seed() { return (uint64_t{std::random_device{}()} << 32) | std::random_device{}(); }
+
+Tensor host_random(DType dt, Shape s, Rng& rng, double scale = 1.0) {
+  Tensor t(dt, s);
+  for (int64_t i = 0; i < t.numel(); ++i) store_from_double(t.data(), dt, i, scale * rng.normal());
+  return t;
+}
+double at(const TensorView& t, int64_t i) { return load_as_double(t.data, t.dtype, i); }
+
+// ---- routing plan built on the host from ids [T, k] (stable by pair within an expert)
+struct HostPlan {
+  int64_t T = 0, k = 1, E = 1;
+  std::vector<int32_t> offsets, sorted, row_of;
+  Tensor d_offsets, d_sorted, d_row_of;
+  RoutingPlan plan;
+};
+void finish_plan(HostPlan& hp, const std::vector<int32_t>& ids) {
+  const int64_t M = hp.T * hp.k;
+  hp.offsets.assign(hp.E + 1, 0);
+  for (int32_t id : ids) ++hp.offsets[id + 1];
+  for (int64_t e = 0; e < hp.E; ++e) hp.offsets[e + 1] += hp.offsets[e];
+  std::vector<int32_t> next(hp.offsets.begin(), hp.offsets.end() - 1);
+  hp.sorted.assign(M, 0);
+  hp.row_of.assign(M, 0);
+  for (int64_t p = 0; p < M; ++p) {
+    const int32_t r = next[ids[p]]++;
+    hp.sorted[r] = static_cast<int32_t>(p);
+    hp.row_of[p] = r;
+  }
+  auto up = [](std::vector<int32_t>& v) {
+    return upload(TensorView(v.data(), DType::I32, {static_cast<int64_t>(v.size())}));
+  };
+  hp.d_offsets = up(hp.offsets);
+  hp.d_sorted = up(hp.sorted);
+  hp.d_row_of = up(hp.row_of);
+  hp.plan.tokens = hp.T;
+  hp.plan.top_k = hp.k;
+  hp.plan.experts = hp.E;
+  hp.plan.offsets = hp.d_offsets;
+  hp.plan.sorted_pairs = hp.d_sorted;
+  hp.plan.row_of_pair = hp.d_row_of;
+}
+enum class Routing { Uniform, SomeEmpty, Hot };
+// Distinct experts per token (as a router gives) unless Hot: then every pair goes to one expert.
+std::unique_ptr<HostPlan> make_plan(int64_t T, int64_t k, int64_t E, Routing how, Rng& rng) {
+  auto hp = std::make_unique<HostPlan>();
+  hp->T = T;
+  hp->k = k;
+  hp->E = E;
+  std::vector<int32_t> ids(T * k);
+  const int64_t hot = rng.below(E);
+  // SomeEmpty: only the experts in the first half of a shuffled list receive rows.
+  std::vector<int32_t> pool(E);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng.g);
+  const int64_t used = how == Routing::SomeEmpty ? std::max<int64_t>(k, E / 2) : E;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> cand(pool.begin(), pool.begin() + used);
+    std::shuffle(cand.begin(), cand.end(), rng.g);
+    for (int64_t j = 0; j < k; ++j) ids[t * k + j] = how == Routing::Hot ? static_cast<int32_t>(hot) : cand[j];
+  }
+  finish_plan(*hp, ids);
+  return hp;
+}
+
+// ---- one grouped GEMM case, its device run and its double-precision reference
+enum class WKind { E4M3, E5M2, BF16, F32 };
+struct Case {
+  int64_t T = 64, k = 2, E = 4, N = 128, K = 128;
+  Routing routing = Routing::Uniform;
+  DType a_dtype = DType::BF16;
+  RowSource a_rows = RowSource::Rows;
+  WKind w = WKind::E4M3;
+  ScaleSpec spec;  // of the stored matrix; kind None for plain weights
+  bool transpose_b = false;
+  int64_t lora_r = 0;
+  DType lb_dtype = DType::F32;
+  RowSource la_rows = RowSource::Rows;
+  bool row_scale = false, bias = false;
+  Epilogue epi = Epilogue::Store;
+  ActivationSpec act;
+  bool aux = false;
+  DType out_dtype = DType::BF16, aux_dtype = DType::BF16;
+  int64_t check_rows = -1;  // reference rows to check (-1: all)
+  bool random_codes = false;  // FP8 codes and scales drawn directly (large stacks: no quantizer pass)
+};
+
+struct Problem {
+  Case c;
+  std::unique_ptr<HostPlan> hp;
+  Tensor a, w, wscale, la, lb, rs, bias, aux;  // host
+  Tensor d_a, d_w, d_wscale, d_la, d_lb, d_rs, d_bias, d_aux, d_out;
+  GroupedGemm g;
+  int64_t M = 0, out_cols = 0;
+};
+
+std::unique_ptr<Problem> build(const Case& c, Rng& rng) {
+  auto P = std::make_unique<Problem>();
+  P->c = c;
+  P->hp = make_plan(c.T, c.k, c.E, c.routing, rng);
+  const int64_t M = c.T * c.k, N = c.N, K = c.K;
+  P->M = M;
+  const int64_t SR = c.transpose_b ? K : N, SC = c.transpose_b ? N : K;  // stored matrix
+  const double wstd = 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(K, 1)));
+  P->a = host_random(c.a_dtype, {c.a_rows == RowSource::Tokens ? c.T : M, K}, rng);
+  if (c.w == WKind::BF16 || c.w == WKind::F32) {
+    P->w = host_random(c.w == WKind::BF16 ? DType::BF16 : DType::F32, {c.E, SR, SC}, rng, wstd);
+  } else if (c.random_codes) {
+    const bool e5m2 = c.w == WKind::E5M2;
+    P->w = Tensor(e5m2 ? DType::F8_E5M2 : DType::F8_E4M3, {c.E, SR, SC});
+    uint8_t* codes = P->w.ptr<uint8_t>();
+    uint64_t x = rng.g() | 1;
+    for (int64_t i = 0; i < P->w.numel(); ++i) {  // xorshift: 400M codes in well under a second
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      const uint8_t code = static_cast<uint8_t>(x >> 40) & 0xBF;  // |code| < 0x40: no NaN/inf codes
+      codes[i] = code;
+    }
+    P->wscale = Tensor(DType::F32, {c.E, c.spec.scale_rows(), c.spec.grid_k()});
+    for (int64_t i = 0; i < P->wscale.numel(); ++i)
+      P->wscale.ptr<float>()[i] = static_cast<float>(wstd * (0.5 + rng.below(1000) / 1000.0));
+  } else {
+    Tensor wf = host_random(DType::F32, {c.E, SR, SC}, rng, wstd);
+    QuantWeights q = quantize(wf, c.spec, c.w == WKind::E4M3 ? DType::F8_E4M3 : DType::F8_E5M2);
+    P->w = q.data;
+    P->wscale = q.scale;
+  }
+  P->d_a = upload(P->a);
+  P->d_w = upload(P->w);
+  if (P->wscale.defined()) P->d_wscale = upload(P->wscale);
+  GroupedGemm& g = P->g;
+  g.plan = &P->hp->plan;
+  g.a = {P->d_a, c.a_rows};
+  g.b.data = P->d_w;
+  if (P->wscale.defined()) g.b.scale = P->d_wscale;
+  g.b.spec = P->wscale.defined() ? c.spec : ScaleSpec::none(SR, SC);
+  g.transpose_b = c.transpose_b;
+  if (c.lora_r > 0) {
+    P->la = host_random(DType::BF16, {c.la_rows == RowSource::Tokens ? c.T : M, c.lora_r}, rng);
+    P->lb = host_random(c.lb_dtype, c.transpose_b ? Shape{c.E, c.lora_r, N} : Shape{c.E, N, c.lora_r}, rng, 0.3);
+    P->d_la = upload(P->la);
+    P->d_lb = upload(P->lb);
+    g.lora_a = {P->d_la, c.la_rows};
+    g.lora_b = P->d_lb;
+    g.lora_scale = 0.5 + rng.below(100) / 100.0;
+  }
+  if (c.row_scale) {
+    P->rs = host_random(DType::F32, {M}, rng);
+    P->d_rs = upload(P->rs);
+    g.row_scale = P->d_rs;
+  }
+  if (c.bias) {
+    P->bias = host_random(DType::BF16, {c.E, N}, rng, 0.5);
+    P->d_bias = upload(P->bias);
+    g.bias = P->d_bias;
+  }
+  g.epilogue = c.epi;
+  g.act = c.act;
+  P->out_cols = c.epi == Epilogue::GluForward ? N / 2 : c.epi == Epilogue::GluBackward ? 2 * N : N;
+  if (c.epi == Epilogue::GluBackward) {
+    // Saved pre-activation, with values beyond the GPT-OSS limit so the clamps matter.
+    P->aux = host_random(c.aux_dtype, {M, 2 * N}, rng, 4.0);
+    P->d_aux = upload(P->aux);
+    g.aux = P->d_aux;
+  } else if (c.aux) {
+    P->d_aux = poisoned(c.aux_dtype, {M, N});
+    g.aux = P->d_aux;
+  }
+  P->d_out = poisoned(c.out_dtype, {M, P->out_cols});
+  g.out = P->d_out;
+  return P;
+}
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+double act_fwd(const ActivationSpec& a, double gate, double up) {
+  if (a.kind == Activation::SiluGlu) return gate * sigmoid(gate) * up;
+  const double g = std::min(gate, double{a.limit}), u = std::clamp(up, -double{a.limit}, double{a.limit});
+  return (u + 1.0) * g * sigmoid(a.alpha * g);
+}
+void act_bwd(const ActivationSpec& a, double gate, double up, double& dg, double& du) {
+  if (a.kind == Activation::SiluGlu) {
+    const double s = sigmoid(gate);
+    dg = s * (1.0 + gate * (1.0 - s)) * up;
+    du = gate * s;
+    return;
+  }
+  const double lim = a.limit, g = std::min(gate, lim), u = std::clamp(up, -lim, lim), s = sigmoid(a.alpha * g);
+  dg = gate <= lim ? (u + 1.0) * (s + a.alpha * g * s * (1.0 - s)) : 0.0;
+  du = (up >= -lim && up <= lim) ? g * s : 0.0;
+}
+
+struct Ref {
+  std::vector<int64_t> rows;        // checked rows (expert order; all, or a sample with the first and last)
+  std::vector<double> out, aux;     // [rows.size(), out_cols], [rows.size(), N]
+};
+
+Ref reference(const Problem& P, Rng& rng) {
+  const Case& c = P.c;
+  const HostPlan& hp = *P.hp;
+  const int64_t N = c.N, K = c.K, R = c.lora_r;
+  Ref ref;
+  // Rows to check: all, or a sample that always includes each expert's first and last row.
+  std::vector<char> pick(P.M, c.check_rows < 0);
+  if (c.check_rows >= 0 && P.M > 0) {
+    pick[0] = pick[P.M - 1] = 1;
+    for (int64_t i = 0; i < c.check_rows; ++i) pick[rng.below(P.M)] = 1;
+  }
+  const QuantTensor wq{P.w, P.wscale.defined() ? P.wscale.view() : TensorView(),
+                       P.wscale.defined() ? c.spec : ScaleSpec::none(P.w.size(1), P.w.size(2))};
+  std::vector<double> W;  // [N, K] of the current expert
+  for (int64_t e = 0; e < c.E; ++e) {
+    bool any = false;
+    for (int64_t r = hp.offsets[e]; r < hp.offsets[e + 1]; ++r) any |= pick[r] != 0;
+    if (!any) continue;
+    W.assign(N * K, 0.0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t kk = 0; kk < K; ++kk) W[n * K + kk] = c.transpose_b ? wq.at(e, kk, n) : wq.at(e, n, kk);
+    for (int64_t r = hp.offsets[e]; r < hp.offsets[e + 1]; ++r) {
+      if (!pick[r]) continue;
+      const int64_t pair = hp.sorted[r], tok = pair / c.k;
+      const int64_t arow = c.a_rows == RowSource::Tokens ? tok : r, lrow = c.la_rows == RowSource::Tokens ? tok : r;
+      const double rs = c.row_scale ? at(P.rs, pair) : 1.0;
+      std::vector<double> v(N);
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0.0;
+        for (int64_t kk = 0; kk < K; ++kk) s += at(P.a, arow * K + kk) * W[n * K + kk];
+        double d = 0.0;
+        for (int64_t q = 0; q < R; ++q)
+          d += at(P.la, lrow * R + q) * at(P.lb, c.transpose_b ? (e * R + q) * N + n : (e * N + n) * R + q);
+        v[n] = rs * (s + P.g.lora_scale * d) + (c.bias ? at(P.bias, e * N + n) : 0.0);
+      }
+      ref.rows.push_back(r);
+      const int64_t oc = P.out_cols;
+      std::vector<double> o(oc);
+      switch (c.epi) {
+        case Epilogue::Store: o = v; break;
+        case Epilogue::GluForward:
+          for (int64_t j = 0; j < N / 2; ++j) o[j] = act_fwd(c.act, v[c.act.gate_row(j, N / 2)], v[c.act.up_row(j, N / 2)]);
+          if (c.aux) ref.aux.insert(ref.aux.end(), v.begin(), v.end());
+          break;
+        case Epilogue::GluBackward:
+          for (int64_t j = 0; j < N; ++j) {
+            const int64_t gr = c.act.gate_row(j, N), ur = c.act.up_row(j, N);
+            double dg, du;
+            act_bwd(c.act, at(P.aux, r * 2 * N + gr), at(P.aux, r * 2 * N + ur), dg, du);
+            o[gr] = v[j] * dg;
+            o[ur] = v[j] * du;
+          }
+          break;
+      }
+      ref.out.insert(ref.out.end(), o.begin(), o.end());
+    }
+  }
+  return ref;
+}
+
+// Relative Frobenius error over the checked rows, plus every checked element finite and each
+// row within a looser bound (catches a single wrong or unwritten row inside a big matrix).
+void expect_close(const Tensor& got, const std::vector<int64_t>& rows, const std::vector<double>& want, int64_t cols,
+                  double tol, const char* what) {
+  double num = 0.0, den = 0.0;
+  int64_t bad_rows = 0, nonfinite = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    double rn = 0.0, rd = 0.0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double g = at(got, rows[i] * cols + c), w = want[i * cols + c];
+      if (!std::isfinite(g)) ++nonfinite;
+      rn += (g - w) * (g - w);
+      rd += w * w;
+    }
+    num += rn;
+    den += rd;
+    if (std::sqrt(rn) > 4 * tol * std::sqrt(rd) + 1e-6 * std::sqrt(static_cast<double>(cols))) ++bad_rows;
+  }
+  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  EXPECT_EQ(nonfinite, 0) << what << ": non-finite (unwritten?) elements";
+  EXPECT_EQ(bad_rows, 0) << what << ": rows off by more than " << 4 * tol;
+  EXPECT_LT(err, tol) << what << ": relative Frobenius error";
+  std::printf("  %s: rel err %.2e over %zu rows\n", what, err, rows.size());
+}
+
+// Runs the case with every tile shape against one reference, then once through the default
+// shape choice (bitwise equal to that shape's result).
+void run_case(const Case& c, double tol = 1e-2) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Rng rng(seed);
+  auto P = build(c, rng);
+  const bool aux_out = c.aux && c.epi == Epilogue::GluForward;
+  auto run = [&](const std::function<void()>& launch) {
+    FP8MOE_CUDA_CHECK(cudaMemset(P->d_out.data(), 0xFF, P->d_out.nbytes()));
+    if (aux_out) FP8MOE_CUDA_CHECK(cudaMemset(P->d_aux.data(), 0xFF, P->d_aux.nbytes()));
+    launch();
+    FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    return download(P->d_out);
+  };
+  const Ref ref = P->M > 0 ? reference(*P, rng) : Ref{};
+  const cuda::gemm::TileShape chosen = cuda::gemm::choose_tile_shape(P->M, c.E, c.N, c.K);
+  Tensor chosen_out;
+  for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
+    SCOPED_TRACE(std::string("tile ") + cuda::gemm::tile_shape_name(shape));
+    auto launch = [&] { cuda::grouped_gemm(P->g, nullptr, shape); };
+    const Tensor out = run(launch);
+    if (P->M == 0) continue;
+    expect_close(out, ref.rows, ref.out, P->out_cols, tol, "out");
+    if (aux_out) expect_close(download(P->d_aux), ref.rows, ref.aux, c.N, tol, "aux");
+    // Determinism: a second run on re-poisoned outputs is bitwise identical.
+    const Tensor out2 = run(launch);
+    EXPECT_EQ(std::memcmp(out.data(), out2.data(), out.nbytes()), 0) << "two runs differ";
+    if (shape == chosen) chosen_out = out;
+  }
+  const Tensor out = run([&] { cuda::grouped_gemm(P->g, nullptr); });
+  if (P->M > 0)
+    EXPECT_EQ(std::memcmp(out.data(), chosen_out.data(), out.nbytes()), 0)
+        << "default launch differs from its chosen shape " << cuda::gemm::tile_shape_name(chosen);
+}
+
+ScaleSpec block(int64_t rows, int64_t cols, int64_t bn, int64_t bk, int64_t seg = 1) {
+  return ScaleSpec::block(rows, cols, bn, bk, seg);
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST(GroupedGemm, StoreFp8Block) {
+  REQUIRE_GPU();
+  Case c;
+  c.T = 96, c.k = 2, c.E = 4, c.N = 256, c.K = 256;
+  c.spec = block(256, 256, 128, 128);
+  run_case(c);
+}
+
+TEST(GroupedGemm, TokensF32InputChannelScalesRowScale) {
+  REQUIRE_GPU();
+  Case c;
+  c.T = 50, c.k = 4, c.E = 8, c.N = 192, c.K = 320;
+  c.a_dtype = DType::F32, c.a_rows = RowSource::Tokens;
+  c.spec = ScaleSpec::channel(192, 320);
+  c.row_scale = true;
+  c.out_dtype = DType::F32;
+  run_case(c);
+}
+
+TEST(GroupedGemm, PartialBlocksTwoSegmentsE5M2) {
+  REQUIRE_GPU();
+  Case c;
+  c.T = 40, c.k = 2, c.E = 3, c.N = 200, c.K = 72;  // seg_rows 100 over 32-row blocks; K edge block 8
+  c.w = WKind::E5M2;
+  c.spec = block(200, 72, 32, 32, 2);
+  run_case(c);
+}
+
+TEST(GroupedGemm, TensorAndGroupScales) {
+  REQUIRE_GPU();
+  for (int which = 0; which < 3; ++which) {
+    Case c;
+    c.T = 33, c.k = 2, c.E = 5, c.N = 136, c.K = 200;
+    c.spec = which == 0 ? ScaleSpec::tensor(136, 200, 2) : which == 1 ? ScaleSpec::group(136, 200, 64)
+                                                                       : ScaleSpec::group(136, 200, 16);
+    SCOPED_TRACE(c.spec.str());
+    run_case(c);
+  }
+}
+
+TEST(GroupedGemm, OddKPerElementPath) {
+  REQUIRE_GPU();
+  Case c;  // K % 8 != 0: the per-element path; block_k 5 splits chunks too
+  c.T = 21, c.k = 3, c.E = 4, c.N = 50, c.K = 37;
+  c.spec = block(50, 37, 16, 5);
+  run_case(c);
+  Case p = c;
+  p.w = WKind::BF16;
+  p.a_dtype = DType::F32;
+  run_case(p);
+}
+
+TEST(GroupedGemm, PlainWeightsBf16AndF32) {
+  REQUIRE_GPU();
+  Case c;
+  c.T = 70, c.k = 2, c.E = 4, c.N = 128, c.K = 96;
+  c.w = WKind::BF16;
+  run_case(c);
+  c.w = WKind::F32;
+  c.a_rows = RowSource::Tokens;
+  run_case(c);
+}
+
+TEST(GroupedGemm, TransposedWeights) {
+  REQUIRE_GPU();
+  {
+    Case c;  // dgrad of a block-scaled weight: stored [K, N] = [192, 256]
+    c.T = 80, c.k = 2, c.E = 4, c.N = 256, c.K = 192;
+    c.transpose_b = true;
+    c.spec = block(192, 256, 128, 128);
+    run_case(c);
+  }
+  {
+    Case c;  // per-channel (one scale per stored row = per k), token gather
+    c.T = 64, c.k = 2, c.E = 4, c.N = 160, c.K = 136;
+    c.transpose_b = true;
+    c.a_rows = RowSource::Tokens;
+    c.spec = ScaleSpec::channel(136, 160);
+    run_case(c);
+  }
+  {
+    Case c;  // N % 8 != 0: per-element columns; two segments over k
+    c.T = 30, c.k = 2, c.E = 3, c.N = 100, c.K = 96;
+    c.transpose_b = true;
+    c.spec = block(96, 100, 32, 32, 2);
+    run_case(c);
+  }
+}
+
+TEST(GroupedGemm, LoraDelta) {
+  REQUIRE_GPU();
+  for (bool trans : {false, true})
+    for (int64_t r : {8, 13}) {
+      Case c;
+      c.T = 48, c.k = 2, c.E = 4, c.N = 144, c.K = 128;
+      c.transpose_b = trans;
+      c.spec = trans ? block(128, 144, 64, 64) : block(144, 128, 64, 64);
+      c.lora_r = r;
+      c.lb_dtype = r == 8 ? DType::F32 : DType::BF16;
+      c.la_rows = r == 8 ? RowSource::Rows : RowSource::Tokens;
+      c.row_scale = r == 13;
+      SCOPED_TRACE("r " + std::to_string(r) + (trans ? " transposed" : ""));
+      run_case(c);
+    }
+}
+
+TEST(GroupedGemm, BiasWithoutRowScale) {
+  REQUIRE_GPU();
+  Case c;
+  c.T = 60, c.k = 2, c.E = 6, c.N = 130, c.K = 64;
+  c.spec = ScaleSpec::channel(130, 64);
+  c.bias = true;
+  c.out_dtype = DType::F32;
+  run_case(c);
+}
+
+TEST(GroupedGemm, GluForwardAllActivationsAndLayouts) {
+  REQUIRE_GPU();
+  for (Activation kind : {Activation::SiluGlu, Activation::GptOssGlu})
+    for (GateUpLayout layout : {GateUpLayout::Halves, GateUpLayout::Interleaved}) {
+      Case c;
+      c.T = 70, c.k = 2, c.E = 4, c.N = 200, c.K = 128;  // I = 100: a partial 64-column j tile
+      c.epi = Epilogue::GluForward;
+      c.act.kind = kind;
+      c.act.layout = layout;
+      c.act.limit = 1.5f;  // small so the clamps bite on unit-variance values
+      c.spec = layout == GateUpLayout::Halves ? block(200, 128, 64, 64, 2) : ScaleSpec::channel(200, 128);
+      c.aux = true;
+      c.aux_dtype = kind == Activation::SiluGlu ? DType::BF16 : DType::F32;
+      c.out_dtype = layout == GateUpLayout::Halves ? DType::BF16 : DType::F32;
+      c.bias = kind == Activation::GptOssGlu;
+      c.lora_r = layout == GateUpLayout::Interleaved ? 8 : 0;
+      SCOPED_TRACE(std::string(kind == Activation::SiluGlu ? "silu" : "gptoss") +
+                   (layout == GateUpLayout::Halves ? " halves" : " interleaved"));
+      run_case(c);
+    }
+  Case c;  // without aux, row scale on
+  c.T = 40, c.k = 2, c.E = 4, c.N = 256, c.K = 64;
+  c.epi = Epilogue::GluForward;
+  c.spec = block(256, 64, 128, 128, 2);
+  c.row_scale = true;
+  run_case(c);
+}
+
+TEST(GroupedGemm, GluBackwardAllActivationsAndLayouts) {
+  REQUIRE_GPU();
+  for (Activation kind : {Activation::SiluGlu, Activation::GptOssGlu})
+    for (GateUpLayout layout : {GateUpLayout::Halves, GateUpLayout::Interleaved})
+      for (bool trans : {true, false}) {
+        Case c;  // dL/dact = dY @ Wd (Wd stored [H, I] = [K, N]) -> dL/dgate, dL/dup [M, 2N]
+        c.T = 50, c.k = 2, c.E = 4, c.N = 96, c.K = 160;
+        c.epi = Epilogue::GluBackward;
+        c.act.kind = kind;
+        c.act.layout = layout;
+        c.act.limit = 3.0f;
+        c.transpose_b = trans;
+        c.spec = trans ? block(160, 96, 128, 128) : block(96, 160, 128, 128);
+        c.aux_dtype = trans ? DType::BF16 : DType::F32;
+        c.out_dtype = trans ? DType::BF16 : DType::F32;
+        SCOPED_TRACE(std::string(kind == Activation::SiluGlu ? "silu" : "gptoss") +
+                     (layout == GateUpLayout::Halves ? " halves" : " interleaved") + (trans ? " transposed" : ""));
+        run_case(c);
+      }
+}
+
+TEST(GroupedGemm, RoutingEdgeCases) {
+  REQUIRE_GPU();
+  {
+    Case c;  // half the experts get no rows
+    c.T = 80, c.k = 2, c.E = 16, c.N = 128, c.K = 128;
+    c.routing = Routing::SomeEmpty;
+    c.spec = block(128, 128, 128, 128);
+    run_case(c);
+  }
+  {
+    Case c;  // one expert takes every row (several row tiles, the others none)
+    c.T = 300, c.k = 1, c.E = 8, c.N = 96, c.K = 64;
+    c.routing = Routing::Hot;
+    c.spec = ScaleSpec::channel(96, 64);
+    run_case(c);
+  }
+  {
+    Case c;  // a single row
+    c.T = 1, c.k = 1, c.E = 4, c.N = 72, c.K = 48;
+    c.spec = ScaleSpec::channel(72, 48);
+    c.lora_r = 8;
+    run_case(c);
+  }
+  {
+    Case c;  // M = 0: nothing launched, nothing written, no error
+    c.T = 0, c.k = 2, c.E = 4, c.N = 64, c.K = 64;
+    c.spec = ScaleSpec::channel(64, 64);
+    run_case(c);
+  }
+}
+
+// Every FP8 code dequantizes exactly as fp8.hpp's decode: A is one-hot, so out[r, n] is
+// W[n, r] * scale through the tensor cores (power-of-two scales keep it exact in BF16). Codes
+// that decode to NaN/inf go in rows of their own: their column must be NaN (the dot product
+// meets 0 * NaN or 0 * inf) except an inf at its own k, and they must not leak elsewhere.
+TEST(GroupedGemm, EveryFp8CodeExact) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Rng rng(seed);
+  for (const bool e5m2 : {false, true}) {
+    SCOPED_TRACE(e5m2 ? "E5M2" : "E4M3");
+    std::vector<uint8_t> special;  // codes whose value is not finite
+    for (int code = 0; code < 256; ++code)
+      if (!std::isfinite(decode_fp8(static_cast<uint8_t>(code), e5m2))) special.push_back(static_cast<uint8_t>(code));
+    const int64_t K = 256, M = K, regular = 128, N = regular + static_cast<int64_t>(special.size());
+    std::vector<int32_t> ids(M, 0);
+    HostPlan hp;
+    hp.T = M, hp.k = 1, hp.E = 1;
+    finish_plan(hp, ids);
+    // W [1, N, K]: regular rows hold every finite code (shuffled per row), special rows a
+    // random finite row plus one special code.
+    Tensor w(e5m2 ? DType::F8_E5M2 : DType::F8_E4M3, {1, N, K});
+    uint8_t* codes = w.ptr<uint8_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      std::vector<uint8_t> row(K);
+      for (int64_t kk = 0; kk < K; ++kk) {
+        uint8_t code = static_cast<uint8_t>((kk + n * 37) % 256);
+        while (!std::isfinite(decode_fp8(code, e5m2))) code = static_cast<uint8_t>(rng.below(256));
+        row[kk] = code;
+      }
+      std::shuffle(row.begin(), row.end(), rng.g);
+      if (n >= regular) row[rng.below(K)] = special[n - regular];
+      std::memcpy(codes + n * K, row.data(), K);
+    }
+    // Channel scales 2^j, j in [-8, 8]: exact products.
+    Tensor ws(DType::F32, {1, N, 1});
+    for (int64_t n = 0; n < N; ++n) ws.ptr<float>()[n] = std::ldexp(1.0f, static_cast<int>(rng.below(17)) - 8);
+    Tensor a = Tensor::zeros(DType::BF16, {M, K});
+    for (int64_t r = 0; r < M; ++r) store_from_double(a.data(), DType::BF16, r * K + r, 1.0);
+    const Tensor d_w = upload(w), d_ws = upload(ws), d_a = upload(a);
+    const Tensor d_out = poisoned(DType::F32, {M, N});
+    GroupedGemm g;
+    g.plan = &hp.plan;
+    g.a = {d_a, RowSource::Rows};
+    g.b = {d_w, d_ws, ScaleSpec::channel(N, K)};
+    g.out = d_out;
+    for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
+      SCOPED_TRACE(std::string("tile ") + cuda::gemm::tile_shape_name(shape));
+      FP8MOE_CUDA_CHECK(cudaMemset(d_out.data(), 0xFF, d_out.nbytes()));
+      cuda::grouped_gemm(g, nullptr, shape);
+      FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
+      const Tensor out = download(d_out);
+      int64_t wrong = 0, not_nan = 0;
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          const float got = out.ptr<float>()[r * N + n];
+          const float want = decode_fp8(codes[n * K + r], e5m2) * ws.ptr<float>()[n];
+          if (n >= regular && !std::isinf(want)) {  // 1 * inf alone stays inf; anything else is NaN
+            not_nan += !std::isnan(got);
+            continue;
+          }
+          if (got != want && wrong++ < 5)
+            ADD_FAILURE() << "code 0x" << std::hex << int{codes[n * K + r]} << std::dec << " (row " << n
+                          << ", k " << r << "): got " << got << ", want " << want;
+        }
+      EXPECT_EQ(wrong, 0);
+      EXPECT_EQ(not_nan, 0) << "columns holding a NaN/inf code must be NaN";
+    }
+  }
+}
+
+TEST(GroupedGemm, RejectsUnsupportedOperands) {
+  REQUIRE_GPU();
+  Rng rng(fresh_seed());
+  Case c;
+  c.spec = ScaleSpec::channel(c.N, c.K);
+  auto P = build(c, rng);
+  GroupedGemm g = P->g;
+  TensorView bad = g.a.src;
+  bad.dtype = DType::F16;
+  g.a.src = bad;
+  EXPECT_THROW(cuda::grouped_gemm(g, nullptr), Error);
+  g = P->g;
+  TensorView badw = g.b.data;
+  badw.dtype = DType::I8;
+  g.b.data = badw;
+  EXPECT_THROW(cuda::grouped_gemm(g, nullptr), Error);
+  g = P->g;
+  g.out = TensorView(g.out.data, DType::BF16, {P->M, c.N + 1}, Device::CUDA);
+  EXPECT_THROW(cuda::grouped_gemm(g, nullptr), Error);
+}
+
+// The target shapes: Qwen3-30B-A3B at 4096 tokens, sampled rows against the reference, then
+// timed (CUDA events, median of 20).
+double median_ms(const std::function<void()>& fn) {
+  cudaEvent_t a, b;
+  FP8MOE_CUDA_CHECK(cudaEventCreate(&a));
+  FP8MOE_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<float> ms;
+  for (int i = 0; i < 20; ++i) {
+    FP8MOE_CUDA_CHECK(cudaEventRecord(a));
+    fn();
+    FP8MOE_CUDA_CHECK(cudaEventRecord(b));
+    FP8MOE_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    FP8MOE_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+void large_case(const char* name, Case c) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(std::string(name) + " seed " + std::to_string(seed));
+  Rng rng(seed);
+  auto P = build(c, rng);
+  cuda::grouped_gemm(P->g, nullptr);
+  FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const Tensor out = download(P->d_out);
+  const Ref ref = reference(*P, rng);
+  expect_close(out, ref.rows, ref.out, P->out_cols, 1e-2, name);
+  const double ms = median_ms([&] { cuda::grouped_gemm(P->g, nullptr); });
+  const double flop = 2.0 * P->M * c.N * c.K;
+  cudaDeviceProp prop;
+  FP8MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("PERF %-34s %s  M %lld N %lld K %lld: %.3f ms  %.1f TFLOP/s\n", name, prop.name,
+              static_cast<long long>(P->M), static_cast<long long>(c.N), static_cast<long long>(c.K), ms,
+              flop / ms / 1e9);
+}
+
+TEST(GroupedGemm, Qwen3ShapesT4096) {
+  REQUIRE_GPU();
+  const int64_t T = 4096, k = 8, E = 128, H = 2048, I = 768;
+  Case gu;  // gate_up forward: [M, H] x [2I, H]^T, 128x128 blocks in two segments, SiLU-GLU
+  gu.T = T, gu.k = k, gu.E = E, gu.N = 2 * I, gu.K = H;
+  gu.a_rows = RowSource::Tokens;
+  gu.spec = block(2 * I, H, 128, 128, 2);
+  gu.epi = Epilogue::GluForward;
+  gu.aux = true;
+  gu.check_rows = 16;
+  gu.random_codes = true;
+  large_case("qwen3 gate_up fwd (block, glu)", gu);
+  Case dn;  // down forward: [M, I] x [H, I]^T with routing weights
+  dn.T = T, dn.k = k, dn.E = E, dn.N = H, dn.K = I;
+  dn.spec = block(H, I, 128, 128);
+  dn.row_scale = true;
+  dn.check_rows = 16;
+  dn.random_codes = true;
+  large_case("qwen3 down fwd (block)", dn);
+  Case dg;  // gate_up dgrad: [M, 2I] x [2I, H] (weight read transposed)
+  dg.T = T, dg.k = k, dg.E = E, dg.N = H, dg.K = 2 * I;
+  dg.transpose_b = true;
+  dg.spec = block(2 * I, H, 128, 128, 2);
+  dg.check_rows = 16;
+  dg.random_codes = true;
+  large_case("qwen3 gate_up dgrad (block, trans)", dg);
+  Case ch = gu;  // GLM-style per-channel scales on the same shape
+  ch.spec = ScaleSpec::channel(2 * I, H);
+  large_case("gate_up fwd (channel, glu)", ch);
+}
+
+// ---- grouped_outer
+struct OuterCase {
+  int64_t T = 64, k = 2, E = 4, N = 96, Q = 16;
+  Routing routing = Routing::Uniform;
+  RowSource left_rows = RowSource::Rows, right_rows = RowSource::Rows;
+  DType left_dtype = DType::BF16, right_dtype = DType::BF16, out_dtype = DType::F32;
+  bool row_scale = false;
+};
+
+void run_outer(const OuterCase& c) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Rng rng(seed);
+  auto hp = make_plan(c.T, c.k, c.E, c.routing, rng);
+  const int64_t M = c.T * c.k;
+  const Tensor L = host_random(c.left_dtype, {c.left_rows == RowSource::Tokens ? c.T : M, c.N}, rng);
+  const Tensor R = host_random(c.right_dtype, {c.right_rows == RowSource::Tokens ? c.T : M, c.Q}, rng);
+  const Tensor rs = host_random(DType::F32, {M}, rng);
+  const Tensor dL = upload(L), dR = upload(R), drs = upload(rs);
+  const Tensor dout = poisoned(c.out_dtype, {c.E, c.N, c.Q});
+  GroupedOuter g;
+  g.plan = &hp->plan;
+  g.left = {dL, c.left_rows};
+  g.right = {dR, c.right_rows};
+  if (c.row_scale) g.row_scale = drs;
+  g.alpha = 0.75;
+  g.out = dout;
+  cuda::grouped_outer(g, nullptr);
+  FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const Tensor out = download(dout);
+
+  std::vector<double> want(c.E * c.N * c.Q, 0.0);
+  for (int64_t e = 0; e < c.E; ++e)
+    for (int64_t r = hp->offsets[e]; r < hp->offsets[e + 1]; ++r) {
+      const int64_t pair = hp->sorted[r], tok = pair / c.k;
+      const int64_t lr = c.left_rows == RowSource::Tokens ? tok : r, rr = c.right_rows == RowSource::Tokens ? tok : r;
+      const double f = g.alpha * (c.row_scale ? at(rs, pair) : 1.0);
+      for (int64_t n = 0; n < c.N; ++n)
+        for (int64_t q = 0; q < c.Q; ++q) want[(e * c.N + n) * c.Q + q] += f * at(L, lr * c.N + n) * at(R, rr * c.Q + q);
+    }
+  std::vector<int64_t> rows(c.E * c.N);
+  std::iota(rows.begin(), rows.end(), 0);
+  // Empty experts must be exactly zero (not NaN, not stale).
+  for (int64_t e = 0; e < c.E; ++e) {
+    if (hp->offsets[e + 1] != hp->offsets[e]) continue;
+    for (int64_t i = 0; i < c.N * c.Q; ++i) ASSERT_EQ(at(out, e * c.N * c.Q + i), 0.0) << "expert " << e;
+  }
+  if (M > 0) expect_close(out, rows, want, c.Q, c.out_dtype == DType::F32 ? 1e-5 : 1e-2, "outer");
+
+  FP8MOE_CUDA_CHECK(cudaMemset(dout.data(), 0xFF, dout.nbytes()));
+  cuda::grouped_outer(g, nullptr);
+  FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const Tensor out2 = download(dout);
+  EXPECT_EQ(std::memcmp(out.data(), out2.data(), out.nbytes()), 0) << "two runs differ";
+}
+
+TEST(GroupedOuter, LoraGradientShapes) {
+  REQUIRE_GPU();
+  OuterCase b;  // dB = sum dH^T U: N = 2I, Q = r
+  b.T = 90, b.k = 2, b.E = 6, b.N = 200, b.Q = 13;
+  b.row_scale = true;
+  run_outer(b);
+  OuterCase a;  // dA = sum dU^T X: N = r, Q = H, X gathered by token
+  a.T = 70, a.k = 4, a.E = 8, a.N = 8, a.Q = 136;
+  a.right_rows = RowSource::Tokens;
+  a.right_dtype = DType::F32;
+  a.out_dtype = DType::BF16;
+  run_outer(a);
+}
+
+TEST(GroupedOuter, RoutingEdgeCases) {
+  REQUIRE_GPU();
+  OuterCase c;
+  c.T = 60, c.k = 2, c.E = 12, c.N = 64, c.Q = 64;
+  c.routing = Routing::SomeEmpty;
+  c.left_rows = RowSource::Tokens;
+  run_outer(c);
+  c.routing = Routing::Hot;  // one expert, many rows
+  c.T = 500, c.k = 1;
+  run_outer(c);
+  c.T = 1;  // a single row
+  run_outer(c);
+  c.T = 0;  // M = 0: all zeros
+  run_outer(c);
+}
+
+}  // namespace
+}  // namespace fp8moe
