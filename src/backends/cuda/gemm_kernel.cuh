@@ -482,14 +482,8 @@ void launch_tile(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int 
 }
 
 // Defined in grouped_gemm_<shape>.cu, one per TileShape.
-void launch_m128n128(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
 void launch_m64n128(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
-void launch_m128n128k64(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
-void launch_m64n128k64(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().
-using TileM128N128 = Tile<128, 128, 32, 2, 4, 4, 1>;    // 8 warps of 64 x 32; one CTA per SM
 using TileM64N128 = Tile<64, 128, 32, 2, 4, 4, 2>;      // 8 warps of 32 x 32; two CTAs per SM
-using TileM128N128K64 = Tile<128, 128, 64, 2, 4, 4, 1>; // 143 KB of shared memory: one CTA per SM
-using TileM64N128K64 = Tile<64, 128, 64, 2, 4, 3, 2>;   // 3 stages, 89 KB: two CTAs per SM
 
 }  // namespace fp8moe::cuda::gemm

@@ -184,17 +184,8 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   const int64_t bn = 128;  // every shape is 128 wide
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
   switch (shape) {
-    case TileShape::M128N128:
-      launch_m128n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
     case TileShape::M64N128:
       launch_m64n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
-    case TileShape::M128N128K64:
-      launch_m128n128k64(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
-    case TileShape::M64N128K64:
-      launch_m64n128k64(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
       break;
   }
 }

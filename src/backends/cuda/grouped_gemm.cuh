@@ -29,17 +29,15 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream);
 
 namespace gemm {
 
-// Tile shapes of the grouped GEMM kernel (one kernel template, instantiated for each).
+// Tile shapes of the grouped GEMM kernel (one kernel template, instantiated for each). One today:
+// on an H200 (bench/gemm_lab, 2026-11-26) 64 x 128 with K step 32 beat 128 x 128 (K step 32 or 64)
+// and 64 x 128 with K step 64 on every Qwen3 / GLM problem by 5-45%; see bench/NOTES.md.
 enum class TileShape : uint8_t {
-  M128N128,     // 128 x 128, K step 32, 8 warps of 64 x 32: large groups
-  M64N128,      // 64 x 128, K step 32, 8 warps of 32 x 32: few rows per expert (less padding)
-  M128N128K64,  // 128 x 128, K step 64: half the barriers and per-step overhead
-  M64N128K64,   // 64 x 128, K step 64, two CTAs per SM
+  M64N128,  // 64 x 128, K step 32, 8 warps of 32 x 32, two CTAs per SM
 };
-inline constexpr TileShape kTileShapes[] = {TileShape::M128N128, TileShape::M64N128, TileShape::M128N128K64,
-                                            TileShape::M64N128K64};
+inline constexpr TileShape kTileShapes[] = {TileShape::M64N128};
 const char* tile_shape_name(TileShape s);
-constexpr int tile_bk(TileShape s) { return s == TileShape::M128N128K64 || s == TileShape::M64N128K64 ? 64 : 32; }
+constexpr int tile_bk(TileShape) { return 32; }
 // The one place that picks a tile shape, from host-known sizes only (M = T*k rows, E groups).
 TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t n, int64_t k);
 
