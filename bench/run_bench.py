@@ -59,6 +59,9 @@ def write_markdown(path, bench, peer, peer_note, commands):
     add(f"Card: **{dev['name']}** (sm {dev['sm']}, {dev['sms']} SMs, L2 {dev['l2_mib']} MiB, "
         f"{dev['mem_gib']:.0f} GiB). Date: {bench['date']}. Written by `bench/run_bench.py`.")
     add("")
+    add("Regenerate on a GPU machine with `scripts/gpu_check.sh` (its bench step runs the commands below")
+    add("and writes this file under $OUT); the peer script is ../shared/bench/torch_baselines.py.")
+    add("")
     add("Commands (same GPU run):")
     add("")
     for c in commands:
