@@ -21,22 +21,14 @@
 #include "fp8moe/moe.hpp"
 #include "fp8moe/quant.hpp"
 #include "fp8moe/train.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
 
 using namespace moetest;
-
-template <typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an fp8moe::Error containing \"" << parts.front() << "\", nothing was thrown";
-  } catch (const Error& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
-  }
-}
 
 // Sum of |x| over expert e's slice of a per-expert tensor [E, ...].
 double expert_abs_sum(const TensorView& t, int64_t e) {

@@ -18,6 +18,9 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/safetensors_test_util.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
@@ -29,18 +32,6 @@ using testing::read_file;
 using testing::st_image;
 using testing::TempDir;
 using testing::write_file;
-
-// Runs `body`, expecting an fp8moe::Error whose message contains every one of `parts`.
-template <typename F>
-void expect_error(F&& body, std::initializer_list<std::string> parts) {
-  try {
-    body();
-    ADD_FAILURE() << "expected an error mentioning \"" << *parts.begin() << "\", but none was thrown";
-  } catch (const Error& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "message lacks \"" << p << "\": " << e.what();
-  }
-}
 
 std::string bytes_of(const TensorView& v, uint64_t nbytes) {
   return {static_cast<const char*>(v.data), static_cast<size_t>(nbytes)};

@@ -13,6 +13,9 @@
 #include "fp8moe/checkpoint.hpp"
 #include "formats/safetensors_test_util.hpp"
 #include "model/ckpt_builder.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
@@ -43,16 +46,6 @@ int64_t mismatches(const MoeLayerWeights& w, const CkptBuilder& b, bool shared =
       for (int64_t k = 0; k < I; ++k) bad += dn.at(e, n, k) != b.down(w.layer, e, n, k, shared);
   }
   return bad;
-}
-
-template <typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing \"" << parts.front() << "\"";
-  } catch (const Error& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
-  }
 }
 
 bool any_contains(const std::vector<std::string>& v, const std::string& part) {

@@ -14,6 +14,9 @@
 #include "fp8moe/safetensors.hpp"
 #include "fp8moe/synthetic.hpp"
 #include "model/convert_test_util.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
@@ -34,17 +37,6 @@ ConvertOptions to_fp8(ScaleKind scheme, int64_t block = 128) {
 ConvertOptions to_bf16() { return ConvertOptions{}; }
 
 json config_of(const fs::path& dir) { return json::parse(read_file((dir / "config.json").string())); }
-
-// Expects `fn` to throw an Error whose message contains every one of `parts`.
-template <typename Fn>
-void expect_error(Fn fn, std::initializer_list<const char*> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error";
-  } catch (const Error& e) {
-    for (const char* p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "'" << p << "' not in: " << e.what();
-  }
-}
 
 TEST(ConvertTest, GlmChannelRoundTripSharded) {
   const uint64_t seed = fresh_seed();

@@ -8,6 +8,9 @@
 
 #include "fp8moe/fp8.hpp"
 #include "model/experts.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
@@ -35,17 +38,6 @@ struct Rng {
 uint64_t fresh_seed() {
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
-
-template <typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing \"" << parts.front() << "\"";
-  } catch (const Error& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
-  }
 }
 
 // value of a per-expert source: code * scale[(n / bn) * gk + k / bk]

@@ -5,6 +5,9 @@
 #include <random>
 
 #include "fp8moe/lora.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
@@ -12,17 +15,6 @@ namespace {
 uint64_t fresh_seed() {
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
-
-template <typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing \"" << parts.front() << "\"";
-  } catch (const Error& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
-  }
 }
 
 Tensor random(DType dt, Shape s, std::mt19937_64& g) {

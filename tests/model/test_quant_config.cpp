@@ -5,20 +5,12 @@
 #include <string>
 
 #include "fp8moe/checkpoint.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
-
-template <typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error containing \"" << parts.front() << "\"";
-  } catch (const Error& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
-  }
-}
 
 void sub(std::string& j, const std::string& from, const std::string& to) {
   const size_t at = j.find(from);

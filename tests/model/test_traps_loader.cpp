@@ -29,6 +29,9 @@
 #include "fp8moe/safetensors.hpp"
 #include "model/ckpt_builder.hpp"
 #include "model/experts.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::expect_error;
 
 namespace fp8moe {
 namespace {
@@ -43,17 +46,6 @@ using moetest::to_vec;
 using testing::CkptBuilder;
 using testing::CkptOptions;
 using testing::TempDir;
-
-template <typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an fp8moe::Error containing \"" << parts.front() << "\", nothing was thrown";
-  } catch (const Error& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "missing \"" << p << "\" in: " << e.what();
-  }
-}
 
 bool any_contains(const std::vector<std::string>& v, const std::string& part) {
   for (const std::string& s : v)
