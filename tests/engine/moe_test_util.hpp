@@ -15,14 +15,12 @@
 #include "fp8moe/backend.hpp"
 #include "fp8moe/moe.hpp"
 #include "fp8moe/quant.hpp"
+#include "test_support.hpp"
 
 namespace fp8moe::moetest {
 
 // A seed drawn fresh each run; tests print it with SCOPED_TRACE so a failure can be replayed.
-inline uint64_t fresh_seed() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
+using ::fp8moe::test::fresh_seed;
 inline std::string seed_trace(uint64_t seed) { return "seed " + std::to_string(seed); }
 
 // Row-major host tensor of i.i.d. N(0, stddev^2) values.

@@ -11,11 +11,12 @@
 #include "fp8moe/moe.hpp"
 #include "fp8moe/quant.hpp"
 #include "fp8moe/train.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::fresh_seed;
 
 namespace fp8moe {
 namespace {
-
-uint64_t fresh_seed() { return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}(); }
 
 Tensor randn(DType dt, Shape s, std::mt19937_64& rng, double sd) {
   std::normal_distribution<double> n(0.0, sd);

@@ -31,6 +31,9 @@
 
 #include "fp8moe/safetensors.hpp"
 #include "formats/safetensors_test_util.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::fresh_seed;
 
 namespace fp8moe {
 namespace {
@@ -42,11 +45,6 @@ using testing::read_file;
 using testing::TempDir;
 using testing::write_file;
 using Clock = std::chrono::steady_clock;
-
-uint64_t fresh_seed() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
 
 // Bounded time per test: the mutants stop at the iteration count or the time budget, whichever
 // comes first, and at least the minimum count must have run for the test to mean something.

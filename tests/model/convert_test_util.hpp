@@ -16,10 +16,11 @@
 #include "fp8moe/dtype.hpp"
 #include "fp8moe/fp8.hpp"
 #include "fp8moe/safetensors.hpp"
+#include "test_support.hpp"
 
 namespace fp8moe::testing {
 
-inline uint64_t fresh_seed() { return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}(); }
+using ::fp8moe::test::fresh_seed;
 
 inline bool same_bytes(const TensorView& a, const TensorView& b) {
   return a.dtype == b.dtype && a.shape == b.shape && std::memcmp(a.data, b.data, a.nbytes()) == 0;

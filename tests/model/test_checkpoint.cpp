@@ -16,6 +16,7 @@
 #include "test_support.hpp"
 
 using fp8moe::test::expect_error;
+using fp8moe::test::fresh_seed;
 
 namespace fp8moe {
 namespace {
@@ -23,11 +24,6 @@ namespace {
 using testing::CkptBuilder;
 using testing::CkptOptions;
 using testing::TempDir;
-
-uint64_t fresh_seed() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
 
 // Elements of the loaded stacks (routed, or shared) that differ from the builder's reference.
 int64_t mismatches(const MoeLayerWeights& w, const CkptBuilder& b, bool shared = false) {

@@ -11,6 +11,7 @@
 #include "test_support.hpp"
 
 using fp8moe::test::expect_error;
+using fp8moe::test::fresh_seed;
 
 namespace fp8moe {
 namespace {
@@ -34,11 +35,6 @@ struct Rng {
     return t;
   }
 };
-
-uint64_t fresh_seed() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
 
 // value of a per-expert source: code * scale[(n / bn) * gk + k / bk]
 double ref(const StoredMatrix& m, int64_t bn, int64_t bk, int64_t n, int64_t k) {

@@ -8,14 +8,10 @@
 #include "test_support.hpp"
 
 using fp8moe::test::expect_error;
+using fp8moe::test::fresh_seed;
 
 namespace fp8moe {
 namespace {
-
-uint64_t fresh_seed() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
 
 Tensor random(DType dt, Shape s, std::mt19937_64& g) {
   std::normal_distribution<double> d(0.0, 1.0);

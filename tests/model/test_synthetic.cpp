@@ -12,14 +12,15 @@
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/safetensors.hpp"
 #include "fp8moe/synthetic.hpp"
+#include "test_support.hpp"
+
+using fp8moe::test::fresh_seed;
 
 namespace fp8moe {
 namespace {
 
 using testing::TempDir;
 namespace fs = std::filesystem;
-
-uint64_t fresh_seed() { return (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}(); }
 
 // Byte-exact equality of two tensor views.
 bool same_bytes(const TensorView& a, const TensorView& b) {
