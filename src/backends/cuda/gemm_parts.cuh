@@ -1,0 +1,372 @@
+// The parts every grouped GEMM kernel of the family shares (grouped_gemm.cu describes the
+// design): launch parameters, the per-CTA row / column maps, the W chunk pipeline (raw copy ->
+// dequantized BF16 chunk), the A chunk loads, and the epilogue policies applied to an
+// accumulator fragment. The kernels (gemm_kernel.cuh: mma.sync, sm_80+; gemm_kernel_sm90.cuh:
+// wgmma, sm_90a) differ only in their shared-memory layout, chunk assignment and MMA engine.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/gemm_tile.cuh"
+#include "backends/cuda/grouped_gemm.cuh"
+
+namespace fp8moe::cuda::gemm {
+
+
+constexpr int kMaxKTiles = 256; // K tiles whose scale k-part is tabulated (K <= 256 * BK)
+
+// A[r, k] (or L[r, q]): row r is src[r] (Rows) or src[sorted_pairs[r] / top_k] (Tokens).
+struct OperandA {
+  const void* ptr = nullptr;
+  Elem type = Elem::BF16;
+  int64_t ld = 0;  // row length of the source
+  bool tokens = false;
+};
+// W_e[n, k] (or LB_e[n, q]): stored [E, N, K], or [E, K, N] when the launch is transposed.
+struct OperandB {
+  const void* ptr = nullptr;
+  Elem type = Elem::BF16;
+  int64_t expert_stride = 0;  // elements per expert
+  int64_t ld = 0;             // stored row length: K, or N when transposed
+  const float* scale = nullptr;  // [E, spec.numel()] F32, or null for plain weights
+  int64_t scale_stride = 0;
+  ScaleSpec spec;  // of the stored matrix (rows = stored rows)
+  float mult = 1.0f;
+};
+
+struct Params {
+  int64_t M = 0;
+  int N = 0, K = 0, E = 0, top_k = 1, R = 0;  // N: columns of v; R: LoRA rank (0: none)
+  const int32_t* offsets = nullptr;       // [E + 1]
+  const int32_t* sorted_pairs = nullptr;  // [M]
+  OperandA a, la;
+  OperandB b, lb;
+  bool vec_a = false;         // A chunks may use 16-byte loads
+  bool vec_b = false;         // W chunks may use vector loads with one scale per chunk
+  bool b_tile_uniform = false;  // the scale's k-part is constant over every K tile: tabulated
+  const void* row_scale = nullptr;  // [T * k]
+  Elem rs_type = Elem::F32;
+  const void* bias = nullptr;  // [E, N]
+  Elem bias_type = Elem::F32;
+  Epilogue epi = Epilogue::Store;
+  ActivationSpec act;
+  void* aux = nullptr;  // GluForward: [M, N] (optional); GluBackward: [M, 2N]
+  Elem aux_type = Elem::BF16;
+  void* out = nullptr;  // [M, N], [M, N/2] or [M, 2N]
+  Elem out_type = Elem::BF16;
+  bool out_vec2 = false, aux_vec2 = false;  // paired stores allowed (even row length, aligned)
+};
+
+// ---- activation policies (the CPU backend's act_forward / act_backward are the reference)
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float act_forward(const ActivationSpec& a, float gate, float up) {
+  if (a.kind == Activation::SiluGlu) return gate * sigmoidf(gate) * up;
+  const float g = fminf(gate, a.limit), u = fminf(fmaxf(up, -a.limit), a.limit);
+  return (u + 1.0f) * g * sigmoidf(a.alpha * g);
+}
+// Clamp gradients pass where min <= x <= max, boundaries included (torch.clamp's convention).
+__device__ __forceinline__ void act_backward(const ActivationSpec& a, float gate, float up, float& dgate, float& dup) {
+  if (a.kind == Activation::SiluGlu) {
+    const float s = sigmoidf(gate);
+    dgate = s * (1.0f + gate * (1.0f - s)) * up;
+    dup = gate * s;
+    return;
+  }
+  const float g = fminf(gate, a.limit), u = fminf(fmaxf(up, -a.limit), a.limit);
+  const float s = sigmoidf(a.alpha * g);
+  dgate = gate <= a.limit ? (u + 1.0f) * (s + a.alpha * g * s * (1.0f - s)) : 0.0f;
+  dup = (up >= -a.limit && up <= a.limit) ? g * s : 0.0f;
+}
+
+// ---- per-element paths: odd shapes, misaligned chunks and the LoRA tiles
+
+__device__ __forceinline__ uint4 slow_a_chunk(const OperandA& o, int src_row, int k, int klimit) {
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    v[j] = (src_row >= 0 && k + j < klimit) ? load_elem(o.ptr, o.type, src_row * o.ld + k + j) : 0.0f;
+  return make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+}
+
+// W_e[n, k] dequantized: code * scale * mult; 0 outside the matrix (n < 0 or k >= klimit).
+template <bool kTrans>
+__device__ __forceinline__ float slow_b_elem(const OperandB& o, int e, int n, int k, int klimit) {
+  if (n < 0 || k >= klimit) return 0.0f;
+  const int64_t sr = kTrans ? k : n, sc = kTrans ? n : k;  // stored coordinates
+  float v = load_elem(o.ptr, o.type, e * o.expert_stride + sr * o.ld + sc) * o.mult;
+  if (o.scale) v *= o.scale[e * o.scale_stride + o.spec.index(sr, sc)];
+  return v;
+}
+
+// ---- per-CTA maps, built once before the K loop
+
+template <int BM, int BN>
+struct TileMaps {
+  int arow[BM];   // source row of A for each tile row (-1: padding)
+  int larow[BM];  // source row of L
+  float rs[BM];   // row scale
+  int col[BN];    // column n of v for each tile column (-1: past N)
+  int ktab[kMaxKTiles];  // scale k-part of each K tile (b_tile_uniform)
+};
+
+// Fills `m` for row tile `rt` and column tile blockIdx.y; the caller synchronises afterwards.
+template <int kThreads, int BM, int BN, bool kTrans>
+__device__ void build_tile_maps(const Params& p, const RowTile& rt, int kBK, TileMaps<BM, BN>& m) {
+  const int tid = threadIdx.x;
+  for (int i = tid; i < BM; i += kThreads) {
+    int ar = -1, lr = -1;
+    float rs = 0.0f;
+    if (i < rt.rows) {
+      const int r = rt.row0 + i, pair = p.sorted_pairs[r], tok = pair / p.top_k;
+      ar = p.a.tokens ? tok : r;
+      lr = p.la.tokens ? tok : r;
+      rs = p.row_scale ? load_elem(p.row_scale, p.rs_type, pair) : 1.0f;
+    }
+    m.arow[i] = ar;
+    m.larow[i] = lr;
+    m.rs[i] = rs;
+  }
+  for (int c = tid; c < BN; c += kThreads) {
+    int n;
+    if (p.epi == Epilogue::GluForward) {
+      // Each 16 columns hold 8 gate columns then their 8 up columns, so a thread's accumulators
+      // for n-tiles 2q and 2q+1 are the gate and up of the same output column j.
+      const int I = p.N / 2, j = blockIdx.y * (BN / 2) + (c / 16) * 8 + c % 8;
+      n = j < I ? static_cast<int>((c % 16) >= 8 ? p.act.up_row(j, I) : p.act.gate_row(j, I)) : -1;
+    } else {
+      n = blockIdx.y * BN + c;
+      n = n < p.N ? n : -1;
+    }
+    m.col[c] = n;
+  }
+  if (p.b_tile_uniform)
+    for (int t = tid; t < (p.K + kBK - 1) / kBK; t += kThreads)
+      m.ktab[t] = static_cast<int>(kTrans ? p.b.spec.row_index(int64_t{t} * kBK) : p.b.spec.col_index(int64_t{t} * kBK));
+}
+
+// ---- W chunks: 8 consecutive stored elements, copied raw and dequantized to 8 BF16
+//
+// Non-transposed: chunk = W row n (tile row r), k = k0 + c .. +7.
+// Transposed:     chunk = W^T row k = k0 + r, tile columns c .. c+7.
+struct BChunk {
+  int r = 0, c = 0, n = -1;
+  bool vec = false;     // may take the vector path
+  int64_t npart = 0;    // scale index part fixed by n
+};
+
+template <bool kTrans, int BM, int BN>
+__device__ __forceinline__ BChunk make_b_chunk(const Params& p, const TileMaps<BM, BN>& m, int r, int c) {
+  BChunk b;
+  b.r = r;
+  b.c = c;
+  if constexpr (kTrans) {
+    const int n0 = m.col[c];
+    b.n = n0;
+    b.vec = p.vec_b && n0 >= 0 && n0 % 8 == 0 && m.col[c + 7] == n0 + 7;
+    b.npart = (p.b.scale && n0 >= 0) ? p.b.spec.col_index(n0) : 0;
+  } else {
+    const int n = m.col[r];
+    b.n = n;
+    b.vec = p.vec_b;
+    b.npart = (p.b.scale && n >= 0) ? p.b.spec.row_index(n) : 0;
+  }
+  return b;
+}
+
+// How chunk `b` of W tile t is produced: 0 zeros, 1 raw copy + vector conversion, 2 per element
+// (odd shapes, LoRA tiles). A pure function of (t, chunk): the copy and the conversion agree.
+template <bool kTrans>
+__device__ __forceinline__ int b_chunk_mode(const Params& p, const BChunk& b, int t, int nkt, int kBK) {
+  if (t >= nkt) return 2;
+  const int k = t * kBK + (kTrans ? b.r : b.c);
+  if (k >= p.K || (!kTrans && b.n < 0)) return 0;
+  return b.vec ? 1 : 2;
+}
+
+// Queues the raw bytes of a mode-1 chunk of main K tile t into `dst` (cp.async).
+template <int kBBytes, bool kTrans>
+__device__ __forceinline__ void issue_b_chunk(const Params& p, const BChunk& b, int t, int kBK, const char* b_base,
+                                              uint8_t* dst) {
+  const int k = t * kBK + (kTrans ? b.r : b.c);
+  const int64_t sr = kTrans ? k : b.n, sc = kTrans ? b.n : k;
+  cp_async<8 * kBBytes>(dst, b_base + (sr * p.b.ld + sc) * kBBytes);
+}
+
+// The 8 BF16 of chunk `b` of tile t (main or LoRA): the raw bytes at `raw` dequantized with their
+// scale (mode 1), per element (mode 2) or zeros (mode 0).
+template <int kBBytes, bool kTrans, int BM, int BN>
+__device__ __forceinline__ uint4 convert_b_chunk(const Params& p, const TileMaps<BM, BN>& m, const BChunk& b, int mode,
+                                                 const uint8_t* raw, int t, int nkt, int kBK, int e) {
+  if (mode == 0) return make_uint4(0, 0, 0, 0);
+  const bool lora = t >= nkt;
+  const int k0 = (lora ? t - nkt : t) * kBK;
+  if (mode == 1) {
+    const int k = k0 + (kTrans ? b.r : b.c);
+    const Chunk<kBBytes> c = *reinterpret_cast<const Chunk<kBBytes>*>(raw);
+    float scale = 1.0f;
+    if (p.b.scale) {
+      const int64_t kpart = p.b_tile_uniform ? m.ktab[t] : (kTrans ? p.b.spec.row_index(k) : p.b.spec.col_index(k));
+      scale = __ldg(p.b.scale + e * p.b.scale_stride + b.npart + kpart);
+    }
+    return chunk_to_bf16(c, scale, p.b.type == Elem::E5M2);
+  }
+  const OperandB& ob = lora ? p.lb : p.b;
+  const int klimit = lora ? p.R : p.K;
+  float f[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    f[j] = kTrans ? slow_b_elem<true>(ob, e, m.col[b.c + j], k0 + b.r, klimit)
+                  : slow_b_elem<false>(ob, e, b.n, k0 + b.c + j, klimit);
+  return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
+}
+
+// ---- A chunks: 8 BF16 of tile row `row`, K offset kc, into shared memory at `dst`: by cp.async
+// (zero-filled past the rows / K), or converted in place (F32 A, per-element chunks, LoRA tiles).
+template <int kABytes, int BM, int BN>
+__device__ __forceinline__ void load_a_chunk(const Params& p, const TileMaps<BM, BN>& m, int t, int nkt, int kBK,
+                                             int row, int kc, __nv_bfloat16* dst) {
+  const bool lora = t >= nkt;
+  const int k = (lora ? t - nkt : t) * kBK + kc;
+  if (!lora && p.vec_a) {
+    const int src = m.arow[row];
+    const bool valid = src >= 0 && k < p.K;
+    const char* g = static_cast<const char*>(p.a.ptr) + (valid ? (src * p.a.ld + k) * kABytes : 0);
+    if constexpr (kABytes == 2) {
+      cp_async16(dst, g, valid ? 16 : 0);
+    } else {
+      Chunk<kABytes> c;
+      if (valid) load_chunk(c, g); else zero_chunk(c);
+      *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
+    }
+  } else {
+    *reinterpret_cast<uint4*>(dst) = lora ? slow_a_chunk(p.la, m.larow[row], k, p.R) : slow_a_chunk(p.a, m.arow[row], k, p.K);
+  }
+}
+
+// ---- epilogue: v = rs * acc + bias, then the policy
+//
+// `acc` is a warp's fragment in the m16n8 accumulator layout (mma.sync, and wgmma's per warp):
+// acc[mi][ni][2h + j] is tile row row0 + 16 mi + 8 h + lane / 4, tile column col0 + 8 ni +
+// 2 (lane % 4) + j.
+template <int MI, int NI, int BM, int BN>
+__device__ __forceinline__ void store_epilogue(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m,
+                                               float (&acc)[MI][NI][4], int row0, int col0) {
+  const int e = rt.expert, lane = threadIdx.x % 32;
+  const bool glu_fwd = p.epi == Epilogue::GluForward;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int lr = row0 + mi * 16 + h * 8 + lane / 4;
+      if (lr >= rt.rows) continue;
+      const int64_t r = rt.row0 + lr;
+      const float rs = m.rs[lr];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = m.col[col0 + ni * 8 + 2 * (lane % 4) + j];
+          float& v = acc[mi][ni][2 * h + j];
+          v *= rs;
+          if (p.bias && n >= 0) v += load_elem(p.bias, p.bias_type, int64_t{e} * p.N + n);
+        }
+
+      if (p.epi == Epilogue::Store || (glu_fwd && p.aux)) {
+        void* dst = glu_fwd ? p.aux : p.out;
+        const Elem dt = glu_fwd ? p.aux_type : p.out_type;
+        const bool vec2 = glu_fwd ? p.aux_vec2 : p.out_vec2;
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int c = col0 + ni * 8 + 2 * (lane % 4);
+          const int n0 = m.col[c], n1 = m.col[c + 1];
+          const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+          if (n0 >= 0 && n1 == n0 + 1) {
+            store_elem2(dst, dt, r * p.N + n0, v0, v1, vec2 && n0 % 2 == 0);
+          } else {
+            if (n0 >= 0) store_elem(dst, dt, r * p.N + n0, v0);
+            if (n1 >= 0) store_elem(dst, dt, r * p.N + n1, v1);
+          }
+        }
+      }
+      if (glu_fwd) {
+        const int I = p.N / 2;
+#pragma unroll
+        for (int ni = 0; ni < NI; ni += 2) {
+          const int c = col0 + ni * 8 + 2 * (lane % 4);  // gate column; its up is c + 8
+          const int j0 = blockIdx.y * (BN / 2) + (c / 16) * 8 + c % 8;
+          const float o0 = act_forward(p.act, acc[mi][ni][2 * h], acc[mi][ni + 1][2 * h]);
+          const float o1 = act_forward(p.act, acc[mi][ni][2 * h + 1], acc[mi][ni + 1][2 * h + 1]);
+          if (j0 + 1 < I) {
+            store_elem2(p.out, p.out_type, r * I + j0, o0, o1, p.out_vec2);
+          } else if (j0 < I) {
+            store_elem(p.out, p.out_type, r * I + j0, o0);
+          }
+        }
+      }
+      if (p.epi == Epilogue::GluBackward) {
+        const int I = p.N;  // v = dL/dact [M, N]; aux and out are [M, 2N]
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int n = m.col[col0 + ni * 8 + 2 * (lane % 4) + j];
+            if (n < 0) continue;
+            const int64_t gr = r * 2 * I + p.act.gate_row(n, I), ur = r * 2 * I + p.act.up_row(n, I);
+            float dg, du;
+            act_backward(p.act, load_elem(p.aux, p.aux_type, gr), load_elem(p.aux, p.aux_type, ur), dg, du);
+            const float v = acc[mi][ni][2 * h + j];
+            store_elem(p.out, p.out_type, gr, v * dg);
+            store_elem(p.out, p.out_type, ur, v * du);
+          }
+      }
+    }
+}
+
+// ---- launch helpers
+
+// Raises a kernel's dynamic shared-memory limit past the 48 KB default (a host-side attribute,
+// not a stream operation: safe under graph capture).
+template <typename Kernel>
+void set_smem_limit(Kernel kernel, int bytes) {
+  FP8MOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+// Calls f(integral_constant<A bytes>, integral_constant<W bytes>, integral_constant<bool trans>):
+// one kernel instantiation per storage combination. F32 weights take the per-element path of the
+// 2-byte instantiation (they are small: LoRA matrices used as W).
+template <class F>
+void dispatch_storage(int a_bytes, int b_bytes, bool trans, F&& f) {
+  auto by_trans = [&](auto a, auto b) {
+    if (trans)
+      f(a, b, std::true_type{});
+    else
+      f(a, b, std::false_type{});
+  };
+  auto by_b = [&](auto a) {
+    if (b_bytes == 1)
+      by_trans(a, std::integral_constant<int, 1>{});
+    else
+      by_trans(a, std::integral_constant<int, 2>{});
+  };
+  if (a_bytes == 2)
+    by_b(std::integral_constant<int, 2>{});
+  else
+    by_b(std::integral_constant<int, 4>{});
+}
+
+// Grid of a grouped launch: an upper bound on the row tiles (CTAs past the last exit at once)
+// times the column tiles.
+inline dim3 grouped_grid(const Params& p, int bm, int64_t n_tiles) {
+  const int64_t row_tiles = (p.M + bm - 1) / bm + std::min<int64_t>(p.E, p.M);
+  FP8MOE_CHECK(row_tiles < (int64_t{1} << 31) && n_tiles < 65536, "grouped_gemm: grid too large (", row_tiles,
+               " row tiles, ", n_tiles, " column tiles)");
+  return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(n_tiles));
+}
+
+}  // namespace fp8moe::cuda::gemm
