@@ -6,13 +6,19 @@ namespace fp8moe::cuda::gemm {
 const char* tile_shape_name(TileShape s) {
   switch (s) {
     case TileShape::M64N128: return "m64n128k32";
+    case TileShape::Sm90M128N128: return "wgmma_m128n128k64";
   }
   return "?";
 }
 
-TileShape choose_tile_shape(int64_t /*rows*/, int64_t /*experts*/, int64_t /*n*/, int64_t /*k*/) {
-  // Measured, not guessed (bench/NOTES.md): 64-row tiles pad less per expert (rows/expert = T/16
-  // for the target models) and fit two CTAs per SM; they won at every size we timed.
+bool tile_shape_supported(TileShape s) {
+  return s == TileShape::Sm90M128N128 ? sm90_kernels_available() : true;
+}
+
+TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t /*n*/, int64_t /*k*/) {
+  // wgmma on Hopper once experts average a full 128-row tile; below that the 64-row mma.sync
+  // tile pads less. (bench/NOTES.md has the measurements behind both.)
+  if (sm90_kernels_available() && rows >= 128 * experts) return TileShape::Sm90M128N128;
   return TileShape::M64N128;
 }
 

@@ -17,17 +17,21 @@
 //   lora      the LoRA delta is r/BK extra K tiles of the same accumulation (L and LB with
 //             lora_scale folded into LB's conversion).
 //   epilogue  row scale, bias, then the policy; stores straight from the accumulators.
+// On sm_90a a second engine (gemm_kernel_sm90.cuh) runs the same steps with asynchronous wgmma
+// on 128 x 128 tiles, converting the next W tile while the tensor cores work on the current one.
 // Template parameters: tile shape, A element bytes, W element bytes, W orientation. Everything
 // else (FP8 format, scale scheme, epilogue, activation, output dtypes) is a launch-uniform
 // runtime value, so the variants share one compiled loop per storage type.
 // This file: the host side (checks, descriptor -> Params, fast-path conditions, shape choice).
-// The kernel is in gemm_kernel.cuh, its building blocks in gemm_tile.cuh.
+// The kernels are in gemm_kernel.cuh / gemm_kernel_sm90.cuh, their shared parts in gemm_parts.cuh
+// and gemm_tile.cuh.
 #include "backends/cuda/grouped_gemm.cuh"
 
 #include <algorithm>
 
 #include "backends/cuda/cuda_check.cuh"
 #include "backends/cuda/gemm_kernel.cuh"
+#include "backends/cuda/gemm_kernel_sm90.cuh"
 
 namespace fp8moe::cuda {
 namespace gemm {
@@ -181,11 +185,16 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
 
   const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
-  const int64_t bn = 128;  // every shape is 128 wide
+  const int64_t bn = 128;  // every shape is 128 wide (GLU forward: 64 gate + 64 up columns)
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
   switch (shape) {
     case TileShape::M64N128:
       launch_m64n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
+      break;
+    case TileShape::Sm90M128N128:
+      FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
+                   " needs an sm_90 GPU and a library built for sm_90a");
+      launch_sm90_m128n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
       break;
   }
 }

@@ -284,6 +284,13 @@ const LayerCase kCases[] = {
      DType::F32, 1, 1.0},
     {"skewed_k8", 64, 8, 16, 256, 128, ScaleKind::Block, Activation::SiluGlu, GateUpLayout::Halves, 8, false,
      DType::F32, 2, 0.8},
+    // Enough rows per expert (>= 128) that choose_tile_shape takes the wgmma kernel on Hopper:
+    // fast path (dims multiples of 64) and general path (H 200, I 100), hot experts, LoRA, bias.
+    {"wgmma_rows_block_lora", 600, 4, 8, 256, 128, ScaleKind::Block, Activation::SiluGlu, GateUpLayout::Halves, 8},
+    {"wgmma_rows_gptoss_channel_bias", 400, 2, 4, 200, 100, ScaleKind::Channel, Activation::GptOssGlu,
+     GateUpLayout::Interleaved, 4, true},
+    {"wgmma_rows_skewed_tensor_lora", 512, 8, 16, 384, 192, ScaleKind::Tensor, Activation::SiluGlu,
+     GateUpLayout::Halves, 8, false, DType::F32, 2, 0.8},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaLayer, ::testing::ValuesIn(kCases),
