@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   const char* w_src[kBChunks];
   const float* w_scale[kBChunks];
   bool w_ok[kBChunks];
-  bool fast = kABytes == 2 && p.vec_a && p.vec_b && p.K % kBK == 0 && (p.b.scale == nullptr || p.b_tile_uniform);
+  bool fast = kABytes == 2 && p.vec_a && p.vec_b && p.K % kBK == 0 &&
+              (p.b.scale == nullptr || p.b_tile_uniform || p.b_kpart_step > 0);
 #pragma unroll
   for (int i = 0; i < Cfg::kAChunks; ++i) {
     const int id = tid + i * Cfg::kThreads, src = maps.arow[id / 8];
@@ -178,6 +179,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
     const int64_t sr = kTrans ? bc[i].r : bc[i].n, sc = kTrans ? bc[i].n : bc[i].c;  // stored coordinates at tile 0
     w_src[i] = b_base + (w_ok[i] ? (sr * p.b.ld + sc) * kBBytes : 0);
     w_scale[i] = p.b.scale ? p.b.scale + e * p.b.scale_stride + bc[i].npart : nullptr;
+    if (p.b.scale && !p.b_tile_uniform)  // linear k-part: its value at tile 0
+      w_scale[i] += kTrans ? p.b.spec.row_index(bc[i].r) : p.b.spec.col_index(bc[i].c);
   }
   fast = __syncthreads_and(fast);
   const int64_t w_step = (kTrans ? kBK * p.b.ld : kBK) * kBBytes;  // bytes per K tile
@@ -214,7 +217,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   float scale[kBChunks];
   auto load_scales = [&](int t) {
     if (!fast || t >= nkt) return;
-    const int kpart = p.b.scale ? maps.ktab[t] : 0;
+    const int64_t kpart = !p.b.scale ? 0 : p.b_tile_uniform ? maps.ktab[t] : t * p.b_kpart_step;
 #pragma unroll
     for (int i = 0; i < kBChunks; ++i) scale[i] = w_ok[i] && w_scale[i] ? __ldg(w_scale[i] + kpart) : 1.0f;
   };

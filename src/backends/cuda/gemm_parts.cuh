@@ -48,6 +48,9 @@ struct Params {
   bool vec_a = false;         // A chunks may use 16-byte loads
   bool vec_b = false;         // W chunks may use vector loads with one scale per chunk
   bool b_tile_uniform = false;  // the scale's k-part is constant over every K tile: tabulated
+  // Else, when > 0: each W chunk's scale k-part grows by this much per K tile (channel scales read
+  // transposed, groups dividing the K tile), so the kernel advances a pointer instead.
+  int64_t b_kpart_step = 0;
   const void* row_scale = nullptr;  // [T * k]
   Elem rs_type = Elem::F32;
   const void* bias = nullptr;  // [E, N]

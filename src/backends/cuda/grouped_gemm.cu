@@ -181,6 +181,14 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     else
       uniform = uniform && (s.block_k % kBK == 0 || s.block_k >= s.cols);
     p.b_tile_uniform = uniform;
+    // Linear k-part per chunk: k0 + r lies in scale block (k0 + r) / block, block | kBK, and no
+    // segment boundary moves it (stored rows, read as k with transpose_b, restart at segments).
+    if (!uniform) {
+      if (g.transpose_b && kBK % s.block_n == 0 && s.seg_rows() % s.block_n == 0)
+        p.b_kpart_step = kBK / s.block_n * s.grid_k();
+      else if (!g.transpose_b && kBK % s.block_k == 0 && s.block_k % 8 == 0)
+        p.b_kpart_step = kBK / s.block_k;
+    }
   }
 
   const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));

@@ -429,6 +429,17 @@ TEST(GroupedGemm, TensorAndGroupScales) {
   }
 }
 
+TEST(GroupedGemm, GroupScalesDividingTheKTile) {
+  REQUIRE_GPU();  // K % 64 == 0: the wgmma fast path steps the group index per K tile
+  for (int64_t g : {16, 32, 128}) {
+    Case c;
+    c.T = 150, c.k = 2, c.E = 2, c.N = 136, c.K = 256;
+    c.spec = ScaleSpec::group(136, 256, g);
+    SCOPED_TRACE(c.spec.str());
+    run_case(c);
+  }
+}
+
 TEST(GroupedGemm, OddKPerElementPath) {
   REQUIRE_GPU();
   Case c;  // K % 8 != 0: the per-element path; block_k 5 splits chunks too
@@ -467,6 +478,20 @@ TEST(GroupedGemm, TransposedWeights) {
     c.transpose_b = true;
     c.a_rows = RowSource::Tokens;
     c.spec = ScaleSpec::channel(136, 160);
+    run_case(c);
+  }
+  {
+    Case c;  // per-channel read transposed with K % 64 == 0 (wgmma fast path: scale per k row)
+    c.T = 160, c.k = 2, c.E = 2, c.N = 160, c.K = 192;
+    c.transpose_b = true;
+    c.spec = ScaleSpec::channel(192, 160);
+    run_case(c);
+  }
+  {
+    Case c;  // 32-row blocks over k in two segments of 64 (linear k-part, not tile-uniform)
+    c.T = 150, c.k = 2, c.E = 2, c.N = 256, c.K = 128;
+    c.transpose_b = true;
+    c.spec = block(128, 256, 32, 64, 2);
     run_case(c);
   }
   {
