@@ -216,11 +216,21 @@ json config_for(const SyntheticSpec& s, const Attn& a) {
   return c;
 }
 
-// Per-tensor generator: the values depend on (seed, name) only, not on the shard split.
+// splitmix64's finalizer: a bijection that spreads every input bit over the whole word.
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Per-tensor generator: the values depend on (seed, name) only, not on the shard split. Both
+// inputs go through a full mix: a shift-and-add combine made neighbouring seeds give some
+// tensors the same stream (seen with seeds s and s + 1).
 uint64_t tensor_seed(uint64_t seed, const std::string& name) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ull;
-  return seed ^ (h + 0x9e3779b97f4a7c15ull + (seed << 6) + (seed >> 2));
+  return mix64(mix64(seed) ^ h);
 }
 
 Tensor generate(const Desc& d, uint64_t seed) {
