@@ -8,16 +8,11 @@
 #include "test_support.hpp"
 
 using fp8moe::test::expect_error;
+using fp8moe::test::replace_once;
 
 namespace fp8moe {
 namespace {
 
-// Replaces the one occurrence of `from` in `j`.
-void sub(std::string& j, const std::string& from, const std::string& to) {
-  const size_t at = j.find(from);
-  ASSERT_NE(at, std::string::npos) << from;
-  j.replace(at, from.size(), to);
-}
 
 // Qwen3-30B-A3B (second-hand config, formats.md section 3), trimmed to the MoE fields.
 const char* kQwen3 = R"({
@@ -63,8 +58,8 @@ TEST(ConfigQwen3, FieldsAndAllLayersMoe) {
 
 TEST(ConfigQwen3, SparseStepAndMlpOnlyLayers) {
   std::string j = kQwen3;
-  sub(j, "\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2");
-  sub(j, "\"mlp_only_layers\": []", "\"mlp_only_layers\": [5]");
+  replace_once(j, "\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2");
+  replace_once(j, "\"mlp_only_layers\": []", "\"mlp_only_layers\": [5]");
   const ModelConfig c = parse_model_config(j, "cfg");
   // MoE iff L not in mlp_only_layers and (L + 1) % 2 == 0: 1, 3, 7, 9, ... (5 is dense)
   EXPECT_FALSE(c.is_moe_layer(0));
@@ -106,8 +101,8 @@ TEST(ConfigGptOss, InterleavedClampedActivation) {
   EXPECT_FLOAT_EQ(c.act.limit, 7.0f);
 
   std::string j = kGptOss;
-  sub(j, ", \"swiglu_limit\": 7.0", "");
-  sub(j, "\"num_experts_per_tok\": 4, ", "");
+  replace_once(j, ", \"swiglu_limit\": 7.0", "");
+  replace_once(j, "\"num_experts_per_tok\": 4, ", "");
   const ModelConfig d = parse_model_config(j, "cfg");
   EXPECT_FLOAT_EQ(d.act.limit, 7.0f);  // default
   EXPECT_EQ(d.top_k, 4);               // from experts_per_token
@@ -115,26 +110,26 @@ TEST(ConfigGptOss, InterleavedClampedActivation) {
 
 TEST(ConfigErrors, MissingOrInvalidFieldsNameFileAndField) {
   std::string j = kGlm;
-  sub(j, "\"n_routed_experts\": 64, ", "");
+  replace_once(j, "\"n_routed_experts\": 64, ", "");
   expect_error([&] { parse_model_config(j, "glm/config.json"); },
                {"glm/config.json", "num_experts | n_routed_experts | num_local_experts", "missing"});
   j = kGlm;
-  sub(j, "\"routed_scaling_factor\": 1.8,", "");
+  replace_once(j, "\"routed_scaling_factor\": 1.8,", "");
   expect_error([&] { parse_model_config(j, "c.json"); }, {"c.json", "routed_scaling_factor"});
   j = kQwen3;
-  sub(j, "\"hidden_size\": 2048", "\"hidden_size\": \"2048\"");
+  replace_once(j, "\"hidden_size\": 2048", "\"hidden_size\": \"2048\"");
   expect_error([&] { parse_model_config(j, "c.json"); }, {"hidden_size", "must be an integer"});
   expect_error([&] { parse_model_config(R"({"model_type": "llama", "hidden_size": 8})", "l.json"); },
                {"l.json", "model_type \"llama\" is not supported"});
   expect_error([&] { parse_model_config("{not json", "bad.json"); }, {"bad.json", "not valid JSON"});
   j = kQwen3;
-  sub(j, "\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 200");
+  replace_once(j, "\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 200");
   expect_error([&] { parse_model_config(j, "c.json"); }, {"experts per token must be in [1, 128]"});
 }
 
 TEST(ConfigErrors, GroupLimitedRoutingIsRefused) {
   std::string j = kGlm;
-  sub(j, "\"n_group\": 1, \"topk_group\": 1", "\"n_group\": 8, \"topk_group\": 4");
+  replace_once(j, "\"n_group\": 1, \"topk_group\": 1", "\"n_group\": 8, \"topk_group\": 4");
   const ModelConfig c = parse_model_config(j, "ds.json");
   expect_error([&] { c.router_spec(); }, {"ds.json", "group-limited routing"});
 }

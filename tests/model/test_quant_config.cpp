@@ -8,15 +8,11 @@
 #include "test_support.hpp"
 
 using fp8moe::test::expect_error;
+using fp8moe::test::replace_once;
 
 namespace fp8moe {
 namespace {
 
-void sub(std::string& j, const std::string& from, const std::string& to) {
-  const size_t at = j.find(from);
-  ASSERT_NE(at, std::string::npos) << from;
-  j.replace(at, from.size(), to);
-}
 
 const char* kFp8 = R"({"model_type": "qwen3_moe", "quantization_config": {
   "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -59,11 +55,11 @@ TEST(QuantConfigFp8, BlockSchemeAndModulesToNotConvert) {
   EXPECT_EQ(q.scheme_for("model.layers.3.mlp.experts.0.up_proj").kind, ScaleKind::None);
 
   std::string j = kFp8;
-  sub(j, R"("weight_block_size": [128, 128], )", "");
+  replace_once(j, R"("weight_block_size": [128, 128], )", "");
   EXPECT_EQ(parse_quant_config(j, "q.json").fp8_weights.block_n, 128);  // transformers' default
   j = kFp8;
-  sub(j, "[128, 128]", "[64, 32]");
-  sub(j, "e4m3", "e5m2");
+  replace_once(j, "[128, 128]", "[64, 32]");
+  replace_once(j, "e4m3", "e5m2");
   const QuantConfig r = parse_quant_config(j, "q.json");
   EXPECT_EQ(r.fp8_weights.str(), "block 64x32");
   EXPECT_EQ(r.fp8_weights.dtype, DType::F8_E5M2);
@@ -95,20 +91,20 @@ TEST(QuantConfigCompressedTensors, ChannelGroupAndIgnoreList) {
 
 TEST(QuantConfigCompressedTensors, BlockTensorGroupStrategiesAndTargets) {
   std::string j = kCt;
-  sub(j, R"("strategy": "channel")", R"("strategy": "block", "block_structure": [128, 64])");
+  replace_once(j, R"("strategy": "channel")", R"("strategy": "block", "block_structure": [128, 64])");
   EXPECT_EQ(parse_quant_config(j, "c").scheme_for("x.experts.0.gate_proj").str(), "block 128x64");
   j = kCt;
-  sub(j, R"("strategy": "channel")", R"("strategy": "block", "block_structure": "32x16")");
+  replace_once(j, R"("strategy": "channel")", R"("strategy": "block", "block_structure": "32x16")");
   EXPECT_EQ(parse_quant_config(j, "c").scheme_for("x.experts.0.gate_proj").str(), "block 32x16");
   j = kCt;
-  sub(j, R"("strategy": "channel")", R"("strategy": "group", "group_size": 64)");
+  replace_once(j, R"("strategy": "channel")", R"("strategy": "group", "group_size": 64)");
   EXPECT_EQ(parse_quant_config(j, "c").scheme_for("m.experts.0.up_proj").str(), "group 64");
   j = kCt;
-  sub(j, R"("strategy": "channel")", R"("strategy": "tensor")");
+  replace_once(j, R"("strategy": "channel")", R"("strategy": "tensor")");
   EXPECT_EQ(parse_quant_config(j, "c").scheme_for("m").kind, ScaleKind::Tensor);
   // Targets by regex instead of class: only matching modules get a scheme.
   j = kCt;
-  sub(j, R"("targets": ["Linear"])", R"("targets": ["re:.*experts.*"])");
+  replace_once(j, R"("targets": ["Linear"])", R"("targets": ["re:.*experts.*"])");
   const QuantConfig q = parse_quant_config(j, "c");
   EXPECT_EQ(q.scheme_for("model.layers.1.mlp.experts.0.gate_proj").kind, ScaleKind::Channel);
   EXPECT_EQ(q.scheme_for("model.layers.1.self_attn.q_proj").kind, ScaleKind::None);
@@ -135,16 +131,16 @@ TEST(QuantConfigErrors, UnsupportedSettingsAreRefusedByName) {
   for (const Case& c : cases) {
     SCOPED_TRACE(c.to);
     std::string j = kCt;
-    sub(j, c.from, c.to);
+    replace_once(j, c.from, c.to);
     std::vector<std::string> parts = c.message;
     parts.push_back("glm.json");
     expect_error([&] { parse_quant_config(j, "glm.json"); }, parts);
   }
   std::string j = kFp8;
-  sub(j, R"("activation_scheme": "dynamic")", R"("activation_scheme": "static")");
+  replace_once(j, R"("activation_scheme": "dynamic")", R"("activation_scheme": "static")");
   expect_error([&] { parse_quant_config(j, "q.json"); }, {"q.json", "activation_scheme \"static\" is not supported"});
   j = kFp8;
-  sub(j, "e4m3", "e3m4");
+  replace_once(j, "e4m3", "e3m4");
   expect_error([&] { parse_quant_config(j, "q.json"); }, {"fmt \"e3m4\""});
 }
 
