@@ -14,6 +14,9 @@
 //   sync      one barrier per K tile. Buffers are reused two tiles later: every warpgroup has
 //             waited for its wgmma of tile t-1 (wait_group 1) before the barrier that ends
 //             iteration t-1... so at iteration t the copies into tile t-2's stage are safe.
+//   loops     the main K tiles run in a loop that holds only the lean fast path when the shape
+//             allows it; the LoRA tiles (and every tile of odd shapes) run in a second pipeline
+//             with the general per-chunk code, so that code never sits in the hot loop.
 #pragma once
 
 #include "backends/cuda/gemm_parts.cuh"
@@ -114,13 +117,16 @@ __device__ __forceinline__ void fence_acc(float* d, int n) {
 
 template <class Cfg, int kABytes, int kBBytes, bool kTrans>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(const Params p) {
+#if FP8MOE_SM90A  // other targets get a trap only: nothing to compile for cards that cannot run it
   using Layout = SmemLayoutSm90<Cfg, kBBytes>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Layout::kStages, kBStages = Cfg::kBStages;
   constexpr int kBChunks = Cfg::kBChunks;
   constexpr int kRawChunk = 8 * kBBytes;
 
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // Offset from the array itself (not a rounded integer address), so the compiler keeps the
+  // shared window: LDS/STS, not generic loads and stores.
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);                        // [kStages][BM][64] swizzled
   __nv_bfloat16* Bs = reinterpret_cast<__nv_bfloat16*>(smem + Layout::kABytesTotal);  // [kBStages][BN][64] swizzled
   uint8_t* Braw = smem + Layout::kABytesTotal + Layout::kBBytesTotal;                // [kStages][chunk][thread]
@@ -186,57 +192,61 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   const int64_t w_step = (kTrans ? kBK * p.b.ld : kBK) * kBBytes;  // bytes per K tile
   const bool e5m2 = p.b.type == Elem::E5M2;
 
-  auto issue = [&](int t) {
-    if (t >= ntiles) return;
-    const int stage = t % kStages;
+  // Queues tile t into stage t % kStages: the fast path's copies (kFast) or the general ones.
+  auto issue = [&](auto fast_tag, int t, int stage, int t_end) {
+    if (t >= t_end) return;
     __nv_bfloat16* a_st = As + stage * BM * kBK;
-    if (fast && t < nkt) {
+    if constexpr (decltype(fast_tag)::value) {
+      // Tiles are issued once each, in order: the source pointers advance one tile per call.
 #pragma unroll
       for (int i = 0; i < Cfg::kAChunks; ++i) {
         const int id = tid + i * Cfg::kThreads;
-        cp_async16(a_st + swz(id / 8, (id % 8) * 8), a_src[i] + t * (kBK * kABytes), a_bytes[i]);
+        cp_async16(a_st + swz(id / 8, (id % 8) * 8), a_src[i], a_bytes[i]);
+        a_src[i] += kBK * kABytes;
+      }
+#pragma unroll
+      for (int i = 0; i < kBChunks; ++i) {
+        if (w_ok[i]) cp_async<8 * kBBytes>(raw_chunk(stage, i), w_src[i]);
+        w_src[i] += w_step;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < Cfg::kAChunks; ++i) {
+        const int id = tid + i * Cfg::kThreads, row = id / 8, kc = (id % 8) * 8;
+        load_a_chunk<kABytes>(p, maps, t, nkt, kBK, row, kc, a_st + swz(row, kc));
       }
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i)
-        if (w_ok[i]) cp_async<8 * kBBytes>(raw_chunk(stage, i), w_src[i] + t * w_step);
-      return;
+        if (b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK) == 1)
+          issue_b_chunk<kBBytes, kTrans>(p, bc[i], t, kBK, b_base, raw_chunk(stage, i));
     }
-#pragma unroll
-    for (int i = 0; i < Cfg::kAChunks; ++i) {
-      const int id = tid + i * Cfg::kThreads, row = id / 8, kc = (id % 8) * 8;
-      load_a_chunk<kABytes>(p, maps, t, nkt, kBK, row, kc, a_st + swz(row, kc));
-    }
-#pragma unroll
-    for (int i = 0; i < kBChunks; ++i)
-      if (b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK) == 1)
-        issue_b_chunk<kBBytes, kTrans>(p, bc[i], t, kBK, b_base, raw_chunk(stage, i));
   };
 
   // Fast path: the scales of tile t, loaded before the tile's wgmma is issued so that their
   // latency hides behind it instead of delaying the conversion.
   float scale[kBChunks];
   auto load_scales = [&](int t) {
-    if (!fast || t >= nkt) return;
+    if (t >= nkt) return;
     const int64_t kpart = !p.b.scale ? 0 : p.b_tile_uniform ? maps.ktab[t] : t * p.b_kpart_step;
 #pragma unroll
     for (int i = 0; i < kBChunks; ++i) scale[i] = w_ok[i] && w_scale[i] ? __ldg(w_scale[i] + kpart) : 1.0f;
   };
 
-  auto convert_b = [&](int t) {
-    __nv_bfloat16* b_st = Bs + (t % kBStages) * BN * kBK;
+  auto convert_b = [&](auto fast_tag, int t, int stage, int bstage) {
+    __nv_bfloat16* b_st = Bs + bstage * BN * kBK;
     uint4 v[kBChunks];
-    if (fast && t < nkt) {
+    if constexpr (decltype(fast_tag)::value) {
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i) {
         v[i] = make_uint4(0, 0, 0, 0);
         if (w_ok[i])
-          v[i] = chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw_chunk(t % kStages, i)), scale[i], e5m2);
+          v[i] = chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw_chunk(stage, i)), scale[i], e5m2);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i)
         v[i] = convert_b_chunk<kBBytes, kTrans>(p, maps, bc[i], b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK),
-                                                raw_chunk(t % kStages, i), t, nkt, kBK, e);
+                                                raw_chunk(stage, i), t, nkt, kBK, e);
     }
     if constexpr (!kTrans) {
 #pragma unroll
@@ -263,45 +273,80 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.0f;
 
-  auto matmul = [&](int t) {
-    const __nv_bfloat16* a_st = As + (t % kStages) * BM * kBK + wg * 64 * kBK;
-    const __nv_bfloat16* b_st = Bs + (t % kBStages) * BN * kBK;
-    const uint64_t da = smem_desc(a_st), db = smem_desc(b_st);
+  // Descriptors differ only in their start-address field (low word), so the per-tile and per-K-step
+  // offsets are 32-bit adds on a precomputed base.
+  const uint64_t desc_a0 = smem_desc(As + wg * 64 * kBK), desc_b0 = smem_desc(Bs);
+  const uint32_t da_lo = static_cast<uint32_t>(desc_a0), da_hi = static_cast<uint32_t>(desc_a0 >> 32);
+  const uint32_t db_lo = static_cast<uint32_t>(desc_b0), db_hi = static_cast<uint32_t>(desc_b0 >> 32);
+  auto matmul = [&](int stage, int bstage) {
+    const uint32_t a = da_lo + stage * (Cfg::kATileBytes >> 4), b = db_lo + bstage * (Cfg::kBTileBytes >> 4);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk)  // +32 bytes per K step: 2 in the descriptor's 16-byte units
-      wgmma_m64n128k16(d, da + 2 * kk, db + 2 * kk);
+      wgmma_m64n128k16(d, (uint64_t{da_hi} << 32) | (a + 2 * kk), (uint64_t{db_hi} << 32) | (b + 2 * kk));
     wgmma_commit();
   };
 
-  // ---- main loop (the header comment gives the buffer-reuse argument)
+  // ---- main loop (the header comment gives the buffer-reuse argument), run as two pipelines:
+  // the fast path over the main K tiles, then the general path over the rest (the LoRA tiles, or
+  // every tile when the fast path does not apply). Each loop holds only its own code, so the hot
+  // one stays small: with both paths in one loop body the kernel's K loop was ~31,000 SASS
+  // instructions and stalled on instruction fetch (bench/NOTES.md).
+  auto pipeline = [&](auto fast_tag, int t0, int t1) {
+    constexpr bool kFast = decltype(fast_tag)::value;
+    if (t0 >= t1) return;
+    // Ring positions, advanced by one per tile (tile t sits in stage t % kStages, converted
+    // buffer t % kBStages): s_issue for the copies, s_read / b_read for the math, s_conv /
+    // b_conv for the conversion.
+    int s_issue = t0 % kStages;
 #pragma unroll
-  for (int t = 0; t < kStages - 2; ++t) {
-    issue(t);
-    cp_async_commit();
-  }
-  cp_async_wait<kStages - 3>();  // own copies of tile 0 have landed
-  load_scales(0);
-  if (ntiles > 0) convert_b(0);
-  fence_proxy_async();
-  __syncthreads();
-  for (int t = 0; t < ntiles; ++t) {
-    load_scales(t + 1);
-    matmul(t);
-    issue(t + kStages - 2);  // into tile t-2's stage
-    cp_async_commit();
-    cp_async_wait<kStages - 3>();  // own copies of tile t+1 have landed
-    if (t + 1 < ntiles) convert_b(t + 1);  // into tile t-2's converted buffer
+    for (int i = 0; i < kStages - 2; ++i) {
+      issue(fast_tag, t0 + i, s_issue, t1);
+      cp_async_commit();
+      s_issue = s_issue + 1 == kStages ? 0 : s_issue + 1;
+    }
+    int s_read = t0 % kStages, b_read = t0 % kBStages;
+    int s_conv = s_read + 1 == kStages ? 0 : s_read + 1, b_conv = b_read + 1 == kBStages ? 0 : b_read + 1;
+    cp_async_wait<kStages - 3>();  // own copies of tile t0 have landed
+    if constexpr (kFast) load_scales(t0);
+    convert_b(fast_tag, t0, s_read, b_read);
     fence_proxy_async();
-    wgmma_wait<1>();
-    fence_acc(d, 64);
     __syncthreads();
+    for (int t = t0; t < t1; ++t) {
+      if constexpr (kFast) load_scales(t + 1);
+      matmul(s_read, b_read);
+      issue(fast_tag, t + kStages - 2, s_issue, t1);  // into tile t-2's stage
+      cp_async_commit();
+      cp_async_wait<kStages - 3>();  // own copies of tile t+1 have landed
+      if (t + 1 < t1) convert_b(fast_tag, t + 1, s_conv, b_conv);  // into tile t-2's converted buffer
+      fence_proxy_async();
+      wgmma_wait<1>();
+      fence_acc(d, 64);
+      __syncthreads();
+      s_issue = s_issue + 1 == kStages ? 0 : s_issue + 1;
+      s_read = s_conv;
+      s_conv = s_conv + 1 == kStages ? 0 : s_conv + 1;
+      b_read = b_conv;
+      b_conv = b_conv + 1 == kBStages ? 0 : b_conv + 1;
+    }
+    // Drained before the next pipeline reuses the buffers.
+    wgmma_wait<0>();
+    fence_acc(d, 64);
+    cp_async_wait<0>();
+    __syncthreads();
+  };
+  if (fast) {
+    pipeline(std::true_type{}, 0, nkt);
+    pipeline(std::false_type{}, nkt, ntiles);
+  } else {
+    pipeline(std::false_type{}, 0, ntiles);
   }
-  wgmma_wait<0>();
-  fence_acc(d, 64);
-  cp_async_wait<0>();
 
   store_epilogue(p, rt, maps, acc, warp * 16, 0);
+#else
+  (void)p;
+  __trap();
+#endif
 }
 
 template <class Cfg>
