@@ -109,10 +109,9 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint
 
 // Keeps the accumulators in registers across the asynchronous wgmma (the compiler must not move
 // them while the tensor cores own them).
-__device__ __forceinline__ void fence_acc(float* d, int n) {
+__device__ __forceinline__ void fence_acc(float* d) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-  (void)n;
 }
 
 template <class Cfg, int kABytes, int kBBytes, bool kTrans>
@@ -162,7 +161,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 
   // Fast path of the main K tiles (CTA-uniform): BF16 A with 16-byte loads, every W chunk either
   // whole (raw copy + one scale) or outside the matrix, K a multiple of the tile and the scale's
-  // k-part tabulated. Its addresses are computed once here and advanced per tile, so a K tile
+  // k-part tabulated per tile or stepping linearly with it. Its addresses are computed once here and advanced per tile, so a K tile
   // costs a few instructions per chunk; the LoRA tiles and every other shape take the general
   // per-chunk path (gemm_parts.cuh).
   const char* a_src[Cfg::kAChunks];
@@ -321,7 +320,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
       if (t + 1 < t1) convert_b(fast_tag, t + 1, s_conv, b_conv);  // into tile t-2's converted buffer
       fence_proxy_async();
       wgmma_wait<1>();
-      fence_acc(d, 64);
+      fence_acc(d);
       __syncthreads();
       s_issue = s_issue + 1 == kStages ? 0 : s_issue + 1;
       s_read = s_conv;
@@ -331,7 +330,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
     }
     // Drained before the next pipeline reuses the buffers.
     wgmma_wait<0>();
-    fence_acc(d, 64);
+    fence_acc(d);
     cp_async_wait<0>();
     __syncthreads();
   };
