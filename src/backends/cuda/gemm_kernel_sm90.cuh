@@ -348,24 +348,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 #endif
 }
 
-template <class Cfg>
-void launch_sm90(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream) {
-  const dim3 grid = grouped_grid(p, Cfg::BM, n_tiles);
-  dispatch_storage(a_bytes, b_bytes, trans, [&](auto a, auto b, auto tr) {
-    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
-    constexpr bool TR = decltype(tr)::value;
-    auto kernel = grouped_gemm_sm90_kernel<Cfg, AB, BB, TR>;
-    constexpr int smem_bytes = SmemLayoutSm90<Cfg, BB>::kBytes;
-    set_smem_limit(kernel, smem_bytes);
-    kernel<<<grid, Cfg::kThreads, smem_bytes, stream>>>(p);
-    FP8MOE_CUDA_LAUNCH_CHECK("grouped_gemm_sm90_kernel");
-  });
-}
-
 // Two warpgroups (128 x 128 tiles), 6 stages: 4 K tiles of 64 in flight, one CTA per SM.
 using TileSm90M128 = TileSm90<2, 6>;
 
-// Defined in grouped_gemm_sm90.cu.
-void launch_sm90_m128n128(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
+template <class Cfg, int AB, int BB, bool TR>
+struct KernelSm90 {
+  static constexpr auto kernel = grouped_gemm_sm90_kernel<Cfg, AB, BB, TR>;
+  static constexpr int kSmemBytes = SmemLayoutSm90<Cfg, BB>::kBytes;
+};
 
 }  // namespace fp8moe::cuda::gemm

@@ -363,6 +363,12 @@ void dispatch_storage(int a_bytes, int b_bytes, bool trans, F&& f) {
     by_b(std::integral_constant<int, 4>{});
 }
 
+// Launches one compiled kernel: tile shape x A element bytes x W element bytes x W orientation.
+// Defined in gemm_instance.cuh; instantiated once per combination in generated translation units
+// (CMakeLists.txt), so the slow sm_90a compiles run in parallel.
+template <TileShape S, int AB, int BB, bool TR>
+void launch_instance(const Params& p, dim3 grid, cudaStream_t stream);
+
 // Grid of a grouped launch: an upper bound on the row tiles (CTAs past the last exit at once)
 // times the column tiles.
 inline dim3 grouped_grid(const Params& p, int bm, int64_t n_tiles) {

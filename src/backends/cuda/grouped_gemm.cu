@@ -30,8 +30,7 @@
 #include <algorithm>
 
 #include "backends/cuda/cuda_check.cuh"
-#include "backends/cuda/gemm_kernel.cuh"
-#include "backends/cuda/gemm_kernel_sm90.cuh"
+#include "backends/cuda/gemm_parts.cuh"
 
 namespace fp8moe::cuda {
 namespace gemm {
@@ -169,7 +168,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
   // multiples of 8 or span them all.
   const bool chunk_uniform = !quant || s.block_k % 8 == 0 || s.block_k >= s.cols;
-  // F32 weights always take the per-element path (see launch_tile).
+  // F32 weights always take the per-element path (see dispatch_storage).
   p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
   // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
   const int64_t kBK = tile_bk(shape);
@@ -195,16 +194,18 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
   const int64_t bn = 128;  // every shape is 128 wide (GLU forward: 64 gate + 64 up columns)
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
-  switch (shape) {
-    case TileShape::M64N128:
-      launch_m64n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
-    case TileShape::Sm90M128N128:
-      FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
-                   " needs an sm_90 GPU and a library built for sm_90a");
-      launch_sm90_m128n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
-  }
+  if (shape == TileShape::Sm90M128N128)
+    FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
+                 " needs an sm_90 GPU and a library built for sm_90a");
+  const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
+  dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
+    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
+    constexpr bool TR = decltype(tr)::value;
+    switch (shape) {
+      case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
+      case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
+    }
+  });
 }
 
 }  // namespace fp8moe::cuda

@@ -38,6 +38,7 @@ enum class TileShape : uint8_t {
 };
 inline constexpr TileShape kTileShapes[] = {TileShape::M64N128, TileShape::Sm90M128N128};
 const char* tile_shape_name(TileShape s);
+constexpr int tile_bm(TileShape s) { return s == TileShape::Sm90M128N128 ? 128 : 64; }
 constexpr int tile_bk(TileShape s) { return s == TileShape::Sm90M128N128 ? 64 : 32; }
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
 bool tile_shape_supported(TileShape s);
