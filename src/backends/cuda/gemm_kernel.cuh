@@ -164,8 +164,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
     __syncthreads();
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the pipeline buffers the staged tile reuses
 
-  store_epilogue(p, rt, maps, acc, wm * Cfg::WTM, wn * Cfg::WTN);
+  float* st = reinterpret_cast<float*>(smem);
+  static_assert(kStageBytes<BM, BN> <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
+  stage_accumulators<BN>(st, acc, wm * Cfg::WTM, wn * Cfg::WTN);
+  __syncthreads();
+  finish_tile<Cfg::kThreads>(p, rt, maps, st);
 }
 
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().

@@ -189,13 +189,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   }
   fast = __syncthreads_and(fast);
   const int64_t w_step = (kTrans ? kBK * p.b.ld : kBK) * kBBytes;  // bytes per K tile
-  const bool e5m2 = p.b.type == Elem::E5M2;
+  // Path tags: 0 the general path; 1 the fast path (E4M3 or BF16 W); 2 the fast path, E5M2 W.
+  // The FP8 kind is compile-time in the fast loop, so it holds no conversion for the other kind.
+  using General = std::integral_constant<int, 0>;
 
   // Queues tile t into stage t % kStages: the fast path's copies (kFast) or the general ones.
   auto issue = [&](auto fast_tag, int t, int stage, int t_end) {
     if (t >= t_end) return;
     __nv_bfloat16* a_st = As + stage * BM * kBK;
-    if constexpr (decltype(fast_tag)::value) {
+    if constexpr (decltype(fast_tag)::value != 0) {
       // Tiles are issued once each, in order: the source pointers advance one tile per call.
 #pragma unroll
       for (int i = 0; i < Cfg::kAChunks; ++i) {
@@ -234,12 +236,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   auto convert_b = [&](auto fast_tag, int t, int stage, int bstage) {
     __nv_bfloat16* b_st = Bs + bstage * BN * kBK;
     uint4 v[kBChunks];
-    if constexpr (decltype(fast_tag)::value) {
+    if constexpr (decltype(fast_tag)::value != 0) {
+      constexpr bool kE5M2 = decltype(fast_tag)::value == 2;
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i) {
         v[i] = make_uint4(0, 0, 0, 0);
         if (w_ok[i])
-          v[i] = chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw_chunk(stage, i)), scale[i], e5m2);
+          v[i] = chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw_chunk(stage, i)), scale[i], kE5M2);
       }
     } else {
 #pragma unroll
@@ -292,7 +295,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   // one stays small: with both paths in one loop body the kernel's K loop was ~31,000 SASS
   // instructions and stalled on instruction fetch (bench/NOTES.md).
   auto pipeline = [&](auto fast_tag, int t0, int t1) {
-    constexpr bool kFast = decltype(fast_tag)::value;
+    constexpr bool kFast = decltype(fast_tag)::value != 0;
     if (t0 >= t1) return;
     // Ring positions, advanced by one per tile (tile t sits in stage t % kStages, converted
     // buffer t % kBStages): s_issue for the copies, s_read / b_read for the math, s_conv /
@@ -335,13 +338,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
     __syncthreads();
   };
   if (fast) {
-    pipeline(std::true_type{}, 0, nkt);
-    pipeline(std::false_type{}, nkt, ntiles);
-  } else {
-    pipeline(std::false_type{}, 0, ntiles);
+    if (kBBytes == 1 && p.b.type == Elem::E5M2)
+      pipeline(std::integral_constant<int, kBBytes == 1 ? 2 : 1>{}, 0, nkt);
+    else
+      pipeline(std::integral_constant<int, 1>{}, 0, nkt);
   }
+  pipeline(General{}, fast ? nkt : 0, ntiles);  // one copy of the general path
+  __syncthreads();  // pipeline() drains its own buffers; this also covers ntiles == 0
 
-  store_epilogue(p, rt, maps, acc, warp * 16, 0);
+  float* st = reinterpret_cast<float*>(smem);
+  static_assert(kStageBytes<BM, BN> + 1024 <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
+  stage_accumulators<BN>(st, acc, warp * 16, 0);
+  __syncthreads();
+  finish_tile<Cfg::kThreads>(p, rt, maps, st);
 #else
   (void)p;
   __trap();

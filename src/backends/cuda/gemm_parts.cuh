@@ -61,7 +61,7 @@ struct Params {
   Elem aux_type = Elem::BF16;
   void* out = nullptr;  // [M, N], [M, N/2] or [M, 2N]
   Elem out_type = Elem::BF16;
-  bool out_vec2 = false, aux_vec2 = false;  // paired stores allowed (even row length, aligned)
+  bool out_vec8 = false, aux_vec8 = false;  // 16-byte 8-element stores allowed (row length % 8 == 0, aligned)
 };
 
 // ---- activation policies (the CPU backend's act_forward / act_backward are the reference)
@@ -252,83 +252,147 @@ __device__ __forceinline__ void load_a_chunk(const Params& p, const TileMaps<BM,
   }
 }
 
-// ---- epilogue: v = rs * acc + bias, then the policy
+// ---- epilogue: v = rs * acc + bias, then the policy, staged through shared memory
 //
-// `acc` is a warp's fragment in the m16n8 accumulator layout (mma.sync, and wgmma's per warp):
-// acc[mi][ni][2h + j] is tile row row0 + 16 mi + 8 h + lane / 4, tile column col0 + 8 ni +
-// 2 (lane % 4) + j.
-template <int MI, int NI, int BM, int BN>
-__device__ __forceinline__ void store_epilogue(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m,
-                                               float (&acc)[MI][NI][4], int row0, int col0) {
-  const int e = rt.expert, lane = threadIdx.x % 32;
-  const bool glu_fwd = p.epi == Epilogue::GluForward;
+// Each engine first writes its accumulators to an fp32 tile in shared memory (its pipeline
+// buffers are free by then); finish_tile then walks the tile 8 columns per step, so the stores
+// are 16-byte and coalesced and the policy code exists once. Applied straight to the unrolled
+// fragment, the policies were ~25,000 SASS instructions of the wgmma kernel and executed about as
+// many instructions per CTA as its whole K loop (bench/NOTES.md).
+
+// fp32 row stride of the staged tile: +8 floats keep a half-warp's float2 writes conflict-free.
+template <int BN>
+constexpr int kStageLd = BN + 8;
+template <int BM, int BN>
+constexpr int kStageBytes = BM * kStageLd<BN> * 4;
+
+// Writes a warp's m16n8 accumulator fragment (mma.sync, and wgmma's per warp) into `st`:
+// acc[mi][ni][2h + j] is tile row row0 + 16 mi + 8 h + lane / 4, column col0 + 8 ni + 2 (lane % 4) + j.
+template <int BN, int MI, int NI>
+__device__ __forceinline__ void stage_accumulators(float* st, float (&acc)[MI][NI][4], int row0, int col0) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int lr = row0 + mi * 16 + h * 8 + lane / 4;
-      if (lr >= rt.rows) continue;
-      const int64_t r = rt.row0 + lr;
-      const float rs = m.rs[lr];
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int n = m.col[col0 + ni * 8 + 2 * (lane % 4) + j];
-          float& v = acc[mi][ni][2 * h + j];
-          v *= rs;
-          if (p.bias && n >= 0) v += load_elem(p.bias, p.bias_type, int64_t{e} * p.N + n);
-        }
+      for (int ni = 0; ni < NI; ++ni) {
+        const int row = row0 + mi * 16 + h * 8 + lane / 4, col = col0 + ni * 8 + 2 * (lane % 4);
+        *reinterpret_cast<float2*>(st + row * kStageLd<BN> + col) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+      }
+}
 
-      if (p.epi == Epilogue::Store || (glu_fwd && p.aux)) {
-        void* dst = glu_fwd ? p.aux : p.out;
-        const Elem dt = glu_fwd ? p.aux_type : p.out_type;
-        const bool vec2 = glu_fwd ? p.aux_vec2 : p.out_vec2;
+// Whether columns n[0..7] are 8 consecutive ones starting on a multiple of 8.
+__device__ __forceinline__ bool run_of_8(const int (&n)[8]) {
+  bool ok = n[0] >= 0 && n[0] % 8 == 0;
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int c = col0 + ni * 8 + 2 * (lane % 4);
-          const int n0 = m.col[c], n1 = m.col[c + 1];
-          const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-          if (n0 >= 0 && n1 == n0 + 1) {
-            store_elem2(dst, dt, r * p.N + n0, v0, v1, vec2 && n0 % 2 == 0);
-          } else {
-            if (n0 >= 0) store_elem(dst, dt, r * p.N + n0, v0);
-            if (n1 >= 0) store_elem(dst, dt, r * p.N + n1, v1);
-          }
-        }
+  for (int j = 1; j < 8; ++j) ok = ok && n[j] == n[0] + j;
+  return ok;
+}
+// v[j] -> row[n[j]] (n < 0: skipped). `vec`: the row allows 16-byte-aligned 8-element stores.
+__device__ __forceinline__ void store8(void* p, Elem t, int64_t row, const int (&n)[8], const float (&v)[8], bool vec) {
+  if (vec && run_of_8(n)) {
+    if (t == Elem::BF16) {
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + row + n[0]) =
+          make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+    } else {
+      float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + row + n[0]);
+      q[0] = make_float4(v[0], v[1], v[2], v[3]);
+      q[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (n[j] >= 0) store_elem(p, t, row + n[j], v[j]);
+}
+// row[n[j]] -> v[j] (0 where n < 0); BF16 or F32.
+__device__ __forceinline__ void load8(const void* p, Elem t, int64_t row, const int (&n)[8], float (&v)[8], bool vec) {
+  if (vec && run_of_8(n)) {
+    if (t == Elem::BF16) {
+      const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p) + row + n[0]);
+      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+        v[2 * j] = f.x, v[2 * j + 1] = f.y;
       }
-      if (glu_fwd) {
-        const int I = p.N / 2;
+    } else {
+      const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + row + n[0]);
+      const float4 a = q[0], b = q[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+    return;
+  }
 #pragma unroll
-        for (int ni = 0; ni < NI; ni += 2) {
-          const int c = col0 + ni * 8 + 2 * (lane % 4);  // gate column; its up is c + 8
-          const int j0 = blockIdx.y * (BN / 2) + (c / 16) * 8 + c % 8;
-          const float o0 = act_forward(p.act, acc[mi][ni][2 * h], acc[mi][ni + 1][2 * h]);
-          const float o1 = act_forward(p.act, acc[mi][ni][2 * h + 1], acc[mi][ni + 1][2 * h + 1]);
-          if (j0 + 1 < I) {
-            store_elem2(p.out, p.out_type, r * I + j0, o0, o1, p.out_vec2);
-          } else if (j0 < I) {
-            store_elem(p.out, p.out_type, r * I + j0, o0);
-          }
-        }
-      }
-      if (p.epi == Epilogue::GluBackward) {
-        const int I = p.N;  // v = dL/dact [M, N]; aux and out are [M, 2N]
+  for (int j = 0; j < 8; ++j) v[j] = n[j] >= 0 ? load_elem(p, t, row + n[j]) : 0.0f;
+}
+
+// The epilogue over the staged tile `st` (all threads of the CTA, after a barrier). A step covers
+// 8 columns of one row, or for GLU forward one 16-column group (8 gate columns, then their 8 up
+// columns: TileMaps) and its 8 outputs.
+template <int kThreads, int BM, int BN>
+__device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m, const float* st) {
+  const bool glu_fwd = p.epi == Epilogue::GluForward;
+  const int step_cols = glu_fwd ? 16 : 8, steps_per_row = BN / step_cols;
+  const int64_t e = rt.expert;
+  for (int u = threadIdx.x; u < rt.rows * steps_per_row; u += kThreads) {
+    const int lr = u / steps_per_row, c0 = (u % steps_per_row) * step_cols;
+    const int64_t r = rt.row0 + lr;
+    const float rs = m.rs[lr];
+    float v[2][8];
+    int n[2][8];
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
+    for (int h = 0; h < 2; ++h) {
+      if (h == 1 && !glu_fwd) break;
+      const float4* s = reinterpret_cast<const float4*>(st + lr * kStageLd<BN> + c0 + 8 * h);
+      const float4 a = s[0], b = s[1];
+      const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int n = m.col[col0 + ni * 8 + 2 * (lane % 4) + j];
-            if (n < 0) continue;
-            const int64_t gr = r * 2 * I + p.act.gate_row(n, I), ur = r * 2 * I + p.act.up_row(n, I);
-            float dg, du;
-            act_backward(p.act, load_elem(p.aux, p.aux_type, gr), load_elem(p.aux, p.aux_type, ur), dg, du);
-            const float v = acc[mi][ni][2 * h + j];
-            store_elem(p.out, p.out_type, gr, v * dg);
-            store_elem(p.out, p.out_type, ur, v * du);
-          }
+      for (int j = 0; j < 8; ++j) {
+        n[h][j] = m.col[c0 + 8 * h + j];
+        v[h][j] = f[j] * rs;
+        if (p.bias && n[h][j] >= 0) v[h][j] += load_elem(p.bias, p.bias_type, e * p.N + n[h][j]);
       }
     }
+    if (p.epi == Epilogue::Store) {
+      store8(p.out, p.out_type, r * p.N, n[0], v[0], p.out_vec8);
+    } else if (glu_fwd) {
+      if (p.aux) {
+        store8(p.aux, p.aux_type, r * p.N, n[0], v[0], p.aux_vec8);
+        store8(p.aux, p.aux_type, r * p.N, n[1], v[1], p.aux_vec8);
+      }
+      const int I = p.N / 2, j0 = blockIdx.y * (BN / 2) + c0 / 2;
+      float o[8];
+      int jn[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        o[j] = act_forward(p.act, v[0][j], v[1][j]);
+        jn[j] = j0 + j < I ? j0 + j : -1;
+      }
+      store8(p.out, p.out_type, r * I, jn, o, p.out_vec8);
+    } else {  // GluBackward: v = dL/d act [M, N]; aux (pre-activation) and out are [M, 2N]
+      const int I = p.N;
+      int gn[8], un[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        gn[j] = n[0][j] >= 0 ? static_cast<int>(p.act.gate_row(n[0][j], I)) : -1;
+        un[j] = n[0][j] >= 0 ? static_cast<int>(p.act.up_row(n[0][j], I)) : -1;
+      }
+      float g[8], up[8], dg[8], du[8];
+      load8(p.aux, p.aux_type, r * 2 * I, gn, g, p.aux_vec8);
+      load8(p.aux, p.aux_type, r * 2 * I, un, up, p.aux_vec8);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float a, b;
+        act_backward(p.act, g[j], up[j], a, b);
+        dg[j] = v[0][j] * a;
+        du[j] = v[0][j] * b;
+      }
+      store8(p.out, p.out_type, r * 2 * I, gn, dg, p.out_vec8);
+      store8(p.out, p.out_type, r * 2 * I, un, du, p.out_vec8);
+    }
+  }
 }
 
 // ---- launch helpers

@@ -154,11 +154,11 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   check_view(g.out, "grouped_gemm out", {M, out_cols}, {DType::BF16, DType::F32});
   p.out = g.out.data;
   p.out_type = elem_of(g.out.dtype, "grouped_gemm out");
-  p.out_vec2 = out_cols % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % 8 == 0;
+  p.out_vec8 = out_cols % 8 == 0 && aligned16(p.out);
   if (g.aux.defined()) {
     p.aux = g.aux.data;
     p.aux_type = elem_of(g.aux.dtype, "grouped_gemm aux");
-    p.aux_vec2 = N % 2 == 0 && reinterpret_cast<uintptr_t>(p.aux) % 8 == 0;
+    p.aux_vec8 = g.aux.size(1) % 8 == 0 && aligned16(p.aux);
   }
   if (M == 0) return;  // nothing to compute, nothing to write
 
