@@ -5,6 +5,7 @@ namespace fp8moe::cuda::gemm {
 
 const char* tile_shape_name(TileShape s) {
   switch (s) {
+    case TileShape::M32N128: return "m32n128k32";
     case TileShape::M64N128: return "m64n128k32";
     case TileShape::Sm90M128N128: return "wgmma_m128n128k64";
   }
@@ -16,9 +17,11 @@ bool tile_shape_supported(TileShape s) {
 }
 
 TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t /*n*/, int64_t /*k*/) {
-  // wgmma on Hopper once experts average a full 128-row tile; below that the 64-row mma.sync
-  // tile pads less. (bench/NOTES.md has the measurements behind both.)
+  // wgmma on Hopper once experts average a full 128-row tile (from there it beats mma.sync on
+  // every GEMM of both model shapes, bench/NOTES.md); below that the smaller mma.sync tiles pad
+  // less: few rows per expert (decode, small batches) are bound by the padded tile's math.
   if (sm90_kernels_available() && rows >= 128 * experts) return TileShape::Sm90M128N128;
+  if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;
 }
 

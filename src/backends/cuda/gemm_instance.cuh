@@ -11,9 +11,10 @@ namespace fp8moe::cuda::gemm {
 
 template <TileShape S, int AB, int BB, bool TR>
 void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
+  using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128, TileM64N128>;
+  using Cfg = std::conditional_t<S == TileShape::Sm90M128N128, TileSm90M128, MmaCfg>;
   using K = std::conditional_t<S == TileShape::Sm90M128N128, KernelSm90<TileSm90M128, AB, BB, TR>,
-                               KernelMma<TileM64N128, AB, BB, TR>>;
-  using Cfg = std::conditional_t<S == TileShape::Sm90M128N128, TileSm90M128, TileM64N128>;
+                               KernelMma<MmaCfg, AB, BB, TR>>;
   static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S), "tile_bm/tile_bk disagree with the tile config");
   set_smem_limit(K::kernel, K::kSmemBytes);
   K::kernel<<<grid, Cfg::kThreads, K::kSmemBytes, stream>>>(p);

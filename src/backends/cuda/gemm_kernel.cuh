@@ -1,5 +1,5 @@
 // The mma.sync grouped GEMM kernel (sm_80+; grouped_gemm.cu describes the design) and its tile
-// shapes. Instantiated per tile shape in grouped_gemm_<shape>.cu, so shapes compile in parallel.
+// shapes. Instantiated per tile shape and storage in generated translation units (gemm_instance.cuh).
 // The parts it shares with the wgmma kernel (maps, W chunk pipeline, epilogue) are in
 // gemm_parts.cuh.
 #pragma once
@@ -175,6 +175,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
 
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().
 using TileM64N128 = Tile<64, 128, 32, 2, 4, 4, 2>;  // 8 warps of 32 x 32; two CTAs per SM
+using TileM32N128 = Tile<32, 128, 32, 1, 4, 4, 4>;  // 4 warps of 32 x 32; four CTAs per SM
 
 template <class Cfg, int AB, int BB, bool TR>
 struct KernelMma {

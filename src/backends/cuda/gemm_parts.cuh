@@ -47,6 +47,8 @@ struct Params {
   OperandB b, lb;
   bool vec_a = false;         // A chunks may use 16-byte loads
   bool vec_b = false;         // W chunks may use vector loads with one scale per chunk
+  bool vec_lora = false;      // L BF16, LB BF16/F32, r % 8 == 0, aligned: whole 16-byte chunks
+  bool wide_b = false;        // W is plain F32 with an 8-multiple row and aligned: wide_chunk loads
   bool b_tile_uniform = false;  // the scale's k-part is constant over every K tile: tabulated
   // Else, when > 0: each W chunk's scale k-part grows by this much per K tile (channel scales read
   // transposed, groups dividing the K tile), so the kernel advances a pointer instead.
@@ -192,6 +194,40 @@ __device__ __forceinline__ int b_chunk_mode(const Params& p, const BChunk& b, in
   return b.vec ? 1 : 2;
 }
 
+// A whole chunk of a plain BF16 or F32 operand (LoRA B, unquantized F32 W) at stored row/column
+// k (< klimit, the K extent) as 8 BF16 times o.mult, by one or two 16-byte loads; false when the chunk is not whole (past
+// N, past the K extent, or columns that are not 8 consecutive ones), for the per-element path.
+// The caller's flag (Params::vec_lora / wide_b) guarantees alignment and a K extent % 8 == 0.
+template <bool kTrans, int BM, int BN>
+__device__ __forceinline__ bool wide_chunk(const OperandB& o, const TileMaps<BM, BN>& m, const BChunk& b, int e, int k,
+                                           int klimit, uint4& out) {
+  int n0 = b.n;
+  bool whole = k < klimit && n0 >= 0;
+  if constexpr (kTrans) {
+    n0 = m.col[b.c];
+    whole = k < klimit && n0 >= 0 && n0 % 8 == 0 && m.col[b.c + 7] == n0 + 7;
+  }
+  if (!whole) return false;
+  const int64_t off = e * o.expert_stride + (kTrans ? int64_t{k} * o.ld + n0 : int64_t{n0} * o.ld + k);
+  float f[8];
+  if (o.type == Elem::BF16) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(o.ptr) + off));
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+      f[2 * j] = x.x, f[2 * j + 1] = x.y;
+    }
+  } else {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(o.ptr) + off);
+    const float4 x = __ldg(q), y = __ldg(q + 1);
+    f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w, f[4] = y.x, f[5] = y.y, f[6] = y.z, f[7] = y.w;
+  }
+  out = make_uint4(pack_bf16x2(f[0] * o.mult, f[1] * o.mult), pack_bf16x2(f[2] * o.mult, f[3] * o.mult),
+                   pack_bf16x2(f[4] * o.mult, f[5] * o.mult), pack_bf16x2(f[6] * o.mult, f[7] * o.mult));
+  return true;
+}
+
 // Queues the raw bytes of a mode-1 chunk of main K tile t into `dst` (cp.async).
 template <int kBBytes, bool kTrans>
 __device__ __forceinline__ void issue_b_chunk(const Params& p, const BChunk& b, int t, int kBK, const char* b_base,
@@ -219,6 +255,10 @@ __device__ __forceinline__ uint4 convert_b_chunk(const Params& p, const TileMaps
     }
     return chunk_to_bf16(c, scale, p.b.type == Elem::E5M2);
   }
+  uint4 wide;
+  if ((lora ? p.vec_lora : p.wide_b) && wide_chunk<kTrans>(lora ? p.lb : p.b, m, b, e, k0 + (kTrans ? b.r : b.c),
+                                                                  lora ? p.R : p.K, wide))
+    return wide;
   const OperandB& ob = lora ? p.lb : p.b;
   const int klimit = lora ? p.R : p.K;
   float f[8];
@@ -247,6 +287,10 @@ __device__ __forceinline__ void load_a_chunk(const Params& p, const TileMaps<BM,
       if (valid) load_chunk(c, g); else zero_chunk(c);
       *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
     }
+  } else if (lora && p.vec_lora) {
+    const int src = m.larow[row];
+    const bool valid = src >= 0 && k < p.R;  // r % 8 == 0: whole chunks
+    cp_async16(dst, static_cast<const char*>(p.la.ptr) + (valid ? (int64_t{src} * p.la.ld + k) * 2 : 0), valid ? 16 : 0);
   } else {
     *reinterpret_cast<uint4*>(dst) = lora ? slow_a_chunk(p.la, m.larow[row], k, p.R) : slow_a_chunk(p.a, m.arow[row], k, p.K);
   }

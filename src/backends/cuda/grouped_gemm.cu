@@ -164,6 +164,11 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
 
   // Fast-path conditions (else the per-element path: same results, slower).
   p.vec_a = K % 8 == 0 && aligned16(p.a.ptr);
+  // Whole 16-byte chunks of the LoRA factors and of plain F32 weights (wide_chunk): rows of a
+  // multiple of 8 elements, 16-byte aligned bases.
+  p.vec_lora = p.R > 0 && p.R % 8 == 0 && p.la.type == Elem::BF16 && p.lb.type != Elem::E4M3 &&
+               p.lb.type != Elem::E5M2 && aligned16(p.la.ptr) && aligned16(p.lb.ptr) && p.lb.ld % 8 == 0;
+  p.wide_b = !quant && bd.dtype == DType::F32 && p.b.ld % 8 == 0 && aligned16(bd.data);
   const ScaleSpec& s = g.b.spec;
   // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
   // multiples of 8 or span them all.
@@ -202,6 +207,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
     constexpr bool TR = decltype(tr)::value;
     switch (shape) {
+      case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
     }
