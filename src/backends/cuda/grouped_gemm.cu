@@ -70,9 +70,25 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream) {
   FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
   const TensorView& bd = g.b.data;
   FP8MOE_CHECK(bd.rank() == 3, "grouped_gemm b: expected [E, *, *], found ", bd.str());
-  grouped_gemm(g, stream,
-               gemm::choose_tile_shape(g.plan->rows(), g.plan->experts, g.transpose_b ? bd.size(2) : bd.size(1),
-                                       g.transpose_b ? bd.size(1) : bd.size(2)));
+  grouped_gemm(g, stream, gemm::choose_tile_shape(gemm::describe(g)));
+}
+
+gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
+  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
+  const TensorView& bd = g.b.data;
+  FP8MOE_CHECK(bd.rank() == 3, "grouped_gemm b: expected [E, *, *], found ", bd.str());
+  GemmProblem p;
+  p.rows = g.plan->rows();
+  p.experts = g.plan->experts;
+  p.n = g.transpose_b ? bd.size(2) : bd.size(1);
+  p.k = g.transpose_b ? bd.size(1) : bd.size(2);
+  p.transposed = g.transpose_b;
+  const ScaleSpec& s = g.b.spec;
+  if (g.b.quantized()) {
+    // Read transposed, K runs along the stored rows (blocks of block_n within a segment).
+    p.fine_k_scale = g.transpose_b ? s.block_n < 64 && s.block_n < s.seg_rows() : s.block_k < 64 && s.block_k < s.cols;
+  }
+  return p;
 }
 
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape) {

@@ -48,8 +48,15 @@ bool tile_shape_supported(TileShape s);
 // Whether this process can run the wgmma kernels on the current device: the card is sm_90 and
 // the library holds sm_90a code for them (not only the trap other targets compile).
 bool sm90_kernels_available();
-// The one place that picks a tile shape, from host-known sizes only (M = T*k rows, E groups).
-TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t n, int64_t k);
+// What the tile-shape choice looks at: host-known facts only (the routing stays on the device).
+struct GemmProblem {
+  int64_t rows = 0, experts = 0, n = 0, k = 0;  // rows = T * top_k over `experts` groups
+  bool transposed = false;                       // W read [K, N] (the backward GEMMs)
+  bool fine_k_scale = false;                     // W's scale changes inside a 64-wide K tile
+};
+GemmProblem describe(const GroupedGemm& g);
+// The one place that picks a tile shape.
+TileShape choose_tile_shape(const GemmProblem& p);
 
 }  // namespace gemm
 

@@ -363,7 +363,7 @@ void run_case(const Case& c, double tol = 1e-2) {
     return download(P->d_out);
   };
   const Ref ref = P->M > 0 ? reference(*P, rng) : Ref{};
-  const cuda::gemm::TileShape chosen = cuda::gemm::choose_tile_shape(P->M, c.E, c.N, c.K);
+  const cuda::gemm::TileShape chosen = cuda::gemm::choose_tile_shape(cuda::gemm::describe(P->g));
   Tensor chosen_out;
   for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
     if (!cuda::gemm::tile_shape_supported(shape)) continue;
