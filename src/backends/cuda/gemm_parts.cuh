@@ -210,19 +210,7 @@ __device__ __forceinline__ bool wide_chunk(const OperandB& o, const TileMaps<BM,
   if (!whole) return false;
   const int64_t off = e * o.expert_stride + (kTrans ? int64_t{k} * o.ld + n0 : int64_t{n0} * o.ld + k);
   float f[8];
-  if (o.type == Elem::BF16) {
-    const uint4 q = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(o.ptr) + off));
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
-      f[2 * j] = x.x, f[2 * j + 1] = x.y;
-    }
-  } else {
-    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(o.ptr) + off);
-    const float4 x = __ldg(q), y = __ldg(q + 1);
-    f[0] = x.x, f[1] = x.y, f[2] = x.z, f[3] = x.w, f[4] = y.x, f[5] = y.y, f[6] = y.z, f[7] = y.w;
-  }
+  load_run8(o.ptr, o.type, off, f);
   out = make_uint4(pack_bf16x2(f[0] * o.mult, f[1] * o.mult), pack_bf16x2(f[2] * o.mult, f[3] * o.mult),
                    pack_bf16x2(f[4] * o.mult, f[5] * o.mult), pack_bf16x2(f[6] * o.mult, f[7] * o.mult));
   return true;
@@ -353,19 +341,7 @@ __device__ __forceinline__ void store8(void* p, Elem t, int64_t row, const int (
 // row[n[j]] -> v[j] (0 where n < 0); BF16 or F32.
 __device__ __forceinline__ void load8(const void* p, Elem t, int64_t row, const int (&n)[8], float (&v)[8], bool vec) {
   if (vec && run_of_8(n)) {
-    if (t == Elem::BF16) {
-      const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p) + row + n[0]);
-      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
-        v[2 * j] = f.x, v[2 * j + 1] = f.y;
-      }
-    } else {
-      const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + row + n[0]);
-      const float4 a = q[0], b = q[1];
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    }
+    load_run8(p, t, row + n[0], v);
     return;
   }
 #pragma unroll
