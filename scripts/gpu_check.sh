@@ -11,7 +11,8 @@
 #                    that all of them come back from the lent device machine:
 #                      build.log tests.log sanitizer.log bench.log bench.json torch_baselines.json
 #                      BENCHMARKS.md summary.txt
-#   STEPS            the steps to run, in order (default "build cpu gpu sanitize bench")
+#   STEPS            the steps to run, in order (default "build cpu gpu sanitize bench"; add
+#                    "sm80" to also run the GPU tests on the sm_80 code path, JIT from PTX, ~3 min)
 #   BUILD_DIR        build folder (default build-gpu)
 #   JOBS             parallel build jobs (default 16)
 #   GPU_FILTER       gtest filter for the GPU tests (default: all)
@@ -94,6 +95,19 @@ if has_step gpu; then
   part=$(mktemp)  # counted apart from the CPU tests, then appended to tests.log
   run_timed gpu "$part" "$BUILD_DIR/fp8moe_gpu_tests" "--gtest_filter=$GPU_FILTER"
   record gpu-tests "$STATUS" "$SECS" "$(gtest_counts "$part")"
+  cat "$part" >>"$OUT/tests.log"
+  rm -f "$part"
+fi
+
+if has_step sm80; then
+  # The sm_80 code path on this card: the library built as compute_80 PTX only, JIT-compiled by
+  # the driver (mma.sync, cp.async, FP8 decoded by bit moves; the wgmma kernels are absent, so
+  # every case runs on mma.sync). Appended to tests.log.
+  part=$(mktemp)
+  run_timed sm80 "$part" bash -c "cmake -S . -B '$BUILD_DIR-sm80' -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=80-virtual && ninja -C '$BUILD_DIR-sm80' -j$JOBS fp8moe_gpu_tests \
+      && CUDA_CACHE_MAXSIZE=4294967296 '$BUILD_DIR-sm80/fp8moe_gpu_tests' '--gtest_filter=$GPU_FILTER'"
+  record sm80-tests "$STATUS" "$SECS" "compute_80 PTX, JIT: $(gtest_counts "$part")"
   cat "$part" >>"$OUT/tests.log"
   rm -f "$part"
 fi

@@ -49,6 +49,7 @@ struct Problem {
   std::string name;
   int64_t T, k, E, N, K;  // N, K of v = A W^T
   bool tokens, trans, channel, glu, row_scale;
+  int segments;  // W's stacked halves (gate and up: 2)
 };
 
 struct Built {
@@ -98,7 +99,7 @@ Built build(const Problem& pb, std::mt19937_64& rng) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     b.w.ptr<uint8_t>()[i] = static_cast<uint8_t>(x >> 40) & 0xBF;
   }
-  b.spec = pb.channel ? ScaleSpec::channel(SR, SC) : ScaleSpec::block(SR, SC, 128, 128, pb.glu || pb.trans ? 2 : 1);
+  b.spec = pb.channel ? ScaleSpec::channel(SR, SC) : ScaleSpec::block(SR, SC, 128, 128, pb.segments);
   b.ws = Tensor(DType::F32, {pb.E, b.spec.scale_rows(), b.spec.grid_k()});
   for (int64_t i = 0; i < b.ws.numel(); ++i)
     b.ws.ptr<float>()[i] = static_cast<float>((0.5 + (rng() % 1000) / 1000.0) / std::sqrt(double(pb.K)));
@@ -194,15 +195,24 @@ int main() {
   const uint64_t seed = std::random_device{}();
   std::printf("gemm_lab on %s, seed %llu\n", prop.name, static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
-  const std::vector<Problem> problems = {
-      // name                        T     k  E    N     K     tokens trans  chan   glu    rs
-      {"qwen3 gate_up fwd T4096", 4096, 8, 128, 1536, 2048, true, false, false, true, false},
-      {"qwen3 down fwd T4096", 4096, 8, 128, 2048, 768, false, false, false, false, true},
-      {"qwen3 gate_up dgrad T4096", 4096, 8, 128, 2048, 1536, false, true, false, false, false},
-      {"glm gate_up fwd T4096", 4096, 4, 64, 3072, 2048, true, false, true, true, false},
-      {"glm down fwd T4096", 4096, 4, 64, 2048, 1536, false, false, true, false, true},
-      {"qwen3 gate_up fwd T16384", 16384, 8, 128, 1536, 2048, true, false, false, true, false},
+  // The four GEMMs of a layer's forward and backward, per model and size (backward as the
+  // engine runs it: dgrad2 = dY . W_down read transposed, dgrad1 = dV . W_gate_up transposed).
+  struct Model {
+    const char* name;
+    int64_t E, k, H, I;
+    bool channel;
   };
+  std::vector<Problem> problems;
+  for (int64_t T : {int64_t{256}, int64_t{4096}, int64_t{16384}})
+    for (const Model& m : {Model{"qwen3", 128, 8, 2048, 768, false}, Model{"glm", 64, 4, 2048, 1536, true}}) {
+      const std::string t = " T" + std::to_string(T);
+      const int64_t H = m.H, I = m.I;
+      //                                            T  k    E    N      K      tokens trans  chan       glu    rs     segs
+      problems.push_back({std::string(m.name) + " gemm1" + t, T, m.k, m.E, 2 * I, H, true, false, m.channel, true, false, 2});
+      problems.push_back({std::string(m.name) + " gemm2" + t, T, m.k, m.E, H, I, false, false, m.channel, false, true, 1});
+      problems.push_back({std::string(m.name) + " dgrad2" + t, T, m.k, m.E, I, H, false, true, m.channel, false, false, 1});
+      problems.push_back({std::string(m.name) + " dgrad1" + t, T, m.k, m.E, H, 2 * I, false, true, m.channel, false, false, 2});
+    }
   const char* only = std::getenv("LAB_ONLY");  // substring of the problem names to run (ncu runs)
   for (const Problem& pb : problems) {
     if (only && pb.name.find(only) == std::string::npos) continue;

@@ -5,6 +5,7 @@ namespace fp8moe::cuda::gemm {
 
 const char* tile_shape_name(TileShape s) {
   switch (s) {
+    case TileShape::M32N128: return "m32n128k32";
     case TileShape::M64N128: return "m64n128k32";
     case TileShape::Sm90M128N128: return "wgmma_m128n128k64";
   }
@@ -15,10 +16,15 @@ bool tile_shape_supported(TileShape s) {
   return s == TileShape::Sm90M128N128 ? sm90_kernels_available() : true;
 }
 
-TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t /*n*/, int64_t /*k*/) {
-  // wgmma on Hopper once experts average a full 128-row tile; below that the 64-row mma.sync
-  // tile pads less. (bench/NOTES.md has the measurements behind both.)
-  if (sm90_kernels_available() && rows >= 128 * experts) return TileShape::Sm90M128N128;
+TileShape choose_tile_shape(const GemmProblem& p) {
+  const int64_t rows = p.rows, experts = p.experts;
+  // Measured on H100 (bench/gemm_lab, bench/NOTES.md), all four GEMMs of both model shapes:
+  // - wgmma beats mma.sync everywhere once experts average a full 128-row tile (1.4-3.3x);
+  // - a scale that changes inside the K tile (per-channel scales read transposed, the backward
+  //   GEMMs) has a linear fast path only in the wgmma kernel: 1.7-3.3x faster at every size;
+  // - at ~16 rows per expert the 32-row mma.sync tile is ~10% faster than the 64-row one.
+  if (sm90_kernels_available() && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
+  if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;
 }
 

@@ -1,5 +1,5 @@
 // The mma.sync grouped GEMM kernel (sm_80+; grouped_gemm.cu describes the design) and its tile
-// shapes. Instantiated per tile shape in grouped_gemm_<shape>.cu, so shapes compile in parallel.
+// shapes. Instantiated per tile shape and storage in generated translation units (gemm_instance.cuh).
 // The parts it shares with the wgmma kernel (maps, W chunk pipeline, epilogue) are in
 // gemm_parts.cuh.
 #pragma once
@@ -164,28 +164,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
     __syncthreads();
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the pipeline buffers the staged tile reuses
 
-  store_epilogue(p, rt, maps, acc, wm * Cfg::WTM, wn * Cfg::WTN);
-}
-
-template <class Cfg>
-void launch_tile(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream) {
-  const dim3 grid = grouped_grid(p, Cfg::BM, n_tiles);
-  dispatch_storage(a_bytes, b_bytes, trans, [&](auto a, auto b, auto tr) {
-    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
-    constexpr bool TR = decltype(tr)::value;
-    auto kernel = grouped_gemm_kernel<Cfg, AB, BB, TR>;
-    constexpr int smem_bytes = SmemLayout<Cfg, BB, TR>::kBytes;
-    set_smem_limit(kernel, smem_bytes);
-    kernel<<<grid, Cfg::kThreads, smem_bytes, stream>>>(p);
-    FP8MOE_CUDA_LAUNCH_CHECK("grouped_gemm_kernel");
-  });
+  float* st = reinterpret_cast<float*>(smem);
+  static_assert(kStageBytes<BM, BN> <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
+  stage_accumulators<BN>(st, acc, wm * Cfg::WTM, wn * Cfg::WTN);
+  __syncthreads();
+  finish_tile<Cfg::kThreads>(p, rt, maps, st);
 }
 
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().
 using TileM64N128 = Tile<64, 128, 32, 2, 4, 4, 2>;  // 8 warps of 32 x 32; two CTAs per SM
+using TileM32N128 = Tile<32, 128, 32, 1, 4, 4, 4>;  // 4 warps of 32 x 32; four CTAs per SM
 
-// Defined in grouped_gemm_<shape>.cu, one per TileShape.
-void launch_m64n128(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
+template <class Cfg, int AB, int BB, bool TR>
+struct KernelMma {
+  static constexpr auto kernel = grouped_gemm_kernel<Cfg, AB, BB, TR>;
+  static constexpr int kSmemBytes = SmemLayout<Cfg, BB, TR>::kBytes;
+};
 
 }  // namespace fp8moe::cuda::gemm

@@ -14,6 +14,9 @@
 //   sync      one barrier per K tile. Buffers are reused two tiles later: every warpgroup has
 //             waited for its wgmma of tile t-1 (wait_group 1) before the barrier that ends
 //             iteration t-1... so at iteration t the copies into tile t-2's stage are safe.
+//   loops     the main K tiles run in a loop that holds only the lean fast path when the shape
+//             allows it; the LoRA tiles (and every tile of odd shapes) run in a second pipeline
+//             with the general per-chunk code, so that code never sits in the hot loop.
 #pragma once
 
 #include "backends/cuda/gemm_parts.cuh"
@@ -106,21 +109,23 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint
 
 // Keeps the accumulators in registers across the asynchronous wgmma (the compiler must not move
 // them while the tensor cores own them).
-__device__ __forceinline__ void fence_acc(float* d, int n) {
+__device__ __forceinline__ void fence_acc(float* d) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-  (void)n;
 }
 
 template <class Cfg, int kABytes, int kBBytes, bool kTrans>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(const Params p) {
+#if FP8MOE_SM90A  // other targets get a trap only: nothing to compile for cards that cannot run it
   using Layout = SmemLayoutSm90<Cfg, kBBytes>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Layout::kStages, kBStages = Cfg::kBStages;
   constexpr int kBChunks = Cfg::kBChunks;
   constexpr int kRawChunk = 8 * kBBytes;
 
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // Offset from the array itself (not a rounded integer address), so the compiler keeps the
+  // shared window: LDS/STS, not generic loads and stores.
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);                        // [kStages][BM][64] swizzled
   __nv_bfloat16* Bs = reinterpret_cast<__nv_bfloat16*>(smem + Layout::kABytesTotal);  // [kBStages][BN][64] swizzled
   uint8_t* Braw = smem + Layout::kABytesTotal + Layout::kBBytesTotal;                // [kStages][chunk][thread]
@@ -156,7 +161,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 
   // Fast path of the main K tiles (CTA-uniform): BF16 A with 16-byte loads, every W chunk either
   // whole (raw copy + one scale) or outside the matrix, K a multiple of the tile and the scale's
-  // k-part tabulated. Its addresses are computed once here and advanced per tile, so a K tile
+  // k-part tabulated per tile or stepping linearly with it. Its addresses are computed once here and advanced per tile, so a K tile
   // costs a few instructions per chunk; the LoRA tiles and every other shape take the general
   // per-chunk path (gemm_parts.cuh).
   const char* a_src[Cfg::kAChunks];
@@ -184,59 +189,66 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   }
   fast = __syncthreads_and(fast);
   const int64_t w_step = (kTrans ? kBK * p.b.ld : kBK) * kBBytes;  // bytes per K tile
-  const bool e5m2 = p.b.type == Elem::E5M2;
+  // Path tags: 0 the general path; 1 the fast path (E4M3 or BF16 W); 2 the fast path, E5M2 W.
+  // The FP8 kind is compile-time in the fast loop, so it holds no conversion for the other kind.
+  using General = std::integral_constant<int, 0>;
 
-  auto issue = [&](int t) {
-    if (t >= ntiles) return;
-    const int stage = t % kStages;
+  // Queues tile t into stage t % kStages: the fast path's copies (kFast) or the general ones.
+  auto issue = [&](auto fast_tag, int t, int stage, int t_end) {
+    if (t >= t_end) return;
     __nv_bfloat16* a_st = As + stage * BM * kBK;
-    if (fast && t < nkt) {
+    if constexpr (decltype(fast_tag)::value != 0) {
+      // Tiles are issued once each, in order: the source pointers advance one tile per call.
 #pragma unroll
       for (int i = 0; i < Cfg::kAChunks; ++i) {
         const int id = tid + i * Cfg::kThreads;
-        cp_async16(a_st + swz(id / 8, (id % 8) * 8), a_src[i] + t * (kBK * kABytes), a_bytes[i]);
+        cp_async16(a_st + swz(id / 8, (id % 8) * 8), a_src[i], a_bytes[i]);
+        a_src[i] += kBK * kABytes;
+      }
+#pragma unroll
+      for (int i = 0; i < kBChunks; ++i) {
+        if (w_ok[i]) cp_async<8 * kBBytes>(raw_chunk(stage, i), w_src[i]);
+        w_src[i] += w_step;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < Cfg::kAChunks; ++i) {
+        const int id = tid + i * Cfg::kThreads, row = id / 8, kc = (id % 8) * 8;
+        load_a_chunk<kABytes>(p, maps, t, nkt, kBK, row, kc, a_st + swz(row, kc));
       }
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i)
-        if (w_ok[i]) cp_async<8 * kBBytes>(raw_chunk(stage, i), w_src[i] + t * w_step);
-      return;
+        if (b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK) == 1)
+          issue_b_chunk<kBBytes, kTrans>(p, bc[i], t, kBK, b_base, raw_chunk(stage, i));
     }
-#pragma unroll
-    for (int i = 0; i < Cfg::kAChunks; ++i) {
-      const int id = tid + i * Cfg::kThreads, row = id / 8, kc = (id % 8) * 8;
-      load_a_chunk<kABytes>(p, maps, t, nkt, kBK, row, kc, a_st + swz(row, kc));
-    }
-#pragma unroll
-    for (int i = 0; i < kBChunks; ++i)
-      if (b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK) == 1)
-        issue_b_chunk<kBBytes, kTrans>(p, bc[i], t, kBK, b_base, raw_chunk(stage, i));
   };
 
   // Fast path: the scales of tile t, loaded before the tile's wgmma is issued so that their
   // latency hides behind it instead of delaying the conversion.
   float scale[kBChunks];
   auto load_scales = [&](int t) {
-    if (!fast || t >= nkt) return;
+    if (t >= nkt) return;
     const int64_t kpart = !p.b.scale ? 0 : p.b_tile_uniform ? maps.ktab[t] : t * p.b_kpart_step;
 #pragma unroll
     for (int i = 0; i < kBChunks; ++i) scale[i] = w_ok[i] && w_scale[i] ? __ldg(w_scale[i] + kpart) : 1.0f;
   };
 
-  auto convert_b = [&](int t) {
-    __nv_bfloat16* b_st = Bs + (t % kBStages) * BN * kBK;
+  auto convert_b = [&](auto fast_tag, int t, int stage, int bstage) {
+    __nv_bfloat16* b_st = Bs + bstage * BN * kBK;
     uint4 v[kBChunks];
-    if (fast && t < nkt) {
+    if constexpr (decltype(fast_tag)::value != 0) {
+      constexpr bool kE5M2 = decltype(fast_tag)::value == 2;
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i) {
         v[i] = make_uint4(0, 0, 0, 0);
         if (w_ok[i])
-          v[i] = chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw_chunk(t % kStages, i)), scale[i], e5m2);
+          v[i] = chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw_chunk(stage, i)), scale[i], kE5M2);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i)
         v[i] = convert_b_chunk<kBBytes, kTrans>(p, maps, bc[i], b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK),
-                                                raw_chunk(t % kStages, i), t, nkt, kBK, e);
+                                                raw_chunk(stage, i), t, nkt, kBK, e);
     }
     if constexpr (!kTrans) {
 #pragma unroll
@@ -263,65 +275,95 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.0f;
 
-  auto matmul = [&](int t) {
-    const __nv_bfloat16* a_st = As + (t % kStages) * BM * kBK + wg * 64 * kBK;
-    const __nv_bfloat16* b_st = Bs + (t % kBStages) * BN * kBK;
-    const uint64_t da = smem_desc(a_st), db = smem_desc(b_st);
+  // Descriptors differ only in their start-address field (low word), so the per-tile and per-K-step
+  // offsets are 32-bit adds on a precomputed base.
+  const uint64_t desc_a0 = smem_desc(As + wg * 64 * kBK), desc_b0 = smem_desc(Bs);
+  const uint32_t da_lo = static_cast<uint32_t>(desc_a0), da_hi = static_cast<uint32_t>(desc_a0 >> 32);
+  const uint32_t db_lo = static_cast<uint32_t>(desc_b0), db_hi = static_cast<uint32_t>(desc_b0 >> 32);
+  auto matmul = [&](int stage, int bstage) {
+    const uint32_t a = da_lo + stage * (Cfg::kATileBytes >> 4), b = db_lo + bstage * (Cfg::kBTileBytes >> 4);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk)  // +32 bytes per K step: 2 in the descriptor's 16-byte units
-      wgmma_m64n128k16(d, da + 2 * kk, db + 2 * kk);
+      wgmma_m64n128k16(d, (uint64_t{da_hi} << 32) | (a + 2 * kk), (uint64_t{db_hi} << 32) | (b + 2 * kk));
     wgmma_commit();
   };
 
-  // ---- main loop (the header comment gives the buffer-reuse argument)
+  // ---- main loop (the header comment gives the buffer-reuse argument), run as two pipelines:
+  // the fast path over the main K tiles, then the general path over the rest (the LoRA tiles, or
+  // every tile when the fast path does not apply). Each loop holds only its own code, so the hot
+  // one stays small: with both paths in one loop body the kernel's K loop was ~31,000 SASS
+  // instructions and stalled on instruction fetch (bench/NOTES.md).
+  auto pipeline = [&](auto fast_tag, int t0, int t1) {
+    constexpr bool kFast = decltype(fast_tag)::value != 0;
+    if (t0 >= t1) return;
+    // Ring positions, advanced by one per tile (tile t sits in stage t % kStages, converted
+    // buffer t % kBStages): s_issue for the copies, s_read / b_read for the math, s_conv /
+    // b_conv for the conversion.
+    int s_issue = t0 % kStages;
 #pragma unroll
-  for (int t = 0; t < kStages - 2; ++t) {
-    issue(t);
-    cp_async_commit();
-  }
-  cp_async_wait<kStages - 3>();  // own copies of tile 0 have landed
-  load_scales(0);
-  if (ntiles > 0) convert_b(0);
-  fence_proxy_async();
-  __syncthreads();
-  for (int t = 0; t < ntiles; ++t) {
-    load_scales(t + 1);
-    matmul(t);
-    issue(t + kStages - 2);  // into tile t-2's stage
-    cp_async_commit();
-    cp_async_wait<kStages - 3>();  // own copies of tile t+1 have landed
-    if (t + 1 < ntiles) convert_b(t + 1);  // into tile t-2's converted buffer
+    for (int i = 0; i < kStages - 2; ++i) {
+      issue(fast_tag, t0 + i, s_issue, t1);
+      cp_async_commit();
+      s_issue = s_issue + 1 == kStages ? 0 : s_issue + 1;
+    }
+    int s_read = t0 % kStages, b_read = t0 % kBStages;
+    int s_conv = s_read + 1 == kStages ? 0 : s_read + 1, b_conv = b_read + 1 == kBStages ? 0 : b_read + 1;
+    cp_async_wait<kStages - 3>();  // own copies of tile t0 have landed
+    if constexpr (kFast) load_scales(t0);
+    convert_b(fast_tag, t0, s_read, b_read);
     fence_proxy_async();
-    wgmma_wait<1>();
-    fence_acc(d, 64);
     __syncthreads();
+    for (int t = t0; t < t1; ++t) {
+      if constexpr (kFast) load_scales(t + 1);
+      matmul(s_read, b_read);
+      issue(fast_tag, t + kStages - 2, s_issue, t1);  // into tile t-2's stage
+      cp_async_commit();
+      cp_async_wait<kStages - 3>();  // own copies of tile t+1 have landed
+      if (t + 1 < t1) convert_b(fast_tag, t + 1, s_conv, b_conv);  // into tile t-2's converted buffer
+      fence_proxy_async();
+      wgmma_wait<1>();
+      fence_acc(d);
+      __syncthreads();
+      s_issue = s_issue + 1 == kStages ? 0 : s_issue + 1;
+      s_read = s_conv;
+      s_conv = s_conv + 1 == kStages ? 0 : s_conv + 1;
+      b_read = b_conv;
+      b_conv = b_conv + 1 == kBStages ? 0 : b_conv + 1;
+    }
+    // Drained before the next pipeline reuses the buffers.
+    wgmma_wait<0>();
+    fence_acc(d);
+    cp_async_wait<0>();
+    __syncthreads();
+  };
+  if (fast) {
+    if (kBBytes == 1 && p.b.type == Elem::E5M2)
+      pipeline(std::integral_constant<int, kBBytes == 1 ? 2 : 1>{}, 0, nkt);
+    else
+      pipeline(std::integral_constant<int, 1>{}, 0, nkt);
   }
-  wgmma_wait<0>();
-  fence_acc(d, 64);
-  cp_async_wait<0>();
+  pipeline(General{}, fast ? nkt : 0, ntiles);  // one copy of the general path
+  __syncthreads();  // pipeline() drains its own buffers; this also covers ntiles == 0
 
-  store_epilogue(p, rt, maps, acc, warp * 16, 0);
-}
-
-template <class Cfg>
-void launch_sm90(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream) {
-  const dim3 grid = grouped_grid(p, Cfg::BM, n_tiles);
-  dispatch_storage(a_bytes, b_bytes, trans, [&](auto a, auto b, auto tr) {
-    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
-    constexpr bool TR = decltype(tr)::value;
-    auto kernel = grouped_gemm_sm90_kernel<Cfg, AB, BB, TR>;
-    constexpr int smem_bytes = SmemLayoutSm90<Cfg, BB>::kBytes;
-    set_smem_limit(kernel, smem_bytes);
-    kernel<<<grid, Cfg::kThreads, smem_bytes, stream>>>(p);
-    FP8MOE_CUDA_LAUNCH_CHECK("grouped_gemm_sm90_kernel");
-  });
+  float* st = reinterpret_cast<float*>(smem);
+  static_assert(kStageBytes<BM, BN> + 1024 <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
+  stage_accumulators<BN>(st, acc, warp * 16, 0);
+  __syncthreads();
+  finish_tile<Cfg::kThreads>(p, rt, maps, st);
+#else
+  (void)p;
+  __trap();
+#endif
 }
 
 // Two warpgroups (128 x 128 tiles), 6 stages: 4 K tiles of 64 in flight, one CTA per SM.
 using TileSm90M128 = TileSm90<2, 6>;
 
-// Defined in grouped_gemm_sm90.cu.
-void launch_sm90_m128n128(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream);
+template <class Cfg, int AB, int BB, bool TR>
+struct KernelSm90 {
+  static constexpr auto kernel = grouped_gemm_sm90_kernel<Cfg, AB, BB, TR>;
+  static constexpr int kSmemBytes = SmemLayoutSm90<Cfg, BB>::kBytes;
+};
 
 }  // namespace fp8moe::cuda::gemm

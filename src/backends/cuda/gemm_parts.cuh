@@ -47,6 +47,8 @@ struct Params {
   OperandB b, lb;
   bool vec_a = false;         // A chunks may use 16-byte loads
   bool vec_b = false;         // W chunks may use vector loads with one scale per chunk
+  bool vec_lora = false;      // L BF16, LB BF16/F32, r % 8 == 0, aligned: whole 16-byte chunks
+  bool wide_b = false;        // W is plain F32 with an 8-multiple row and aligned: wide_chunk loads
   bool b_tile_uniform = false;  // the scale's k-part is constant over every K tile: tabulated
   // Else, when > 0: each W chunk's scale k-part grows by this much per K tile (channel scales read
   // transposed, groups dividing the K tile), so the kernel advances a pointer instead.
@@ -61,7 +63,7 @@ struct Params {
   Elem aux_type = Elem::BF16;
   void* out = nullptr;  // [M, N], [M, N/2] or [M, 2N]
   Elem out_type = Elem::BF16;
-  bool out_vec2 = false, aux_vec2 = false;  // paired stores allowed (even row length, aligned)
+  bool out_vec8 = false, aux_vec8 = false;  // 16-byte 8-element stores allowed (row length % 8 == 0, aligned)
 };
 
 // ---- activation policies (the CPU backend's act_forward / act_backward are the reference)
@@ -192,6 +194,28 @@ __device__ __forceinline__ int b_chunk_mode(const Params& p, const BChunk& b, in
   return b.vec ? 1 : 2;
 }
 
+// A whole chunk of a plain BF16 or F32 operand (LoRA B, unquantized F32 W) at stored row/column
+// k (< klimit, the K extent) as 8 BF16 times o.mult, by one or two 16-byte loads; false when the chunk is not whole (past
+// N, past the K extent, or columns that are not 8 consecutive ones), for the per-element path.
+// The caller's flag (Params::vec_lora / wide_b) guarantees alignment and a K extent % 8 == 0.
+template <bool kTrans, int BM, int BN>
+__device__ __forceinline__ bool wide_chunk(const OperandB& o, const TileMaps<BM, BN>& m, const BChunk& b, int e, int k,
+                                           int klimit, uint4& out) {
+  int n0 = b.n;
+  bool whole = k < klimit && n0 >= 0;
+  if constexpr (kTrans) {
+    n0 = m.col[b.c];
+    whole = k < klimit && n0 >= 0 && n0 % 8 == 0 && m.col[b.c + 7] == n0 + 7;
+  }
+  if (!whole) return false;
+  const int64_t off = e * o.expert_stride + (kTrans ? int64_t{k} * o.ld + n0 : int64_t{n0} * o.ld + k);
+  float f[8];
+  load_run8(o.ptr, o.type, off, f);
+  out = make_uint4(pack_bf16x2(f[0] * o.mult, f[1] * o.mult), pack_bf16x2(f[2] * o.mult, f[3] * o.mult),
+                   pack_bf16x2(f[4] * o.mult, f[5] * o.mult), pack_bf16x2(f[6] * o.mult, f[7] * o.mult));
+  return true;
+}
+
 // Queues the raw bytes of a mode-1 chunk of main K tile t into `dst` (cp.async).
 template <int kBBytes, bool kTrans>
 __device__ __forceinline__ void issue_b_chunk(const Params& p, const BChunk& b, int t, int kBK, const char* b_base,
@@ -219,6 +243,10 @@ __device__ __forceinline__ uint4 convert_b_chunk(const Params& p, const TileMaps
     }
     return chunk_to_bf16(c, scale, p.b.type == Elem::E5M2);
   }
+  uint4 wide;
+  if ((lora ? p.vec_lora : p.wide_b) && wide_chunk<kTrans>(lora ? p.lb : p.b, m, b, e, k0 + (kTrans ? b.r : b.c),
+                                                                  lora ? p.R : p.K, wide))
+    return wide;
   const OperandB& ob = lora ? p.lb : p.b;
   const int klimit = lora ? p.R : p.K;
   float f[8];
@@ -247,88 +275,144 @@ __device__ __forceinline__ void load_a_chunk(const Params& p, const TileMaps<BM,
       if (valid) load_chunk(c, g); else zero_chunk(c);
       *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
     }
+  } else if (lora && p.vec_lora) {
+    const int src = m.larow[row];
+    const bool valid = src >= 0 && k < p.R;  // r % 8 == 0: whole chunks
+    cp_async16(dst, static_cast<const char*>(p.la.ptr) + (valid ? (int64_t{src} * p.la.ld + k) * 2 : 0), valid ? 16 : 0);
   } else {
     *reinterpret_cast<uint4*>(dst) = lora ? slow_a_chunk(p.la, m.larow[row], k, p.R) : slow_a_chunk(p.a, m.arow[row], k, p.K);
   }
 }
 
-// ---- epilogue: v = rs * acc + bias, then the policy
+// ---- epilogue: v = rs * acc + bias, then the policy, staged through shared memory
 //
-// `acc` is a warp's fragment in the m16n8 accumulator layout (mma.sync, and wgmma's per warp):
-// acc[mi][ni][2h + j] is tile row row0 + 16 mi + 8 h + lane / 4, tile column col0 + 8 ni +
-// 2 (lane % 4) + j.
-template <int MI, int NI, int BM, int BN>
-__device__ __forceinline__ void store_epilogue(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m,
-                                               float (&acc)[MI][NI][4], int row0, int col0) {
-  const int e = rt.expert, lane = threadIdx.x % 32;
-  const bool glu_fwd = p.epi == Epilogue::GluForward;
+// Each engine first writes its accumulators to an fp32 tile in shared memory (its pipeline
+// buffers are free by then); finish_tile then walks the tile 8 columns per step, so the stores
+// are 16-byte and coalesced and the policy code exists once. Applied straight to the unrolled
+// fragment, the policies were ~25,000 SASS instructions of the wgmma kernel and executed about as
+// many instructions per CTA as its whole K loop (bench/NOTES.md).
+
+// fp32 row stride of the staged tile: +8 floats keep a half-warp's float2 writes conflict-free.
+template <int BN>
+constexpr int kStageLd = BN + 8;
+template <int BM, int BN>
+constexpr int kStageBytes = BM * kStageLd<BN> * 4;
+
+// Writes a warp's m16n8 accumulator fragment (mma.sync, and wgmma's per warp) into `st`:
+// acc[mi][ni][2h + j] is tile row row0 + 16 mi + 8 h + lane / 4, column col0 + 8 ni + 2 (lane % 4) + j.
+template <int BN, int MI, int NI>
+__device__ __forceinline__ void stage_accumulators(float* st, float (&acc)[MI][NI][4], int row0, int col0) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int lr = row0 + mi * 16 + h * 8 + lane / 4;
-      if (lr >= rt.rows) continue;
-      const int64_t r = rt.row0 + lr;
-      const float rs = m.rs[lr];
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int n = m.col[col0 + ni * 8 + 2 * (lane % 4) + j];
-          float& v = acc[mi][ni][2 * h + j];
-          v *= rs;
-          if (p.bias && n >= 0) v += load_elem(p.bias, p.bias_type, int64_t{e} * p.N + n);
-        }
+      for (int ni = 0; ni < NI; ++ni) {
+        const int row = row0 + mi * 16 + h * 8 + lane / 4, col = col0 + ni * 8 + 2 * (lane % 4);
+        *reinterpret_cast<float2*>(st + row * kStageLd<BN> + col) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+      }
+}
 
-      if (p.epi == Epilogue::Store || (glu_fwd && p.aux)) {
-        void* dst = glu_fwd ? p.aux : p.out;
-        const Elem dt = glu_fwd ? p.aux_type : p.out_type;
-        const bool vec2 = glu_fwd ? p.aux_vec2 : p.out_vec2;
+// Whether columns n[0..7] are 8 consecutive ones starting on a multiple of 8.
+__device__ __forceinline__ bool run_of_8(const int (&n)[8]) {
+  bool ok = n[0] >= 0 && n[0] % 8 == 0;
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          const int c = col0 + ni * 8 + 2 * (lane % 4);
-          const int n0 = m.col[c], n1 = m.col[c + 1];
-          const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
-          if (n0 >= 0 && n1 == n0 + 1) {
-            store_elem2(dst, dt, r * p.N + n0, v0, v1, vec2 && n0 % 2 == 0);
-          } else {
-            if (n0 >= 0) store_elem(dst, dt, r * p.N + n0, v0);
-            if (n1 >= 0) store_elem(dst, dt, r * p.N + n1, v1);
-          }
-        }
-      }
-      if (glu_fwd) {
-        const int I = p.N / 2;
+  for (int j = 1; j < 8; ++j) ok = ok && n[j] == n[0] + j;
+  return ok;
+}
+// v[j] -> row[n[j]] (n < 0: skipped). `vec`: the row allows 16-byte-aligned 8-element stores.
+__device__ __forceinline__ void store8(void* p, Elem t, int64_t row, const int (&n)[8], const float (&v)[8], bool vec) {
+  if (vec && run_of_8(n)) {
+    if (t == Elem::BF16) {
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + row + n[0]) =
+          make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+    } else {
+      float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + row + n[0]);
+      q[0] = make_float4(v[0], v[1], v[2], v[3]);
+      q[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+    return;
+  }
 #pragma unroll
-        for (int ni = 0; ni < NI; ni += 2) {
-          const int c = col0 + ni * 8 + 2 * (lane % 4);  // gate column; its up is c + 8
-          const int j0 = blockIdx.y * (BN / 2) + (c / 16) * 8 + c % 8;
-          const float o0 = act_forward(p.act, acc[mi][ni][2 * h], acc[mi][ni + 1][2 * h]);
-          const float o1 = act_forward(p.act, acc[mi][ni][2 * h + 1], acc[mi][ni + 1][2 * h + 1]);
-          if (j0 + 1 < I) {
-            store_elem2(p.out, p.out_type, r * I + j0, o0, o1, p.out_vec2);
-          } else if (j0 < I) {
-            store_elem(p.out, p.out_type, r * I + j0, o0);
-          }
-        }
-      }
-      if (p.epi == Epilogue::GluBackward) {
-        const int I = p.N;  // v = dL/dact [M, N]; aux and out are [M, 2N]
+  for (int j = 0; j < 8; ++j)
+    if (n[j] >= 0) store_elem(p, t, row + n[j], v[j]);
+}
+// row[n[j]] -> v[j] (0 where n < 0); BF16 or F32.
+__device__ __forceinline__ void load8(const void* p, Elem t, int64_t row, const int (&n)[8], float (&v)[8], bool vec) {
+  if (vec && run_of_8(n)) {
+    load_run8(p, t, row + n[0], v);
+    return;
+  }
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
+  for (int j = 0; j < 8; ++j) v[j] = n[j] >= 0 ? load_elem(p, t, row + n[j]) : 0.0f;
+}
+
+// The epilogue over the staged tile `st` (all threads of the CTA, after a barrier). A step covers
+// 8 columns of one row, or for GLU forward one 16-column group (8 gate columns, then their 8 up
+// columns: TileMaps) and its 8 outputs.
+template <int kThreads, int BM, int BN>
+__device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m, const float* st) {
+  const bool glu_fwd = p.epi == Epilogue::GluForward;
+  const int step_cols = glu_fwd ? 16 : 8, steps_per_row = BN / step_cols;
+  const int64_t e = rt.expert;
+  for (int u = threadIdx.x; u < rt.rows * steps_per_row; u += kThreads) {
+    const int lr = u / steps_per_row, c0 = (u % steps_per_row) * step_cols;
+    const int64_t r = rt.row0 + lr;
+    const float rs = m.rs[lr];
+    float v[2][8];
+    int n[2][8];
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int n = m.col[col0 + ni * 8 + 2 * (lane % 4) + j];
-            if (n < 0) continue;
-            const int64_t gr = r * 2 * I + p.act.gate_row(n, I), ur = r * 2 * I + p.act.up_row(n, I);
-            float dg, du;
-            act_backward(p.act, load_elem(p.aux, p.aux_type, gr), load_elem(p.aux, p.aux_type, ur), dg, du);
-            const float v = acc[mi][ni][2 * h + j];
-            store_elem(p.out, p.out_type, gr, v * dg);
-            store_elem(p.out, p.out_type, ur, v * du);
-          }
+    for (int h = 0; h < 2; ++h) {
+      if (h == 1 && !glu_fwd) break;
+      const float4* s = reinterpret_cast<const float4*>(st + lr * kStageLd<BN> + c0 + 8 * h);
+      const float4 a = s[0], b = s[1];
+      const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        n[h][j] = m.col[c0 + 8 * h + j];
+        v[h][j] = f[j] * rs;
+        if (p.bias && n[h][j] >= 0) v[h][j] += load_elem(p.bias, p.bias_type, e * p.N + n[h][j]);
       }
     }
+    if (p.epi == Epilogue::Store) {
+      store8(p.out, p.out_type, r * p.N, n[0], v[0], p.out_vec8);
+    } else if (glu_fwd) {
+      if (p.aux) {
+        store8(p.aux, p.aux_type, r * p.N, n[0], v[0], p.aux_vec8);
+        store8(p.aux, p.aux_type, r * p.N, n[1], v[1], p.aux_vec8);
+      }
+      const int I = p.N / 2, j0 = blockIdx.y * (BN / 2) + c0 / 2;
+      float o[8];
+      int jn[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        o[j] = act_forward(p.act, v[0][j], v[1][j]);
+        jn[j] = j0 + j < I ? j0 + j : -1;
+      }
+      store8(p.out, p.out_type, r * I, jn, o, p.out_vec8);
+    } else {  // GluBackward: v = dL/d act [M, N]; aux (pre-activation) and out are [M, 2N]
+      const int I = p.N;
+      int gn[8], un[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        gn[j] = n[0][j] >= 0 ? static_cast<int>(p.act.gate_row(n[0][j], I)) : -1;
+        un[j] = n[0][j] >= 0 ? static_cast<int>(p.act.up_row(n[0][j], I)) : -1;
+      }
+      float g[8], up[8], dg[8], du[8];
+      load8(p.aux, p.aux_type, r * 2 * I, gn, g, p.aux_vec8);
+      load8(p.aux, p.aux_type, r * 2 * I, un, up, p.aux_vec8);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float a, b;
+        act_backward(p.act, g[j], up[j], a, b);
+        dg[j] = v[0][j] * a;
+        du[j] = v[0][j] * b;
+      }
+      store8(p.out, p.out_type, r * 2 * I, gn, dg, p.out_vec8);
+      store8(p.out, p.out_type, r * 2 * I, un, du, p.out_vec8);
+    }
+  }
 }
 
 // ---- launch helpers
@@ -362,6 +446,12 @@ void dispatch_storage(int a_bytes, int b_bytes, bool trans, F&& f) {
   else
     by_b(std::integral_constant<int, 4>{});
 }
+
+// Launches one compiled kernel: tile shape x A element bytes x W element bytes x W orientation.
+// Defined in gemm_instance.cuh; instantiated once per combination in generated translation units
+// (CMakeLists.txt), so the slow sm_90a compiles run in parallel.
+template <TileShape S, int AB, int BB, bool TR>
+void launch_instance(const Params& p, dim3 grid, cudaStream_t stream);
 
 // Grid of a grouped launch: an upper bound on the row tiles (CTAs past the last exit at once)
 // times the column tiles.

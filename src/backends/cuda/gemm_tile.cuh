@@ -32,6 +32,22 @@ __device__ __forceinline__ float load_elem(const void* p, Elem t, int64_t i) {
     default: return decode_e5m2(static_cast<const uint8_t*>(p)[i]);
   }
 }
+// 8 consecutive BF16 or F32 elements from index i (16-byte aligned), through the read-only path.
+__device__ __forceinline__ void load_run8(const void* p, Elem t, int64_t i, float (&v)[8]) {
+  if (t == Elem::BF16) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p) + i));
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+      v[2 * j] = x.x, v[2 * j + 1] = x.y;
+    }
+  } else {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    const float4 a = __ldg(q), b = __ldg(q + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  }
+}
 // Stores to BF16 or F32 (outputs are never FP8).
 __device__ __forceinline__ void store_elem(void* p, Elem t, int64_t i, float v) {
   if (t == Elem::BF16)

@@ -30,8 +30,7 @@
 #include <algorithm>
 
 #include "backends/cuda/cuda_check.cuh"
-#include "backends/cuda/gemm_kernel.cuh"
-#include "backends/cuda/gemm_kernel_sm90.cuh"
+#include "backends/cuda/gemm_parts.cuh"
 
 namespace fp8moe::cuda {
 namespace gemm {
@@ -71,9 +70,25 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream) {
   FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
   const TensorView& bd = g.b.data;
   FP8MOE_CHECK(bd.rank() == 3, "grouped_gemm b: expected [E, *, *], found ", bd.str());
-  grouped_gemm(g, stream,
-               gemm::choose_tile_shape(g.plan->rows(), g.plan->experts, g.transpose_b ? bd.size(2) : bd.size(1),
-                                       g.transpose_b ? bd.size(1) : bd.size(2)));
+  grouped_gemm(g, stream, gemm::choose_tile_shape(gemm::describe(g)));
+}
+
+gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
+  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
+  const TensorView& bd = g.b.data;
+  FP8MOE_CHECK(bd.rank() == 3, "grouped_gemm b: expected [E, *, *], found ", bd.str());
+  GemmProblem p;
+  p.rows = g.plan->rows();
+  p.experts = g.plan->experts;
+  p.n = g.transpose_b ? bd.size(2) : bd.size(1);
+  p.k = g.transpose_b ? bd.size(1) : bd.size(2);
+  p.transposed = g.transpose_b;
+  const ScaleSpec& s = g.b.spec;
+  if (g.b.quantized()) {
+    // Read transposed, K runs along the stored rows (blocks of block_n within a segment).
+    p.fine_k_scale = g.transpose_b ? s.block_n < 64 && s.block_n < s.seg_rows() : s.block_k < 64 && s.block_k < s.cols;
+  }
+  return p;
 }
 
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape) {
@@ -155,21 +170,26 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   check_view(g.out, "grouped_gemm out", {M, out_cols}, {DType::BF16, DType::F32});
   p.out = g.out.data;
   p.out_type = elem_of(g.out.dtype, "grouped_gemm out");
-  p.out_vec2 = out_cols % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % 8 == 0;
+  p.out_vec8 = out_cols % 8 == 0 && aligned16(p.out);
   if (g.aux.defined()) {
     p.aux = g.aux.data;
     p.aux_type = elem_of(g.aux.dtype, "grouped_gemm aux");
-    p.aux_vec2 = N % 2 == 0 && reinterpret_cast<uintptr_t>(p.aux) % 8 == 0;
+    p.aux_vec8 = g.aux.size(1) % 8 == 0 && aligned16(p.aux);
   }
   if (M == 0) return;  // nothing to compute, nothing to write
 
   // Fast-path conditions (else the per-element path: same results, slower).
   p.vec_a = K % 8 == 0 && aligned16(p.a.ptr);
+  // Whole 16-byte chunks of the LoRA factors and of plain F32 weights (wide_chunk): rows of a
+  // multiple of 8 elements, 16-byte aligned bases.
+  p.vec_lora = p.R > 0 && p.R % 8 == 0 && p.la.type == Elem::BF16 && p.lb.type != Elem::E4M3 &&
+               p.lb.type != Elem::E5M2 && aligned16(p.la.ptr) && aligned16(p.lb.ptr) && p.lb.ld % 8 == 0;
+  p.wide_b = !quant && bd.dtype == DType::F32 && p.b.ld % 8 == 0 && aligned16(bd.data);
   const ScaleSpec& s = g.b.spec;
   // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
   // multiples of 8 or span them all.
   const bool chunk_uniform = !quant || s.block_k % 8 == 0 || s.block_k >= s.cols;
-  // F32 weights always take the per-element path (see launch_tile).
+  // F32 weights always take the per-element path (see dispatch_storage).
   p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
   // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
   const int64_t kBK = tile_bk(shape);
@@ -195,16 +215,19 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
   const int64_t bn = 128;  // every shape is 128 wide (GLU forward: 64 gate + 64 up columns)
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
-  switch (shape) {
-    case TileShape::M64N128:
-      launch_m64n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
-    case TileShape::Sm90M128N128:
-      FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
-                   " needs an sm_90 GPU and a library built for sm_90a");
-      launch_sm90_m128n128(p, n_tiles, g.transpose_b, a_bytes, b_bytes, stream);
-      break;
-  }
+  if (shape == TileShape::Sm90M128N128)
+    FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
+                 " needs an sm_90 GPU and a library built for sm_90a");
+  const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
+  dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
+    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
+    constexpr bool TR = decltype(tr)::value;
+    switch (shape) {
+      case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
+      case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
+      case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
+    }
+  });
 }
 
 }  // namespace fp8moe::cuda

@@ -33,19 +33,30 @@ namespace gemm {
 // H200 (bench/gemm_lab, 2026-11-26) 64 x 128 with K step 32 beat 128 x 128 (K step 32 or 64) and
 // 64 x 128 with K step 64 by 5-45%. The wgmma shape needs sm_90a code and an sm_90 card.
 enum class TileShape : uint8_t {
+  M32N128,      // mma.sync: 32 x 128, K step 32, 4 warps of 32 x 32, four CTAs per SM (few rows per expert)
   M64N128,      // mma.sync: 64 x 128, K step 32, 8 warps of 32 x 32, two CTAs per SM
   Sm90M128N128, // wgmma: 128 x 128, K step 64, two warpgroups, one CTA per SM
 };
-inline constexpr TileShape kTileShapes[] = {TileShape::M64N128, TileShape::Sm90M128N128};
+inline constexpr TileShape kTileShapes[] = {TileShape::M32N128, TileShape::M64N128, TileShape::Sm90M128N128};
 const char* tile_shape_name(TileShape s);
+constexpr int tile_bm(TileShape s) {
+  return s == TileShape::Sm90M128N128 ? 128 : s == TileShape::M64N128 ? 64 : 32;
+}
 constexpr int tile_bk(TileShape s) { return s == TileShape::Sm90M128N128 ? 64 : 32; }
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
 bool tile_shape_supported(TileShape s);
 // Whether this process can run the wgmma kernels on the current device: the card is sm_90 and
 // the library holds sm_90a code for them (not only the trap other targets compile).
 bool sm90_kernels_available();
-// The one place that picks a tile shape, from host-known sizes only (M = T*k rows, E groups).
-TileShape choose_tile_shape(int64_t rows, int64_t experts, int64_t n, int64_t k);
+// What the tile-shape choice looks at: host-known facts only (the routing stays on the device).
+struct GemmProblem {
+  int64_t rows = 0, experts = 0, n = 0, k = 0;  // rows = T * top_k over `experts` groups
+  bool transposed = false;                       // W read [K, N] (the backward GEMMs)
+  bool fine_k_scale = false;                     // W's scale changes inside a 64-wide K tile
+};
+GemmProblem describe(const GroupedGemm& g);
+// The one place that picks a tile shape.
+TileShape choose_tile_shape(const GemmProblem& p);
 
 }  // namespace gemm
 

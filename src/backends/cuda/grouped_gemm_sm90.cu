@@ -1,13 +1,17 @@
-// Instantiations of the wgmma grouped GEMM kernel (sm_90a), and the check that they can run.
-#include "backends/cuda/gemm_kernel_sm90.cuh"
+// Whether the wgmma kernels can run here (the kernels themselves are generated instances:
+// gemm_instance.cu.in).
+#include "backends/cuda/grouped_gemm.cuh"
+
+#include "backends/cuda/cuda_check.cuh"
 
 namespace fp8moe::cuda::gemm {
-
-void launch_sm90_m128n128(const Params& p, int64_t n_tiles, bool trans, int a_bytes, int b_bytes, cudaStream_t stream) {
-  launch_sm90<TileSm90M128>(p, n_tiles, trans, a_bytes, b_bytes, stream);
-}
+namespace {
+// Empty: its cubin's version tells which of the library's targets the driver loaded for this card.
+__global__ void arch_probe_kernel() {}
+}  // namespace
 
 bool sm90_kernels_available() {
+#if FP8MOE_BUILT_SM90A
   int device = 0;
   FP8MOE_CUDA_CHECK(cudaGetDevice(&device));
   static int cached[64];  // per device: 0 unknown, 1 yes, 2 no (host-side, set once)
@@ -18,15 +22,19 @@ bool sm90_kernels_available() {
     FP8MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     bool ok = major == 9 && minor == 0;
     if (ok) {
-      // binaryVersion 90 means the sm_90a cubin is what runs (an sm_80 cubin would report 80).
+      // The sm_90a cubin runs, not code JIT-compiled from an older PTX target (ptxVersion 80),
+      // whose wgmma kernels are traps.
       cudaFuncAttributes attr{};
-      ok = cudaFuncGetAttributes(&attr, grouped_gemm_sm90_kernel<TileSm90M128, 2, 1, false>) == cudaSuccess &&
-           attr.binaryVersion == 90;
+      ok = cudaFuncGetAttributes(&attr, arch_probe_kernel) == cudaSuccess && attr.binaryVersion == 90 &&
+           attr.ptxVersion == 90;
       (void)cudaGetLastError();
     }
     cached[slot] = ok ? 1 : 2;
   }
   return cached[slot] == 1;
+#else
+  return false;  // the library holds no sm_90a code (FP8MOE_CUDA_ARCHS)
+#endif
 }
 
 }  // namespace fp8moe::cuda::gemm

@@ -363,7 +363,7 @@ void run_case(const Case& c, double tol = 1e-2) {
     return download(P->d_out);
   };
   const Ref ref = P->M > 0 ? reference(*P, rng) : Ref{};
-  const cuda::gemm::TileShape chosen = cuda::gemm::choose_tile_shape(P->M, c.E, c.N, c.K);
+  const cuda::gemm::TileShape chosen = cuda::gemm::choose_tile_shape(cuda::gemm::describe(P->g));
   Tensor chosen_out;
   for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
     if (!cuda::gemm::tile_shape_supported(shape)) continue;
@@ -516,6 +516,42 @@ TEST(GroupedGemm, LoraDelta) {
       c.la_rows = r == 8 ? RowSource::Rows : RowSource::Tokens;
       c.row_scale = r == 13;
       SCOPED_TRACE("r " + std::to_string(r) + (trans ? " transposed" : ""));
+      run_case(c);
+    }
+}
+
+// Ranks that are multiples of 8 with BF16 L take whole 16-byte LoRA chunks (Params::vec_lora),
+// LB in BF16 or F32; N 100 read transposed is not a multiple of 8, so those tiles mix whole and
+// per-element chunks. Tile shapes with 128 rows and both engines run (run_case).
+TEST(GroupedGemm, LoraDeltaWholeChunks) {
+  REQUIRE_GPU();
+  for (bool trans : {false, true})
+    for (int64_t N : {144, 100})
+      for (DType lb : {DType::BF16, DType::F32}) {
+        Case c;
+        c.T = 150, c.k = 2, c.E = 3, c.N = N, c.K = 192;
+        c.transpose_b = trans;
+        c.spec = trans ? block(192, N, 64, 32) : block(N, 192, 32, 64);
+        c.lora_r = lb == DType::BF16 ? 16 : 72;  // 72: the LoRA K extent spans two 64-wide tiles
+        c.lb_dtype = lb;
+        c.la_rows = trans ? RowSource::Rows : RowSource::Tokens;
+        c.row_scale = !trans;
+        SCOPED_TRACE("N " + std::to_string(N) + " r " + std::to_string(c.lora_r) + (trans ? " transposed" : ""));
+        run_case(c);
+      }
+}
+
+// Plain F32 weights (LoRA A used as W: the U = X A^T GEMM) take whole 16-byte-pair loads
+// (Params::wide_b) where K (N transposed) is a multiple of 8, the per-element path elsewhere.
+TEST(GroupedGemm, PlainF32Weights) {
+  REQUIRE_GPU();
+  for (bool trans : {false, true})
+    for (int64_t K : {256, 100}) {
+      Case c;
+      c.T = 140, c.k = 2, c.E = 3, c.N = 24, c.K = K;
+      c.w = WKind::F32;
+      c.transpose_b = trans;
+      SCOPED_TRACE("K " + std::to_string(K) + (trans ? " transposed" : ""));
       run_case(c);
     }
 }

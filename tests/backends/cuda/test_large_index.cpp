@@ -1,13 +1,15 @@
 // Trap 14 on the GPU: an FP8 expert stack past 2^31 elements. The reference system indexed the
 // flattened stack with int32 and read the wrong expert once it passed 2^31; here the only expert
 // that receives rows starts exactly at element 2^31, and the result is checked against a host
-// reference on sampled outputs, in both the forward and the transposed (dgrad) reading.
+// reference on sampled outputs, in both the forward and the transposed (dgrad) reading, with
+// every tile shape (engine) the card runs.
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <random>
 
 #include "backends/cuda/cuda_test_util.hpp"
+#include "backends/cuda/grouped_gemm.cuh"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/fp8.hpp"
 
@@ -63,35 +65,39 @@ TEST(CudaLargeIndex, ExpertStackPast2Pow31Elements) {
   };
   std::uniform_int_distribution<int64_t> pick_t(0, T - 1);
 
-  for (const bool transpose : {false, true}) {
-    SCOPED_TRACE(transpose ? "transpose_b (dgrad reading)" : "forward reading");
-    const int64_t Kg = transpose ? N : K, Ng = transpose ? K : N;  // the GEMM's K and N
-    Tensor x_host = random_host(DType::BF16, {T, Kg}, rng);
-    Tensor x = be->upload(x_host);
-    Tensor out = poisoned(*be, DType::F32, {T, Ng});
-    GroupedGemm g;
-    g.plan = &plan;
-    g.a = {x.view(), RowSource::Tokens};
-    g.b = wq;
-    g.transpose_b = transpose;
-    g.out = out.view();
-    be->grouped_gemm(g);
-    be->synchronize();
-    Tensor got = to_host(*be, out);
+  for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
+    if (!cuda::gemm::tile_shape_supported(shape)) continue;
+    SCOPED_TRACE(std::string("tile ") + cuda::gemm::tile_shape_name(shape));
+    for (const bool transpose : {false, true}) {
+      SCOPED_TRACE(transpose ? "transpose_b (dgrad reading)" : "forward reading");
+      const int64_t Kg = transpose ? N : K, Ng = transpose ? K : N;  // the GEMM's K and N
+      Tensor x_host = random_host(DType::BF16, {T, Kg}, rng);
+      Tensor x = be->upload(x_host);
+      Tensor out = poisoned(*be, DType::F32, {T, Ng});
+      GroupedGemm g;
+      g.plan = &plan;
+      g.a = {x.view(), RowSource::Tokens};
+      g.b = wq;
+      g.transpose_b = transpose;
+      g.out = out.view();
+      cuda::grouped_gemm(g, nullptr, shape);  // the backend runs on the legacy default stream too
+      be->synchronize();
+      Tensor got = to_host(*be, out);
 
-    std::uniform_int_distribution<int64_t> pick_n(0, Ng - 1);
-    double num = 0, den = 0;
-    for (int s = 0; s < 512; ++s) {
-      const int64_t t = pick_t(rng), n = pick_n(rng);
-      double ref = 0;
-      for (int64_t k = 0; k < Kg; ++k)
-        ref += load_as_double(x_host.data(), DType::BF16, t * Kg + k) * (transpose ? w_at(k, n) : w_at(n, k));
-      const double v = got.ptr<float>()[t * Ng + n];
-      ASSERT_TRUE(std::isfinite(v)) << "output (" << t << ", " << n << ") not written or not finite";
-      num += (v - ref) * (v - ref);
-      den += ref * ref;
+      std::uniform_int_distribution<int64_t> pick_n(0, Ng - 1);
+      double num = 0, den = 0;
+      for (int s = 0; s < 512; ++s) {
+        const int64_t t = pick_t(rng), n = pick_n(rng);
+        double ref = 0;
+        for (int64_t k = 0; k < Kg; ++k)
+          ref += load_as_double(x_host.data(), DType::BF16, t * Kg + k) * (transpose ? w_at(k, n) : w_at(n, k));
+        const double v = got.ptr<float>()[t * Ng + n];
+        ASSERT_TRUE(std::isfinite(v)) << "output (" << t << ", " << n << ") not written or not finite";
+        num += (v - ref) * (v - ref);
+        den += ref * ref;
+      }
+      EXPECT_LT(std::sqrt(num / den), 1e-2);
     }
-    EXPECT_LT(std::sqrt(num / den), 1e-2);
   }
 }
 

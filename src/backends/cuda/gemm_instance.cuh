@@ -1,0 +1,24 @@
+// The definition of launch_instance (declared in gemm_parts.cuh). Only the generated translation
+// units include this file (CMakeLists.txt writes one per instance from gemm_instance.cu.in), so
+// each kernel instantiation compiles on its own: the sm_90a ones take about 30 s each, and in one
+// file they made the whole build wait for a single nvcc.
+#pragma once
+
+#include "backends/cuda/gemm_kernel.cuh"
+#include "backends/cuda/gemm_kernel_sm90.cuh"
+
+namespace fp8moe::cuda::gemm {
+
+template <TileShape S, int AB, int BB, bool TR>
+void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
+  using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128, TileM64N128>;
+  using Cfg = std::conditional_t<S == TileShape::Sm90M128N128, TileSm90M128, MmaCfg>;
+  using K = std::conditional_t<S == TileShape::Sm90M128N128, KernelSm90<TileSm90M128, AB, BB, TR>,
+                               KernelMma<MmaCfg, AB, BB, TR>>;
+  static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S), "tile_bm/tile_bk disagree with the tile config");
+  set_smem_limit(K::kernel, K::kSmemBytes);
+  K::kernel<<<grid, Cfg::kThreads, K::kSmemBytes, stream>>>(p);
+  FP8MOE_CUDA_LAUNCH_CHECK(tile_shape_name(S));
+}
+
+}  // namespace fp8moe::cuda::gemm
