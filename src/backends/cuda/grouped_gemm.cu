@@ -189,7 +189,8 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
   // multiples of 8 or span them all.
   const bool chunk_uniform = !quant || s.block_k % 8 == 0 || s.block_k >= s.cols;
-  // F32 weights always take the per-element path (see dispatch_storage).
+  // F32 weights never take the fast loop (dispatch_storage gives them the 2-byte kernel); their
+  // whole chunks load through wide_chunk.
   p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
   // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
   const int64_t kBK = tile_bk(shape);
