@@ -161,9 +161,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 
   // Fast path of the main K tiles (CTA-uniform): BF16 A with 16-byte loads, every W chunk either
   // whole (raw copy + one scale) or outside the matrix, K a multiple of the tile and the scale's
-  // k-part tabulated per tile or stepping linearly with it. Its addresses are computed once here and advanced per tile, so a K tile
-  // costs a few instructions per chunk; the LoRA tiles and every other shape take the general
-  // per-chunk path (gemm_parts.cuh).
+  // k-part tabulated per tile or stepping linearly with it. Its addresses are computed once here
+  // and advanced per tile, so a K tile costs a few instructions per chunk; the LoRA tiles and
+  // every other shape take the general per-chunk path (gemm_parts.cuh).
   const char* a_src[Cfg::kAChunks];
   int a_bytes[Cfg::kAChunks];
   const char* w_src[kBChunks];
