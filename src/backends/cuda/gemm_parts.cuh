@@ -195,8 +195,9 @@ __device__ __forceinline__ int b_chunk_mode(const Params& p, const BChunk& b, in
 }
 
 // A whole chunk of a plain BF16 or F32 operand (LoRA B, unquantized F32 W) at stored row/column
-// k (< klimit, the K extent) as 8 BF16 times o.mult, by one or two 16-byte loads; false when the chunk is not whole (past
-// N, past the K extent, or columns that are not 8 consecutive ones), for the per-element path.
+// k (< klimit, the K extent) as 8 BF16 times o.mult, by one or two 16-byte loads; false when the
+// chunk is not whole (past N, past the K extent, or columns that are not 8 consecutive ones), for
+// the per-element path.
 // The caller's flag (Params::vec_lora / wide_b) guarantees alignment and a K extent % 8 == 0.
 template <bool kTrans, int BM, int BN>
 __device__ __forceinline__ bool wide_chunk(const OperandB& o, const TileMaps<BM, BN>& m, const BChunk& b, int e, int k,

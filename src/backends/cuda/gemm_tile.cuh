@@ -55,18 +55,6 @@ __device__ __forceinline__ void store_elem(void* p, Elem t, int64_t i, float v) 
   else
     static_cast<float*>(p)[i] = v;
 }
-// Two adjacent elements [i, i+1]; `vec` says i is even and the buffer allows the wide store.
-__device__ __forceinline__ void store_elem2(void* p, Elem t, int64_t i, float v0, float v1, bool vec) {
-  if (vec) {
-    if (t == Elem::BF16)
-      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p) + i) = __floats2bfloat162_rn(v0, v1);
-    else
-      *reinterpret_cast<float2*>(static_cast<float*>(p) + i) = make_float2(v0, v1);
-  } else {
-    store_elem(p, t, i, v0);
-    store_elem(p, t, i + 1, v1);
-  }
-}
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);

@@ -67,10 +67,7 @@ OperandA make_operand_a(const GemmOperand& op, const char* name, const RoutingPl
 }  // namespace gemm
 
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream) {
-  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
-  const TensorView& bd = g.b.data;
-  FP8MOE_CHECK(bd.rank() == 3, "grouped_gemm b: expected [E, *, *], found ", bd.str());
-  grouped_gemm(g, stream, gemm::choose_tile_shape(gemm::describe(g)));
+  grouped_gemm(g, stream, gemm::choose_tile_shape(gemm::describe(g)));  // describe checks plan and b
 }
 
 gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
@@ -80,9 +77,6 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   GemmProblem p;
   p.rows = g.plan->rows();
   p.experts = g.plan->experts;
-  p.n = g.transpose_b ? bd.size(2) : bd.size(1);
-  p.k = g.transpose_b ? bd.size(1) : bd.size(2);
-  p.transposed = g.transpose_b;
   const ScaleSpec& s = g.b.spec;
   if (g.b.quantized()) {
     // Read transposed, K runs along the stored rows (blocks of block_n within a segment).

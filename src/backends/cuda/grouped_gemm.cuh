@@ -50,9 +50,8 @@ bool tile_shape_supported(TileShape s);
 bool sm90_kernels_available();
 // What the tile-shape choice looks at: host-known facts only (the routing stays on the device).
 struct GemmProblem {
-  int64_t rows = 0, experts = 0, n = 0, k = 0;  // rows = T * top_k over `experts` groups
-  bool transposed = false;                       // W read [K, N] (the backward GEMMs)
-  bool fine_k_scale = false;                     // W's scale changes inside a 64-wide K tile
+  int64_t rows = 0, experts = 0;  // rows = T * top_k over `experts` groups
+  bool fine_k_scale = false;       // W's scale changes inside a 64-wide K tile
 };
 GemmProblem describe(const GroupedGemm& g);
 // The one place that picks a tile shape.
