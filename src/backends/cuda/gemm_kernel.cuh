@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   uint8_t* Braw = smem + Layout::kABytesTotal + Layout::kBBytesTotal;
   __shared__ TileMaps<BM, BN> maps;
 
-  const RowTile rt = find_row_tile<Cfg::kThreads, BM>(p.offsets, p.E, blockIdx.x);
+  const RowTile rt = find_row_tile<Cfg::kThreads, BM>(p.offsets, p.E, grid_tile(p.n_tiles));
   if (rt.expert < 0) return;  // uniform across the block
   const int e = rt.expert, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / Cfg::kWarpsN, wn = warp % Cfg::kWarpsN;

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   uint8_t* Braw = smem + Layout::kABytesTotal + Layout::kBBytesTotal;                // [kStages][chunk][thread]
   __shared__ TileMaps<BM, BN> maps;
 
-  const RowTile rt = find_row_tile<Cfg::kThreads, BM>(p.offsets, p.E, blockIdx.x);
+  const RowTile rt = find_row_tile<Cfg::kThreads, BM>(p.offsets, p.E, grid_tile(p.n_tiles));
   if (rt.expert < 0) return;  // uniform across the block
   const int e = rt.expert, tid = threadIdx.x, warp = tid / 32, wg = tid / 128;
   build_tile_maps<Cfg::kThreads, BM, BN, kTrans>(p, rt, kBK, maps);

@@ -41,6 +41,7 @@ struct OperandB {
 struct Params {
   int64_t M = 0;
   int N = 0, K = 0, E = 0, top_k = 1, R = 0;  // N: columns of v; R: LoRA rank (0: none)
+  int n_tiles = 1;                            // column tiles of the launch (grid_tile)
   const int32_t* offsets = nullptr;       // [E + 1]
   const int32_t* sorted_pairs = nullptr;  // [M]
   OperandA a, la;
@@ -120,7 +121,7 @@ struct TileMaps {
   int ktab[kMaxKTiles];  // scale k-part of each K tile (b_tile_uniform)
 };
 
-// Fills `m` for row tile `rt` and column tile blockIdx.y; the caller synchronises afterwards.
+// Fills `m` for row tile `rt` and its column tile; the caller synchronises afterwards.
 template <int kThreads, int BM, int BN, bool kTrans>
 __device__ void build_tile_maps(const Params& p, const RowTile& rt, int kBK, TileMaps<BM, BN>& m) {
   const int tid = threadIdx.x;
@@ -142,10 +143,10 @@ __device__ void build_tile_maps(const Params& p, const RowTile& rt, int kBK, Til
     if (p.epi == Epilogue::GluForward) {
       // Each 16 columns hold 8 gate columns then their 8 up columns, so a thread's accumulators
       // for n-tiles 2q and 2q+1 are the gate and up of the same output column j.
-      const int I = p.N / 2, j = blockIdx.y * (BN / 2) + (c / 16) * 8 + c % 8;
+      const int I = p.N / 2, j = rt.col_tile * (BN / 2) + (c / 16) * 8 + c % 8;
       n = j < I ? static_cast<int>((c % 16) >= 8 ? p.act.up_row(j, I) : p.act.gate_row(j, I)) : -1;
     } else {
-      n = blockIdx.y * BN + c;
+      n = rt.col_tile * BN + c;
       n = n < p.N ? n : -1;
     }
     m.col[c] = n;
@@ -383,7 +384,7 @@ __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, 
         store8(p.aux, p.aux_type, r * p.N, n[0], v[0], p.aux_vec8);
         store8(p.aux, p.aux_type, r * p.N, n[1], v[1], p.aux_vec8);
       }
-      const int I = p.N / 2, j0 = blockIdx.y * (BN / 2) + c0 / 2;
+      const int I = p.N / 2, j0 = rt.col_tile * (BN / 2) + c0 / 2;
       float o[8];
       int jn[8];
 #pragma unroll
@@ -454,13 +455,14 @@ void dispatch_storage(int a_bytes, int b_bytes, bool trans, F&& f) {
 template <TileShape S, int AB, int BB, bool TR>
 void launch_instance(const Params& p, dim3 grid, cudaStream_t stream);
 
-// Grid of a grouped launch: an upper bound on the row tiles (CTAs past the last exit at once)
-// times the column tiles.
-inline dim3 grouped_grid(const Params& p, int bm, int64_t n_tiles) {
+// Grid of a grouped launch, one dimension (grid_tile): an upper bound on the row tiles (CTAs past
+// the last exit at once) times the column tiles, which it records in p.n_tiles.
+inline dim3 grouped_grid(Params& p, int bm, int64_t n_tiles) {
   const int64_t row_tiles = (p.M + bm - 1) / bm + std::min<int64_t>(p.E, p.M);
-  FP8MOE_CHECK(row_tiles < (int64_t{1} << 31) && n_tiles < 65536, "grouped_gemm: grid too large (", row_tiles,
-               " row tiles, ", n_tiles, " column tiles)");
-  return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(n_tiles));
+  FP8MOE_CHECK(n_tiles >= 1 && row_tiles * n_tiles < (int64_t{1} << 31), "grouped_gemm: grid too large (", row_tiles,
+               " row tiles x ", n_tiles, " column tiles)");
+  p.n_tiles = static_cast<int>(n_tiles);
+  return dim3(static_cast<unsigned>(row_tiles * n_tiles));
 }
 
 }  // namespace fp8moe::cuda::gemm

@@ -210,15 +210,27 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 // (the host never does) and returns expert -1 when the tile is past the last one.
 struct RowTile {
   int expert, row0, rows;
+  int col_tile;  // the CTA's column tile (grid_tile)
 };
+// CTA b of a grouped launch takes row tile b / n_tiles and column tile b % n_tiles: the column
+// tiles of a row tile run side by side, so its A rows come from DRAM once and from L2 for the
+// other column tiles. With row tiles fastest, every column pass re-read the whole gathered A
+// (12 x 512 MB for Qwen3's gate_up at 16384 tokens), far more than fits in L2.
+struct GridTile {
+  int row_tile, col_tile;
+};
+__device__ __forceinline__ GridTile grid_tile(int n_tiles) {
+  return {static_cast<int>(blockIdx.x / n_tiles), static_cast<int>(blockIdx.x % n_tiles)};
+}
 template <int kThreads, int kBM>
-__device__ RowTile find_row_tile(const int32_t* offsets, int experts, int tile) {
+__device__ RowTile find_row_tile(const int32_t* offsets, int experts, GridTile gt) {
+  const int tile = gt.row_tile;
   constexpr int kItems = kMaxExperts / kThreads;
   static_assert(kItems * kThreads == kMaxExperts, "kMaxExperts must be a multiple of the block size");
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ RowTile found;
-  if (threadIdx.x == 0) found = {-1, 0, 0};
+  if (threadIdx.x == 0) found = {-1, 0, 0, gt.col_tile};
   int tiles[kItems], first[kItems], start[kItems], count[kItems];
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
@@ -232,7 +244,7 @@ __device__ RowTile find_row_tile(const int32_t* offsets, int experts, int tile) 
   for (int i = 0; i < kItems; ++i) {
     if (tile >= first[i] && tile < first[i] + tiles[i]) {
       const int row0 = start[i] + (tile - first[i]) * kBM;
-      found = {static_cast<int>(threadIdx.x) * kItems + i, row0, min(kBM, start[i] + count[i] - row0)};
+      found = {static_cast<int>(threadIdx.x) * kItems + i, row0, min(kBM, start[i] + count[i] - row0), gt.col_tile};
     }
   }
   __syncthreads();

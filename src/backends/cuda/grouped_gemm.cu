@@ -170,7 +170,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     p.aux_type = elem_of(g.aux.dtype, "grouped_gemm aux");
     p.aux_vec8 = g.aux.size(1) % 8 == 0 && aligned16(p.aux);
   }
-  if (M == 0) return;  // nothing to compute, nothing to write
+  if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
 
   // Fast-path conditions (else the per-element path: same results, slower).
   p.vec_a = K % 8 == 0 && aligned16(p.a.ptr);
