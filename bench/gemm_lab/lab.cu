@@ -213,9 +213,19 @@ int main() {
       problems.push_back({std::string(m.name) + " dgrad2" + t, T, m.k, m.E, I, H, false, true, m.channel, false, false, 1});
       problems.push_back({std::string(m.name) + " dgrad1" + t, T, m.k, m.E, H, 2 * I, false, true, m.channel, false, false, 2});
     }
-  const char* only = std::getenv("LAB_ONLY");  // substring of the problem names to run (ncu runs)
+  // LAB_ONLY: comma-separated substrings of the problem names to run (ncu runs, quick checks).
+  std::vector<std::string> only;
+  if (const char* env = std::getenv("LAB_ONLY")) {
+    std::string list = env;
+    for (size_t pos = 0; pos <= list.size();) {
+      const size_t end = std::min(list.find(',', pos), list.size());
+      if (end > pos) only.push_back(list.substr(pos, end - pos));
+      pos = end + 1;
+    }
+  }
   for (const Problem& pb : problems) {
-    if (only && pb.name.find(only) == std::string::npos) continue;
+    if (!only.empty() && std::none_of(only.begin(), only.end(), [&](const std::string& o) { return pb.name.find(o) != std::string::npos; }))
+      continue;
     Built b = build(pb, rng);
     const Reference ref = reference(b, rng);
     const double flop = 2.0 * pb.T * pb.k * pb.N * pb.K;
@@ -229,8 +239,9 @@ int main() {
       std::printf("LAB %-26s %-12s %8.3f ms %7.1f TFLOP/s  rel err %.2e%s\n", pb.name.c_str(), variant, ms,
                   flop / ms / 1e9, err, err < 1e-2 ? "" : "  WRONG");
     };
+    const cuda::gemm::GemmProblem gp = cuda::gemm::describe(b.g);
     for (cuda::gemm::TileShape s : cuda::gemm::kTileShapes)
-      if (cuda::gemm::tile_shape_supported(s)) report(cuda::gemm::tile_shape_name(s), [&] { cuda::grouped_gemm(b.g, nullptr, s); });
+      if (cuda::gemm::tile_shape_fits(s, gp)) report(cuda::gemm::tile_shape_name(s), [&] { cuda::grouped_gemm(b.g, nullptr, s); });
     report("chosen", [&] { cuda::grouped_gemm(b.g, nullptr); });
   }
   return 0;

@@ -352,8 +352,8 @@ __device__ __forceinline__ void load8(const void* p, Elem t, int64_t row, const 
 
 // The epilogue over the staged tile `st` (all threads of the CTA, after a barrier). A step covers
 // 8 columns of one row, or for GLU forward one 16-column group (8 gate columns, then their 8 up
-// columns: TileMaps) and its 8 outputs.
-template <int kThreads, int BM, int BN>
+// columns: TileMaps) and its 8 outputs. kLd: the tile's row stride (floats, a multiple of 4).
+template <int kThreads, int BM, int BN, int kLd = kStageLd<BN>>
 __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m, const float* st) {
   const bool glu_fwd = p.epi == Epilogue::GluForward;
   const int step_cols = glu_fwd ? 16 : 8, steps_per_row = BN / step_cols;
@@ -367,7 +367,7 @@ __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (h == 1 && !glu_fwd) break;
-      const float4* s = reinterpret_cast<const float4*>(st + lr * kStageLd<BN> + c0 + 8 * h);
+      const float4* s = reinterpret_cast<const float4*>(st + lr * kLd + c0 + 8 * h);
       const float4 a = s[0], b = s[1];
       const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll

@@ -225,8 +225,7 @@ __device__ __forceinline__ GridTile grid_tile(int n_tiles) {
 template <int kThreads, int kBM>
 __device__ RowTile find_row_tile(const int32_t* offsets, int experts, GridTile gt) {
   const int tile = gt.row_tile;
-  constexpr int kItems = kMaxExperts / kThreads;
-  static_assert(kItems * kThreads == kMaxExperts, "kMaxExperts must be a multiple of the block size");
+  constexpr int kItems = (kMaxExperts + kThreads - 1) / kThreads;
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ RowTile found;

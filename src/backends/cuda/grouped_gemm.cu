@@ -81,6 +81,10 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   if (g.b.quantized()) {
     // Read transposed, K runs along the stored rows (blocks of block_n within a segment).
     p.fine_k_scale = g.transpose_b ? s.block_n < 64 && s.block_n < s.seg_rows() : s.block_k < 64 && s.block_k < s.cols;
+    const int64_t K = bd.size(2);
+    p.rega_fits = !g.transpose_b && is_fp8(bd.dtype) && g.a.src.dtype == DType::BF16 && !g.lora_a.defined() &&
+                  K >= 64 && K % 64 == 0 && K <= 64 * kMaxKTiles && (s.block_k % 64 == 0 || s.block_k >= s.cols) &&
+                  aligned16(bd.data) && aligned16(g.a.src.data);
   }
   return p;
 }
@@ -210,9 +214,14 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
   const int64_t bn = 128;  // every shape is 128 wide (GLU forward: 64 gate + 64 up columns)
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
-  if (shape == TileShape::Sm90M128N128)
+  if (is_sm90(shape))
     FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
                  " needs an sm_90 GPU and a library built for sm_90a");
+  if (shape == TileShape::Sm90RegA)
+    FP8MOE_CHECK(describe(g).rega_fits, "grouped_gemm: tile shape ", tile_shape_name(shape),
+                 " takes only FP8 W read forward, BF16 A, K % 64 == 0, one scale per 64-wide K tile, no LoRA; found ",
+                 dtype_name(bd.dtype), " W", g.transpose_b ? " (transposed)" : "", ", ", dtype_name(g.a.src.dtype),
+                 " A, K = ", K, g.lora_a.defined() ? ", LoRA" : "");
   const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
   dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
     constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
@@ -221,6 +230,9 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
       case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
+      case TileShape::Sm90RegA:  // the one instance (checked above)
+        if constexpr (AB == 2 && BB == 1 && !TR) launch_instance<TileShape::Sm90RegA, 2, 1, false>(p, grid, stream);
+        break;
     }
   });
 }

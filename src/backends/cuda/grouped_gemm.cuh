@@ -36,13 +36,15 @@ enum class TileShape : uint8_t {
   M32N128,      // mma.sync: 32 x 128, K step 32, 4 warps of 32 x 32, four CTAs per SM (few rows per expert)
   M64N128,      // mma.sync: 64 x 128, K step 32, 8 warps of 32 x 32, two CTAs per SM
   Sm90M128N128, // wgmma: 128 x 128, K step 64, two warpgroups, one CTA per SM
+  Sm90RegA,     // wgmma with W from registers: 128 W rows x 128 tokens, K step 64, producer +
+                // two consumer warpgroups (gemm_kernel_sm90_rega.cuh); forward-reading FP8 W only
 };
-inline constexpr TileShape kTileShapes[] = {TileShape::M32N128, TileShape::M64N128, TileShape::Sm90M128N128};
+inline constexpr TileShape kTileShapes[] = {TileShape::M32N128, TileShape::M64N128, TileShape::Sm90M128N128,
+                                            TileShape::Sm90RegA};
 const char* tile_shape_name(TileShape s);
-constexpr int tile_bm(TileShape s) {
-  return s == TileShape::Sm90M128N128 ? 128 : s == TileShape::M64N128 ? 64 : 32;
-}
-constexpr int tile_bk(TileShape s) { return s == TileShape::Sm90M128N128 ? 64 : 32; }
+constexpr bool is_sm90(TileShape s) { return s == TileShape::Sm90M128N128 || s == TileShape::Sm90RegA; }
+constexpr int tile_bm(TileShape s) { return is_sm90(s) ? 128 : s == TileShape::M64N128 ? 64 : 32; }
+constexpr int tile_bk(TileShape s) { return is_sm90(s) ? 64 : 32; }
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
 bool tile_shape_supported(TileShape s);
 // Whether this process can run the wgmma kernels on the current device: the card is sm_90 and
@@ -52,8 +54,13 @@ bool sm90_kernels_available();
 struct GemmProblem {
   int64_t rows = 0, experts = 0;  // rows = T * top_k over `experts` groups
   bool fine_k_scale = false;       // W's scale changes inside a 64-wide K tile
+  // Sm90RegA can take it: FP8 W read forward, BF16 A, K a multiple of 64, one scale k-part per
+  // 64-wide K tile, no LoRA, 16-byte aligned operands.
+  bool rega_fits = false;
 };
 GemmProblem describe(const GroupedGemm& g);
+// Whether shape `s` can run problem `p` on this device (every shape but Sm90RegA takes any problem).
+bool tile_shape_fits(TileShape s, const GemmProblem& p);
 // The one place that picks a tile shape.
 TileShape choose_tile_shape(const GemmProblem& p);
 

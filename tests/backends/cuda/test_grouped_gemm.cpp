@@ -152,6 +152,7 @@ struct Case {
   DType out_dtype = DType::BF16, aux_dtype = DType::BF16;
   int64_t check_rows = -1;  // reference rows to check (-1: all)
   bool random_codes = false;  // FP8 codes and scales drawn directly (large stacks: no quantizer pass)
+  bool want_rega = false;     // the case must be one the Sm90RegA engine takes
 };
 
 struct Problem {
@@ -364,9 +365,10 @@ void run_case(const Case& c, double tol = 1e-2) {
   };
   const Ref ref = P->M > 0 ? reference(*P, rng) : Ref{};
   const cuda::gemm::TileShape chosen = cuda::gemm::choose_tile_shape(cuda::gemm::describe(P->g));
+  if (c.want_rega) EXPECT_TRUE(cuda::gemm::describe(P->g).rega_fits) << "the case misses the Sm90RegA engine";
   Tensor chosen_out;
   for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
-    if (!cuda::gemm::tile_shape_supported(shape)) continue;
+    if (!cuda::gemm::tile_shape_fits(shape, cuda::gemm::describe(P->g))) continue;
     SCOPED_TRACE(std::string("tile ") + cuda::gemm::tile_shape_name(shape));
     auto launch = [&] { cuda::grouped_gemm(P->g, nullptr, shape); };
     const Tensor out = run(launch);
@@ -615,6 +617,49 @@ TEST(GroupedGemm, GluBackwardAllActivationsAndLayouts) {
       }
 }
 
+// The register-A wgmma engine (Sm90RegA) on what stresses its pipeline: more K tiles than
+// stages (the ring wraps twice: mbarrier phases), several row tiles per expert with a partial
+// last one, N past the last full 128-row W tile, every scale scheme it takes, both FP8 kinds,
+// gathered token rows, and one hot expert with the others empty.
+TEST(GroupedGemm, RegAPipelineWrapsAndEdges) {
+  REQUIRE_GPU();
+  {
+    Case c;
+    c.T = 300, c.k = 2, c.E = 3, c.N = 200, c.K = 1280;  // 20 K tiles over 8 stages
+    c.a_rows = RowSource::Tokens;
+    c.spec = block(200, 1280, 128, 128);
+    c.row_scale = true, c.bias = true;
+    c.want_rega = true;
+    run_case(c);
+  }
+  {
+    Case c;
+    c.T = 260, c.k = 1, c.E = 2, c.N = 320, c.K = 576;
+    c.w = WKind::E5M2;
+    c.spec = ScaleSpec::channel(320, 576);
+    c.out_dtype = DType::F32;
+    c.want_rega = true;
+    run_case(c);
+  }
+  {
+    Case c;  // GLU forward, scales per 64-wide K group, every row on one expert
+    c.T = 400, c.k = 1, c.E = 8, c.N = 272, c.K = 640;
+    c.routing = Routing::Hot;
+    c.epi = Epilogue::GluForward;
+    c.aux = true;
+    c.spec = ScaleSpec::group(272, 640, 64);
+    c.want_rega = true;
+    run_case(c);
+  }
+  {
+    Case c;  // one scale for the whole stack
+    c.T = 129, c.k = 1, c.E = 1, c.N = 128, c.K = 64;
+    c.spec = ScaleSpec::tensor(128, 64);
+    c.want_rega = true;
+    run_case(c);
+  }
+}
+
 TEST(GroupedGemm, RoutingEdgeCases) {
   REQUIRE_GPU();
   {
@@ -693,7 +738,7 @@ TEST(GroupedGemm, EveryFp8CodeExact) {
     g.b = {d_w, d_ws, ScaleSpec::channel(N, K)};
     g.out = d_out;
     for (cuda::gemm::TileShape shape : cuda::gemm::kTileShapes) {
-      if (!cuda::gemm::tile_shape_supported(shape)) continue;
+      if (!cuda::gemm::tile_shape_fits(shape, cuda::gemm::describe(g))) continue;
       SCOPED_TRACE(std::string("tile ") + cuda::gemm::tile_shape_name(shape));
       FP8MOE_CUDA_CHECK(cudaMemset(d_out.data(), 0xFF, d_out.nbytes()));
       cuda::grouped_gemm(g, nullptr, shape);

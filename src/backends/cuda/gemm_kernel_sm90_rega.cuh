@@ -1,0 +1,258 @@
+// The register-A wgmma grouped GEMM (sm_90a): the forward-reading FP8 fast path with W as the
+// MMA's M side. Same problem, maps and staged epilogue as the other engines (gemm_parts.cuh).
+//
+// Why a second wgmma kernel: in gemm_kernel_sm90.cuh every thread loads, converts W into a
+// BF16 shared-memory tile, fences it into the async proxy and meets every other thread at a
+// barrier per K tile; the tensor cores idle ~75% of the time (bench/NOTES.md). Here:
+//   roles     W rows are wgmma's M (64 per consumer warpgroup, 128 per CTA) and token rows its
+//             N (128): the accumulator holds the transposed tile, which the epilogue stages
+//             transposed. W enters the MMA from registers, so the dequantized W never goes
+//             through shared memory: no converted tile, no proxy fence for it, no barrier.
+//   warps     warpgroup 0 produces (cp.async of the gathered token rows into the swizzled
+//             K-major tile wgmma reads, and of the raw FP8 W bytes), warpgroups 1-2 consume.
+//             Full / empty mbarriers per stage replace the CTA-wide barrier.
+//   W frag    a thread's A fragment for k16 step j holds rows g, g+8 (g = lane / 4) at
+//             k = 16 j + 2q, 2q+1 and 16 j + 8 + 2q, 2q+9 (q = lane % 4): per row, the two words
+//             holding those pairs are loaded (LDS.32, conflict-free through a 16-byte-unit XOR
+//             swizzle), the pairs picked with one byte_perm and dequantized in fp32 exactly as
+//             the other engines do (code * scale -> BF16, the same rounding).
+//   pipeline  kStages stages, the producer kLag tiles ahead of its own arrivals. A consumer
+//             warpgroup waits for its MMAs before converting the next tile (see run below); the
+//             two consumer warpgroups overlap each other's conversion and MMAs.
+// It takes: W FP8 non-transposed, BF16 A, K % 64 == 0, the scale k-part constant per K tile, no
+// LoRA (host: rega_fits). Everything else runs on the other engines.
+#pragma once
+
+#include "backends/cuda/gemm_kernel_sm90.cuh"
+
+namespace fp8moe::cuda::gemm {
+
+struct TileSm90RegA {
+  static constexpr int BM = 128;  // token rows per CTA (wgmma N)
+  static constexpr int BN = 128;  // W rows = output columns per CTA (2 x wgmma M)
+  static constexpr int kBK = 64;
+  static constexpr int kStages = 8, kLag = kStages - 2;
+  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kTokTileBytes = BM * kBK * 2, kWTileBytes = BN * kBK;
+  static constexpr int kStageLd = BN + 4;  // staged epilogue: transposed writes conflict-free
+  static constexpr int kSmemBytes = kStages * (kTokTileBytes + kWTileBytes) + 1024;
+  static_assert(BM * kStageLd * 4 + 1024 <= kSmemBytes, "the staged epilogue tile must fit the pipeline buffers");
+};
+
+// D[64 x 128] += A[64 x 16] (registers, this thread's fragment) B[16 x 128] (descriptor).
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+#if FP8MOE_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+  (void)d, (void)a, (void)desc_b;
+  __trap();
+#endif
+}
+
+// ---- mbarriers (CTA scope): arrive releases, wait acquires.
+__device__ __forceinline__ void mbar_init(uint64_t* b, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(b)) : "memory");
+}
+// Waits until the phase with parity `parity` of barrier b has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred P;\nmbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2;\nselp.u32 %0, 1, 0, P;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(b)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Keeps A-fragment registers live and unmoved until the wgmma reading them has completed.
+template <int kN>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kernel(const Params p) {
+#if FP8MOE_SM90A
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  __nv_bfloat16* Tok = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][BM][64] swizzled, K-major
+  uint8_t* Wraw = smem + kStages * Cfg::kTokTileBytes;          // [kStages][BN][64] FP8, 16-byte units XOR-swizzled
+  __shared__ TileMaps<BM, BN> maps;
+  __shared__ uint64_t full[kStages], empty[kStages];
+
+  const RowTile rt = find_row_tile<Cfg::kThreads, BM>(p.offsets, p.E, grid_tile(p.n_tiles));
+  if (rt.expert < 0) return;  // uniform across the block
+  const int e = rt.expert, tid = threadIdx.x;
+  build_tile_maps<Cfg::kThreads, BM, BN, false>(p, rt, kBK, maps);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 128);  // every producer thread
+      mbar_init(&empty[s], 8);   // every consumer warp
+    }
+  }
+  __syncthreads();
+  const int nkt = p.K / kBK;
+  // W row r's 16-byte unit u sits at unit u ^ ((r / 2) % 4): the consumers' word loads below
+  // then hit 32 distinct banks.
+  auto w_unit = [](int r, int u) { return r * kBK + ((u ^ ((r >> 1) & 3)) << 4); };
+
+  float acc[1][BM / 8][4];
+  float* d = &acc[0][0][0];
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) d[i] = 0.0f;
+
+  if (tid < 128) {
+    // ---- producer: tile t into stage t % kStages once its consumers released it
+    constexpr int kTokChunks = BM * kBK / 8 / 128, kWChunks = BN * kBK / 16 / 128;
+    const char* a_src[kTokChunks];
+    int a_bytes[kTokChunks], a_dst[kTokChunks];
+#pragma unroll
+    for (int i = 0; i < kTokChunks; ++i) {
+      const int id = tid + i * 128, row = id / 8, kc = (id % 8) * 8, src = maps.arow[row];
+      a_bytes[i] = src >= 0 ? 16 : 0;  // zero-fill rows past the expert's end
+      a_src[i] = static_cast<const char*>(p.a.ptr) + (src >= 0 ? (int64_t{src} * p.a.ld + kc) * 2 : 0);
+      a_dst[i] = swz(row, kc) * 2;
+    }
+    const char* b_base = static_cast<const char*>(p.b.ptr) + e * p.b.expert_stride;
+    const char* w_src[kWChunks];
+    int w_bytes[kWChunks], w_dst[kWChunks];
+#pragma unroll
+    for (int i = 0; i < kWChunks; ++i) {
+      const int id = tid + i * 128, r = id / 4, u = id % 4, n = maps.col[r];
+      w_bytes[i] = n >= 0 ? 16 : 0;  // W rows past N are zeros
+      w_src[i] = b_base + (n >= 0 ? int64_t{n} * p.b.ld + u * 16 : 0);
+      w_dst[i] = w_unit(r, u);
+    }
+    int s = 0;
+    uint32_t phase = 0;  // parity of stage s's current use
+    for (int t = 0; t < nkt; ++t) {
+      if (t >= kStages) mbar_wait(&empty[s], phase ^ 1);  // its previous use has been consumed
+      uint8_t* tok = reinterpret_cast<uint8_t*>(Tok) + s * Cfg::kTokTileBytes;
+      uint8_t* w = Wraw + s * Cfg::kWTileBytes;
+#pragma unroll
+      for (int i = 0; i < kTokChunks; ++i) {
+        cp_async16(tok + a_dst[i], a_src[i], a_bytes[i]);
+        a_src[i] += kBK * 2;
+      }
+#pragma unroll
+      for (int i = 0; i < kWChunks; ++i) {
+        cp_async16(w + w_dst[i], w_src[i], w_bytes[i]);
+        w_src[i] += kBK;
+      }
+      cp_async_commit();
+      if (t >= kLag) {  // tile t - kLag has landed: make it visible to wgmma, then release it
+        cp_async_wait<kLag>();
+        fence_proxy_async();
+        mbar_arrive(&full[(t - kLag) % kStages]);
+      }
+      if (++s == kStages) s = 0, phase ^= 1;
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    for (int t = nkt > kLag ? nkt - kLag : 0; t < nkt; ++t) mbar_arrive(&full[t % kStages]);
+  } else {
+    // ---- consumers: warpgroup cw owns W rows 64 cw .. 64 cw + 63 of the tile
+    const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, g = lane / 4, q = lane % 4;
+    const int r0 = 64 * cw + 16 * warp + g;  // and r0 + 8
+    const int n0 = maps.col[r0], n1 = maps.col[r0 + 8];
+    const float* sc_base = p.b.scale + e * p.b.scale_stride;
+    const float* sp0 = sc_base + (n0 >= 0 ? p.b.spec.row_index(n0) : 0);
+    const float* sp1 = sc_base + (n1 >= 0 ? p.b.spec.row_index(n1) : 0);
+    const uint32_t sel = (q & 1) ? 0x7632u : 0x5410u;  // this thread's pair in each word
+    int off[2][4];                                      // byte offset of word (16 j + 4 (q / 2)) of rows r0, r0 + 8
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) off[h][j] = w_unit(r0 + 8 * h, j) + 4 * (q >> 1);
+    const uint64_t desc0 = smem_desc(Tok);
+    const uint32_t d_lo = static_cast<uint32_t>(desc0), d_hi = static_cast<uint32_t>(desc0 >> 32);
+    const bool e5m2 = p.b.type == Elem::E5M2;
+
+    float sc[2] = {__ldg(sp0 + maps.ktab[0]), __ldg(sp1 + maps.ktab[0])};
+    // One K tile: dequantize this thread's fragment of W tile t, run its 4 MMAs, release the stage.
+    // The MMAs are waited for before the next tile's fragment is written: ptxas serializes every
+    // wgmma of the kernel when registers an in-flight wgmma may read are redefined (C7513), so the
+    // overlap of conversion and MMA comes from the two consumer warpgroups taking turns instead.
+    auto run = [&](auto kE5M2) {
+      constexpr bool kE = decltype(kE5M2)::value;
+      uint32_t a[16];
+      int s = 0;
+      uint32_t phase = 0;
+      for (int t = 0; t < nkt; ++t) {
+        float nsc[2] = {1.0f, 1.0f};  // next tile's scales, loaded early
+        if (t + 1 < nkt) nsc[0] = __ldg(sp0 + maps.ktab[t + 1]), nsc[1] = __ldg(sp1 + maps.ktab[t + 1]);
+        mbar_wait(&full[s], phase);
+        const uint8_t* w = Wraw + s * Cfg::kWTileBytes;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + off[h][j]);      // k 16j + 4(q/2) ..
+            const uint32_t hi = *reinterpret_cast<const uint32_t*>(w + off[h][j] + 8);  // k 16j + 8 + 4(q/2) ..
+            float f[4];
+            fp8x4_to_float(__byte_perm(lo, hi, sel), kE, f);
+            const float m = sc[h] * fp8_fold(kE);
+            a[4 * j + h] = pack_bf16x2(f[0] * m, f[1] * m);      // row g (+8), k 2q, 2q+1
+            a[4 * j + 2 + h] = pack_bf16x2(f[2] * m, f[3] * m);  // row g (+8), k 2q+8, 2q+9
+          }
+        wgmma_fence();
+        const uint32_t b = d_lo + s * (Cfg::kTokTileBytes >> 4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          wgmma_m64n128k16_rs(d, reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]), (uint64_t{d_hi} << 32) | (b + 2 * j));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_acc(d);
+        fence_regs(a);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with stage s
+        sc[0] = nsc[0], sc[1] = nsc[1];
+        if (++s == kStages) s = 0, phase ^= 1;
+      }
+    };
+    if (e5m2)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
+  }
+  __syncthreads();  // every copy landed and every MMA finished: the pipeline buffers are free
+
+  // Stage the transposed accumulators: d[4 j + 2 h + b] is W row (tile column) r0 + 8 h and
+  // token (tile row) 8 j + 2 q + b.
+  float* st = reinterpret_cast<float*>(smem);
+  if (tid >= 128) {
+    const int ct = tid - 128, lane = ct % 32;
+    const int r0 = 64 * (ct / 128) + 16 * ((ct / 32) % 4) + lane / 4, q = lane % 4;
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) st[(8 * j + 2 * q + b) * Cfg::kStageLd + r0 + 8 * h] = d[4 * j + 2 * h + b];
+  }
+  __syncthreads();
+  finish_tile<Cfg::kThreads, BM, BN, Cfg::kStageLd>(p, rt, maps, st);
+#else
+  (void)p;
+  __trap();
+#endif
+}
+
+struct KernelSm90RegA {
+  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA>;
+  static constexpr int kSmemBytes = TileSm90RegA::kSmemBytes;
+};
+
+}  // namespace fp8moe::cuda::gemm
