@@ -15,10 +15,10 @@ void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
   using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128, TileM64N128>;
   using Sm90Cfg = std::conditional_t<S == TileShape::Sm90RegA, TileSm90RegA, TileSm90M128>;
   using Cfg = std::conditional_t<is_sm90(S), Sm90Cfg, MmaCfg>;
-  using K = std::conditional_t<S == TileShape::Sm90RegA, KernelSm90RegA,
+  using K = std::conditional_t<S == TileShape::Sm90RegA, KernelSm90RegA<TR>,
                                std::conditional_t<S == TileShape::Sm90M128N128, KernelSm90<TileSm90M128, AB, BB, TR>,
                                                   KernelMma<MmaCfg, AB, BB, TR>>>;
-  static_assert(S != TileShape::Sm90RegA || (AB == 2 && BB == 1 && !TR), "Sm90RegA: BF16 A, FP8 W, forward reading");
+  static_assert(S != TileShape::Sm90RegA || (AB == 2 && BB == 1), "Sm90RegA: BF16 A, FP8 W");
   static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S), "tile_bm/tile_bk disagree with the tile config");
   set_smem_limit(K::kernel, K::kSmemBytes);
   K::kernel<<<grid, Cfg::kThreads, K::kSmemBytes, stream>>>(p);

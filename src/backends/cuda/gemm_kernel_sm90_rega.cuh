@@ -19,8 +19,14 @@
 //   pipeline  kStages stages, the producer kLag tiles ahead of its own arrivals. A consumer
 //             warpgroup waits for its MMAs before converting the next tile (see run below); the
 //             two consumer warpgroups overlap each other's conversion and MMAs.
-// It takes: W FP8 non-transposed, BF16 A, K % 64 == 0, the scale k-part constant per K tile, no
-// LoRA (host: rega_fits). Everything else runs on the other engines.
+//   W^T       transposed W (the backward GEMMs) is copied as stored, [64 K rows][128 columns] per
+//             tile. ldmatrix.trans on it, reading byte pairs as 16-bit elements, hands thread
+//             (g, q) the bytes of K rows 2q, 2q+1 (and + 8) at columns 2g, 2g+1: exactly the A
+//             fragment pairs along K, for M rows 2g and 2g+1 in place of g and g+8 (M rows are
+//             output columns: the epilogue staging follows the permutation).
+// It takes: FP8 W, BF16 A, K % 64 == 0, the scale k-part constant per K tile, no LoRA, and with
+// transposed W, N % 16 == 0 and no GLU forward (host: rega_fits). Everything else runs on the
+// other engines.
 #pragma once
 
 #include "backends/cuda/gemm_kernel_sm90.cuh"
@@ -81,21 +87,21 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-template <class Cfg>
+template <class Cfg, bool kTrans>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kernel(const Params p) {
 #if FP8MOE_SM90A
   constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   __nv_bfloat16* Tok = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][BM][64] swizzled, K-major
-  uint8_t* Wraw = smem + kStages * Cfg::kTokTileBytes;          // [kStages][BN][64] FP8, 16-byte units XOR-swizzled
+  uint8_t* Wraw = smem + kStages * Cfg::kTokTileBytes;          // [kStages] x [BN][64] or [64][BN] (kTrans) FP8
   __shared__ TileMaps<BM, BN> maps;
   __shared__ uint64_t full[kStages], empty[kStages];
 
   const RowTile rt = find_row_tile<Cfg::kThreads, BM>(p.offsets, p.E, grid_tile(p.n_tiles));
   if (rt.expert < 0) return;  // uniform across the block
   const int e = rt.expert, tid = threadIdx.x;
-  build_tile_maps<Cfg::kThreads, BM, BN, false>(p, rt, kBK, maps);
+  build_tile_maps<Cfg::kThreads, BM, BN, kTrans>(p, rt, kBK, maps);
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 128);  // every producer thread
@@ -104,9 +110,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
   }
   __syncthreads();
   const int nkt = p.K / kBK;
-  // W row r's 16-byte unit u sits at unit u ^ ((r / 2) % 4): the consumers' word loads below
-  // then hit 32 distinct banks.
-  auto w_unit = [](int r, int u) { return r * kBK + ((u ^ ((r >> 1) & 3)) << 4); };
+  // Byte offset of 16-byte unit u of stored row r in a W tile. Forward: rows of 64 bytes, unit u
+  // at u ^ ((r / 2) % 4), so the consumers' word loads hit 32 distinct banks. Transposed: rows of
+  // 128 bytes, unit u at u ^ (r % 8), so each 8-row ldmatrix is conflict-free.
+  auto w_unit = [](int r, int u) {
+    return kTrans ? r * BN + ((u ^ (r & 7)) << 4) : r * kBK + ((u ^ ((r >> 1) & 3)) << 4);
+  };
+  // The two M rows (tile columns) of a consumer thread: r0 and r0 + 8, or 2g and 2g + 1 of its
+  // warp's 16 with transposed W.
+  auto m_rows = [](int ct, int (&r)[2]) {
+    const int base = 64 * (ct / 128) + 16 * ((ct / 32) % 4), g = (ct % 32) / 4;
+    r[0] = kTrans ? base + 2 * g : base + g;
+    r[1] = kTrans ? r[0] + 1 : r[0] + 8;
+  };
 
   float acc[1][BM / 8][4];
   float* d = &acc[0][0][0];
@@ -130,11 +146,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     int w_bytes[kWChunks], w_dst[kWChunks];
 #pragma unroll
     for (int i = 0; i < kWChunks; ++i) {
-      const int id = tid + i * 128, r = id / 4, u = id % 4, n = maps.col[r];
-      w_bytes[i] = n >= 0 ? 16 : 0;  // W rows past N are zeros
-      w_src[i] = b_base + (n >= 0 ? int64_t{n} * p.b.ld + u * 16 : 0);
-      w_dst[i] = w_unit(r, u);
+      const int id = tid + i * 128;
+      if constexpr (kTrans) {  // stored row k = id / 8 of the tile, columns 16 u .. (N % 16 == 0)
+        const int r = id / 8, u = id % 8, n = maps.col[16 * u];
+        w_bytes[i] = n >= 0 ? 16 : 0;  // columns past N are zeros
+        w_src[i] = b_base + (n >= 0 ? int64_t{r} * p.b.ld + n : 0);
+        w_dst[i] = w_unit(r, u);
+      } else {
+        const int r = id / 4, u = id % 4, n = maps.col[r];
+        w_bytes[i] = n >= 0 ? 16 : 0;  // W rows past N are zeros
+        w_src[i] = b_base + (n >= 0 ? int64_t{n} * p.b.ld + u * 16 : 0);
+        w_dst[i] = w_unit(r, u);
+      }
     }
+    const int64_t w_step = kTrans ? kBK * p.b.ld : kBK;  // bytes per K tile
     int s = 0;
     uint32_t phase = 0;  // parity of stage s's current use
     for (int t = 0; t < nkt; ++t) {
@@ -149,7 +174,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 #pragma unroll
       for (int i = 0; i < kWChunks; ++i) {
         cp_async16(w + w_dst[i], w_src[i], w_bytes[i]);
-        w_src[i] += kBK;
+        w_src[i] += w_step;
       }
       cp_async_commit();
       if (t >= kLag) {  // tile t - kLag has landed: make it visible to wgmma, then release it
@@ -164,18 +189,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     for (int t = nkt > kLag ? nkt - kLag : 0; t < nkt; ++t) mbar_arrive(&full[t % kStages]);
   } else {
     // ---- consumers: warpgroup cw owns W rows 64 cw .. 64 cw + 63 of the tile
-    const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, g = lane / 4, q = lane % 4;
-    const int r0 = 64 * cw + 16 * warp + g;  // and r0 + 8
-    const int n0 = maps.col[r0], n1 = maps.col[r0 + 8];
+    const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, q = lane % 4;
+    int rows[2];
+    m_rows(ct, rows);
+    const int n0 = maps.col[rows[0]], n1 = maps.col[rows[1]];
     const float* sc_base = p.b.scale + e * p.b.scale_stride;
-    const float* sp0 = sc_base + (n0 >= 0 ? p.b.spec.row_index(n0) : 0);
-    const float* sp1 = sc_base + (n1 >= 0 ? p.b.spec.row_index(n1) : 0);
+    auto npart = [&](int n) { return n < 0 ? 0 : kTrans ? p.b.spec.col_index(n) : p.b.spec.row_index(n); };
+    const float* sp0 = sc_base + npart(n0);
+    const float* sp1 = sc_base + npart(n1);
     const uint32_t sel = (q & 1) ? 0x7632u : 0x5410u;  // this thread's pair in each word
     int off[2][4];                                      // byte offset of word (16 j + 4 (q / 2)) of rows r0, r0 + 8
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) off[h][j] = w_unit(r0 + 8 * h, j) + 4 * (q >> 1);
+      for (int j = 0; j < 4; ++j) off[h][j] = w_unit(rows[h], j) + 4 * (q >> 1);
+    // Transposed: lane l addresses row 8 (l / 8) + l % 8 (+ 32 for the second half of the tile)
+    // of matrix l / 8, in this warp's 16-byte column unit.
+    const int ld_off = w_unit(lane, 4 * cw + warp);
     const uint64_t desc0 = smem_desc(Tok);
     const uint32_t d_lo = static_cast<uint32_t>(desc0), d_hi = static_cast<uint32_t>(desc0 >> 32);
     const bool e5m2 = p.b.type == Elem::E5M2;
@@ -195,17 +225,38 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
         if (t + 1 < nkt) nsc[0] = __ldg(sp0 + maps.ktab[t + 1]), nsc[1] = __ldg(sp1 + maps.ktab[t + 1]);
         mbar_wait(&full[s], phase);
         const uint8_t* w = Wraw + s * Cfg::kWTileBytes;
+        // x[h][j]: FP8 codes of M row h at k 16j + 2q, 2q+1, 2q+8, 2q+9.
+        uint32_t x[2][4];
+        if constexpr (kTrans) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            uint32_t v[4];  // v[m]: K rows 32 half + 8 m + 2q, +1 at columns 2g, 2g+1 (bytes 0-3)
+            ldmatrix_x4_trans(v, w + ld_off + half * 32 * BN);
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              x[0][2 * half + jj] = __byte_perm(v[2 * jj], v[2 * jj + 1], 0x6420);  // column 2g
+              x[1][2 * half + jj] = __byte_perm(v[2 * jj], v[2 * jj + 1], 0x7531);  // column 2g + 1
+            }
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + off[h][j]);      // k 16j + 4(q/2) ..
+              const uint32_t hi = *reinterpret_cast<const uint32_t*>(w + off[h][j] + 8);  // k 16j + 8 + 4(q/2) ..
+              x[h][j] = __byte_perm(lo, hi, sel);
+            }
+        }
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + off[h][j]);      // k 16j + 4(q/2) ..
-            const uint32_t hi = *reinterpret_cast<const uint32_t*>(w + off[h][j] + 8);  // k 16j + 8 + 4(q/2) ..
             float f[4];
-            fp8x4_to_float(__byte_perm(lo, hi, sel), kE, f);
+            fp8x4_to_float(x[h][j], kE, f);
             const float m = sc[h] * fp8_fold(kE);
-            a[4 * j + h] = pack_bf16x2(f[0] * m, f[1] * m);      // row g (+8), k 2q, 2q+1
-            a[4 * j + 2 + h] = pack_bf16x2(f[2] * m, f[3] * m);  // row g (+8), k 2q+8, 2q+9
+            a[4 * j + h] = pack_bf16x2(f[0] * m, f[1] * m);      // M row h, k 2q, 2q+1
+            a[4 * j + 2 + h] = pack_bf16x2(f[2] * m, f[3] * m);  // M row h, k 2q+8, 2q+9
           }
         wgmma_fence();
         const uint32_t b = d_lo + s * (Cfg::kTokTileBytes >> 4);
@@ -229,18 +280,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
   }
   __syncthreads();  // every copy landed and every MMA finished: the pipeline buffers are free
 
-  // Stage the transposed accumulators: d[4 j + 2 h + b] is W row (tile column) r0 + 8 h and
+  // Stage the transposed accumulators: d[4 j + 2 h + b] is M row (tile column) rows[h] and
   // token (tile row) 8 j + 2 q + b.
   float* st = reinterpret_cast<float*>(smem);
   if (tid >= 128) {
-    const int ct = tid - 128, lane = ct % 32;
-    const int r0 = 64 * (ct / 128) + 16 * ((ct / 32) % 4) + lane / 4, q = lane % 4;
+    const int ct = tid - 128, q = ct % 4;
+    int rows[2];
+    m_rows(ct, rows);
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int b = 0; b < 2; ++b) st[(8 * j + 2 * q + b) * Cfg::kStageLd + r0 + 8 * h] = d[4 * j + 2 * h + b];
+        for (int b = 0; b < 2; ++b) st[(8 * j + 2 * q + b) * Cfg::kStageLd + rows[h]] = d[4 * j + 2 * h + b];
   }
   __syncthreads();
   finish_tile<Cfg::kThreads, BM, BN, Cfg::kStageLd>(p, rt, maps, st);
@@ -250,8 +302,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 #endif
 }
 
+template <bool kTrans>
 struct KernelSm90RegA {
-  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA>;
+  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA, kTrans>;
   static constexpr int kSmemBytes = TileSm90RegA::kSmemBytes;
 };
 

@@ -81,10 +81,14 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   if (g.b.quantized()) {
     // Read transposed, K runs along the stored rows (blocks of block_n within a segment).
     p.fine_k_scale = g.transpose_b ? s.block_n < 64 && s.block_n < s.seg_rows() : s.block_k < 64 && s.block_k < s.cols;
-    const int64_t K = bd.size(2);
-    p.rega_fits = !g.transpose_b && is_fp8(bd.dtype) && g.a.src.dtype == DType::BF16 && !g.lora_a.defined() &&
-                  K >= 64 && K % 64 == 0 && K <= 64 * kMaxKTiles && (s.block_k % 64 == 0 || s.block_k >= s.cols) &&
-                  aligned16(bd.data) && aligned16(g.a.src.data);
+    // Transposed, K runs along the stored rows, segment by segment; N along the stored columns.
+    const int64_t K = g.transpose_b ? bd.size(1) : bd.size(2), N = g.transpose_b ? bd.size(2) : bd.size(1);
+    const bool k_tile_uniform = g.transpose_b
+                                    ? s.seg_rows() % 64 == 0 && (s.block_n % 64 == 0 || s.block_n >= s.seg_rows())
+                                    : s.block_k % 64 == 0 || s.block_k >= s.cols;
+    p.rega_fits = is_fp8(bd.dtype) && g.a.src.dtype == DType::BF16 && !g.lora_a.defined() && K >= 64 &&
+                  K % 64 == 0 && K <= 64 * kMaxKTiles && k_tile_uniform && aligned16(bd.data) &&
+                  aligned16(g.a.src.data) && (!g.transpose_b || (N % 16 == 0 && g.epilogue != Epilogue::GluForward));
   }
   return p;
 }
@@ -219,9 +223,10 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
                  " needs an sm_90 GPU and a library built for sm_90a");
   if (shape == TileShape::Sm90RegA)
     FP8MOE_CHECK(describe(g).rega_fits, "grouped_gemm: tile shape ", tile_shape_name(shape),
-                 " takes only FP8 W read forward, BF16 A, K % 64 == 0, one scale per 64-wide K tile, no LoRA; found ",
+                 " takes only FP8 W, BF16 A, K % 64 == 0, one scale per 64-wide K tile, no LoRA (transposed: N % 16 == 0, "
+                 "no GLU forward); found ",
                  dtype_name(bd.dtype), " W", g.transpose_b ? " (transposed)" : "", ", ", dtype_name(g.a.src.dtype),
-                 " A, K = ", K, g.lora_a.defined() ? ", LoRA" : "");
+                 " A, N = ", N, ", K = ", K, g.lora_a.defined() ? ", LoRA" : "");
   const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
   dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
     constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
@@ -230,8 +235,8 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
       case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::Sm90RegA:  // the one instance (checked above)
-        if constexpr (AB == 2 && BB == 1 && !TR) launch_instance<TileShape::Sm90RegA, 2, 1, false>(p, grid, stream);
+      case TileShape::Sm90RegA:  // BF16 A, FP8 W only (checked above)
+        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegA, 2, 1, TR>(p, grid, stream);
         break;
     }
   });

@@ -620,7 +620,7 @@ TEST(GroupedGemm, GluBackwardAllActivationsAndLayouts) {
 // The register-A wgmma engine (Sm90RegA) on what stresses its pipeline: more K tiles than
 // stages (the ring wraps twice: mbarrier phases), several row tiles per expert with a partial
 // last one, N past the last full 128-row W tile, every scale scheme it takes, both FP8 kinds,
-// gathered token rows, and one hot expert with the others empty.
+// gathered token rows, one hot expert with the others empty, and transposed W.
 TEST(GroupedGemm, RegAPipelineWrapsAndEdges) {
   REQUIRE_GPU();
   {
@@ -655,6 +655,26 @@ TEST(GroupedGemm, RegAPipelineWrapsAndEdges) {
     Case c;  // one scale for the whole stack
     c.T = 129, c.k = 1, c.E = 1, c.N = 128, c.K = 64;
     c.spec = ScaleSpec::tensor(128, 64);
+    c.want_rega = true;
+    run_case(c);
+  }
+  {
+    Case c;  // transposed (dgrad reading): stored [K, N], two segments of 128-row blocks
+    c.T = 300, c.k = 2, c.E = 3, c.N = 208, c.K = 1280;
+    c.transpose_b = true;
+    c.spec = block(1280, 208, 128, 128, 2);
+    c.row_scale = true;
+    c.want_rega = true;
+    run_case(c);
+  }
+  {
+    Case c;  // transposed GLU backward, E5M2, one expert hot
+    c.T = 200, c.k = 1, c.E = 4, c.N = 144, c.K = 256;
+    c.transpose_b = true;
+    c.routing = Routing::Hot;
+    c.w = WKind::E5M2;
+    c.epi = Epilogue::GluBackward;
+    c.spec = ScaleSpec::tensor(256, 144);
     c.want_rega = true;
     run_case(c);
   }
