@@ -20,9 +20,17 @@ void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
                                                   KernelMma<MmaCfg, AB, BB, TR>>>;
   static_assert(S != TileShape::Sm90RegA || (AB == 2 && BB == 1), "Sm90RegA: BF16 A, FP8 W");
   static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S), "tile_bm/tile_bk disagree with the tile config");
-  set_smem_limit(K::kernel, K::kSmemBytes);
-  K::kernel<<<grid, Cfg::kThreads, K::kSmemBytes, stream>>>(p);
-  FP8MOE_CUDA_LAUNCH_CHECK(tile_shape_name(S));
+  auto launch = [&](auto kernel_traits) {
+    using KT = decltype(kernel_traits);
+    set_smem_limit(KT::kernel, KT::kSmemBytes);
+    KT::kernel<<<grid, Cfg::kThreads, KT::kSmemBytes, stream>>>(p);
+    FP8MOE_CUDA_LAUNCH_CHECK(tile_shape_name(S));
+  };
+  // Transposed Sm90RegA has a second variant for per-K-row scales (Params::k_row_scale).
+  if constexpr (S == TileShape::Sm90RegA && TR) {
+    if (p.k_row_scale) return launch(KernelSm90RegA<true, true>{});
+  }
+  launch(K{});
 }
 
 }  // namespace fp8moe::cuda::gemm

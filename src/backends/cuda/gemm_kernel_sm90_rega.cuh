@@ -24,9 +24,11 @@
 //             (g, q) the bytes of K rows 2q, 2q+1 (and + 8) at columns 2g, 2g+1: exactly the A
 //             fragment pairs along K, for M rows 2g and 2g+1 in place of g and g+8 (M rows are
 //             output columns: the epilogue staging follows the permutation).
-// It takes: FP8 W, BF16 A, K % 64 == 0, the scale k-part constant per K tile, no LoRA, and with
-// transposed W, N % 16 == 0 and no GLU forward (host: rega_fits). Everything else runs on the
-// other engines.
+//   LoRA      ceil(r / 64) extra K tiles accumulate L . LB^T: the producer copies L's rows into the
+//             token slot, the consumers read their LB fragments from global memory (r is small).
+// It takes: FP8 W, BF16 A, K % 64 == 0, the scale k-part constant per K tile, LoRA only with BF16
+// L and r % 8 == 0, and with transposed W, N % 16 == 0 and no GLU forward (host: rega_fits).
+// Everything else runs on the other engines.
 #pragma once
 
 #include "backends/cuda/gemm_kernel_sm90.cuh"
@@ -41,7 +43,8 @@ struct TileSm90RegA {
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kTokTileBytes = BM * kBK * 2, kWTileBytes = BN * kBK;
   static constexpr int kStageLd = BN + 4;  // staged epilogue: transposed writes conflict-free
-  static constexpr int kSmemBytes = kStages * (kTokTileBytes + kWTileBytes) + 1024;
+  static constexpr int kScaleBytes = kBK * 4;  // per-K-row scales of a tile (kKScale)
+  static constexpr int kSmemBytes = kStages * (kTokTileBytes + kWTileBytes + kScaleBytes) + 1024;
   static_assert(BM * kStageLd * 4 + 1024 <= kSmemBytes, "the staged epilogue tile must fit the pipeline buffers");
 };
 
@@ -87,14 +90,20 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-template <class Cfg, bool kTrans>
+// kKScale (transposed only): W's scale depends on the stored row alone and changes inside a K
+// tile (per-channel scales read transposed: the backward GEMMs of GLM-style checkpoints). The
+// producer copies the tile's 64 row scales next to it; the consumers scale each element by its
+// K row instead of each M row.
+template <class Cfg, bool kTrans, bool kKScale>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kernel(const Params p) {
+  static_assert(kTrans || !kKScale, "per-K-row scales exist only for transposed W");
 #if FP8MOE_SM90A
   constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   __nv_bfloat16* Tok = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][BM][64] swizzled, K-major
   uint8_t* Wraw = smem + kStages * Cfg::kTokTileBytes;          // [kStages] x [BN][64] or [64][BN] (kTrans) FP8
+  float* Ksc = reinterpret_cast<float*>(Wraw + kStages * Cfg::kWTileBytes);  // [kStages][64] (kKScale)
   __shared__ TileMaps<BM, BN> maps;
   __shared__ uint64_t full[kStages], empty[kStages];
 
@@ -109,7 +118,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     }
   }
   __syncthreads();
-  const int nkt = p.K / kBK;
+  const int nkt = p.K / kBK, ntiles = nkt + (p.R + kBK - 1) / kBK;  // main K tiles, then LoRA tiles
   // Byte offset of 16-byte unit u of stored row r in a W tile. Forward: rows of 64 bytes, unit u
   // at u ^ ((r / 2) % 4), so the consumers' word loads hit 32 distinct banks. Transposed: rows of
   // 128 bytes, unit u at u ^ (r % 8), so each 8-row ldmatrix is conflict-free.
@@ -160,33 +169,55 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
       }
     }
     const int64_t w_step = kTrans ? kBK * p.b.ld : kBK;  // bytes per K tile
+    // kKScale: producer thread tid < 64 copies the scale of K row tid of each tile (linear k-part).
+    const float* ks_src = kKScale ? p.b.scale + e * p.b.scale_stride + p.b.spec.row_index(tid % kBK) : nullptr;
     int s = 0;
     uint32_t phase = 0;  // parity of stage s's current use
-    for (int t = 0; t < nkt; ++t) {
-      if (t >= kStages) mbar_wait(&empty[s], phase ^ 1);  // its previous use has been consumed
-      uint8_t* tok = reinterpret_cast<uint8_t*>(Tok) + s * Cfg::kTokTileBytes;
-      uint8_t* w = Wraw + s * Cfg::kWTileBytes;
-#pragma unroll
-      for (int i = 0; i < kTokChunks; ++i) {
-        cp_async16(tok + a_dst[i], a_src[i], a_bytes[i]);
-        a_src[i] += kBK * 2;
-      }
-#pragma unroll
-      for (int i = 0; i < kWChunks; ++i) {
-        cp_async16(w + w_dst[i], w_src[i], w_bytes[i]);
-        w_src[i] += w_step;
-      }
+    // Tile t into stage s: wait until its previous use is consumed, queue the copies, then release
+    // the tile kLag behind (landed: made visible to wgmma first).
+    auto step = [&](int t, auto&& copies) {
+      if (t >= kStages) mbar_wait(&empty[s], phase ^ 1);
+      copies(reinterpret_cast<uint8_t*>(Tok) + s * Cfg::kTokTileBytes, Wraw + s * Cfg::kWTileBytes);
       cp_async_commit();
-      if (t >= kLag) {  // tile t - kLag has landed: make it visible to wgmma, then release it
+      if (t >= kLag) {
         cp_async_wait<kLag>();
         fence_proxy_async();
         mbar_arrive(&full[(t - kLag) % kStages]);
       }
       if (++s == kStages) s = 0, phase ^= 1;
-    }
+    };
+    for (int t = 0; t < nkt; ++t)
+      step(t, [&](uint8_t* tok, uint8_t* w) {
+        if (kKScale && tid < kBK) {
+          cp_async<4>(Ksc + (w - Wraw) / Cfg::kWTileBytes * kBK + tid, ks_src);
+          ks_src += p.b_kpart_step;
+        }
+#pragma unroll
+        for (int i = 0; i < kTokChunks; ++i) {
+          cp_async16(tok + a_dst[i], a_src[i], a_bytes[i]);
+          a_src[i] += kBK * 2;
+        }
+#pragma unroll
+        for (int i = 0; i < kWChunks; ++i) {
+          cp_async16(w + w_dst[i], w_src[i], w_bytes[i]);
+          w_src[i] += w_step;
+        }
+      });
+    // LoRA tiles: L's rows (r % 8 == 0, zero past r) in the token slot; LB goes to the consumers
+    // straight from global memory.
+    for (int t = nkt; t < ntiles; ++t)
+      step(t, [&](uint8_t* tok, uint8_t*) {
+#pragma unroll
+        for (int i = 0; i < kTokChunks; ++i) {
+          const int id = tid + i * 128, row = id / 8, k = (t - nkt) * kBK + (id % 8) * 8, src = maps.larow[row];
+          const bool valid = src >= 0 && k < p.R;
+          cp_async16(tok + a_dst[i], static_cast<const char*>(p.la.ptr) + (valid ? (int64_t{src} * p.la.ld + k) * 2 : 0),
+                     valid ? 16 : 0);
+        }
+      });
     cp_async_wait<0>();
     fence_proxy_async();
-    for (int t = nkt > kLag ? nkt - kLag : 0; t < nkt; ++t) mbar_arrive(&full[t % kStages]);
+    for (int t = ntiles > kLag ? ntiles - kLag : 0; t < ntiles; ++t) mbar_arrive(&full[t % kStages]);
   } else {
     // ---- consumers: warpgroup cw owns W rows 64 cw .. 64 cw + 63 of the tile
     const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, q = lane % 4;
@@ -195,8 +226,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     const int n0 = maps.col[rows[0]], n1 = maps.col[rows[1]];
     const float* sc_base = p.b.scale + e * p.b.scale_stride;
     auto npart = [&](int n) { return n < 0 ? 0 : kTrans ? p.b.spec.col_index(n) : p.b.spec.row_index(n); };
-    const float* sp0 = sc_base + npart(n0);
-    const float* sp1 = sc_base + npart(n1);
+    // kKScale: the k-part is per element (Ksc); an M row's part is 0 (the scale has one column).
+    const float* sp0 = sc_base + (kKScale ? 0 : npart(n0));
+    const float* sp1 = sc_base + (kKScale ? 0 : npart(n1));
     const uint32_t sel = (q & 1) ? 0x7632u : 0x5410u;  // this thread's pair in each word
     int off[2][4];                                      // byte offset of word (16 j + 4 (q / 2)) of rows r0, r0 + 8
 #pragma unroll
@@ -210,19 +242,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     const uint32_t d_lo = static_cast<uint32_t>(desc0), d_hi = static_cast<uint32_t>(desc0 >> 32);
     const bool e5m2 = p.b.type == Elem::E5M2;
 
-    float sc[2] = {__ldg(sp0 + maps.ktab[0]), __ldg(sp1 + maps.ktab[0])};
-    // One K tile: dequantize this thread's fragment of W tile t, run its 4 MMAs, release the stage.
-    // The MMAs are waited for before the next tile's fragment is written: ptxas serializes every
-    // wgmma of the kernel when registers an in-flight wgmma may read are redefined (C7513), so the
-    // overlap of conversion and MMA comes from the two consumer warpgroups taking turns instead.
+    uint32_t a[16];  // this thread's A fragments of the 4 k16 steps of a tile
+    int s = 0;
+    uint32_t phase = 0;
+    // The 4 MMAs of the tile in stage s with fragments a[], then the stage's release. The MMAs are
+    // waited for before the next fragments are written: ptxas serializes every wgmma of the kernel
+    // when registers an in-flight wgmma may read are redefined (C7513), so the overlap of
+    // conversion and MMA comes from the two consumer warpgroups taking turns instead.
+    auto mma_tile = [&]() {
+      wgmma_fence();
+      const uint32_t b = d_lo + s * (Cfg::kTokTileBytes >> 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        wgmma_m64n128k16_rs(d, reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]), (uint64_t{d_hi} << 32) | (b + 2 * j));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_acc(d);
+      fence_regs(a);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with stage s
+      if (++s == kStages) s = 0, phase ^= 1;
+    };
+    float sc[2] = {1.0f, 1.0f};
+    if (!kKScale) sc[0] = __ldg(sp0 + maps.ktab[0]), sc[1] = __ldg(sp1 + maps.ktab[0]);
+    // The main K tiles: dequantize this thread's fragment of W tile t, then its MMAs.
     auto run = [&](auto kE5M2) {
       constexpr bool kE = decltype(kE5M2)::value;
-      uint32_t a[16];
-      int s = 0;
-      uint32_t phase = 0;
       for (int t = 0; t < nkt; ++t) {
         float nsc[2] = {1.0f, 1.0f};  // next tile's scales, loaded early
-        if (t + 1 < nkt) nsc[0] = __ldg(sp0 + maps.ktab[t + 1]), nsc[1] = __ldg(sp1 + maps.ktab[t + 1]);
+        if (!kKScale && t + 1 < nkt) nsc[0] = __ldg(sp0 + maps.ktab[t + 1]), nsc[1] = __ldg(sp1 + maps.ktab[t + 1]);
         mbar_wait(&full[s], phase);
         const uint8_t* w = Wraw + s * Cfg::kWTileBytes;
         // x[h][j]: FP8 codes of M row h at k 16j + 2q, 2q+1, 2q+8, 2q+9.
@@ -248,35 +296,67 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
               x[h][j] = __byte_perm(lo, hi, sel);
             }
         }
+        [[maybe_unused]] float ks[4][4];  // kKScale: the scales of k 16j + 2q, 2q+1, 2q+8, 2q+9
+        if constexpr (kKScale) {
+          const float* kst = Ksc + s * kBK;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 lo = *reinterpret_cast<const float2*>(kst + 16 * j + 2 * q);
+            const float2 hi = *reinterpret_cast<const float2*>(kst + 16 * j + 8 + 2 * q);
+            const float fold = fp8_fold(kE);
+            ks[j][0] = lo.x * fold, ks[j][1] = lo.y * fold, ks[j][2] = hi.x * fold, ks[j][3] = hi.y * fold;
+          }
+        }
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             float f[4];
             fp8x4_to_float(x[h][j], kE, f);
-            const float m = sc[h] * fp8_fold(kE);
-            a[4 * j + h] = pack_bf16x2(f[0] * m, f[1] * m);      // M row h, k 2q, 2q+1
-            a[4 * j + 2 + h] = pack_bf16x2(f[2] * m, f[3] * m);  // M row h, k 2q+8, 2q+9
-          }
-        wgmma_fence();
-        const uint32_t b = d_lo + s * (Cfg::kTokTileBytes >> 4);
+            if constexpr (kKScale) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wgmma_m64n128k16_rs(d, reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]), (uint64_t{d_hi} << 32) | (b + 2 * j));
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_acc(d);
-        fence_regs(a);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with stage s
+              for (int i = 0; i < 4; ++i) f[i] *= ks[j][i];
+            } else {
+              const float m = sc[h] * fp8_fold(kE);
+#pragma unroll
+              for (int i = 0; i < 4; ++i) f[i] *= m;
+            }
+            a[4 * j + h] = pack_bf16x2(f[0], f[1]);      // M row h, k 2q, 2q+1
+            a[4 * j + 2 + h] = pack_bf16x2(f[2], f[3]);  // M row h, k 2q+8, 2q+9
+          }
+        mma_tile();
         sc[0] = nsc[0], sc[1] = nsc[1];
-        if (++s == kStages) s = 0, phase ^= 1;
       }
     };
     if (e5m2)
       run(std::true_type{});
     else
       run(std::false_type{});
+    // The LoRA tiles: fragments of LB (times lora_scale), read from global memory; 0 past r or N.
+    const int ns[2] = {n0, n1};
+    for (int t = nkt; t < ntiles; ++t) {
+      const int k0 = (t - nkt) * kBK + 2 * q;
+      float f[2][4][4];  // [row][step][k 2q, 2q+1, 2q+8, 2q+9]
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int k = k0 + 16 * j + (i & 1) + 8 * (i >> 1), n = ns[h];
+            const int64_t at = e * p.lb.expert_stride + (kTrans ? int64_t{k} * p.lb.ld + n : int64_t{n} * p.lb.ld + k);
+            f[h][j][i] = n >= 0 && k < p.R ? load_elem(p.lb.ptr, p.lb.type, at) * p.lb.mult : 0.0f;
+          }
+      mbar_wait(&full[s], phase);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          a[4 * j + h] = pack_bf16x2(f[h][j][0], f[h][j][1]);
+          a[4 * j + 2 + h] = pack_bf16x2(f[h][j][2], f[h][j][3]);
+        }
+      mma_tile();
+    }
   }
   __syncthreads();  // every copy landed and every MMA finished: the pipeline buffers are free
 
@@ -302,9 +382,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 #endif
 }
 
-template <bool kTrans>
+template <bool kTrans, bool kKScale = false>
 struct KernelSm90RegA {
-  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA, kTrans>;
+  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA, kTrans, kKScale>;
   static constexpr int kSmemBytes = TileSm90RegA::kSmemBytes;
 };
 

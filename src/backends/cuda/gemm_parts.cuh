@@ -54,6 +54,9 @@ struct Params {
   // Else, when > 0: each W chunk's scale k-part grows by this much per K tile (channel scales read
   // transposed, groups dividing the K tile), so the kernel advances a pointer instead.
   int64_t b_kpart_step = 0;
+  // Sm90RegA, transposed W: the scale depends on the stored row alone and steps linearly
+  // (b_kpart_step) inside the K tile: a scale per K row, copied with the tile.
+  bool k_row_scale = false;
   const void* row_scale = nullptr;  // [T * k]
   Elem rs_type = Elem::F32;
   const void* bias = nullptr;  // [E, N]

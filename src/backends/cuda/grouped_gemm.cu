@@ -28,6 +28,7 @@
 #include "backends/cuda/grouped_gemm.cuh"
 
 #include <algorithm>
+#include <string>
 
 #include "backends/cuda/cuda_check.cuh"
 #include "backends/cuda/gemm_parts.cuh"
@@ -56,6 +57,12 @@ void check_view(const TensorView& t, const char* name, const Shape& shape, std::
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Read transposed, whether W's scale depends on the stored row alone (one scale column) and its
+// k-part steps linearly inside a 64-row K tile: Sm90RegA's per-K-row scales.
+bool k_row_scale(const ScaleSpec& s) {
+  return s.grid_k() == 1 && 64 % s.block_n == 0 && s.seg_rows() % s.block_n == 0;
+}
 
 OperandA make_operand_a(const GemmOperand& op, const char* name, const RoutingPlan& plan, int64_t cols) {
   const int64_t rows = op.rows == RowSource::Tokens ? plan.tokens : plan.rows();
@@ -86,8 +93,12 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
     const bool k_tile_uniform = g.transpose_b
                                     ? s.seg_rows() % 64 == 0 && (s.block_n % 64 == 0 || s.block_n >= s.seg_rows())
                                     : s.block_k % 64 == 0 || s.block_k >= s.cols;
-    p.rega_fits = is_fp8(bd.dtype) && g.a.src.dtype == DType::BF16 && !g.lora_a.defined() && K >= 64 &&
-                  K % 64 == 0 && K <= 64 * kMaxKTiles && k_tile_uniform && aligned16(bd.data) &&
+    const bool row_scales = g.transpose_b && !k_tile_uniform && k_row_scale(s);
+    const TensorView& la = g.lora_a.src;
+    const bool lora_ok = !g.lora_a.defined() ||
+                         (la.dtype == DType::BF16 && la.rank() == 2 && la.size(1) % 8 == 0 && aligned16(la.data));
+    p.rega_fits = is_fp8(bd.dtype) && g.a.src.dtype == DType::BF16 && lora_ok && K >= 64 &&
+                  K % 64 == 0 && K <= 64 * kMaxKTiles && (k_tile_uniform || row_scales) && aligned16(bd.data) &&
                   aligned16(g.a.src.data) && (!g.transpose_b || (N % 16 == 0 && g.epilogue != Epilogue::GluForward));
   }
   return p;
@@ -214,6 +225,9 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     }
   }
 
+  p.k_row_scale = shape == TileShape::Sm90RegA && g.transpose_b && !p.b_tile_uniform;
+  if (p.k_row_scale)  // describe() admitted it: k_row_scale(spec), so the step above is set
+    FP8MOE_CHECK(p.b_kpart_step > 0 && k_row_scale(g.b.spec), "grouped_gemm: internal: per-K-row scales without a linear step");
   const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
   const int64_t bn = 128;  // every shape is 128 wide (GLU forward: 64 gate + 64 up columns)
@@ -223,10 +237,10 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
                  " needs an sm_90 GPU and a library built for sm_90a");
   if (shape == TileShape::Sm90RegA)
     FP8MOE_CHECK(describe(g).rega_fits, "grouped_gemm: tile shape ", tile_shape_name(shape),
-                 " takes only FP8 W, BF16 A, K % 64 == 0, one scale per 64-wide K tile, no LoRA (transposed: N % 16 == 0, "
-                 "no GLU forward); found ",
+                 " takes only FP8 W, BF16 A, K % 64 == 0, one scale per 64-wide K tile, LoRA with BF16 L and r % 8 == 0 "
+                 "(transposed: N % 16 == 0, no GLU forward); found ",
                  dtype_name(bd.dtype), " W", g.transpose_b ? " (transposed)" : "", ", ", dtype_name(g.a.src.dtype),
-                 " A, N = ", N, ", K = ", K, g.lora_a.defined() ? ", LoRA" : "");
+                 " A, N = ", N, ", K = ", K, g.lora_a.defined() ? ", LoRA r = " + std::to_string(g.lora_a.src.size(1)) : "");
   const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
   dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
     constexpr int AB = decltype(a)::value, BB = decltype(b)::value;

@@ -54,8 +54,9 @@ bool sm90_kernels_available();
 struct GemmProblem {
   int64_t rows = 0, experts = 0;  // rows = T * top_k over `experts` groups
   bool fine_k_scale = false;       // W's scale changes inside a 64-wide K tile
-  // Sm90RegA can take it: FP8 W read forward, BF16 A, K a multiple of 64, one scale k-part per
-  // 64-wide K tile, no LoRA, 16-byte aligned operands.
+  // Sm90RegA can take it: FP8 W, BF16 A, K a multiple of 64, one scale k-part per 64-wide K
+  // tile (or, transposed, a scale per stored row), LoRA only with BF16 L and r % 8 == 0, 16-byte
+  // aligned operands; transposed W also needs N % 16 == 0 and no GLU forward.
   bool rega_fits = false;
 };
 GemmProblem describe(const GroupedGemm& g);

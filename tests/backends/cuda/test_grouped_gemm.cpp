@@ -667,6 +667,38 @@ TEST(GroupedGemm, RegAPipelineWrapsAndEdges) {
     c.want_rega = true;
     run_case(c);
   }
+  for (bool trans : {false, true}) {
+    Case c;  // LoRA: r = 72 spans two 64-wide LoRA tiles; gathered L rows, F32 or BF16 LB
+    c.T = 160, c.k = 2, c.E = 3, c.N = 176, c.K = 640;
+    c.transpose_b = trans;
+    c.spec = trans ? block(640, 176, 128, 128) : block(176, 640, 128, 128);
+    c.lora_r = 72;
+    c.la_rows = trans ? RowSource::Rows : RowSource::Tokens;
+    c.lb_dtype = trans ? DType::BF16 : DType::F32;
+    c.bias = true;
+    c.want_rega = true;
+    SCOPED_TRACE(trans ? "LoRA, transposed" : "LoRA");
+    run_case(c);
+  }
+  {
+    Case c;  // transposed, a scale per stored row (GLM's channel scales in the backward GEMMs)
+    c.T = 200, c.k = 2, c.E = 3, c.N = 160, c.K = 640;
+    c.transpose_b = true;
+    c.spec = ScaleSpec::channel(640, 160);
+    c.lora_r = 16;
+    c.lb_dtype = DType::BF16;
+    c.want_rega = true;
+    run_case(c);
+  }
+  {
+    Case c;  // transposed, 32-row scale blocks in two segments, one scale column; GLU backward
+    c.T = 150, c.k = 2, c.E = 2, c.N = 96, c.K = 512;
+    c.transpose_b = true;
+    c.epi = Epilogue::GluBackward;
+    c.spec = block(512, 96, 32, 96, 2);
+    c.want_rega = true;
+    run_case(c);
+  }
   {
     Case c;  // transposed GLU backward, E5M2, one expert hot
     c.T = 200, c.k = 1, c.E = 4, c.N = 144, c.K = 256;
