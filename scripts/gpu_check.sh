@@ -18,6 +18,7 @@
 #   GPU_FILTER       gtest filter for the GPU tests (default: all)
 #   SANITIZE_FILTER  gtest filter for compute-sanitizer (default: below, small shapes)
 #   BENCH_ARGS       arguments for `fp8moe bench` (default: --shape all --tokens 256,4096,16384 --routing both)
+#   STEP_TIMEOUT     seconds after which a step is killed and marked FAIL (default 900)
 #   TORCH_BASELINES  the shared peer script torch_baselines.py. It lives at ../shared/bench/ on
 #                    developer machines but does not travel to the device machine: copy it into
 #                    .deps/ before a run (cp ../shared/bench/torch_baselines.py .deps/). Default:
@@ -35,6 +36,7 @@ GPU_FILTER=${GPU_FILTER:-*}
 SANITIZE_FILTER=${SANITIZE_FILTER:-"GroupedGemm.TransposedWeights:GroupedGemm.LoraDelta:GroupedGemm.RegAPipelineWrapsAndEdges:Cases/CudaLayer.ForwardBackwardMatchCpu/wgmma_rows_gptoss_channel_bias:CudaBackendPlan.*:CudaBackendCombine.*:CudaBackendPairDot.*:CudaBackendRouter.TiesGoToLowerIndex:CudaBackendFill.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/gptoss_interleaved_channel_bias:Cases/CudaLayer.ForwardBackwardMatchCpu/odd_dims_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/tokens0:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts"}
 RACECHECK_FILTER=${RACECHECK_FILTER:-"GroupedGemm.LoraDelta:GroupedGemm.RegAPipelineWrapsAndEdges:CudaBackendPlan.ZeroTokens:CudaBackendPlan.OutOfRangeIdsAreExcludedAndReported:CudaBackendCombine.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts"}
 BENCH_ARGS=${BENCH_ARGS:-"--shape all --tokens 256,4096,16384 --routing both"}
+STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 if [ -z "${TORCH_BASELINES:-}" ]; then
   if [ -f .deps/torch_baselines.py ]; then TORCH_BASELINES=.deps/torch_baselines.py; else TORCH_BASELINES=../shared/bench/torch_baselines.py; fi
 fi
@@ -52,7 +54,8 @@ run_timed() {  # name logfile command...: appends to the log, sets STATUS and SE
   local name=$1 log=$2; shift 2
   local t0=$SECONDS
   echo "==== $name: $*" >>"$log"
-  if "$@" >>"$log" 2>&1; then STATUS=ok; else STATUS=FAIL; fi
+  # A hung kernel must not eat the whole device call: each step is killed after STEP_TIMEOUT s.
+  if timeout --signal=KILL "$STEP_TIMEOUT" "$@" >>"$log" 2>&1; then STATUS=ok; else STATUS=FAIL; fi
   SECS=$((SECONDS - t0))
 }
 gtest_counts() {  # summarises a gtest log: "N passed, M failed, S skipped"

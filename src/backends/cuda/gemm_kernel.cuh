@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   static_assert(kStageBytes<BM, BN> <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
   stage_accumulators<BN>(st, acc, wm * Cfg::WTM, wn * Cfg::WTN);
   __syncthreads();
-  finish_tile<Cfg::kThreads>(p, rt, maps, st);
+  finish_tile<Cfg::kThreads>(p, rt, maps, st, threadIdx.x);
 }
 
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().

@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
   static_assert(kStageBytes<BM, BN> + 1024 <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
   stage_accumulators<BN>(st, acc, warp * 16, 0);
   __syncthreads();
-  finish_tile<Cfg::kThreads>(p, rt, maps, st);
+  finish_tile<Cfg::kThreads>(p, rt, maps, st, threadIdx.x);
 #else
   (void)p;
   __trap();

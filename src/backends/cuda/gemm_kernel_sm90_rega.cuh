@@ -35,11 +35,16 @@
 
 namespace fp8moe::cuda::gemm {
 
+// kNT token blocks of 128 per CTA: with 2, each A fragment feeds two wgmmas (half the
+// conversion per FLOP) and the consumers need 128 accumulators, so the warpgroups trade
+// registers (setmaxnreg: producer 80, consumers 208).
+template <int kNT_>
 struct TileSm90RegA {
-  static constexpr int BM = 128;  // token rows per CTA (wgmma N)
-  static constexpr int BN = 128;  // W rows = output columns per CTA (2 x wgmma M)
+  static constexpr int kNT = kNT_;
+  static constexpr int BM = 128 * kNT;  // token rows per CTA (kNT wgmmas of N = 128)
+  static constexpr int BN = 128;        // W rows = output columns per CTA (2 x wgmma M)
   static constexpr int kBK = 64;
-  static constexpr int kStages = 8, kLag = kStages - 2;
+  static constexpr int kStages = kNT == 1 ? 8 : 5, kLag = kStages - 2;
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kTokTileBytes = BM * kBK * 2, kWTileBytes = BN * kBK;
   static constexpr int kStageLd = BN + 4;  // staged epilogue: transposed writes conflict-free
@@ -83,6 +88,22 @@ __device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
   } while (!done);
 }
 
+// Warpgroup register budgets (all threads of the warpgroup execute it).
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if FP8MOE_SM90A
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if FP8MOE_SM90A
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+// Named barrier 1 over the 256 consumer threads (the producer may have exited).
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
 // Keeps A-fragment registers live and unmoved until the wgmma reading them has completed.
 template <int kN>
 __device__ __forceinline__ void fence_regs(uint32_t (&r)[kN]) {
@@ -98,7 +119,7 @@ template <class Cfg, bool kTrans, bool kKScale>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kernel(const Params p) {
   static_assert(kTrans || !kKScale, "per-K-row scales exist only for transposed W");
 #if FP8MOE_SM90A
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag, kNT = Cfg::kNT;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   __nv_bfloat16* Tok = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][BM][64] swizzled, K-major
@@ -114,7 +135,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 128);  // every producer thread
-      mbar_init(&empty[s], 8);   // every consumer warp
+      mbar_init(&empty[s], 256);  // every consumer thread
     }
   }
   __syncthreads();
@@ -133,39 +154,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     r[1] = kTrans ? r[0] + 1 : r[0] + 8;
   };
 
-  float acc[1][BM / 8][4];
-  float* d = &acc[0][0][0];
-#pragma unroll
-  for (int i = 0; i < BM / 2; ++i) d[i] = 0.0f;
-
   if (tid < 128) {
     // ---- producer: tile t into stage t % kStages once its consumers released it
+    if constexpr (kNT == 2) setmaxnreg_dec<80>();
     constexpr int kTokChunks = BM * kBK / 8 / 128, kWChunks = BN * kBK / 16 / 128;
+    // Chunk i of a thread is 16 tile rows (tokens; transposed W) or 32 (forward W) past chunk
+    // 0, so its shared-memory offset is chunk 0's plus a constant (the swizzles repeat every 8
+    // rows); sources are kept per chunk, zero-fill flags as bit masks (few registers: the
+    // producer runs on 80 with two token blocks).
     const char* a_src[kTokChunks];
-    int a_bytes[kTokChunks], a_dst[kTokChunks];
+    uint32_t a_valid = 0;
+    const int a_dst = swz(tid / 8, (tid % 8) * 8) * 2;  // chunk i: + i * 16 rows * 128 bytes
 #pragma unroll
     for (int i = 0; i < kTokChunks; ++i) {
-      const int id = tid + i * 128, row = id / 8, kc = (id % 8) * 8, src = maps.arow[row];
-      a_bytes[i] = src >= 0 ? 16 : 0;  // zero-fill rows past the expert's end
+      const int row = tid / 8 + 16 * i, kc = (tid % 8) * 8, src = maps.arow[row];
+      a_valid |= uint32_t{src >= 0} << i;  // zero-fill rows past the expert's end
       a_src[i] = static_cast<const char*>(p.a.ptr) + (src >= 0 ? (int64_t{src} * p.a.ld + kc) * 2 : 0);
-      a_dst[i] = swz(row, kc) * 2;
     }
     const char* b_base = static_cast<const char*>(p.b.ptr) + e * p.b.expert_stride;
     const char* w_src[kWChunks];
-    int w_bytes[kWChunks], w_dst[kWChunks];
+    uint32_t w_valid = 0;
+    // Forward: row tid / 4 + 32 i, unit tid % 4. Transposed: stored row tid / 8 + 16 i of the
+    // tile, columns 16 (tid % 8) .. + 15 (N % 16 == 0).
+    const int w_dst = kTrans ? w_unit(tid / 8, tid % 8) : w_unit(tid / 4, tid % 4);
+    constexpr int kWDstStep = kTrans ? 16 * BN : 32 * kBK;
 #pragma unroll
     for (int i = 0; i < kWChunks; ++i) {
-      const int id = tid + i * 128;
-      if constexpr (kTrans) {  // stored row k = id / 8 of the tile, columns 16 u .. (N % 16 == 0)
-        const int r = id / 8, u = id % 8, n = maps.col[16 * u];
-        w_bytes[i] = n >= 0 ? 16 : 0;  // columns past N are zeros
+      if constexpr (kTrans) {
+        const int r = tid / 8 + 16 * i, n = maps.col[16 * (tid % 8)];
+        w_valid |= uint32_t{n >= 0} << i;  // columns past N are zeros
         w_src[i] = b_base + (n >= 0 ? int64_t{r} * p.b.ld + n : 0);
-        w_dst[i] = w_unit(r, u);
       } else {
-        const int r = id / 4, u = id % 4, n = maps.col[r];
-        w_bytes[i] = n >= 0 ? 16 : 0;  // W rows past N are zeros
-        w_src[i] = b_base + (n >= 0 ? int64_t{n} * p.b.ld + u * 16 : 0);
-        w_dst[i] = w_unit(r, u);
+        const int r = tid / 4 + 32 * i, n = maps.col[r];
+        w_valid |= uint32_t{n >= 0} << i;  // W rows past N are zeros
+        w_src[i] = b_base + (n >= 0 ? int64_t{n} * p.b.ld + (tid % 4) * 16 : 0);
       }
     }
     const int64_t w_step = kTrans ? kBK * p.b.ld : kBK;  // bytes per K tile
@@ -194,12 +216,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
         }
 #pragma unroll
         for (int i = 0; i < kTokChunks; ++i) {
-          cp_async16(tok + a_dst[i], a_src[i], a_bytes[i]);
+          cp_async16(tok + a_dst + i * 16 * kBK * 2, a_src[i], (a_valid >> i & 1) * 16);
           a_src[i] += kBK * 2;
         }
 #pragma unroll
         for (int i = 0; i < kWChunks; ++i) {
-          cp_async16(w + w_dst[i], w_src[i], w_bytes[i]);
+          cp_async16(w + w_dst + i * kWDstStep, w_src[i], (w_valid >> i & 1) * 16);
           w_src[i] += w_step;
         }
       });
@@ -209,16 +231,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
       step(t, [&](uint8_t* tok, uint8_t*) {
 #pragma unroll
         for (int i = 0; i < kTokChunks; ++i) {
-          const int id = tid + i * 128, row = id / 8, k = (t - nkt) * kBK + (id % 8) * 8, src = maps.larow[row];
+          const int row = tid / 8 + 16 * i, k = (t - nkt) * kBK + (tid % 8) * 8, src = maps.larow[row];
           const bool valid = src >= 0 && k < p.R;
-          cp_async16(tok + a_dst[i], static_cast<const char*>(p.la.ptr) + (valid ? (int64_t{src} * p.la.ld + k) * 2 : 0),
-                     valid ? 16 : 0);
+          cp_async16(tok + a_dst + i * 16 * kBK * 2,
+                     static_cast<const char*>(p.la.ptr) + (valid ? (int64_t{src} * p.la.ld + k) * 2 : 0), valid ? 16 : 0);
         }
       });
     cp_async_wait<0>();
     fence_proxy_async();
     for (int t = ntiles > kLag ? ntiles - kLag : 0; t < ntiles; ++t) mbar_arrive(&full[t % kStages]);
+    return;  // the consumers run the epilogue
   } else {
+    // The CTA holds 384 x 168 registers (launch bounds): 128 x 80 + 256 x 208 fit in them. An
+    // increase past the pool would block forever.
+    if constexpr (kNT == 2) setmaxnreg_inc<208>();
+    float acc[kNT][64];  // per 128-token block: the m64n128 fragment
+#pragma unroll
+    for (int tt = 0; tt < kNT; ++tt)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[tt][i] = 0.0f;
     // ---- consumers: warpgroup cw owns W rows 64 cw .. 64 cw + 63 of the tile
     const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, q = lane % 4;
     int rows[2];
@@ -230,11 +261,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     const float* sp0 = sc_base + (kKScale ? 0 : npart(n0));
     const float* sp1 = sc_base + (kKScale ? 0 : npart(n1));
     const uint32_t sel = (q & 1) ? 0x7632u : 0x5410u;  // this thread's pair in each word
-    int off[2][4];                                      // byte offset of word (16 j + 4 (q / 2)) of rows r0, r0 + 8
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) off[h][j] = w_unit(rows[h], j) + 4 * (q >> 1);
+    // Forward W: word (16 j + 4 (q / 2)) of row rows[h] is at w_base + 512 h + ((j ^ w_xor) << 4).
+    const int w_base = rows[0] * kBK + 4 * (q >> 1), w_xor = (rows[0] >> 1) & 3;
     // Transposed: lane l addresses row 8 (l / 8) + l % 8 (+ 32 for the second half of the tile)
     // of matrix l / 8, in this warp's 16-byte column unit.
     const int ld_off = w_unit(lane, 4 * cw + warp);
@@ -254,13 +282,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
       const uint32_t b = d_lo + s * (Cfg::kTokTileBytes >> 4);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        wgmma_m64n128k16_rs(d, reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]), (uint64_t{d_hi} << 32) | (b + 2 * j));
+#pragma unroll
+        for (int tt = 0; tt < kNT; ++tt)  // token block tt: 128 rows = 16 KB further
+          wgmma_m64n128k16_rs(acc[tt], reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]),
+                              (uint64_t{d_hi} << 32) | (b + tt * (128 * kBK * 2 >> 4) + 2 * j));
       wgmma_commit();
       wgmma_wait<0>();
-      fence_acc(d);
+#pragma unroll
+      for (int tt = 0; tt < kNT; ++tt) fence_acc(acc[tt]);
       fence_regs(a);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with stage s
+      mbar_arrive(&empty[s]);  // this thread is done with stage s
       if (++s == kStages) s = 0, phase ^= 1;
     };
     float sc[2] = {1.0f, 1.0f};
@@ -273,49 +304,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
         if (!kKScale && t + 1 < nkt) nsc[0] = __ldg(sp0 + maps.ktab[t + 1]), nsc[1] = __ldg(sp1 + maps.ktab[t + 1]);
         mbar_wait(&full[s], phase);
         const uint8_t* w = Wraw + s * Cfg::kWTileBytes;
-        // x[h][j]: FP8 codes of M row h at k 16j + 2q, 2q+1, 2q+8, 2q+9.
-        uint32_t x[2][4];
-        if constexpr (kTrans) {
+        // Step by step (few registers live beside the accumulators): xw[h] = FP8 codes of M row h
+        // at k 16j + 2q, 2q+1, 2q+8, 2q+9, dequantized into a[4j + h] and a[4j + 2 + h].
+        [[maybe_unused]] uint32_t v[4];  // transposed: v[m] = K rows 32 (j / 2) + 8 m + 2q, +1 at columns 2g, 2g+1
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            uint32_t v[4];  // v[m]: K rows 32 half + 8 m + 2q, +1 at columns 2g, 2g+1 (bytes 0-3)
-            ldmatrix_x4_trans(v, w + ld_off + half * 32 * BN);
+        for (int j = 0; j < 4; ++j) {
+          uint32_t xw[2];
+          if constexpr (kTrans) {
+            if (j % 2 == 0) ldmatrix_x4_trans(v, w + ld_off + (j / 2) * 32 * BN);
+            const int m = 2 * (j % 2);
+            xw[0] = __byte_perm(v[m], v[m + 1], 0x6420);  // column 2g
+            xw[1] = __byte_perm(v[m], v[m + 1], 0x7531);  // column 2g + 1
+          } else {
 #pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              x[0][2 * half + jj] = __byte_perm(v[2 * jj], v[2 * jj + 1], 0x6420);  // column 2g
-              x[1][2 * half + jj] = __byte_perm(v[2 * jj], v[2 * jj + 1], 0x7531);  // column 2g + 1
+            for (int h = 0; h < 2; ++h) {
+              const uint8_t* wj = w + w_base + h * 8 * kBK + ((j ^ w_xor) << 4);
+              const uint32_t lo = *reinterpret_cast<const uint32_t*>(wj);      // k 16j + 4(q/2) ..
+              const uint32_t hi = *reinterpret_cast<const uint32_t*>(wj + 8);  // k 16j + 8 + 4(q/2) ..
+              xw[h] = __byte_perm(lo, hi, sel);
             }
           }
-        } else {
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const uint32_t lo = *reinterpret_cast<const uint32_t*>(w + off[h][j]);      // k 16j + 4(q/2) ..
-              const uint32_t hi = *reinterpret_cast<const uint32_t*>(w + off[h][j] + 8);  // k 16j + 8 + 4(q/2) ..
-              x[h][j] = __byte_perm(lo, hi, sel);
-            }
-        }
-        [[maybe_unused]] float ks[4][4];  // kKScale: the scales of k 16j + 2q, 2q+1, 2q+8, 2q+9
-        if constexpr (kKScale) {
-          const float* kst = Ksc + s * kBK;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 lo = *reinterpret_cast<const float2*>(kst + 16 * j + 2 * q);
-            const float2 hi = *reinterpret_cast<const float2*>(kst + 16 * j + 8 + 2 * q);
+          [[maybe_unused]] float ks[4];  // kKScale: the scales of k 16j + 2q, 2q+1, 2q+8, 2q+9
+          if constexpr (kKScale) {
+            const float* kst = Ksc + s * kBK + 16 * j + 2 * q;
+            const float2 lo = *reinterpret_cast<const float2*>(kst), hi = *reinterpret_cast<const float2*>(kst + 8);
             const float fold = fp8_fold(kE);
-            ks[j][0] = lo.x * fold, ks[j][1] = lo.y * fold, ks[j][2] = hi.x * fold, ks[j][3] = hi.y * fold;
+            ks[0] = lo.x * fold, ks[1] = lo.y * fold, ks[2] = hi.x * fold, ks[3] = hi.y * fold;
           }
-        }
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
+          for (int h = 0; h < 2; ++h) {
             float f[4];
-            fp8x4_to_float(x[h][j], kE, f);
+            fp8x4_to_float(xw[h], kE, f);
             if constexpr (kKScale) {
 #pragma unroll
-              for (int i = 0; i < 4; ++i) f[i] *= ks[j][i];
+              for (int i = 0; i < 4; ++i) f[i] *= ks[i];
             } else {
               const float m = sc[h] * fp8_fold(kE);
 #pragma unroll
@@ -324,6 +346,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
             a[4 * j + h] = pack_bf16x2(f[0], f[1]);      // M row h, k 2q, 2q+1
             a[4 * j + 2 + h] = pack_bf16x2(f[2], f[3]);  // M row h, k 2q+8, 2q+9
           }
+        }
         mma_tile();
         sc[0] = nsc[0], sc[1] = nsc[1];
       }
@@ -336,56 +359,48 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     const int ns[2] = {n0, n1};
     for (int t = nkt; t < ntiles; ++t) {
       const int k0 = (t - nkt) * kBK + 2 * q;
-      float f[2][4][4];  // [row][step][k 2q, 2q+1, 2q+8, 2q+9]
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int k = k0 + 16 * j + (i & 1) + 8 * (i >> 1), n = ns[h];
-            const int64_t at = e * p.lb.expert_stride + (kTrans ? int64_t{k} * p.lb.ld + n : int64_t{n} * p.lb.ld + k);
-            f[h][j][i] = n >= 0 && k < p.R ? load_elem(p.lb.ptr, p.lb.type, at) * p.lb.mult : 0.0f;
-          }
       mbar_wait(&full[s], phase);
+      auto lb = [&](int n, int k) {
+        const int64_t at = e * p.lb.expert_stride + (kTrans ? int64_t{k} * p.lb.ld + n : int64_t{n} * p.lb.ld + k);
+        return n >= 0 && k < p.R ? load_elem(p.lb.ptr, p.lb.type, at) * p.lb.mult : 0.0f;
+      };
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          a[4 * j + h] = pack_bf16x2(f[h][j][0], f[h][j][1]);
-          a[4 * j + 2 + h] = pack_bf16x2(f[h][j][2], f[h][j][3]);
+          const int k = k0 + 16 * j, n = ns[h];
+          a[4 * j + h] = pack_bf16x2(lb(n, k), lb(n, k + 1));
+          a[4 * j + 2 + h] = pack_bf16x2(lb(n, k + 8), lb(n, k + 9));
         }
       mma_tile();
     }
+    // Every tile was consumed, so every copy has landed; once both consumer warpgroups' MMAs
+    // are done the pipeline buffers are free. Stage the transposed accumulators:
+    // acc[tt][4 j + 2 h + b] is M row (tile column) rows[h] and token 128 tt + 8 j + 2 q + b.
+    consumer_sync();
+    float* st = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int tt = 0; tt < kNT; ++tt)
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int b = 0; b < 2; ++b)
+            st[(128 * tt + 8 * j + 2 * q + b) * Cfg::kStageLd + rows[h]] = acc[tt][4 * j + 2 * h + b];
+    consumer_sync();
+    finish_tile<256, BM, BN, Cfg::kStageLd>(p, rt, maps, st, ct);
   }
-  __syncthreads();  // every copy landed and every MMA finished: the pipeline buffers are free
-
-  // Stage the transposed accumulators: d[4 j + 2 h + b] is M row (tile column) rows[h] and
-  // token (tile row) 8 j + 2 q + b.
-  float* st = reinterpret_cast<float*>(smem);
-  if (tid >= 128) {
-    const int ct = tid - 128, q = ct % 4;
-    int rows[2];
-    m_rows(ct, rows);
-#pragma unroll
-    for (int j = 0; j < BM / 8; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) st[(8 * j + 2 * q + b) * Cfg::kStageLd + rows[h]] = d[4 * j + 2 * h + b];
-  }
-  __syncthreads();
-  finish_tile<Cfg::kThreads, BM, BN, Cfg::kStageLd>(p, rt, maps, st);
 #else
   (void)p;
   __trap();
 #endif
 }
 
-template <bool kTrans, bool kKScale = false>
+template <int kNT, bool kTrans, bool kKScale = false>
 struct KernelSm90RegA {
-  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA, kTrans, kKScale>;
-  static constexpr int kSmemBytes = TileSm90RegA::kSmemBytes;
+  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA<kNT>, kTrans, kKScale>;
+  static constexpr int kSmemBytes = TileSm90RegA<kNT>::kSmemBytes;
 };
 
 }  // namespace fp8moe::cuda::gemm

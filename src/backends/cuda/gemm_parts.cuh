@@ -356,12 +356,14 @@ __device__ __forceinline__ void load8(const void* p, Elem t, int64_t row, const 
 // The epilogue over the staged tile `st` (all threads of the CTA, after a barrier). A step covers
 // 8 columns of one row, or for GLU forward one 16-column group (8 gate columns, then their 8 up
 // columns: TileMaps) and its 8 outputs. kLd: the tile's row stride (floats, a multiple of 4).
+// `tid`: this thread's index among the kThreads that run it.
 template <int kThreads, int BM, int BN, int kLd = kStageLd<BN>>
-__device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m, const float* st) {
+__device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m, const float* st,
+                                            int tid) {
   const bool glu_fwd = p.epi == Epilogue::GluForward;
   const int step_cols = glu_fwd ? 16 : 8, steps_per_row = BN / step_cols;
   const int64_t e = rt.expert;
-  for (int u = threadIdx.x; u < rt.rows * steps_per_row; u += kThreads) {
+  for (int u = tid; u < rt.rows * steps_per_row; u += kThreads) {
     const int lr = u / steps_per_row, c0 = (u % steps_per_row) * step_cols;
     const int64_t r = rt.row0 + lr;
     const float rs = m.rs[lr];

@@ -225,7 +225,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     }
   }
 
-  p.k_row_scale = shape == TileShape::Sm90RegA && g.transpose_b && !p.b_tile_uniform;
+  p.k_row_scale = is_rega(shape) && g.transpose_b && !p.b_tile_uniform;
   if (p.k_row_scale)  // describe() admitted it: k_row_scale(spec), so the step above is set
     FP8MOE_CHECK(p.b_kpart_step > 0 && k_row_scale(g.b.spec), "grouped_gemm: internal: per-K-row scales without a linear step");
   const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
@@ -235,7 +235,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   if (is_sm90(shape))
     FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
                  " needs an sm_90 GPU and a library built for sm_90a");
-  if (shape == TileShape::Sm90RegA)
+  if (is_rega(shape))
     FP8MOE_CHECK(describe(g).rega_fits, "grouped_gemm: tile shape ", tile_shape_name(shape),
                  " takes only FP8 W, BF16 A, K % 64 == 0, one scale per 64-wide K tile, LoRA with BF16 L and r % 8 == 0 "
                  "(transposed: N % 16 == 0, no GLU forward); found ",
@@ -251,6 +251,9 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
       case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::Sm90RegA:  // BF16 A, FP8 W only (checked above)
         if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegA, 2, 1, TR>(p, grid, stream);
+        break;
+      case TileShape::Sm90RegAT256:
+        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT256, 2, 1, TR>(p, grid, stream);
         break;
     }
   });

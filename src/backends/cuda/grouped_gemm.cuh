@@ -37,13 +37,17 @@ enum class TileShape : uint8_t {
   M64N128,      // mma.sync: 64 x 128, K step 32, 8 warps of 32 x 32, two CTAs per SM
   Sm90M128N128, // wgmma: 128 x 128, K step 64, two warpgroups, one CTA per SM
   Sm90RegA,     // wgmma with W from registers: 128 W rows x 128 tokens, K step 64, producer +
-                // two consumer warpgroups (gemm_kernel_sm90_rega.cuh); forward-reading FP8 W only
+                // two consumer warpgroups (gemm_kernel_sm90_rega.cuh); FP8 W only (rega_fits)
+  Sm90RegAT256, // the same with 256 tokens per CTA: each W fragment feeds two wgmmas
 };
 inline constexpr TileShape kTileShapes[] = {TileShape::M32N128, TileShape::M64N128, TileShape::Sm90M128N128,
-                                            TileShape::Sm90RegA};
+                                            TileShape::Sm90RegA, TileShape::Sm90RegAT256};
 const char* tile_shape_name(TileShape s);
-constexpr bool is_sm90(TileShape s) { return s == TileShape::Sm90M128N128 || s == TileShape::Sm90RegA; }
-constexpr int tile_bm(TileShape s) { return is_sm90(s) ? 128 : s == TileShape::M64N128 ? 64 : 32; }
+constexpr bool is_rega(TileShape s) { return s == TileShape::Sm90RegA || s == TileShape::Sm90RegAT256; }
+constexpr bool is_sm90(TileShape s) { return s == TileShape::Sm90M128N128 || is_rega(s); }
+constexpr int tile_bm(TileShape s) {
+  return s == TileShape::Sm90RegAT256 ? 256 : is_sm90(s) ? 128 : s == TileShape::M64N128 ? 64 : 32;
+}
 constexpr int tile_bk(TileShape s) { return is_sm90(s) ? 64 : 32; }
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
 bool tile_shape_supported(TileShape s);
@@ -60,7 +64,8 @@ struct GemmProblem {
   bool rega_fits = false;
 };
 GemmProblem describe(const GroupedGemm& g);
-// Whether shape `s` can run problem `p` on this device (every shape but Sm90RegA takes any problem).
+// Whether shape `s` can run problem `p` on this device (every shape but the Sm90RegA ones takes any
+// problem).
 bool tile_shape_fits(TileShape s, const GemmProblem& p);
 // The one place that picks a tile shape.
 TileShape choose_tile_shape(const GemmProblem& p);
