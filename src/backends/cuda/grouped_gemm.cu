@@ -17,8 +17,10 @@
 //   lora      the LoRA delta is r/BK extra K tiles of the same accumulation (L and LB with
 //             lora_scale folded into LB's conversion).
 //   epilogue  row scale, bias, then the policy; stores straight from the accumulators.
-// On sm_90a a second engine (gemm_kernel_sm90.cuh) runs the same steps with asynchronous wgmma
-// on 128 x 128 tiles, converting the next W tile while the tensor cores work on the current one.
+// On sm_90a two more engines run the same problem with asynchronous wgmma: gemm_kernel_sm90.cuh
+// (128 x 128 tiles, W converted into shared memory; any shape) and gemm_kernel_sm90_rega.cuh
+// (W dequantized into the MMA's A registers, warp-specialized; FP8 W with BF16 A, the fast
+// path wherever it fits: GemmProblem::rega_fits).
 // Template parameters: tile shape, A element bytes, W element bytes, W orientation. Everything
 // else (FP8 format, scale scheme, epilogue, activation, output dtypes) is a launch-uniform
 // runtime value, so the variants share one compiled loop per storage type.
