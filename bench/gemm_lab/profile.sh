@@ -3,12 +3,13 @@
 # SASS lines where warps stall most (sampled), so a run answers "what is this kernel waiting on".
 # Usage, from the repository root, after bench/gemm_lab/run.sh has built the lab in BUILD:
 #   bench/gemm_lab/profile.sh BUILD PROBLEM KERNEL_REGEX OUTDIR
-#   e.g. bench/gemm_lab/profile.sh build-gpu "qwen3 gemm1 T4096" sm90 "$OUT"
+#   e.g. bench/gemm_lab/profile.sh build-gpu "qwen3 gemm1 T4096" "RegA<2>" "$OUT"
+# KERNEL_REGEX matches the demangled name, template arguments included.
 # Writes OUTDIR/ncu_details.txt and OUTDIR/ncu_stalls.txt.
 set -euo pipefail
 B=$1 PROBLEM=$2 KERNEL=$3 OUTDIR=$4
 rep=$(mktemp -d)/prof
-LAB_ONLY="$PROBLEM" ncu --kernel-name "regex:$KERNEL" --launch-count 1 \
+LAB_ONLY="$PROBLEM" ncu --kernel-name-base demangled --kernel-name "regex:$KERNEL" --launch-count 1 \
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
   --section SourceCounters --import-source no -o "$rep" "$B/gemm_lab/lab" >/dev/null
