@@ -1,12 +1,12 @@
-// The register-A wgmma grouped GEMM (sm_90a): the forward-reading FP8 fast path with W as the
-// MMA's M side. Same problem, maps and staged epilogue as the other engines (gemm_parts.cuh).
+// The register-A wgmma grouped GEMM (sm_90a): the FP8 fast path (forward and transposed W) with W
+// as the MMA's M side. Same problem, maps and staged epilogue as the other engines (gemm_parts.cuh).
 //
 // Why a second wgmma kernel: in gemm_kernel_sm90.cuh every thread loads, converts W into a
 // BF16 shared-memory tile, fences it into the async proxy and meets every other thread at a
 // barrier per K tile; the tensor cores idle ~75% of the time (bench/NOTES.md). Here:
 //   roles     W rows are wgmma's M (64 per consumer warpgroup, 128 per CTA) and token rows its
-//             N (128): the accumulator holds the transposed tile, which the epilogue stages
-//             transposed. W enters the MMA from registers, so the dequantized W never goes
+//             N (128, or 2 x 128 with kNT = 2): the accumulator holds the transposed tile, which
+//             the epilogue stages transposed. W enters the MMA from registers, so the dequantized W never goes
 //             through shared memory: no converted tile, no proxy fence for it, no barrier.
 //   warps     warpgroup 0 produces (cp.async of the gathered token rows into the swizzled
 //             K-major tile wgmma reads, and of the raw FP8 W bytes), warpgroups 1-2 consume.
@@ -26,8 +26,9 @@
 //             output columns: the epilogue staging follows the permutation).
 //   LoRA      ceil(r / 64) extra K tiles accumulate L . LB^T: the producer copies L's rows into the
 //             token slot, the consumers read their LB fragments from global memory (r is small).
-// It takes: FP8 W, BF16 A, K % 64 == 0, the scale k-part constant per K tile, LoRA only with BF16
-// L and r % 8 == 0, and with transposed W, N % 16 == 0 and no GLU forward (host: rega_fits).
+// It takes: FP8 W, BF16 A, K % 64 == 0, the scale k-part constant per K tile (or, transposed, a
+// scale per K row: kKScale), LoRA only with BF16 L and r % 8 == 0, and with transposed W,
+// N % 16 == 0 and no GLU forward (host: rega_fits).
 // Everything else runs on the other engines.
 #pragma once
 
