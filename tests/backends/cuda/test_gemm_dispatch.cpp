@@ -1,0 +1,121 @@
+// The host-side facts the grouped GEMM's engine choice rests on (gemm::describe): which problems
+// the register-A wgmma engine takes. A wrong "fits" would send a problem to a kernel that cannot
+// run it, so the boundaries are pinned here. Pure host logic on descriptors with placeholder
+// device pointers (never dereferenced): these tests run without a GPU (ctest label cpu).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+#include "backends/cuda/grouped_gemm.cuh"
+#include "fp8moe/backend.hpp"
+
+namespace fp8moe {
+namespace {
+
+// A 256-byte-aligned placeholder address; `offset` bytes further to make it misaligned.
+void* fake_ptr(uintptr_t offset = 0) { return reinterpret_cast<void*>(uintptr_t{1} << 20 | offset); }
+
+TensorView dev(DType t, Shape s, uintptr_t offset = 0) { return TensorView(fake_ptr(offset), t, s, Device::CUDA); }
+
+struct Problem {
+  RoutingPlan plan;
+  GroupedGemm g;
+};
+
+// W stored [E, N, K] (or [E, K, N] transposed) FP8 E4M3 with `spec` over the stored matrix.
+Problem make(int64_t N, int64_t K, const ScaleSpec& spec, bool trans) {
+  Problem p;
+  p.plan.tokens = 4096, p.plan.top_k = 8, p.plan.experts = 128;
+  const int64_t E = p.plan.experts, M = p.plan.rows();
+  const int64_t sr = trans ? K : N, sc = trans ? N : K;
+  p.g.a = {dev(DType::BF16, {M, K}), RowSource::Rows};
+  p.g.b = {dev(DType::F8_E4M3, {E, sr, sc}), dev(DType::F32, {E, spec.scale_rows(), spec.grid_k()}), spec};
+  p.g.transpose_b = trans;
+  p.g.out = dev(DType::BF16, {M, N});
+  return p;
+}
+
+cuda::gemm::GemmProblem describe(Problem& p) {
+  p.g.plan = &p.plan;
+  return cuda::gemm::describe(p.g);
+}
+
+TEST(GemmDispatch, ModelShapesTakeTheRegisterAEngine) {
+  // Qwen3 gate_up forward and its dgrad (128x128 blocks, two segments), GLM with channel
+  // scales forward and transposed (a scale per K row).
+  Problem q = make(1536, 2048, ScaleSpec::block(1536, 2048, 128, 128, 2), false);
+  Problem qt = make(2048, 1536, ScaleSpec::block(1536, 2048, 128, 128, 2), true);
+  Problem g = make(2048, 1536, ScaleSpec::channel(2048, 1536), false);
+  Problem gt = make(1536, 2048, ScaleSpec::channel(2048, 1536), true);
+  for (Problem* p : {&q, &qt, &g, &gt}) EXPECT_TRUE(describe(*p).rega_fits) << p->g.b.spec.str();
+  EXPECT_FALSE(describe(q).fine_k_scale);
+  EXPECT_TRUE(describe(gt).fine_k_scale);  // the older engines' fast path needs the wgmma kernel
+  EXPECT_EQ(describe(q).rows, 4096 * 8);
+  EXPECT_EQ(describe(q).experts, 128);
+}
+
+TEST(GemmDispatch, ScaleSchemesOutsideTheEngine) {
+  // Forward: K groups narrower than the 64-wide K tile.
+  Problem a = make(256, 512, ScaleSpec::group(256, 512, 32), false);
+  EXPECT_FALSE(describe(a).rega_fits);
+  Problem a64 = make(256, 512, ScaleSpec::group(256, 512, 64), false);
+  EXPECT_TRUE(describe(a64).rega_fits);
+  // Transposed: stored-row blocks that neither fill a K tile nor divide it.
+  Problem b = make(256, 384, ScaleSpec::block(384, 256, 96, 256), true);
+  EXPECT_FALSE(describe(b).rega_fits);
+  // Transposed: 32-row blocks with one scale column divide the tile: per-K-row scales.
+  Problem c = make(256, 512, ScaleSpec::block(512, 256, 32, 256, 2), true);
+  EXPECT_TRUE(describe(c).rega_fits);
+  // Transposed: 32-row blocks with two scale columns (the scale depends on N too).
+  Problem d = make(256, 512, ScaleSpec::block(512, 256, 32, 128), true);
+  EXPECT_FALSE(describe(d).rega_fits);
+}
+
+TEST(GemmDispatch, ShapesAndOperandsOutsideTheEngine) {
+  const ScaleSpec blk = ScaleSpec::block(256, 512, 128, 128);
+  auto fits = [](Problem p) { return describe(p).rega_fits; };
+  EXPECT_TRUE(fits(make(256, 512, blk, false)));
+  EXPECT_FALSE(fits(make(256, 72, ScaleSpec::block(256, 72, 128, 128), false)));   // K % 64
+  EXPECT_FALSE(fits(make(256, 64 * 300, ScaleSpec::block(256, 64 * 300, 128, 128), false)));  // > 256 K tiles
+  EXPECT_FALSE(fits(make(200, 512, ScaleSpec::block(512, 200, 128, 128), true)));  // transposed, N % 16
+  EXPECT_TRUE(fits(make(200, 512, ScaleSpec::block(200, 512, 128, 128), false)));  // forward: any N
+  {
+    Problem p = make(256, 512, blk, false);
+    p.g.a.src = dev(DType::F32, p.g.a.src.shape);
+    EXPECT_FALSE(fits(p)) << "F32 A";
+  }
+  {
+    Problem p = make(256, 512, blk, false);
+    p.g.a.src = dev(DType::BF16, p.g.a.src.shape, 8);
+    EXPECT_FALSE(fits(p)) << "A not 16-byte aligned";
+  }
+  {
+    Problem p = make(256, 512, ScaleSpec::none(256, 512), false);
+    p.g.b = {dev(DType::BF16, {128, 256, 512}), TensorView(), ScaleSpec::none(256, 512)};
+    EXPECT_FALSE(fits(p)) << "plain BF16 W";
+  }
+  {
+    Problem p = make(256, 512, ScaleSpec::block(512, 256, 128, 128), true);
+    p.g.epilogue = Epilogue::GluForward;
+    EXPECT_FALSE(fits(p)) << "GLU forward reading W transposed";
+  }
+}
+
+TEST(GemmDispatch, LoraOnlyWithWholeBf16Chunks) {
+  const ScaleSpec blk = ScaleSpec::block(256, 512, 128, 128);
+  auto with_lora = [&](DType la, int64_t r, uintptr_t offset = 0) {
+    Problem p = make(256, 512, blk, false);
+    p.g.lora_a = {dev(la, {p.plan.rows(), r}, offset), RowSource::Rows};
+    p.g.lora_b = dev(DType::F32, {128, 256, r});
+    p.g.lora_scale = 2.0;
+    return describe(p).rega_fits;
+  };
+  EXPECT_TRUE(with_lora(DType::BF16, 16));
+  EXPECT_TRUE(with_lora(DType::BF16, 72));
+  EXPECT_FALSE(with_lora(DType::BF16, 13));  // r % 8
+  EXPECT_FALSE(with_lora(DType::F32, 16));
+  EXPECT_FALSE(with_lora(DType::BF16, 16, 8));  // L not 16-byte aligned
+}
+
+}  // namespace
+}  // namespace fp8moe
