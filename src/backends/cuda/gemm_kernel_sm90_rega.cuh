@@ -12,7 +12,7 @@
 //             K-major tile wgmma reads, and of the raw FP8 W bytes), warpgroups 1-2 consume.
 //             Full / empty mbarriers per stage replace the CTA-wide barrier.
 //   W frag    a thread's A fragment for k16 step j holds rows g, g+8 (g = lane / 4) at
-//             k = 16 j + 2q, 2q+1 and 16 j + 8 + 2q, 2q+9 (q = lane % 4): per row, the two words
+//             k = 16 j + 2q, +1 and 16 j + 8 + 2q, +1 (q = lane % 4): per row, the two words
 //             holding those pairs are loaded (LDS.32, conflict-free through a 16-byte-unit XOR
 //             swizzle), the pairs picked with one byte_perm and dequantized in fp32 exactly as
 //             the other engines do (code * scale -> BF16, the same rounding).
