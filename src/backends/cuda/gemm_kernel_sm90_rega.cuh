@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     // the tile kLag behind (landed: made visible to wgmma first).
     auto step = [&](int t, auto&& copies) {
       if (t >= kStages) mbar_wait(&empty[s], phase ^ 1);
-      copies(reinterpret_cast<uint8_t*>(Tok) + s * Cfg::kTokTileBytes, Wraw + s * Cfg::kWTileBytes);
+      copies(reinterpret_cast<uint8_t*>(Tok) + s * Cfg::kTokTileBytes, Wraw + s * Cfg::kWTileBytes, Ksc + s * kBK);
       cp_async_commit();
       if (t >= kLag) {
         cp_async_wait<kLag>();
@@ -210,9 +210,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
       if (++s == kStages) s = 0, phase ^= 1;
     };
     for (int t = 0; t < nkt; ++t)
-      step(t, [&](uint8_t* tok, uint8_t* w) {
+      step(t, [&](uint8_t* tok, uint8_t* w, float* ksc) {
         if (kKScale && tid < kBK) {
-          cp_async<4>(Ksc + (w - Wraw) / Cfg::kWTileBytes * kBK + tid, ks_src);
+          cp_async<4>(ksc + tid, ks_src);
           ks_src += p.b_kpart_step;
         }
 #pragma unroll
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     // LoRA tiles: L's rows (r % 8 == 0, zero past r) in the token slot; LB goes to the consumers
     // straight from global memory.
     for (int t = nkt; t < ntiles; ++t)
-      step(t, [&](uint8_t* tok, uint8_t*) {
+      step(t, [&](uint8_t* tok, uint8_t*, float*) {
 #pragma unroll
         for (int i = 0; i < kTokChunks; ++i) {
           const int row = tid / 8 + 16 * i, k = (t - nkt) * kBK + (tid % 8) * 8, src = maps.larow[row];
@@ -361,6 +361,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     for (int t = nkt; t < ntiles; ++t) {
       const int k0 = (t - nkt) * kBK + 2 * q;
       mbar_wait(&full[s], phase);
+      // slow_b_elem without its scale branch: with it (64-bit scale-index divisions) the
+      // transposed instances spill.
       auto lb = [&](int n, int k) {
         const int64_t at = e * p.lb.expert_stride + (kTrans ? int64_t{k} * p.lb.ld + n : int64_t{n} * p.lb.ld + k);
         return n >= 0 && k < p.R ? load_elem(p.lb.ptr, p.lb.type, at) * p.lb.mult : 0.0f;
