@@ -60,6 +60,15 @@ void check_view(const TensorView& t, const char* name, const Shape& shape, std::
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether W's scale k-part is constant over each K tile of bk and the per-CTA table of it
+// (TileMaps::ktab) covers K. Read transposed, K runs along the stored rows, segment by segment:
+// segment and block boundaries must fall on tile edges.
+bool k_tile_uniform(const ScaleSpec& s, bool trans, int64_t K, int64_t bk) {
+  if ((K + bk - 1) / bk > kMaxKTiles) return false;
+  return trans ? s.seg_rows() % bk == 0 && (s.block_n % bk == 0 || s.block_n >= s.seg_rows())
+               : s.block_k % bk == 0 || s.block_k >= s.cols;
+}
+
 // Read transposed, whether W's scale depends on the stored row alone (one scale column) and its
 // k-part steps linearly inside a 64-row K tile: Sm90RegA's per-K-row scales.
 bool k_row_scale(const ScaleSpec& s) {
@@ -92,15 +101,13 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
     p.fine_k_scale = g.transpose_b ? s.block_n < 64 && s.block_n < s.seg_rows() : s.block_k < 64 && s.block_k < s.cols;
     // Transposed, K runs along the stored rows, segment by segment; N along the stored columns.
     const int64_t K = g.transpose_b ? bd.size(1) : bd.size(2), N = g.transpose_b ? bd.size(2) : bd.size(1);
-    const bool k_tile_uniform = g.transpose_b
-                                    ? s.seg_rows() % 64 == 0 && (s.block_n % 64 == 0 || s.block_n >= s.seg_rows())
-                                    : s.block_k % 64 == 0 || s.block_k >= s.cols;
-    const bool row_scales = g.transpose_b && !k_tile_uniform && k_row_scale(s);
+    const bool uniform = k_tile_uniform(s, g.transpose_b, K, 64);
+    const bool row_scales = g.transpose_b && !uniform && k_row_scale(s);
     const TensorView& la = g.lora_a.src;
     const bool lora_ok = !g.lora_a.defined() ||
                          (la.dtype == DType::BF16 && la.rank() == 2 && la.size(1) % 8 == 0 && aligned16(la.data));
     p.rega_fits = is_fp8(bd.dtype) && g.a.src.dtype == DType::BF16 && lora_ok && K >= 64 &&
-                  K % 64 == 0 && K <= 64 * kMaxKTiles && (k_tile_uniform || row_scales) && aligned16(bd.data) &&
+                  K % 64 == 0 && K <= 64 * kMaxKTiles && (uniform || row_scales) && aligned16(bd.data) &&
                   aligned16(g.a.src.data) && (!g.transpose_b || (N % 16 == 0 && g.epilogue != Epilogue::GluForward));
   }
   return p;
@@ -210,16 +217,10 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
   const int64_t kBK = tile_bk(shape);
   if (quant) {
-    const int64_t nkt = (K + kBK - 1) / kBK;
-    bool uniform = nkt <= kMaxKTiles;
-    if (g.transpose_b)  // k runs along stored rows: segment and block boundaries on tile edges
-      uniform = uniform && s.seg_rows() % kBK == 0 && (s.block_n % kBK == 0 || s.block_n >= s.seg_rows());
-    else
-      uniform = uniform && (s.block_k % kBK == 0 || s.block_k >= s.cols);
-    p.b_tile_uniform = uniform;
+    p.b_tile_uniform = k_tile_uniform(s, g.transpose_b, K, kBK);
     // Linear k-part per chunk: k0 + r lies in scale block (k0 + r) / block, block | kBK, and no
     // segment boundary moves it (stored rows, read as k with transpose_b, restart at segments).
-    if (!uniform) {
+    if (!p.b_tile_uniform) {
       if (g.transpose_b && kBK % s.block_n == 0 && s.seg_rows() % s.block_n == 0)
         p.b_kpart_step = kBK / s.block_n * s.grid_k();
       else if (!g.transpose_b && kBK % s.block_k == 0 && s.block_k % 8 == 0)

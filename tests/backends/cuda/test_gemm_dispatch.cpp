@@ -77,6 +77,7 @@ TEST(GemmDispatch, ShapesAndOperandsOutsideTheEngine) {
   EXPECT_TRUE(fits(make(256, 512, blk, false)));
   EXPECT_FALSE(fits(make(256, 72, ScaleSpec::block(256, 72, 128, 128), false)));   // K % 64
   EXPECT_FALSE(fits(make(256, 64 * 300, ScaleSpec::block(256, 64 * 300, 128, 128), false)));  // > 256 K tiles
+  EXPECT_FALSE(fits(make(256, 64 * 300, ScaleSpec::channel(64 * 300, 256), true)));  // also with per-row scales
   EXPECT_FALSE(fits(make(200, 512, ScaleSpec::block(512, 200, 128, 128), true)));  // transposed, N % 16
   EXPECT_TRUE(fits(make(200, 512, ScaleSpec::block(200, 512, 128, 128), false)));  // forward: any N
   {
