@@ -29,9 +29,9 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream);
 
 namespace gemm {
 
-// Tile shapes of the grouped GEMM family. The mma.sync shape runs on every GPU from sm_80; on an
-// H200 (bench/gemm_lab, 2026-11-26) 64 x 128 with K step 32 beat 128 x 128 (K step 32 or 64) and
-// 64 x 128 with K step 64 by 5-45%. The wgmma shape needs sm_90a code and an sm_90 card.
+// Tile shapes of the grouped GEMM family. The mma.sync shapes run on every GPU from sm_80; the
+// wgmma shapes need sm_90a code and an sm_90 card (bench/NOTES.md has the measurements behind
+// choose_tile_shape).
 enum class TileShape : uint8_t {
   M32N128,      // mma.sync: 32 x 128, K step 32, 4 warps of 32 x 32, four CTAs per SM (few rows per expert)
   M64N128,      // mma.sync: 64 x 128, K step 32, 8 warps of 32 x 32, two CTAs per SM
