@@ -203,7 +203,7 @@ int main() {
     bool channel;
   };
   std::vector<Problem> problems;
-  for (int64_t T : {int64_t{256}, int64_t{4096}, int64_t{16384}})
+  for (int64_t T : {int64_t{256}, int64_t{1024}, int64_t{4096}, int64_t{16384}})
     for (const Model& m : {Model{"qwen3", 128, 8, 2048, 768, false}, Model{"glm", 64, 4, 2048, 1536, true}}) {
       const std::string t = " T" + std::to_string(T);
       const int64_t H = m.H, I = m.I;

@@ -10,6 +10,7 @@ const char* tile_shape_name(TileShape s) {
     case TileShape::Sm90M128N128: return "wgmma_m128n128k64";
     case TileShape::Sm90RegA: return "wgmma_rega_w128t128k64";
     case TileShape::Sm90RegAT256: return "wgmma_rega_w128t256k64";
+    case TileShape::Sm90RegAT64: return "wgmma_rega_w128t64k64";
   }
   return "?";
 }
@@ -30,7 +31,10 @@ TileShape choose_tile_shape(const GemmProblem& p) {
   // - the register-A wgmma engine, where it fits, beats every other shape at every size measured
   //   (16-1024 rows per expert): 1.5x the first wgmma kernel, 1.5-1.7x mma.sync at 16 rows; its
   //   256-token tile is another 1.15-1.3x from 256 rows per expert on (all eight GEMMs).
-  if (sm90_kernels_available() && p.rega_fits) return rows >= 256 * experts ? TileShape::Sm90RegAT256 : TileShape::Sm90RegA;
+  if (sm90_kernels_available() && p.rega_fits) {
+    if (rows >= 256 * experts) return TileShape::Sm90RegAT256;
+    return rows >= 64 * experts ? TileShape::Sm90RegA : TileShape::Sm90RegAT64;
+  }
   if (sm90_kernels_available() && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;

@@ -13,10 +13,11 @@ namespace fp8moe::cuda::gemm {
 template <TileShape S, int AB, int BB, bool TR>
 void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
   using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128, TileM64N128>;
-  constexpr int kNT = S == TileShape::Sm90RegAT256 ? 2 : 1;  // 128-token blocks of a RegA tile
-  using Sm90Cfg = std::conditional_t<is_rega(S), TileSm90RegA<kNT>, TileSm90M128>;
+  constexpr int kNT = S == TileShape::Sm90RegAT256 ? 2 : 1;     // token blocks of a RegA tile
+  constexpr int kTN = S == TileShape::Sm90RegAT64 ? 64 : 128;   // their width
+  using Sm90Cfg = std::conditional_t<is_rega(S), TileSm90RegA<kNT, kTN>, TileSm90M128>;
   using Cfg = std::conditional_t<is_sm90(S), Sm90Cfg, MmaCfg>;
-  using K = std::conditional_t<is_rega(S), KernelSm90RegA<kNT, TR>,
+  using K = std::conditional_t<is_rega(S), KernelSm90RegA<kNT, kTN, TR>,
                                std::conditional_t<S == TileShape::Sm90M128N128, KernelSm90<TileSm90M128, AB, BB, TR>,
                                                   KernelMma<MmaCfg, AB, BB, TR>>>;
   static_assert(!is_rega(S) || (AB == 2 && BB == 1), "Sm90RegA: BF16 A, FP8 W");
@@ -29,7 +30,7 @@ void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
   };
   // Transposed Sm90RegA has a second variant for per-K-row scales (Params::k_row_scale).
   if constexpr (is_rega(S) && TR) {
-    if (p.k_row_scale) return launch(KernelSm90RegA<kNT, true, true>{});
+    if (p.k_row_scale) return launch(KernelSm90RegA<kNT, kTN, true, true>{});
   }
   launch(K{});
 }

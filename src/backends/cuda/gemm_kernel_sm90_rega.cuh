@@ -36,16 +36,19 @@
 
 namespace fp8moe::cuda::gemm {
 
-// kNT token blocks of 128 per CTA: with 2, each A fragment feeds two wgmmas (half the
-// conversion per FLOP) and the consumers need 128 accumulators, so the warpgroups trade
-// registers (setmaxnreg: producer 80, consumers 208).
-template <int kNT_>
+// kNT token blocks of kTN (128 or 64) per CTA. With two blocks of 128, each A fragment feeds
+// two wgmmas (half the conversion per FLOP) and the consumers need 128 accumulators, so the
+// warpgroups trade registers (setmaxnreg: producer 80, consumers 208). One block of 64 serves
+// experts with few rows (a 128-token block would be mostly padding): half the MMA work per W
+// byte and smaller stages, so more of them stream W.
+template <int kNT_, int kTN_ = 128>
 struct TileSm90RegA {
-  static constexpr int kNT = kNT_;
-  static constexpr int BM = 128 * kNT;  // token rows per CTA (kNT wgmmas of N = 128)
+  static constexpr int kNT = kNT_, kTN = kTN_;
+  static_assert(kTN == 128 || (kTN == 64 && kNT == 1), "token blocks: 1 or 2 of 128, or 1 of 64");
+  static constexpr int BM = kTN * kNT;  // token rows per CTA (kNT wgmmas of N = kTN)
   static constexpr int BN = 128;        // W rows = output columns per CTA (2 x wgmma M)
   static constexpr int kBK = 64;
-  static constexpr int kStages = kNT == 1 ? 8 : 5, kLag = kStages - 2;
+  static constexpr int kStages = kNT == 2 ? 5 : kTN == 64 ? 12 : 8, kLag = kStages - 2;
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kTokTileBytes = BM * kBK * 2, kWTileBytes = BN * kBK;
   static constexpr int kStageLd = BN + 4;  // staged epilogue: transposed writes conflict-free
@@ -68,6 +71,30 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, const uint32_t (&a
   (void)d, (void)a, (void)desc_b;
   __trap();
 #endif
+}
+
+// D[64 x 64] += A[64 x 16] (registers) B[16 x 64] (descriptor).
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+#if FP8MOE_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+  (void)d, (void)a, (void)desc_b;
+  __trap();
+#endif
+}
+// The m64nNk16 MMA of a kTN-token block.
+template <int kTN>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (kTN == 64)
+    wgmma_m64n64k16_rs(d, a, desc_b);
+  else
+    wgmma_m64n128k16_rs(d, a, desc_b);
 }
 
 // ---- mbarriers (CTA scope): arrive releases, wait acquires.
@@ -120,7 +147,8 @@ template <class Cfg, bool kTrans, bool kKScale>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kernel(const Params p) {
   static_assert(kTrans || !kKScale, "per-K-row scales exist only for transposed W");
 #if FP8MOE_SM90A
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag, kNT = Cfg::kNT;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, kBK = Cfg::kBK, kStages = Cfg::kStages, kLag = Cfg::kLag, kNT = Cfg::kNT,
+                kTN = Cfg::kTN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   __nv_bfloat16* Tok = reinterpret_cast<__nv_bfloat16*>(smem);  // [kStages][BM][64] swizzled, K-major
@@ -246,11 +274,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     // The CTA holds 384 x 168 registers (launch bounds): 128 x 80 + 256 x 208 fit in them. An
     // increase past the pool would block forever.
     if constexpr (kNT == 2) setmaxnreg_inc<208>();
-    float acc[kNT][64];  // per 128-token block: the m64n128 fragment
+    float acc[kNT][kTN / 2];  // per token block: the m64 x kTN fragment
 #pragma unroll
     for (int tt = 0; tt < kNT; ++tt)
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc[tt][i] = 0.0f;
+      for (int i = 0; i < kTN / 2; ++i) acc[tt][i] = 0.0f;
     // ---- consumers: warpgroup cw owns W rows 64 cw .. 64 cw + 63 of the tile
     const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, q = lane % 4;
     int rows[2];
@@ -284,9 +312,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int tt = 0; tt < kNT; ++tt)  // token block tt: 128 rows = 16 KB further
-          wgmma_m64n128k16_rs(acc[tt], reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]),
-                              (uint64_t{d_hi} << 32) | (b + tt * (128 * kBK * 2 >> 4) + 2 * j));
+        for (int tt = 0; tt < kNT; ++tt)  // token block tt: kTN rows further
+          wgmma_rs<kTN>(acc[tt], reinterpret_cast<const uint32_t(&)[4]>(a[4 * j]),
+                        (uint64_t{d_hi} << 32) | (b + tt * (kTN * kBK * 2 >> 4) + 2 * j));
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
@@ -379,18 +407,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     }
     // Every tile was consumed, so every copy has landed; once both consumer warpgroups' MMAs
     // are done the pipeline buffers are free. Stage the transposed accumulators:
-    // acc[tt][4 j + 2 h + b] is M row (tile column) rows[h] and token 128 tt + 8 j + 2 q + b.
+    // acc[tt][4 j + 2 h + b] is M row (tile column) rows[h] and token kTN tt + 8 j + 2 q + b.
     consumer_sync();
     float* st = reinterpret_cast<float*>(smem);
 #pragma unroll
     for (int tt = 0; tt < kNT; ++tt)
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < kTN / 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int b = 0; b < 2; ++b)
-            st[(128 * tt + 8 * j + 2 * q + b) * Cfg::kStageLd + rows[h]] = acc[tt][4 * j + 2 * h + b];
+            st[(kTN * tt + 8 * j + 2 * q + b) * Cfg::kStageLd + rows[h]] = acc[tt][4 * j + 2 * h + b];
     consumer_sync();
     finish_tile<256, BM, BN, Cfg::kStageLd>(p, rt, maps, st, ct);
   }
@@ -400,10 +428,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 #endif
 }
 
-template <int kNT, bool kTrans, bool kKScale = false>
+template <int kNT, int kTN, bool kTrans, bool kKScale = false>
 struct KernelSm90RegA {
-  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA<kNT>, kTrans, kKScale>;
-  static constexpr int kSmemBytes = TileSm90RegA<kNT>::kSmemBytes;
+  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA<kNT, kTN>, kTrans, kKScale>;
+  static constexpr int kSmemBytes = TileSm90RegA<kNT, kTN>::kSmemBytes;
 };
 
 }  // namespace fp8moe::cuda::gemm

@@ -258,6 +258,9 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
       case TileShape::Sm90RegAT256:
         if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT256, 2, 1, TR>(p, grid, stream);
         break;
+      case TileShape::Sm90RegAT64:
+        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT64, 2, 1, TR>(p, grid, stream);
+        break;
     }
   });
 }

@@ -39,14 +39,19 @@ enum class TileShape : uint8_t {
   Sm90RegA,     // wgmma with W from registers: 128 W rows x 128 tokens, K step 64, producer +
                 // two consumer warpgroups (gemm_kernel_sm90_rega.cuh); FP8 W only (rega_fits)
   Sm90RegAT256, // the same with 256 tokens per CTA: each W fragment feeds two wgmmas
+  Sm90RegAT64,  // the same with 64 tokens per CTA (few rows per expert)
 };
-inline constexpr TileShape kTileShapes[] = {TileShape::M32N128, TileShape::M64N128, TileShape::Sm90M128N128,
-                                            TileShape::Sm90RegA, TileShape::Sm90RegAT256};
+inline constexpr TileShape kTileShapes[] = {TileShape::M32N128,  TileShape::M64N128,      TileShape::Sm90M128N128,
+                                            TileShape::Sm90RegA, TileShape::Sm90RegAT256, TileShape::Sm90RegAT64};
 const char* tile_shape_name(TileShape s);
-constexpr bool is_rega(TileShape s) { return s == TileShape::Sm90RegA || s == TileShape::Sm90RegAT256; }
+constexpr bool is_rega(TileShape s) {
+  return s == TileShape::Sm90RegA || s == TileShape::Sm90RegAT256 || s == TileShape::Sm90RegAT64;
+}
 constexpr bool is_sm90(TileShape s) { return s == TileShape::Sm90M128N128 || is_rega(s); }
 constexpr int tile_bm(TileShape s) {
-  return s == TileShape::Sm90RegAT256 ? 256 : is_sm90(s) ? 128 : s == TileShape::M64N128 ? 64 : 32;
+  if (s == TileShape::Sm90RegAT256) return 256;
+  if (s == TileShape::Sm90RegAT64 || s == TileShape::M64N128) return 64;
+  return is_sm90(s) ? 128 : 32;
 }
 constexpr int tile_bk(TileShape s) { return is_sm90(s) ? 64 : 32; }
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
