@@ -5,7 +5,7 @@
 // BF16 shared-memory tile, fences it into the async proxy and meets every other thread at a
 // barrier per K tile; the tensor cores idle ~75% of the time (bench/NOTES.md). Here:
 //   roles     W rows are wgmma's M (64 per consumer warpgroup, 128 per CTA) and token rows its
-//             N (128, or 2 x 128 with kNT = 2): the accumulator holds the transposed tile, which
+//             N (64, 128, or 2 x 128 with kNT = 2): the accumulator holds the transposed tile, which
 //             the epilogue stages transposed. W enters the MMA from registers, so the dequantized W never goes
 //             through shared memory: no converted tile, no proxy fence for it, no barrier.
 //   warps     warpgroup 0 produces (cp.async of the gathered token rows into the swizzled
