@@ -234,8 +234,11 @@ std::string describe(const LayerCase& c) {
 class CudaLayer : public ::testing::TestWithParam<LayerCase> {};
 
 // Problems with few (token, slot) pairs have outputs of a handful of values (T = 1, k = 1: one
-// routing-weight gradient), whose relative error is a matter of luck, not of correctness. They run
-// as several independent problems whose errors are pooled into one Frobenius norm.
+// routing-weight gradient, a single dot product), whose relative error is a matter of luck, not of
+// correctness. They run as 32 independent problems whose errors are pooled into one Frobenius
+// norm. With 8, the pooled routing-weight error of tokens1_k1 passed 1e-2 in ~0.7% of draws (a
+// numpy model of the BF16 roundings: median 0.33%, 99th percentile 0.93%; it failed once on an
+// H100); with 32 the model's worst of 1250 draws is 0.82%.
 TEST_P(CudaLayer, ForwardBackwardMatchCpu) {
   FP8MOE_REQUIRE_GPU();
   const LayerCase& c = GetParam();
@@ -244,7 +247,7 @@ TEST_P(CudaLayer, ForwardBackwardMatchCpu) {
   std::mt19937_64 rng(seed);
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
-  const int problems = c.T * c.k < 64 ? 8 : 1;
+  const int problems = c.T * c.k < 64 ? 32 : 1;
   ErrorSums f32, bf16;
   for (int i = 0; i < problems; ++i) {
     const HostProblem p = make_problem(c, rng);
