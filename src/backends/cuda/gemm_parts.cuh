@@ -367,7 +367,8 @@ __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, 
   const bool glu_fwd = p.epi == Epilogue::GluForward;
   const int step_cols = glu_fwd ? 16 : 8, steps_per_row = BN / step_cols, items = rt.rows * steps_per_row;
   const int64_t e = rt.expert;
-  // Step u: tile row lr, columns c0 .. (the columns of v in n, -1 past N).
+  // The 8 columns of v that half h of step u covers (-1 past N). Step u is tile row
+  // u / steps_per_row, tile columns from (u % steps_per_row) * step_cols.
   auto columns = [&](int u, int (&n)[8], int h) {
     const int c0 = (u % steps_per_row) * step_cols;
     const int4* cm = reinterpret_cast<const int4*>(m.col + c0 + 8 * h);  // c0 % 8 == 0
