@@ -21,7 +21,9 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p) {
   return tile_shape_supported(s) && (!is_rega(s) || p.rega_fits);
 }
 
-TileShape choose_tile_shape(const GemmProblem& p) {
+TileShape choose_tile_shape(const GemmProblem& p) { return choose_tile_shape(p, sm90_kernels_available()); }
+
+TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   const int64_t rows = p.rows, experts = p.experts;
   // Measured on H100 (bench/gemm_lab, bench/NOTES.md), all four GEMMs of both model shapes:
   // - wgmma beats mma.sync everywhere once experts average a full 128-row tile (1.4-3.3x);
@@ -33,11 +35,11 @@ TileShape choose_tile_shape(const GemmProblem& p) {
   //   256-token tile is another 1.15-1.3x from 256 rows per expert on (all eight GEMMs); its
   //   64-token tile is 5-15% faster than the 128-token one at 16 rows per expert and 15-20%
   //   slower at 64 (fifth session).
-  if (sm90_kernels_available() && p.rega_fits) {
+  if (sm90 && p.rega_fits) {
     if (rows >= 256 * experts) return TileShape::Sm90RegAT256;
     return rows >= 64 * experts ? TileShape::Sm90RegA : TileShape::Sm90RegAT64;
   }
-  if (sm90_kernels_available() && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
+  if (sm90 && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;
 }

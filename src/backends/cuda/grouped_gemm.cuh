@@ -72,8 +72,10 @@ GemmProblem describe(const GroupedGemm& g);
 // Whether shape `s` can run problem `p` on this device (every shape but the Sm90RegA ones takes any
 // problem).
 bool tile_shape_fits(TileShape s, const GemmProblem& p);
-// The one place that picks a tile shape.
+// The one place that picks a tile shape: for this device, or (pure, host-testable) for a device
+// that can (`sm90`) or cannot run the wgmma kernels.
 TileShape choose_tile_shape(const GemmProblem& p);
+TileShape choose_tile_shape(const GemmProblem& p, bool sm90);
 
 }  // namespace gemm
 

@@ -118,5 +118,33 @@ TEST(GemmDispatch, LoraOnlyWithWholeBf16Chunks) {
   EXPECT_FALSE(with_lora(DType::BF16, 16, 8));  // L not 16-byte aligned
 }
 
+// The thresholds of choose_tile_shape (measured in bench/NOTES.md), on both kinds of device.
+TEST(GemmDispatch, TileShapeChoice) {
+  using cuda::gemm::TileShape;
+  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90) {
+    cuda::gemm::GemmProblem p;
+    p.experts = 128;
+    p.rows = rows_per_expert * p.experts;
+    p.rega_fits = rega;
+    p.fine_k_scale = fine_k;
+    return cuda::gemm::choose_tile_shape(p, sm90);
+  };
+  // The register-A engine where it fits: 64 tokens below 64 rows per expert, 256 from 256 on.
+  EXPECT_EQ(choose(16, true, false, true), TileShape::Sm90RegAT64);
+  EXPECT_EQ(choose(63, true, false, true), TileShape::Sm90RegAT64);
+  EXPECT_EQ(choose(64, true, false, true), TileShape::Sm90RegA);
+  EXPECT_EQ(choose(255, true, false, true), TileShape::Sm90RegA);
+  EXPECT_EQ(choose(256, true, false, true), TileShape::Sm90RegAT256);
+  EXPECT_EQ(choose(0, true, false, true), TileShape::Sm90RegAT64);  // T = 0
+  // Else the shared-memory wgmma kernel from 128 rows per expert, or for fine K scales.
+  EXPECT_EQ(choose(128, false, false, true), TileShape::Sm90M128N128);
+  EXPECT_EQ(choose(16, false, true, true), TileShape::Sm90M128N128);
+  EXPECT_EQ(choose(64, false, false, true), TileShape::M64N128);
+  EXPECT_EQ(choose(32, false, false, true), TileShape::M32N128);
+  // Without sm_90a code only mma.sync, whatever fits the wgmma engines.
+  EXPECT_EQ(choose(1024, true, true, false), TileShape::M64N128);
+  EXPECT_EQ(choose(16, true, false, false), TileShape::M32N128);
+}
+
 }  // namespace
 }  // namespace fp8moe
