@@ -1,12 +1,21 @@
 // Per-expert reduction over the expert's rows (backend.hpp: GroupedOuter), the LoRA weight
 // gradients:  out[e, n, q] = alpha * sum_{r of e} rs(r) * L[r, n] * R[r, q].
 //
-// One CTA owns one [64 x 64] output tile of one expert and walks the expert's rows in a fixed
-// order, 32 rows at a time through shared memory, accumulating in fp32: every output element
-// is written by exactly one thread with one fixed summation order, so results are bitwise
-// reproducible without atomics. The sizes are small (N or Q is the LoRA rank), so plain fp32
-// FMAs suffice; an expert with no rows writes zeros.
+// Every output element is written by exactly one thread with one fixed summation order over the
+// expert's rows, accumulating in fp32: bitwise reproducible without atomics; an expert with no
+// rows writes zeros. Plain fp32 FMAs suffice (one side is the LoRA rank). Two kernels:
+//   small side  (N or Q <= 32, the LoRA shapes): a thread owns one column w of the wide operand
+//               and all kS outputs (w, s). Per step of 32 rows it loads its own 32 elements of
+//               the wide operand straight from global memory (coalesced across the warp, 32
+//               loads in flight), while the narrow side, times the row scale, sits in shared
+//               memory and is read as a broadcast. The wide operand is read once.
+//   general     one CTA per [64 x 64] output tile, both operands through shared memory; it
+//               re-reads the wide operand once per 64 columns of the other and wastes 3/4 of its
+//               tile on a 16-wide side (5.4 ms for the four LoRA gradients of GLM at T 16384
+//               on an H100, against ~0.4 ms to read their inputs once).
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "backends/cuda/cuda_check.cuh"
 #include "backends/cuda/gemm_tile.cuh"
@@ -19,6 +28,7 @@ using gemm::Elem;
 using gemm::load_elem;
 
 constexpr int kTileN = 64, kTileQ = 64, kRowsPerStep = 32, kThreads = 256;
+constexpr int kSmallMax = 32;  // the small-side kernel takes min(N, Q) up to this
 
 struct OuterParams {
   int N = 0, Q = 0, top_k = 1;
@@ -97,6 +107,73 @@ __global__ void __launch_bounds__(kThreads) grouped_outer_kernel(const OuterPara
     }
 }
 
+constexpr int kSmallRows = 32;  // rows per step of the small-side kernel
+
+// out[e] of the small-side kernel: wide operand `big` [rows, W], narrow `small` [rows, S],
+// S <= kS. small_left: out[e, s, w] (the narrow side is L), else out[e, w, s].
+struct SmallOuterParams {
+  int W = 0, S = 0, top_k = 1;
+  const int32_t* offsets = nullptr;
+  const int32_t* sorted_pairs = nullptr;
+  const void* big = nullptr;
+  Elem big_type = Elem::BF16;
+  bool big_tokens = false;
+  const void* small = nullptr;
+  Elem small_type = Elem::BF16;
+  bool small_tokens = false, small_left = false;
+  const void* row_scale = nullptr;
+  Elem rs_type = Elem::F32;
+  float alpha = 1.0f;
+  void* out = nullptr;
+  Elem out_type = Elem::F32;
+};
+
+template <int kS>
+__global__ void __launch_bounds__(kThreads) grouped_outer_small_kernel(const SmallOuterParams p) {
+  __shared__ alignas(16) float Ss[kSmallRows][kS];  // rs(r) * small[r, s], 0 past S or the rows
+  __shared__ int s_brow[kSmallRows];
+  const int e = blockIdx.y, tid = threadIdx.x, w = blockIdx.x * kThreads + tid;
+  const int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
+  float acc[kS];
+#pragma unroll
+  for (int s = 0; s < kS; ++s) acc[s] = 0.0f;
+  for (int r0 = r_begin; r0 < r_end; r0 += kSmallRows) {
+    for (int i = tid; i < kSmallRows * kS; i += kThreads) {
+      const int rr = i / kS, s = i % kS, r = r0 + rr;
+      float v = 0.0f;
+      if (r < r_end && s < p.S) {
+        const int pair = p.sorted_pairs[r], row = p.small_tokens ? pair / p.top_k : r;
+        v = load_elem(p.small, p.small_type, int64_t{row} * p.S + s);
+        if (p.row_scale) v *= load_elem(p.row_scale, p.rs_type, pair);
+      }
+      Ss[rr][s] = v;
+    }
+    if (tid < kSmallRows) {
+      const int r = r0 + tid;
+      s_brow[tid] = r < r_end ? (p.big_tokens ? p.sorted_pairs[r] / p.top_k : r) : -1;
+    }
+    __syncthreads();
+    float b[kSmallRows];
+#pragma unroll
+    for (int rr = 0; rr < kSmallRows; ++rr) {
+      const int row = s_brow[rr];
+      b[rr] = row >= 0 && w < p.W ? load_elem(p.big, p.big_type, int64_t{row} * p.W + w) : 0.0f;
+    }
+#pragma unroll
+    for (int rr = 0; rr < kSmallRows; ++rr)
+#pragma unroll
+      for (int s = 0; s < kS; ++s) acc[s] = fmaf(b[rr], Ss[rr][s], acc[s]);
+    __syncthreads();
+  }
+  if (w >= p.W) return;
+#pragma unroll
+  for (int s = 0; s < kS; ++s) {
+    if (s >= p.S) break;
+    const int64_t at = p.small_left ? (int64_t{e} * p.S + s) * p.W + w : (int64_t{e} * p.W + w) * p.S + s;
+    gemm::store_elem(p.out, p.out_type, at, p.alpha * acc[s]);
+  }
+}
+
 Elem float_elem(const TensorView& t, const char* name) {
   FP8MOE_CHECK(t.device == Device::CUDA, "grouped_outer: ", name, " must be on the GPU, found ", t.str());
   check_dtype(t, name, {DType::BF16, DType::F32});
@@ -140,6 +217,33 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
   p.alpha = static_cast<float>(g.alpha);
   p.out = g.out.data;
 
+  if (std::min(N, Q) <= kSmallMax) {
+    SmallOuterParams sp;
+    sp.small_left = N <= Q;  // the narrow side
+    sp.W = static_cast<int>(sp.small_left ? Q : N);
+    sp.S = static_cast<int>(sp.small_left ? N : Q);
+    sp.top_k = p.top_k;
+    sp.offsets = p.offsets;
+    sp.sorted_pairs = p.sorted_pairs;
+    sp.big = sp.small_left ? p.right : p.left;
+    sp.big_type = sp.small_left ? p.right_type : p.left_type;
+    sp.big_tokens = sp.small_left ? p.right_tokens : p.left_tokens;
+    sp.small = sp.small_left ? p.left : p.right;
+    sp.small_type = sp.small_left ? p.left_type : p.right_type;
+    sp.small_tokens = sp.small_left ? p.left_tokens : p.right_tokens;
+    sp.row_scale = p.row_scale;
+    sp.rs_type = p.rs_type;
+    sp.alpha = p.alpha;
+    sp.out = p.out;
+    sp.out_type = p.out_type;
+    const dim3 grid(static_cast<unsigned>((sp.W + kThreads - 1) / kThreads), static_cast<unsigned>(E));
+    if (sp.S <= 16)
+      grouped_outer_small_kernel<16><<<grid, kThreads, 0, stream>>>(sp);
+    else
+      grouped_outer_small_kernel<kSmallMax><<<grid, kThreads, 0, stream>>>(sp);
+    FP8MOE_CUDA_LAUNCH_CHECK("grouped_outer_small_kernel");
+    return;
+  }
   const int64_t tiles = ((N + kTileN - 1) / kTileN) * ((Q + kTileQ - 1) / kTileQ);
   FP8MOE_CHECK(tiles < (int64_t{1} << 31), "grouped_outer: too many output tiles (", tiles, ")");
   // Launched even when M = 0: every expert then writes zeros.

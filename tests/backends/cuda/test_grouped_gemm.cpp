@@ -979,6 +979,36 @@ TEST(GroupedOuter, LoraGradientShapes) {
   run_outer(a);
 }
 
+// The small-side kernel (min(N, Q) <= 32): a thread per column of the wide side, more than one
+// 256-column block of it and a partial last one, both narrow widths it instantiates (16, 32),
+// the narrow side on either operand, gathered rows on the wide side, one hot expert; 33 takes
+// the general kernel.
+TEST(GroupedOuter, NarrowSideKernel) {
+  REQUIRE_GPU();
+  OuterCase b;  // dB-like: wide left (600), narrow right (24: the 32-wide instance)
+  b.T = 300, b.k = 2, b.E = 5, b.N = 600, b.Q = 24;
+  b.left_rows = RowSource::Tokens;
+  b.left_dtype = DType::F32;
+  b.row_scale = true;
+  run_outer(b);
+  b.routing = Routing::Hot;  // every row on one expert
+  b.k = 1;
+  run_outer(b);
+  OuterCase a;  // dA-like: narrow left (16), wide right (520) gathered by token, BF16 out
+  a.T = 200, a.k = 4, a.E = 7, a.N = 16, a.Q = 520;
+  a.right_rows = RowSource::Tokens;
+  a.routing = Routing::SomeEmpty;
+  a.out_dtype = DType::BF16;
+  run_outer(a);
+  for (int64_t narrow : {32, 33}) {  // the largest the kernel takes, and the first it does not
+    OuterCase c;
+    c.T = 120, c.k = 2, c.E = 3, c.N = 300, c.Q = narrow;
+    c.row_scale = true;
+    SCOPED_TRACE("narrow " + std::to_string(narrow));
+    run_outer(c);
+  }
+}
+
 TEST(GroupedOuter, RoutingEdgeCases) {
   REQUIRE_GPU();
   OuterCase c;
