@@ -4,11 +4,13 @@
 // Every output element is written by exactly one thread with one fixed summation order over the
 // expert's rows, accumulating in fp32: bitwise reproducible without atomics; an expert with no
 // rows writes zeros. Plain fp32 FMAs suffice (one side is the LoRA rank). Two kernels:
-//   small side  (N or Q <= 32, the LoRA shapes): a thread owns one column w of the wide operand
-//               and all kS outputs (w, s). Per step of 32 rows it loads its own 32 elements of
-//               the wide operand straight from global memory (coalesced across the warp, 32
-//               loads in flight), while the narrow side, times the row scale, sits in shared
-//               memory and is read as a broadcast. The wide operand is read once.
+//   small side  (N or Q <= 32, the LoRA shapes): a lane owns two columns of the wide operand
+//               and all their kS outputs; the 8 warps of a CTA split the expert's rows and a
+//               fixed tree adds their partial sums. Per step of 32 rows a lane loads its own
+//               elements of the wide operand straight from global memory (one coalesced 128-byte
+//               line per warp and row, 16 loads in flight), while the narrow side, times the row
+//               scale, sits in shared memory and is read as a broadcast. The wide operand is
+//               read once.
 //   general     one CTA per [64 x 64] output tile, both operands through shared memory; it
 //               re-reads the wide operand once per 64 columns of the other and wastes 3/4 of its
 //               tile on a 16-wide side (5.4 ms for the four LoRA gradients of GLM at T 16384
@@ -107,7 +109,11 @@ __global__ void __launch_bounds__(kThreads) grouped_outer_kernel(const OuterPara
     }
 }
 
-constexpr int kSmallRows = 32;  // rows per step of the small-side kernel
+// The small-side kernel: a CTA owns kSmallCols columns of the wide operand (two per lane) and
+// its 8 warps split the expert's rows, warp w taking the 32-row steps w, w + 8, ...; a fixed
+// tree over the warps then adds their partial sums. Several warps per column block keep many
+// loads in flight even for one hot expert, and the summation order stays fixed.
+constexpr int kSmallWarps = kThreads / 32, kSmallCols = 64, kSmallRows = 32;
 
 // out[e] of the small-side kernel: wide operand `big` [rows, W], narrow `small` [rows, S],
 // S <= kS. small_left: out[e, s, w] (the narrow side is L), else out[e, w, s].
@@ -118,6 +124,7 @@ struct SmallOuterParams {
   const void* big = nullptr;
   Elem big_type = Elem::BF16;
   bool big_tokens = false;
+  bool big_vec2 = false;  // W even and the base aligned: a lane's two columns in one load
   const void* small = nullptr;
   Elem small_type = Elem::BF16;
   bool small_tokens = false, small_left = false;
@@ -128,49 +135,103 @@ struct SmallOuterParams {
   Elem out_type = Elem::F32;
 };
 
-template <int kS>
-__global__ void __launch_bounds__(kThreads) grouped_outer_small_kernel(const SmallOuterParams p) {
-  __shared__ alignas(16) float Ss[kSmallRows][kS];  // rs(r) * small[r, s], 0 past S or the rows
-  __shared__ int s_brow[kSmallRows];
-  const int e = blockIdx.y, tid = threadIdx.x, w = blockIdx.x * kThreads + tid;
-  const int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
-  float acc[kS];
-#pragma unroll
-  for (int s = 0; s < kS; ++s) acc[s] = 0.0f;
-  for (int r0 = r_begin; r0 < r_end; r0 += kSmallRows) {
-    for (int i = tid; i < kSmallRows * kS; i += kThreads) {
-      const int rr = i / kS, s = i % kS, r = r0 + rr;
-      float v = 0.0f;
-      if (r < r_end && s < p.S) {
-        const int pair = p.sorted_pairs[r], row = p.small_tokens ? pair / p.top_k : r;
-        v = load_elem(p.small, p.small_type, int64_t{row} * p.S + s);
-        if (p.row_scale) v *= load_elem(p.row_scale, p.rs_type, pair);
-      }
-      Ss[rr][s] = v;
+// big[row, w] and big[row, w + 1] (0 past W or for row < 0).
+__device__ __forceinline__ void load_big_pair(const SmallOuterParams& p, int row, int w, float (&v)[2]) {
+  v[0] = v[1] = 0.0f;
+  if (row < 0 || w >= p.W) return;
+  const int64_t i = int64_t{row} * p.W + w;
+  if (p.big_vec2) {  // w even, W even: both columns exist
+    if (p.big_type == Elem::BF16) {
+      const float2 f = __bfloat1622float2(__ldg(reinterpret_cast<const __nv_bfloat162*>(p.big) + i / 2));
+      v[0] = f.x, v[1] = f.y;
+    } else {
+      const float2 f = __ldg(reinterpret_cast<const float2*>(p.big) + i / 2);
+      v[0] = f.x, v[1] = f.y;
     }
-    if (tid < kSmallRows) {
-      const int r = r0 + tid;
-      s_brow[tid] = r < r_end ? (p.big_tokens ? p.sorted_pairs[r] / p.top_k : r) : -1;
-    }
-    __syncthreads();
-    float b[kSmallRows];
-#pragma unroll
-    for (int rr = 0; rr < kSmallRows; ++rr) {
-      const int row = s_brow[rr];
-      b[rr] = row >= 0 && w < p.W ? load_elem(p.big, p.big_type, int64_t{row} * p.W + w) : 0.0f;
-    }
-#pragma unroll
-    for (int rr = 0; rr < kSmallRows; ++rr)
-#pragma unroll
-      for (int s = 0; s < kS; ++s) acc[s] = fmaf(b[rr], Ss[rr][s], acc[s]);
-    __syncthreads();
+    return;
   }
-  if (w >= p.W) return;
+  v[0] = load_elem(p.big, p.big_type, i);
+  if (w + 1 < p.W) v[1] = load_elem(p.big, p.big_type, i + 1);
+}
+
+template <int kS>
+__global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const SmallOuterParams p) {
+  // Per warp: its step's rs(r) * small[r, s] (0 past S or the rows). Reused for the reduction.
+  constexpr int kStageFloats = kSmallWarps * kSmallRows * kS;
+  constexpr int kSmallBatch = kS > 16 ? 8 : 16;  // wide-side loads in flight per lane (registers: 2 CTAs per SM)
+  static_assert(kStageFloats >= (kSmallWarps / 2) * kS * kSmallCols, "the reduction reuses the staging area");
+  __shared__ alignas(16) float smem[kStageFloats];
+  const int e = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int w = blockIdx.x * kSmallCols + 2 * lane;  // this lane's columns w, w + 1
+  const int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
+  float(*Sw)[kS] = reinterpret_cast<float(*)[kS]>(smem + warp * kSmallRows * kS);
+  float acc[2][kS];
 #pragma unroll
-  for (int s = 0; s < kS; ++s) {
-    if (s >= p.S) break;
-    const int64_t at = p.small_left ? (int64_t{e} * p.S + s) * p.W + w : (int64_t{e} * p.W + w) * p.S + s;
-    gemm::store_elem(p.out, p.out_type, at, p.alpha * acc[s]);
+  for (int s = 0; s < kS; ++s) acc[0][s] = acc[1][s] = 0.0f;
+
+  for (int r0 = r_begin + warp * kSmallRows; r0 < r_end; r0 += kSmallWarps * kSmallRows) {
+    // Lane i stages row r0 + i: its narrow values times the row scale, and its wide-side row.
+    const int r = r0 + lane;
+    int brow = -1;
+    if (r < r_end) {
+      const int pair = p.sorted_pairs[r], srow = p.small_tokens ? pair / p.top_k : r;
+      brow = p.big_tokens ? pair / p.top_k : r;
+      const float rs = p.row_scale ? load_elem(p.row_scale, p.rs_type, pair) : 1.0f;
+#pragma unroll
+      for (int s = 0; s < kS; ++s) Sw[lane][s] = s < p.S ? rs * load_elem(p.small, p.small_type, int64_t{srow} * p.S + s) : 0.0f;
+    } else {
+#pragma unroll
+      for (int s = 0; s < kS; ++s) Sw[lane][s] = 0.0f;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i0 = 0; i0 < kSmallRows; i0 += kSmallBatch) {
+      float b[kSmallBatch][2];  // all loads of the batch in flight before the first FMA
+#pragma unroll
+      for (int i = 0; i < kSmallBatch; ++i) load_big_pair(p, __shfl_sync(0xFFFFFFFFu, brow, i0 + i), w, b[i]);
+#pragma unroll
+      for (int i = 0; i < kSmallBatch; ++i)
+#pragma unroll
+        for (int s = 0; s < kS; s += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(&Sw[i0 + i][s]);
+          const float xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[0][s + j] = fmaf(b[i][0], xs[j], acc[0][s + j]);
+            acc[1][s + j] = fmaf(b[i][1], xs[j], acc[1][s + j]);
+          }
+        }
+    }
+    __syncwarp();  // the next step overwrites Sw
+  }
+
+  // Fixed tree over the warps: in each round the upper half adds into the lower half.
+  float(*red)[kS][kSmallCols] = reinterpret_cast<float(*)[kS][kSmallCols]>(smem);
+  for (int half = kSmallWarps / 2; half >= 1; half /= 2) {
+    __syncthreads();  // the staging area (or the last round's slots) is free
+    if (warp >= half && warp < 2 * half)
+#pragma unroll
+      for (int s = 0; s < kS; ++s) *reinterpret_cast<float2*>(&red[warp - half][s][2 * lane]) = make_float2(acc[0][s], acc[1][s]);
+    __syncthreads();
+    if (warp < half)
+#pragma unroll
+      for (int s = 0; s < kS; ++s) {
+        const float2 x = *reinterpret_cast<const float2*>(&red[warp][s][2 * lane]);
+        acc[0][s] += x.x;
+        acc[1][s] += x.y;
+      }
+  }
+  __syncthreads();
+  if (warp == 0)
+#pragma unroll
+    for (int s = 0; s < kS; ++s) *reinterpret_cast<float2*>(&red[0][s][2 * lane]) = make_float2(acc[0][s], acc[1][s]);
+  __syncthreads();
+  // Coalesced stores in the output's own order.
+  const int w0 = blockIdx.x * kSmallCols, cols = min(kSmallCols, p.W - w0);
+  for (int i = tid; i < cols * p.S; i += kThreads) {
+    const int s = p.small_left ? i / cols : i % p.S, c = p.small_left ? i % cols : i / p.S;
+    const int64_t at = p.small_left ? (int64_t{e} * p.S + s) * p.W + w0 + c : (int64_t{e} * p.W + w0 + c) * p.S + s;
+    gemm::store_elem(p.out, p.out_type, at, p.alpha * red[0][s][c]);
   }
 }
 
@@ -236,7 +297,9 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     sp.alpha = p.alpha;
     sp.out = p.out;
     sp.out_type = p.out_type;
-    const dim3 grid(static_cast<unsigned>((sp.W + kThreads - 1) / kThreads), static_cast<unsigned>(E));
+    const size_t big_bytes = sp.big_type == Elem::BF16 ? 2 : 4;
+    sp.big_vec2 = sp.W % 2 == 0 && reinterpret_cast<uintptr_t>(sp.big) % (2 * big_bytes) == 0;
+    const dim3 grid(static_cast<unsigned>((sp.W + kSmallCols - 1) / kSmallCols), static_cast<unsigned>(E));
     if (sp.S <= 16)
       grouped_outer_small_kernel<16><<<grid, kThreads, 0, stream>>>(sp);
     else
