@@ -11,6 +11,7 @@ const char* tile_shape_name(TileShape s) {
     case TileShape::Sm90RegA: return "wgmma_rega_w128t128k64";
     case TileShape::Sm90RegAT256: return "wgmma_rega_w128t256k64";
     case TileShape::Sm90RegAT64: return "wgmma_rega_w128t64k64";
+    case TileShape::M128N32: return "m128n32k32";
   }
   return "?";
 }
@@ -39,6 +40,10 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
     if (rows >= 256 * experts) return TileShape::Sm90RegAT256;
     return rows >= 64 * experts ? TileShape::Sm90RegA : TileShape::Sm90RegAT64;
   }
+  // - N no wider than 32 (the LoRA rank-r projections, plain BF16 weights): every 128-wide tile
+  //   is at least 3/4 padding; the narrow mma.sync tile streams A with 3 CTAs per SM (sixth
+  //   session: 3.8 -> see NOTES ms for the four projections of Qwen3 at T 16384).
+  if (p.n <= kNarrowN) return TileShape::M128N32;
   if (sm90 && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;

@@ -12,7 +12,8 @@ namespace fp8moe::cuda::gemm {
 
 template <TileShape S, int AB, int BB, bool TR>
 void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
-  using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128, TileM64N128>;
+  using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128,
+                                    std::conditional_t<S == TileShape::M128N32, TileM128N32, TileM64N128>>;
   constexpr int kNT = S == TileShape::Sm90RegAT256 ? 2 : 1;     // token blocks of a RegA tile
   constexpr int kTN = S == TileShape::Sm90RegAT64 ? 64 : 128;   // their width
   using Sm90Cfg = std::conditional_t<is_rega(S), TileSm90RegA<kNT, kTN>, TileSm90M128>;
@@ -21,7 +22,8 @@ void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
                                std::conditional_t<S == TileShape::Sm90M128N128, KernelSm90<TileSm90M128, AB, BB, TR>,
                                                   KernelMma<MmaCfg, AB, BB, TR>>>;
   static_assert(!is_rega(S) || (AB == 2 && BB == 1), "Sm90RegA: BF16 A, FP8 W");
-  static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S), "tile_bm/tile_bk disagree with the tile config");
+  static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S) && (is_sm90(S) || Cfg::BN == tile_bn(S)),
+                "tile_bm/tile_bk/tile_bn disagree with the tile config");
   auto launch = [&](auto kernel_traits) {
     using KT = decltype(kernel_traits);
     set_smem_limit(KT::kernel, KT::kSmemBytes);

@@ -176,6 +176,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().
 using TileM64N128 = Tile<64, 128, 32, 2, 4, 4, 2>;  // 8 warps of 32 x 32; two CTAs per SM
 using TileM32N128 = Tile<32, 128, 32, 1, 4, 4, 4>;  // 4 warps of 32 x 32; four CTAs per SM
+// Narrow N: 4 warps of 32 x 32 stacked along M; 5 stages (66 KB), three CTAs per SM, so ~96 KB
+// of A per SM are in flight: these GEMMs are A streams with little math per byte.
+using TileM128N32 = Tile<128, 32, 32, 4, 1, 5, 3>;
 
 template <class Cfg, int AB, int BB, bool TR>
 struct KernelMma {

@@ -95,6 +95,7 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   GemmProblem p;
   p.rows = g.plan->rows();
   p.experts = g.plan->experts;
+  p.n = g.transpose_b ? bd.size(2) : bd.size(1);
   const ScaleSpec& s = g.b.spec;
   if (g.b.quantized()) {
     // Read transposed, K runs along the stored rows (blocks of block_n within a segment).
@@ -233,7 +234,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     FP8MOE_CHECK(p.b_kpart_step > 0 && k_row_scale(g.b.spec), "grouped_gemm: internal: per-K-row scales without a linear step");
   const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
-  const int64_t bn = 128;  // every shape is 128 wide (GLU forward: 64 gate + 64 up columns)
+  const int64_t bn = tile_bn(shape);  // GLU forward: bn / 2 gate + bn / 2 up columns
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
   if (is_sm90(shape))
     FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
@@ -251,6 +252,7 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
     switch (shape) {
       case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
+      case TileShape::M128N32: launch_instance<TileShape::M128N32, AB, BB, TR>(p, grid, stream); break;
       case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
       case TileShape::Sm90RegA:  // BF16 A, FP8 W only (checked above)
         if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegA, 2, 1, TR>(p, grid, stream);

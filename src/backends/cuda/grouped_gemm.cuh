@@ -40,9 +40,12 @@ enum class TileShape : uint8_t {
                 // two consumer warpgroups (gemm_kernel_sm90_rega.cuh); FP8 W only (rega_fits)
   Sm90RegAT256, // the same with 256 tokens per CTA: each W fragment feeds two wgmmas
   Sm90RegAT64,  // the same with 64 tokens per CTA (few rows per expert)
+  M128N32,      // mma.sync: 128 x 32, K step 32, 4 warps of 32 x 32, three CTAs per SM: narrow N
+                // (the LoRA rank-r projections), where a 128-wide tile would be mostly padding
 };
-inline constexpr TileShape kTileShapes[] = {TileShape::M32N128,  TileShape::M64N128,      TileShape::Sm90M128N128,
-                                            TileShape::Sm90RegA, TileShape::Sm90RegAT256, TileShape::Sm90RegAT64};
+inline constexpr TileShape kTileShapes[] = {TileShape::M32N128,     TileShape::M64N128,  TileShape::Sm90M128N128,
+                                            TileShape::Sm90RegA,    TileShape::Sm90RegAT256, TileShape::Sm90RegAT64,
+                                            TileShape::M128N32};
 const char* tile_shape_name(TileShape s);
 constexpr bool is_rega(TileShape s) {
   return s == TileShape::Sm90RegA || s == TileShape::Sm90RegAT256 || s == TileShape::Sm90RegAT64;
@@ -51,9 +54,13 @@ constexpr bool is_sm90(TileShape s) { return s == TileShape::Sm90M128N128 || is_
 constexpr int tile_bm(TileShape s) {
   if (s == TileShape::Sm90RegAT256) return 256;
   if (s == TileShape::Sm90RegAT64 || s == TileShape::M64N128) return 64;
-  return is_sm90(s) ? 128 : 32;
+  return is_sm90(s) || s == TileShape::M128N32 ? 128 : 32;
 }
 constexpr int tile_bk(TileShape s) { return is_sm90(s) ? 64 : 32; }
+// Columns of v per CTA (GLU forward: half of them gate, half up).
+constexpr int tile_bn(TileShape s) { return s == TileShape::M128N32 ? 32 : 128; }
+// The widest N that choose_tile_shape gives the narrow tile.
+constexpr int64_t kNarrowN = 32;
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
 bool tile_shape_supported(TileShape s);
 // Whether this process can run the wgmma kernels on the current device: the card is sm_90 and
@@ -62,6 +69,7 @@ bool sm90_kernels_available();
 // What the tile-shape choice looks at: host-known facts only (the routing stays on the device).
 struct GemmProblem {
   int64_t rows = 0, experts = 0;  // rows = T * top_k over `experts` groups
+  int64_t n = 0;                   // columns of v (GLU forward: gate + up)
   bool fine_k_scale = false;       // W's scale changes inside a 64-wide K tile
   // Sm90RegA can take it: FP8 W, BF16 A, K a multiple of 64, one scale k-part per 64-wide K
   // tile (or, transposed, a scale per stored row), LoRA only with BF16 L and r % 8 == 0, 16-byte

@@ -52,6 +52,8 @@ TEST(GemmDispatch, ModelShapesTakeTheRegisterAEngine) {
   EXPECT_TRUE(describe(gt).fine_k_scale);  // the older engines' fast path needs the wgmma kernel
   EXPECT_EQ(describe(q).rows, 4096 * 8);
   EXPECT_EQ(describe(q).experts, 128);
+  EXPECT_EQ(describe(q).n, 1536);  // columns of v: stored rows, or stored columns when transposed
+  EXPECT_EQ(describe(qt).n, 2048);
 }
 
 TEST(GemmDispatch, ScaleSchemesOutsideTheEngine) {
@@ -121,9 +123,10 @@ TEST(GemmDispatch, LoraOnlyWithWholeBf16Chunks) {
 // The thresholds of choose_tile_shape (measured in bench/NOTES.md), on both kinds of device.
 TEST(GemmDispatch, TileShapeChoice) {
   using cuda::gemm::TileShape;
-  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90) {
+  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90, int64_t n = 2048) {
     cuda::gemm::GemmProblem p;
     p.experts = 128;
+    p.n = n;
     p.rows = rows_per_expert * p.experts;
     p.rega_fits = rega;
     p.fine_k_scale = fine_k;
@@ -144,6 +147,15 @@ TEST(GemmDispatch, TileShapeChoice) {
   // Without sm_90a code only mma.sync, whatever fits the wgmma engines.
   EXPECT_EQ(choose(1024, true, true, false), TileShape::M64N128);
   EXPECT_EQ(choose(16, true, false, false), TileShape::M32N128);
+  // N up to 32 (the LoRA projections) takes the narrow tile on every device, unless the
+  // register-A engine fits.
+  for (const bool sm90 : {false, true}) {
+    EXPECT_EQ(choose(1024, false, false, sm90, 16), TileShape::M128N32);
+    EXPECT_EQ(choose(16, false, true, sm90, 32), TileShape::M128N32);
+    EXPECT_EQ(choose(0, false, false, sm90, 1), TileShape::M128N32);
+    EXPECT_NE(choose(1024, false, false, sm90, 33), TileShape::M128N32);
+  }
+  EXPECT_EQ(choose(1024, true, false, true, 16), TileShape::Sm90RegAT256);
 }
 
 }  // namespace

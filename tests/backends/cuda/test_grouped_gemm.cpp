@@ -558,6 +558,41 @@ TEST(GroupedGemm, PlainF32Weights) {
     }
 }
 
+// The LoRA rank-r projections (U = Xp A^T, V = Act A_d^T, Q = G B_d, R = dH1 B_gu): plain BF16
+// weights with N = r, which choose_tile_shape gives the narrow 128 x 32 tile. Odd ranks, K off
+// the 32-wide K step, both orientations, token and row sources, empty and hot experts.
+TEST(GroupedGemm, NarrowNProjections) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t N, K;
+    bool trans;
+    RowSource rows;
+    Routing routing;
+  };
+  const Shape shapes[] = {{16, 512, false, RowSource::Tokens, Routing::Uniform},
+                          {16, 384, true, RowSource::Tokens, Routing::SomeEmpty},
+                          {32, 200, false, RowSource::Rows, Routing::Hot},
+                          {8, 264, true, RowSource::Rows, Routing::Uniform},
+                          {5, 130, false, RowSource::Tokens, Routing::SomeEmpty},
+                          {12, 96, true, RowSource::Rows, Routing::Hot}};
+  for (const Shape& s : shapes) {
+    Case c;
+    c.T = 300, c.k = s.routing == Routing::Hot ? 1 : 2, c.E = 6, c.N = s.N, c.K = s.K;
+    c.w = WKind::BF16;
+    c.transpose_b = s.trans;
+    c.a_rows = s.rows;
+    c.routing = s.routing;
+    SCOPED_TRACE("N " + std::to_string(s.N) + " K " + std::to_string(s.K) + (s.trans ? " transposed" : ""));
+    run_case(c);
+  }
+  // The choice itself, on a projection-like descriptor (the cases above run every shape).
+  Case c;
+  c.T = 64, c.N = 16, c.K = 256, c.w = WKind::BF16;
+  Rng rng(fresh_seed());
+  auto P = build(c, rng);
+  EXPECT_EQ(cuda::gemm::choose_tile_shape(cuda::gemm::describe(P->g)), cuda::gemm::TileShape::M128N32);
+}
+
 TEST(GroupedGemm, BiasWithoutRowScale) {
   REQUIRE_GPU();
   Case c;
@@ -976,6 +1011,8 @@ TEST(GroupedOuter, LoraGradientShapes) {
   a.right_rows = RowSource::Tokens;
   a.right_dtype = DType::F32;
   a.out_dtype = DType::BF16;
+  run_outer(a);
+  a.Q = 301;  // odd width: per-element wide-side loads, a partial column block
   run_outer(a);
 }
 
