@@ -127,7 +127,6 @@ struct SmallOuterParams {
   const int32_t* sorted_pairs = nullptr;
   const void* big = nullptr;  // BF16 or F32: the kernel's kBigF32
   bool big_tokens = false;
-  bool big_vec2 = false;  // W even and the base aligned: a lane's two columns in one load
   const void* small = nullptr;
   bool small_f32 = false;  // else BF16
   bool small_tokens = false, small_left = false;
@@ -148,16 +147,24 @@ __device__ __forceinline__ float raw_value(uint32_t x, bool f32) { return f32 ? 
 // packed word, F32 as two.
 template <bool kBigF32>
 using BigPair = std::conditional_t<kBigF32, uint2, uint32_t>;
-template <bool kBigF32>
-__device__ __forceinline__ BigPair<kBigF32> load_big_pair(const SmallOuterParams& p, int row, int w) {
-  if (row < 0 || w >= p.W) return BigPair<kBigF32>{};
-  const int64_t i = int64_t{row} * p.W + w;
-  if (p.big_vec2) return __ldg(reinterpret_cast<const BigPair<kBigF32>*>(p.big) + i / 2);  // w, W even
-  const uint32_t lo = raw_elem(p.big, kBigF32, i), hi = w + 1 < p.W ? raw_elem(p.big, kBigF32, i + 1) : 0u;
-  if constexpr (kBigF32)
-    return make_uint2(lo, hi);
-  else
-    return lo | (hi << 16);
+// kVec2 (W even, base aligned): one load at `lane_base` (the big operand at this lane's first
+// column) plus the row's offset; else element by element.
+template <bool kBigF32, bool kVec2>
+__device__ __forceinline__ BigPair<kBigF32> load_big_pair(const SmallOuterParams& p, const char* lane_base,
+                                                          int64_t row_bytes, int row, int w) {
+  BigPair<kBigF32> v{};
+  if (row < 0 || w >= p.W) return v;
+  if constexpr (kVec2) {
+    v = __ldg(reinterpret_cast<const BigPair<kBigF32>*>(lane_base + row * row_bytes));
+  } else {
+    const int64_t i = int64_t{row} * p.W + w;
+    const uint32_t lo = raw_elem(p.big, kBigF32, i), hi = w + 1 < p.W ? raw_elem(p.big, kBigF32, i + 1) : 0u;
+    if constexpr (kBigF32)
+      v = make_uint2(lo, hi);
+    else
+      v = lo | (hi << 16);
+  }
+  return v;
 }
 template <bool kBigF32>
 __device__ __forceinline__ float2 big_pair_values(BigPair<kBigF32> x) {
@@ -167,7 +174,7 @@ __device__ __forceinline__ float2 big_pair_values(BigPair<kBigF32> x) {
     return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xFFFF0000u));
 }
 
-template <int kS, bool kBigF32>
+template <int kS, bool kBigF32, bool kVec2>
 __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const SmallOuterParams p) {
   // Per warp: its step's rs(r) * small[r, s] (0 past S or the rows). Reused for the reduction.
   constexpr int kStageFloats = kSmallWarps * kSmallRows * kS;
@@ -179,6 +186,9 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
   const int w = blockIdx.x * kSmallCols + 2 * lane;  // this lane's columns w, w + 1
   const int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
   float(*Sw)[kS] = reinterpret_cast<float(*)[kS]>(smem + warp * kSmallRows * kS);
+  constexpr int kBigBytes = kBigF32 ? 4 : 2;
+  const char* lane_base = static_cast<const char*>(p.big) + int64_t{w} * kBigBytes;
+  const int64_t row_bytes = int64_t{p.W} * kBigBytes;
   float acc[2][kS];
 #pragma unroll
   for (int s = 0; s < kS; ++s) acc[0][s] = acc[1][s] = 0.0f;
@@ -212,11 +222,11 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
       }
     }
     __syncwarp();
-#pragma unroll
+#pragma unroll 1  // one batch of loads at a time: unrolled, the hoisted loads spilled
     for (int i0 = 0; i0 < kSmallRows; i0 += kBatch) {
       BigPair<kBigF32> b[kBatch];  // the whole batch in flight before the first conversion
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) b[i] = load_big_pair<kBigF32>(p, __shfl_sync(0xFFFFFFFFu, brow, i0 + i), w);
+      for (int i = 0; i < kBatch; ++i) b[i] = load_big_pair<kBigF32, kVec2>(p, lane_base, row_bytes, __shfl_sync(0xFFFFFFFFu, brow, i0 + i), w);
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
         const float2 v = big_pair_values<kBigF32>(b[i]);
@@ -319,7 +329,6 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     sp.big = sp.small_left ? p.right : p.left;
     const bool big_f32 = (sp.small_left ? p.right_type : p.left_type) == Elem::F32;
     sp.big_tokens = sp.small_left ? p.right_tokens : p.left_tokens;
-    sp.big_vec2 = sp.W % 2 == 0 && reinterpret_cast<uintptr_t>(sp.big) % (big_f32 ? 8 : 4) == 0;
     sp.small = sp.small_left ? p.left : p.right;
     sp.small_f32 = (sp.small_left ? p.left_type : p.right_type) == Elem::F32;
     sp.small_tokens = sp.small_left ? p.left_tokens : p.right_tokens;
@@ -329,11 +338,22 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     sp.out = p.out;
     sp.out_type = p.out_type;
     const dim3 grid(static_cast<unsigned>((sp.W + kSmallCols - 1) / kSmallCols), static_cast<unsigned>(E));
-    const auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(sp); };
+    // W even and the base aligned: a lane's two columns in one load.
+    const bool vec2 = sp.W % 2 == 0 && reinterpret_cast<uintptr_t>(sp.big) % (big_f32 ? 8 : 4) == 0;
+    const auto launch = [&](auto s_tag, auto f32_tag, auto vec2_tag) {
+      grouped_outer_small_kernel<decltype(s_tag)::value, decltype(f32_tag)::value, decltype(vec2_tag)::value>
+          <<<grid, kThreads, 0, stream>>>(sp);
+    };
+    const auto by_vec2 = [&](auto s_tag, auto f32_tag) {
+      vec2 ? launch(s_tag, f32_tag, std::true_type{}) : launch(s_tag, f32_tag, std::false_type{});
+    };
+    const auto by_f32 = [&](auto s_tag) {
+      big_f32 ? by_vec2(s_tag, std::true_type{}) : by_vec2(s_tag, std::false_type{});
+    };
     if (sp.S <= 16)
-      big_f32 ? launch(grouped_outer_small_kernel<16, true>) : launch(grouped_outer_small_kernel<16, false>);
+      by_f32(std::integral_constant<int, 16>{});
     else
-      big_f32 ? launch(grouped_outer_small_kernel<kSmallMax, true>) : launch(grouped_outer_small_kernel<kSmallMax, false>);
+      by_f32(std::integral_constant<int, kSmallMax>{});
     FP8MOE_CUDA_LAUNCH_CHECK("grouped_outer_small_kernel");
     return;
   }
