@@ -110,14 +110,19 @@ __global__ void __launch_bounds__(kThreads) grouped_outer_kernel(const OuterPara
     }
 }
 
-// The small-side kernel: a CTA owns kSmallCols columns of the wide operand (two per lane) and
-// its 8 warps split the expert's rows, warp w taking the 32-row steps w, w + 8, ...; a fixed
-// tree over the warps then adds their partial sums. Several warps per column block keep many
-// loads in flight even for one hot expert, and the summation order stays fixed.
+// The small-side kernel: a lane owns kLaneCols consecutive columns of the wide operand, a CTA
+// 32 kLaneCols of them, and its 8 warps split the expert's rows, warp w taking the 32-row steps
+// w, w + 8, ...; a fixed tree over the warps then adds their partial sums. Several warps per
+// column block keep many loads in flight even for one hot expert; the summation order is fixed.
 // Every load lands in a raw register and is converted only after its whole batch is issued: a
 // conversion next to its load (inside the branches of a generic element load) made each load
-// wait for the one before (ncu: 11.7 cycles per issued instruction, DRAM at 8%).
-constexpr int kSmallWarps = kThreads / 32, kSmallCols = 64, kSmallRows = 32;
+// wait for the one before (ncu: 11.7 cycles per issued instruction, DRAM at 8%). Each row's
+// byte offset is computed once, by the lane that looks the row up, and broadcast.
+constexpr int kSmallWarps = kThreads / 32, kSmallRows = 32;
+// Columns per lane: 4 up to rank 16 (64 accumulators), 2 up to 32; more columns per load
+// means fewer address and load instructions per FMA.
+template <int kS>
+constexpr int kLaneCols = kS > 16 ? 2 : 4;
 
 // out[e] of the small-side kernel: wide operand `big` [rows, W], narrow `small` [rows, S],
 // S <= kS. small_left: out[e, s, w] (the narrow side is L), else out[e, w, s].
@@ -143,66 +148,80 @@ __device__ __forceinline__ uint32_t raw_elem(const void* p, bool f32, int64_t i)
 }
 __device__ __forceinline__ float raw_value(uint32_t x, bool f32) { return f32 ? __uint_as_float(x) : __uint_as_float(x << 16); }
 
-// The raw bits of big[row, w] and big[row, w + 1] (zeros past W or for row < 0): BF16 as one
-// packed word, F32 as two.
-template <bool kBigF32>
-using BigPair = std::conditional_t<kBigF32, uint2, uint32_t>;
-// kVec2 (W even, base aligned): one load at `lane_base` (the big operand at this lane's first
-// column) plus the row's offset; else element by element.
-template <bool kBigF32, bool kVec2>
-__device__ __forceinline__ BigPair<kBigF32> load_big_pair(const SmallOuterParams& p, const char* lane_base,
-                                                          int64_t row_bytes, int row, int w) {
-  BigPair<kBigF32> v{};
-  if (row < 0 || w >= p.W) return v;
-  if constexpr (kVec2) {
-    v = __ldg(reinterpret_cast<const BigPair<kBigF32>*>(lane_base + row * row_bytes));
+// A lane's kC columns of one wide-side row as raw words: BF16 two to a word, F32 one.
+template <int kC, bool kF32>
+struct LaneRun {
+  static constexpr int kWords = kF32 ? kC : kC / 2;
+  uint32_t w[kWords];
+  __device__ __forceinline__ float value(int c) const {
+    if constexpr (kF32) return __uint_as_float(w[c]);
+    else return __uint_as_float(c % 2 ? w[c / 2] & 0xFFFF0000u : w[c / 2] << 16);
+  }
+};
+// big[row, w .. w + kC - 1] where `off` is the row's byte offset (< 0: no row): zeros past W.
+// kVec (W % kC == 0, base aligned): one load at lane_base + off; else element by element.
+template <int kC, bool kF32, bool kVec>
+__device__ __forceinline__ LaneRun<kC, kF32> load_lane_run(const SmallOuterParams& p, const char* lane_base,
+                                                           int64_t off, int w) {
+  LaneRun<kC, kF32> v;
+#pragma unroll
+  for (int i = 0; i < LaneRun<kC, kF32>::kWords; ++i) v.w[i] = 0u;
+  if (off < 0 || w >= p.W) return v;
+  if constexpr (kVec) {
+    constexpr int kWords = LaneRun<kC, kF32>::kWords;
+    const void* q = lane_base + off;
+    if constexpr (kWords == 1) {
+      v.w[0] = __ldg(static_cast<const uint32_t*>(q));
+    } else if constexpr (kWords == 2) {
+      const uint2 x = __ldg(static_cast<const uint2*>(q));
+      v.w[0] = x.x, v.w[1] = x.y;
+    } else {
+      const uint4 x = __ldg(static_cast<const uint4*>(q));
+      v.w[0] = x.x, v.w[1] = x.y, v.w[2] = x.z, v.w[3] = x.w;
+    }
   } else {
-    const int64_t i = int64_t{row} * p.W + w;
-    const uint32_t lo = raw_elem(p.big, kBigF32, i), hi = w + 1 < p.W ? raw_elem(p.big, kBigF32, i + 1) : 0u;
-    if constexpr (kBigF32)
-      v = make_uint2(lo, hi);
-    else
-      v = lo | (hi << 16);
+    const int64_t i = off / (kF32 ? 4 : 2) + w;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      const uint32_t x = w + c < p.W ? raw_elem(p.big, kF32, i + c) : 0u;
+      if constexpr (kF32) v.w[c] = x;
+      else v.w[c / 2] |= x << (16 * (c % 2));
+    }
   }
   return v;
 }
-template <bool kBigF32>
-__device__ __forceinline__ float2 big_pair_values(BigPair<kBigF32> x) {
-  if constexpr (kBigF32)
-    return make_float2(__uint_as_float(x.x), __uint_as_float(x.y));
-  else
-    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xFFFF0000u));
-}
 
-template <int kS, bool kBigF32, bool kVec2>
+template <int kS, bool kBigF32, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const SmallOuterParams p) {
-  // Per warp: its step's rs(r) * small[r, s] (0 past S or the rows). Reused for the reduction.
-  constexpr int kStageFloats = kSmallWarps * kSmallRows * kS;
-  constexpr int kBatch = 8;  // wide-side loads in flight per lane (registers: 2 CTAs per SM)
+  constexpr int kC = kLaneCols<kS>, kCols = 32 * kC;
+  constexpr int kBatch = LaneRun<kC, kBigF32>::kWords >= 4 ? 4 : 8;  // loads in flight per lane
   static_assert(kSmallRows % kBatch == 0, "a step is whole batches");
-  static_assert(kStageFloats >= (kSmallWarps / 2) * kS * kSmallCols, "the reduction reuses the staging area");
-  __shared__ alignas(16) float smem[kStageFloats];
+  // Per warp: its step's rs(r) * small[r, s] (0 past S or the rows); then the reduction's slots.
+  constexpr int kStageFloats = kSmallWarps * kSmallRows * kS, kRedFloats = (kSmallWarps / 2) * kS * kCols;
+  __shared__ alignas(16) float smem[kStageFloats > kRedFloats ? kStageFloats : kRedFloats];
   const int e = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int w = blockIdx.x * kSmallCols + 2 * lane;  // this lane's columns w, w + 1
+  const int w = blockIdx.x * kCols + kC * lane;  // this lane's first column
   const int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
   float(*Sw)[kS] = reinterpret_cast<float(*)[kS]>(smem + warp * kSmallRows * kS);
   constexpr int kBigBytes = kBigF32 ? 4 : 2;
   const char* lane_base = static_cast<const char*>(p.big) + int64_t{w} * kBigBytes;
-  const int64_t row_bytes = int64_t{p.W} * kBigBytes;
-  float acc[2][kS];
+  float acc[kC][kS];
 #pragma unroll
-  for (int s = 0; s < kS; ++s) acc[0][s] = acc[1][s] = 0.0f;
+  for (int c = 0; c < kC; ++c)
+#pragma unroll
+    for (int s = 0; s < kS; ++s) acc[c][s] = 0.0f;
 
   for (int r0 = r_begin + warp * kSmallRows; r0 < r_end; r0 += kSmallWarps * kSmallRows) {
     // Lane i looks up row r0 + i; then the warp stages the step's narrow values times the row
     // scale, consecutive lanes on consecutive elements (coalesced loads, conflict-free stores).
     const int r = r0 + lane;
-    int brow = -1, srow = -1;
+    int srow = -1;
+    int64_t boff = -1;  // byte offset of the row in big
     uint32_t rs_raw = 0;
     if (r < r_end) {
       const int pair = p.sorted_pairs[r];
       srow = p.small_tokens ? pair / p.top_k : r;
-      brow = p.big_tokens ? pair / p.top_k : r;
+      boff = int64_t{p.big_tokens ? pair / p.top_k : r} * p.W * kBigBytes;
       rs_raw = p.row_scale ? raw_elem(p.row_scale, p.rs_f32, pair) : __float_as_uint(1.0f);
     }
     const float rs = p.row_scale ? raw_value(rs_raw, p.rs_f32) : __uint_as_float(rs_raw);
@@ -224,21 +243,23 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
     __syncwarp();
 #pragma unroll 1  // one batch of loads at a time: unrolled, the hoisted loads spilled
     for (int i0 = 0; i0 < kSmallRows; i0 += kBatch) {
-      BigPair<kBigF32> b[kBatch];  // the whole batch in flight before the first conversion
+      LaneRun<kC, kBigF32> b[kBatch];  // the whole batch in flight before the first conversion
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) b[i] = load_big_pair<kBigF32, kVec2>(p, lane_base, row_bytes, __shfl_sync(0xFFFFFFFFu, brow, i0 + i), w);
+      for (int i = 0; i < kBatch; ++i)
+        b[i] = load_lane_run<kC, kBigF32, kVec>(p, lane_base, __shfl_sync(0xFFFFFFFFu, boff, i0 + i), w);
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
-        const float2 v = big_pair_values<kBigF32>(b[i]);
+        float v[kC];
+#pragma unroll
+        for (int c = 0; c < kC; ++c) v[c] = b[i].value(c);
 #pragma unroll
         for (int s = 0; s < kS; s += 4) {
           const float4 x = *reinterpret_cast<const float4*>(&Sw[i0 + i][s]);
           const float xs[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            acc[0][s + j] = fmaf(v.x, xs[j], acc[0][s + j]);
-            acc[1][s + j] = fmaf(v.y, xs[j], acc[1][s + j]);
-          }
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int c = 0; c < kC; ++c) acc[c][s + j] = fmaf(v[c], xs[j], acc[c][s + j]);
         }
       }
     }
@@ -246,28 +267,30 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
   }
 
   // Fixed tree over the warps: in each round the upper half adds into the lower half.
-  float(*red)[kS][kSmallCols] = reinterpret_cast<float(*)[kS][kSmallCols]>(smem);
+  float(*red)[kS][kCols] = reinterpret_cast<float(*)[kS][kCols]>(smem);
   for (int half = kSmallWarps / 2; half >= 1; half /= 2) {
     __syncthreads();  // the staging area (or the last round's slots) is free
     if (warp >= half && warp < 2 * half)
 #pragma unroll
-      for (int s = 0; s < kS; ++s) *reinterpret_cast<float2*>(&red[warp - half][s][2 * lane]) = make_float2(acc[0][s], acc[1][s]);
+      for (int s = 0; s < kS; ++s)
+#pragma unroll
+        for (int c = 0; c < kC; ++c) red[warp - half][s][kC * lane + c] = acc[c][s];
     __syncthreads();
     if (warp < half)
 #pragma unroll
-      for (int s = 0; s < kS; ++s) {
-        const float2 x = *reinterpret_cast<const float2*>(&red[warp][s][2 * lane]);
-        acc[0][s] += x.x;
-        acc[1][s] += x.y;
-      }
+      for (int s = 0; s < kS; ++s)
+#pragma unroll
+        for (int c = 0; c < kC; ++c) acc[c][s] += red[warp][s][kC * lane + c];
   }
   __syncthreads();
   if (warp == 0)
 #pragma unroll
-    for (int s = 0; s < kS; ++s) *reinterpret_cast<float2*>(&red[0][s][2 * lane]) = make_float2(acc[0][s], acc[1][s]);
+    for (int s = 0; s < kS; ++s)
+#pragma unroll
+      for (int c = 0; c < kC; ++c) red[0][s][kC * lane + c] = acc[c][s];
   __syncthreads();
   // Coalesced stores in the output's own order.
-  const int w0 = blockIdx.x * kSmallCols, cols = min(kSmallCols, p.W - w0);
+  const int w0 = blockIdx.x * kCols, cols = min(kCols, p.W - w0);
   for (int i = tid; i < cols * p.S; i += kThreads) {
     const int s = p.small_left ? i / cols : i % p.S, c = p.small_left ? i % cols : i / p.S;
     const int64_t at = p.small_left ? (int64_t{e} * p.S + s) * p.W + w0 + c : (int64_t{e} * p.W + w0 + c) * p.S + s;
@@ -337,18 +360,18 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     sp.alpha = p.alpha;
     sp.out = p.out;
     sp.out_type = p.out_type;
-    const dim3 grid(static_cast<unsigned>((sp.W + kSmallCols - 1) / kSmallCols), static_cast<unsigned>(E));
-    // W even and the base aligned: a lane's two columns in one load.
-    const bool vec2 = sp.W % 2 == 0 && reinterpret_cast<uintptr_t>(sp.big) % (big_f32 ? 8 : 4) == 0;
-    const auto launch = [&](auto s_tag, auto f32_tag, auto vec2_tag) {
-      grouped_outer_small_kernel<decltype(s_tag)::value, decltype(f32_tag)::value, decltype(vec2_tag)::value>
-          <<<grid, kThreads, 0, stream>>>(sp);
-    };
-    const auto by_vec2 = [&](auto s_tag, auto f32_tag) {
-      vec2 ? launch(s_tag, f32_tag, std::true_type{}) : launch(s_tag, f32_tag, std::false_type{});
+    const auto launch = [&](auto s_tag, auto f32_tag) {
+      constexpr int kS = decltype(s_tag)::value, kC = kLaneCols<kS>;
+      constexpr bool kF32 = decltype(f32_tag)::value;
+      const dim3 grid(static_cast<unsigned>((sp.W + 32 * kC - 1) / (32 * kC)), static_cast<unsigned>(E));
+      // Whole lane runs: W % kC == 0 and the base aligned to a run.
+      if (sp.W % kC == 0 && reinterpret_cast<uintptr_t>(sp.big) % (kC * (kF32 ? 4 : 2)) == 0)
+        grouped_outer_small_kernel<kS, kF32, true><<<grid, kThreads, 0, stream>>>(sp);
+      else
+        grouped_outer_small_kernel<kS, kF32, false><<<grid, kThreads, 0, stream>>>(sp);
     };
     const auto by_f32 = [&](auto s_tag) {
-      big_f32 ? by_vec2(s_tag, std::true_type{}) : by_vec2(s_tag, std::false_type{});
+      big_f32 ? launch(s_tag, std::true_type{}) : launch(s_tag, std::false_type{});
     };
     if (sp.S <= 16)
       by_f32(std::integral_constant<int, 16>{});
