@@ -134,6 +134,7 @@ struct SmallOuterParams {
   bool big_tokens = false;
   const void* small = nullptr;
   bool small_f32 = false;  // else BF16
+  bool small_vec = false;  // S == kS and 16-byte aligned rows: a lane stages its own row
   bool small_tokens = false, small_left = false;
   const void* row_scale = nullptr;
   bool rs_f32 = true;
@@ -213,7 +214,9 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
 
   for (int r0 = r_begin + warp * kSmallRows; r0 < r_end; r0 += kSmallWarps * kSmallRows) {
     // Lane i looks up row r0 + i; then the warp stages the step's narrow values times the row
-    // scale, consecutive lanes on consecutive elements (coalesced loads, conflict-free stores).
+    // scale: a lane its own row by 16-byte loads where rows are whole (S == kS), else
+    // consecutive lanes on consecutive elements (a lane per row by 2-byte loads made 32 sectors
+    // a load instruction).
     const int r = r0 + lane;
     int srow = -1;
     int64_t boff = -1;  // byte offset of the row in big
@@ -225,19 +228,49 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
       rs_raw = p.row_scale ? raw_elem(p.row_scale, p.rs_f32, pair) : __float_as_uint(1.0f);
     }
     const float rs = p.row_scale ? raw_value(rs_raw, p.rs_f32) : __uint_as_float(rs_raw);
+    if (p.small_vec) {  // S == kS, aligned: lane i copies its own row with 16-byte loads
+      constexpr int kVecs = kS * 4 / 16;  // 16-byte words of an F32 row (BF16: half of them)
+      float f[kS];
+      if (p.small_f32) {
+        uint4 x[kVecs];
 #pragma unroll
-    for (int j0 = 0; j0 < kS; j0 += 8) {  // 8 loads in flight, then their conversions
-      uint32_t sv[8];
+        for (int v = 0; v < kVecs; ++v)
+          x[v] = srow >= 0 ? __ldg(static_cast<const uint4*>(p.small) + int64_t{srow} * kVecs + v) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int i = lane + 32 * (j0 + j), rr = i / kS, s = i % kS;
-        const int row = __shfl_sync(0xFFFFFFFFu, srow, rr);
-        sv[j] = row >= 0 && s < p.S ? raw_elem(p.small, p.small_f32, int64_t{row} * p.S + s) : 0u;
+        for (int v = 0; v < kVecs; ++v)
+          f[4 * v] = __uint_as_float(x[v].x), f[4 * v + 1] = __uint_as_float(x[v].y),
+          f[4 * v + 2] = __uint_as_float(x[v].z), f[4 * v + 3] = __uint_as_float(x[v].w);
+      } else {
+        uint4 x[kVecs / 2];
+#pragma unroll
+        for (int v = 0; v < kVecs / 2; ++v)
+          x[v] = srow >= 0 ? __ldg(static_cast<const uint4*>(p.small) + int64_t{srow} * (kVecs / 2) + v)
+                           : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int v = 0; v < kVecs / 2; ++v) {
+          const uint32_t q[4] = {x[v].x, x[v].y, x[v].z, x[v].w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) f[8 * v + 2 * j] = raw_value(q[j] & 0xFFFFu, false), f[8 * v + 2 * j + 1] = raw_value(q[j] >> 16, false);
+        }
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int i = lane + 32 * (j0 + j), rr = i / kS, s = i % kS;
-        Sw[rr][s] = __shfl_sync(0xFFFFFFFFu, rs, rr) * raw_value(sv[j], p.small_f32);
+      for (int v = 0; v < kS / 4; ++v)
+        *reinterpret_cast<float4*>(&Sw[lane][4 * v]) = make_float4(rs * f[4 * v], rs * f[4 * v + 1], rs * f[4 * v + 2], rs * f[4 * v + 3]);
+    } else {
+#pragma unroll
+      for (int j0 = 0; j0 < kS; j0 += 8) {  // 8 loads in flight, then their conversions
+        uint32_t sv[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int i = lane + 32 * (j0 + j), rr = i / kS, s = i % kS;
+          const int row = __shfl_sync(0xFFFFFFFFu, srow, rr);
+          sv[j] = row >= 0 && s < p.S ? raw_elem(p.small, p.small_f32, int64_t{row} * p.S + s) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int i = lane + 32 * (j0 + j), rr = i / kS, s = i % kS;
+          Sw[rr][s] = __shfl_sync(0xFFFFFFFFu, rs, rr) * raw_value(sv[j], p.small_f32);
+        }
       }
     }
     __syncwarp();
@@ -363,6 +396,7 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     const auto launch = [&](auto s_tag, auto f32_tag) {
       constexpr int kS = decltype(s_tag)::value, kC = kLaneCols<kS>;
       constexpr bool kF32 = decltype(f32_tag)::value;
+      sp.small_vec = sp.S == kS && reinterpret_cast<uintptr_t>(sp.small) % 16 == 0;
       const dim3 grid(static_cast<unsigned>((sp.W + 32 * kC - 1) / (32 * kC)), static_cast<unsigned>(E));
       // Whole lane runs: W % kC == 0 and the base aligned to a run.
       if (sp.W % kC == 0 && reinterpret_cast<uintptr_t>(sp.big) % (kC * (kF32 ? 4 : 2)) == 0)

@@ -1014,6 +1014,14 @@ TEST(GroupedOuter, LoraGradientShapes) {
   run_outer(a);
   a.Q = 301;  // odd width: per-element wide-side loads, a partial column block
   run_outer(a);
+  OuterCase f;  // a whole-rank F32 narrow side (staged by 16-byte loads), wide BF16 by token
+  f.T = 150, f.k = 2, f.E = 4, f.N = 200, f.Q = 16;
+  f.right_dtype = DType::F32;
+  f.left_rows = RowSource::Tokens;
+  f.row_scale = true;
+  run_outer(f);
+  f.Q = 32;
+  run_outer(f);
 }
 
 // The small-side kernel (min(N, Q) <= 32): a thread per column of the wide side, more than one
