@@ -385,24 +385,37 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
     else
       run(std::false_type{});
     // The LoRA tiles: fragments of LB (times lora_scale), read from global memory; 0 past r or N.
+    // An M row's 16 loads are all issued, as raw bits, before any conversion: a conversion inside
+    // each element load's branches made every load wait for the one before (the grouped_outer
+    // profile, sixth session), and the LoRA tile cost gemm2 +21%.
     const int ns[2] = {n0, n1};
+    const bool lb_f32 = p.lb.type == Elem::F32;  // else BF16 (vec_lora / rega_fits)
+    const float lb_mult = p.lb.mult;
     for (int t = nkt; t < ntiles; ++t) {
       const int k0 = (t - nkt) * kBK + 2 * q;
       mbar_wait(&full[s], phase);
-      // slow_b_elem without its scale branch: with it (64-bit scale-index divisions) the
-      // transposed instances spill.
-      auto lb = [&](int n, int k) {
-        const int64_t at = e * p.lb.expert_stride + (kTrans ? int64_t{k} * p.lb.ld + n : int64_t{n} * p.lb.ld + k);
-        return n >= 0 && k < p.R ? load_elem(p.lb.ptr, p.lb.type, at) * p.lb.mult : 0.0f;
-      };
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {  // one M row at a time: 32 raw words at once spilled (T256)
+        uint32_t raw[4][4];           // [j][i]: k = k0 + 16 j + {0, 1, 8, 9}[i]
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int k = k0 + 16 * j + (i % 2) + 8 * (i / 2), n = ns[h];
+            const int64_t at = e * p.lb.expert_stride + (kTrans ? int64_t{k} * p.lb.ld + n : int64_t{n} * p.lb.ld + k);
+            raw[j][i] = n < 0 || k >= p.R ? 0u
+                        : lb_f32      ? __ldg(static_cast<const uint32_t*>(p.lb.ptr) + at)
+                                      : uint32_t{__ldg(static_cast<const unsigned short*>(p.lb.ptr) + at)} << 16;
+          }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int k = k0 + 16 * j, n = ns[h];
-          a[4 * j + h] = pack_bf16x2(lb(n, k), lb(n, k + 1));
-          a[4 * j + 2 + h] = pack_bf16x2(lb(n, k + 8), lb(n, k + 9));
+          float f[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(raw[j][i]) * lb_mult;  // BF16 bits moved up: exact
+          a[4 * j + h] = pack_bf16x2(f[0], f[1]);      // M row h, k 2q, 2q+1
+          a[4 * j + 2 + h] = pack_bf16x2(f[2], f[3]);  // M row h, k 2q+8, 2q+9
         }
+      }
       mma_tile();
     }
     // Every tile was consumed, so every copy has landed; once both consumer warpgroups' MMAs
