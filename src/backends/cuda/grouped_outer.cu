@@ -4,13 +4,13 @@
 // Every output element is written by exactly one thread with one fixed summation order over the
 // expert's rows, accumulating in fp32: bitwise reproducible without atomics; an expert with no
 // rows writes zeros. Plain fp32 FMAs suffice (one side is the LoRA rank). Two kernels:
-//   small side  (N or Q <= 32, the LoRA shapes): a lane owns two columns of the wide operand
-//               and all their kS outputs; the 8 warps of a CTA split the expert's rows and a
-//               fixed tree adds their partial sums. Per step of 32 rows a lane loads its own
-//               elements of the wide operand straight from global memory (one coalesced 128-byte
-//               line per warp and row, 16 loads in flight), while the narrow side, times the row
-//               scale, sits in shared memory and is read as a broadcast. The wide operand is
-//               read once.
+//   small side  (N or Q <= 32, the LoRA shapes): a lane owns 4 consecutive columns of the
+//               wide operand (2 above rank 16) and all their outputs; the 8 warps of a CTA split
+//               the expert's rows and a fixed tree adds their partial sums. Per step of 32 rows
+//               a lane loads its own columns of the wide operand straight from global memory
+//               (one vector load per row, a batch of them in flight), while the narrow side,
+//               times the row scale, sits in shared memory and is read as a broadcast. The wide
+//               operand is read once.
 //   general     one CTA per [64 x 64] output tile, both operands through shared memory; it
 //               re-reads the wide operand once per 64 columns of the other and wastes 3/4 of its
 //               tile on a 16-wide side (5.4 ms for the four LoRA gradients of GLM at T 16384
