@@ -32,6 +32,13 @@ __device__ __forceinline__ float load_elem(const void* p, Elem t, int64_t i) {
     default: return decode_e5m2(static_cast<const uint8_t*>(p)[i]);
   }
 }
+// Element i of a BF16 or F32 array as raw bits, and their value. Loads that must all be in
+// flight before the first use land raw and convert afterwards: load_elem converts inside its
+// branches, so a run of them waits load by load (bench/NOTES.md, sixth session).
+__device__ __forceinline__ uint32_t raw_elem(const void* p, bool f32, int64_t i) {
+  return f32 ? __ldg(static_cast<const uint32_t*>(p) + i) : uint32_t{__ldg(static_cast<const unsigned short*>(p) + i)};
+}
+__device__ __forceinline__ float raw_value(uint32_t x, bool f32) { return f32 ? __uint_as_float(x) : __uint_as_float(x << 16); }
 // 8 consecutive BF16 or F32 elements from index i (16-byte aligned), through the read-only path.
 __device__ __forceinline__ void load_run8(const void* p, Elem t, int64_t i, float (&v)[8]) {
   if (t == Elem::BF16) {

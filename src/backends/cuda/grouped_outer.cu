@@ -29,6 +29,8 @@ namespace {
 
 using gemm::Elem;
 using gemm::load_elem;
+using gemm::raw_elem;
+using gemm::raw_value;
 
 constexpr int kTileN = 64, kTileQ = 64, kRowsPerStep = 32, kThreads = 256;
 constexpr int kSmallMax = 32;  // the small-side kernel takes min(N, Q) up to this
@@ -142,12 +144,6 @@ struct SmallOuterParams {
   void* out = nullptr;
   Elem out_type = Elem::F32;
 };
-
-// Raw bits of element i of a BF16 or F32 array, and their value.
-__device__ __forceinline__ uint32_t raw_elem(const void* p, bool f32, int64_t i) {
-  return f32 ? __ldg(static_cast<const uint32_t*>(p) + i) : uint32_t{__ldg(static_cast<const unsigned short*>(p) + i)};
-}
-__device__ __forceinline__ float raw_value(uint32_t x, bool f32) { return f32 ? __uint_as_float(x) : __uint_as_float(x << 16); }
 
 // A lane's kC columns of one wide-side row as raw words: BF16 two to a word, F32 one.
 template <int kC, bool kF32>
