@@ -107,7 +107,18 @@ class Backend {
   virtual Device device() const = 0;
   // Dtype of the intermediates the engine allocates (F64 on the CPU oracle, BF16 on CUDA).
   virtual DType activation_dtype() const = 0;
-  virtual Allocator& allocator() = 0;
+
+  // Where the following operations allocate: the backend's own allocator, or one the caller
+  // installed with set_allocator (the Python binding installs torch's caching allocator for the
+  // length of one call, so that no second memory pool competes with torch's).
+  Allocator& allocator() { return installed_ ? *installed_ : own_allocator(); }
+  // nullptr restores the backend's own. The allocator must serve this backend's device.
+  void set_allocator(Allocator* a);
+  Allocator* installed_allocator() const { return installed_; }
+  // The stream the following operations queue on (a cudaStream_t; nullptr: the legacy default
+  // stream). The CPU backend has none and ignores it.
+  virtual void set_stream(void* stream) { (void)stream; }
+  virtual void* stream() const { return nullptr; }
 
   // Copies between host and this backend's device (either direction; same shape and dtype).
   virtual void copy(const TensorView& dst, const TensorView& src) = 0;
@@ -116,7 +127,12 @@ class Backend {
   // Waits for all queued work (tests, timing); never called by the engine.
   virtual void synchronize() = 0;
 
+  // Plan tensors the caller already set (offsets [E + 1], sorted_pairs [M], row_of_pair [M], all
+  // I32) are written in place; absent ones are allocated.
   virtual void build_plan(const TensorView& topk_ids, int64_t experts, RoutingPlan& plan) = 0;
+  // The plan of a dense layer: one expert, k = 1, row r is token r (offsets {0, rows}, both
+  // permutations the identity). Same in-place rule as build_plan.
+  virtual void identity_plan(int64_t rows, RoutingPlan& plan) = 0;
   virtual void grouped_gemm(const GroupedGemm& g) = 0;
   virtual void grouped_outer(const GroupedOuter& g) = 0;
   virtual void combine(const Combine& c) = 0;
@@ -132,7 +148,30 @@ class Backend {
   Tensor empty(DType dtype, Shape shape) { return Tensor(dtype, shape, allocator()); }
   // Convenience: upload a host tensor to this backend's device (a no-op copy on CPU).
   Tensor upload(const TensorView& host);
+
+ protected:
+  virtual Allocator& own_allocator() = 0;
+
+ private:
+  Allocator* installed_ = nullptr;
 };
+
+// Points a backend at a stream and an allocator for one scope and restores the previous ones.
+class ExecutionScope {
+ public:
+  ExecutionScope(Backend& be, void* stream, Allocator* alloc);
+  ~ExecutionScope();
+  ExecutionScope(const ExecutionScope&) = delete;
+  ExecutionScope& operator=(const ExecutionScope&) = delete;
+
+ private:
+  Backend& be_;
+  void* prev_stream_;
+  Allocator* prev_alloc_;
+};
+
+// The I32 plan tensors, each the caller's when set (shape checked), else new from `alloc`.
+void provide_plan_tensors(RoutingPlan& plan, int64_t tokens, int64_t top_k, int64_t experts, Allocator& alloc);
 
 std::unique_ptr<Backend> make_cpu_backend();
 // Throws a clear error when fp8moe was built without CUDA or no GPU is present.

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "fp8moe/linear.hpp"
 #include "fp8moe/moe.hpp"
 #include "fp8moe/quant.hpp"
 #include "fp8moe/safetensors.hpp"
@@ -188,6 +189,15 @@ struct MoeLayerWeights {
   RouterWeights router;
 };
 
+// A dense Linear module's weight (attention and dense-MLP projections, lm_head), FP8 with its
+// scales or plain, as the one-matrix stack LinearLayer takes.
+struct LinearStack {
+  QuantWeights weight;  // data [1, N, K] (FP8 codes or plain), scale [1, rows, cols] F32
+  Tensor bias;          // [1, N] F32, or undefined
+
+  LinearWeights view() const { return {weight.view(), bias.view()}; }
+};
+
 // =============================================================================================
 // Inspection
 // =============================================================================================
@@ -257,6 +267,13 @@ class Checkpoint {
   // Loads the routed experts (and shared experts, router) of MoE layer `layer` into host memory.
   // Needs config.json. Throws naming the tensor for any of the problems listed at the top.
   MoeLayerWeights load_moe_layer(int64_t layer) const;
+  // Loads the weight of Linear module `module` ("model.layers.0.self_attn.q_proj": reads
+  // `<module>.weight`, its scale and `<module>.bias`) under the per-tensor FP8 rule and the scheme
+  // the quantization config declares for that module. Throws naming the tensor.
+  LinearStack load_linear(const std::string& module) const;
+  // A copy in host memory of tensor `name` as stored (norms, embeddings, routers). Refuses FP8
+  // tensors, whose values need their scales (load_linear).
+  Tensor load_tensor(const std::string& name) const;
 
  private:
   Checkpoint() = default;

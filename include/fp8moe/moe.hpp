@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "fp8moe/quant.hpp"
 #include "fp8moe/tensor.hpp"
@@ -105,10 +106,22 @@ struct MoeGrads {
   LoraGrads lora;           // optional per adapter
 };
 
+// One buffer that forward keeps for backward, for callers that own all memory: `shape` with
+// kPairs standing for M = T * k (the number of (token, slot) pairs of the batch).
+constexpr int64_t kPairs = -1;
+struct BufferSpec {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
 // What forward keeps for backward, decided once (engine/moe_layer.cpp says why):
 // pre-activation H1 and activation A of GEMM1, unweighted expert output Y of GEMM2, the LoRA
 // low-rank intermediates U = Xp A_gu^T and V = A A_d^T, and the routing plan. The gathered input
 // Xp is not kept: backward reads the layer input through the plan again.
+// A caller that owns memory sets the plan (with its offsets / sorted_pairs / row_of_pair) and
+// these tensors to borrowed buffers (Tensor::borrow) laid out as MoeLayer::saved_layout() says
+// before forward; forward then writes into them instead of allocating.
 struct RoutingPlan;
 struct MoeSaved {
   std::shared_ptr<RoutingPlan> plan;
@@ -129,6 +142,13 @@ class MoeLayer {
   void forward(const MoeInputs& in, const TensorView& out, MoeSaved* saved = nullptr) const;
   // Gradients for a frozen base: to the input, the routing weights and the LoRA adapters.
   void backward(const MoeInputs& in, const MoeSaved& saved, const TensorView& grad_out, const MoeGrads& grads) const;
+  // The buffers of MoeSaved, in order: the plan's offsets, sorted_pairs and row_of_pair, then
+  // h1, act, y, and u / v where the layer has that adapter. Depends on the layer, not the batch.
+  std::vector<BufferSpec> saved_layout() const;
+  // The same from the sizes alone (r = 0: no adapter), for callers that allocate before they hold
+  // the tensors (a framework's shape inference).
+  static std::vector<BufferSpec> saved_layout(DType activation, int64_t E, int64_t H, int64_t I, int64_t r_gate_up,
+                                              int64_t r_down);
 
   const ExpertWeights& weights() const { return w_; }
   const LoraAdapters& lora() const { return lora_; }

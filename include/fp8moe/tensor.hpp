@@ -79,6 +79,9 @@ class Tensor {
   Tensor() = default;
   Tensor(DType dtype, Shape shape, Allocator& alloc = host_allocator());
   static Tensor zeros(DType dtype, Shape shape, Allocator& alloc = host_allocator());
+  // A non-owning Tensor over memory the caller owns and keeps alive (a framework's buffer). The
+  // engine writes such a tensor where it would otherwise allocate one (see `provided_or_new`).
+  static Tensor borrow(const TensorView& view);
 
   const TensorView& view() const { return view_; }
   operator const TensorView&() const { return view_; }
@@ -97,6 +100,12 @@ class Tensor {
   std::shared_ptr<void> storage_;
   TensorView view_;
 };
+
+// `given` when the caller supplied it (its dtype and shape are checked against the expected ones,
+// the message naming `name`), else a new tensor from `alloc`. This is how callers that own all
+// memory (the Python binding: torch's caching allocator) hand the engine the buffers that outlive
+// a call.
+Tensor provided_or_new(const Tensor& given, const char* name, DType dtype, const Shape& shape, Allocator& alloc);
 
 // Checks used at API boundaries; each names the tensor in its message.
 void check_shape(const TensorView& t, const char* name, const Shape& expected);

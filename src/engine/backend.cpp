@@ -16,6 +16,35 @@ Tensor Backend::upload(const TensorView& host) {
   return t;
 }
 
+void Backend::set_allocator(Allocator* a) {
+  FP8MOE_CHECK(a == nullptr || a->device() == device(), "Backend::set_allocator: the allocator serves ",
+               a && a->device() == Device::CUDA ? "the GPU" : "the host", " but the backend '", name(), "' runs on ",
+               device() == Device::CUDA ? "the GPU" : "the host");
+  installed_ = a;
+}
+
+ExecutionScope::ExecutionScope(Backend& be, void* stream, Allocator* alloc)
+    : be_(be), prev_stream_(be.stream()), prev_alloc_(be.installed_allocator()) {
+  be.set_allocator(alloc);
+  be.set_stream(stream);
+}
+
+ExecutionScope::~ExecutionScope() {
+  be_.set_stream(prev_stream_);
+  be_.set_allocator(prev_alloc_);
+}
+
+void provide_plan_tensors(RoutingPlan& plan, int64_t tokens, int64_t top_k, int64_t experts, Allocator& alloc) {
+  const int64_t M = tokens * top_k;
+  plan.tokens = tokens;
+  plan.top_k = top_k;
+  plan.experts = experts;
+  plan.offsets = provided_or_new(plan.offsets, "plan offsets", DType::I32, {experts + 1}, alloc);      // [E + 1]
+  plan.sorted_pairs = provided_or_new(plan.sorted_pairs, "plan sorted_pairs", DType::I32, {M}, alloc);  // [M]
+  plan.row_of_pair = provided_or_new(plan.row_of_pair, "plan row_of_pair", DType::I32, {M}, alloc);     // [M]
+  plan.schedule = Tensor();
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name) {
   if (name == "cpu") return make_cpu_backend();
   if (name == "cuda") return make_cuda_backend();

@@ -37,45 +37,14 @@
 #include <utility>
 
 #include "fp8moe/backend.hpp"
+#include "engine/layer_parts.hpp"
 #include "fp8moe/error.hpp"
 
 namespace fp8moe {
 
+using namespace engine;
+
 namespace {
-
-// A plain (unquantized) stack [E, N, K] as a grouped-GEMM weight: the LoRA factors.
-QuantTensor plain(const TensorView& t) { return {t, TensorView(), ScaleSpec::none(t.size(1), t.size(2))}; }
-
-// Folds the LoRA delta lora_scale * L LB^T into a grouped GEMM.
-void set_lora(GroupedGemm& g, const TensorView& l, const TensorView& lb, double scale) {
-  g.lora_a = {l};
-  g.lora_b = lb;
-  g.lora_scale = scale;
-}
-
-// out[e] = alpha * sum over expert e's rows of row_scale * left^T right.
-GroupedOuter outer(const RoutingPlan* plan, GemmOperand left, GemmOperand right, const TensorView& row_scale,
-                   double alpha, const TensorView& out) {
-  GroupedOuter o;
-  o.plan = plan;
-  o.left = left;
-  o.right = right;
-  o.row_scale = row_scale;
-  o.alpha = alpha;
-  o.out = out;
-  return o;
-}
-
-const char* device_name(Device d) { return d == Device::CUDA ? "cuda" : "cpu"; }
-
-// A float tensor the layer reads or writes: shape, a non-FP8 float dtype, on the backend's device.
-void check_float(const TensorView& t, const std::string& name, const Shape& shape, Device dev) {
-  FP8MOE_CHECK(t.defined(), "tensor ", name, ": required, expected ", shape.str());
-  check_shape(t, name.c_str(), shape);
-  check_dtype(t, name.c_str(), {DType::F64, DType::F32, DType::BF16, DType::F16});
-  FP8MOE_CHECK(t.device == dev, "tensor ", name, ": expected it on the backend's device (", device_name(dev),
-               "), found ", t.str());
-}
 
 struct Dims {
   int64_t T, k, E, H, I;
@@ -119,13 +88,18 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
   const DType adt = be.activation_dtype();
   const int64_t M = d.M();
 
-  auto plan = std::make_shared<RoutingPlan>();
+  // Buffers the caller supplied in `saved` (MoeLayer::saved_layout) are written in place.
+  auto plan = saved && saved->plan ? saved->plan : std::make_shared<RoutingPlan>();
   be.build_plan(in.topk_ids, d.E, *plan);
+  Allocator& alloc = be.allocator();
+  const auto keep = [&](Tensor MoeSaved::*field, const char* name, const Shape& shape) {
+    return saved ? provided_or_new(saved->*field, name, adt, shape, alloc) : be.empty(adt, shape);
+  };
   const GemmOperand x_tok{in.hidden, RowSource::Tokens};  // Xp, read by token
 
   Tensor u;  // [M, r] U = Xp A_gu^T
   if (lora_.has_gate_up()) {
-    u = be.empty(adt, {M, lora_.gate_up_A.size(1)});
+    u = keep(&MoeSaved::u, "saved u", {M, lora_.gate_up_A.size(1)});
     GroupedGemm g;
     g.plan = plan.get();
     g.a = x_tok;
@@ -134,8 +108,8 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
     be.grouped_gemm(g);
   }
 
-  Tensor h1 = saved ? be.empty(adt, {M, 2 * d.I}) : Tensor();  // [M, 2I] pre-activation, for backward only
-  Tensor act = be.empty(adt, {M, d.I});                         // [M, I]
+  Tensor h1 = saved ? keep(&MoeSaved::h1, "saved h1", {M, 2 * d.I}) : Tensor();  // [M, 2I] pre-activation, for backward only
+  Tensor act = keep(&MoeSaved::act, "saved act", {M, d.I});                       // [M, I]
   {
     GroupedGemm g;  // GEMM1 + LoRA + bias + activation
     g.plan = plan.get();
@@ -152,7 +126,7 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
 
   Tensor v;  // [M, r] V = Act A_d^T
   if (lora_.has_down()) {
-    v = be.empty(adt, {M, lora_.down_A.size(1)});
+    v = keep(&MoeSaved::v, "saved v", {M, lora_.down_A.size(1)});
     GroupedGemm g;
     g.plan = plan.get();
     g.a = {act};
@@ -161,7 +135,7 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
     be.grouped_gemm(g);
   }
 
-  Tensor y = be.empty(adt, {M, d.H});  // [M, H] unweighted expert outputs
+  Tensor y = keep(&MoeSaved::y, "saved y", {M, d.H});  // [M, H] unweighted expert outputs
   {
     GroupedGemm g;  // GEMM2 + LoRA + bias
     g.plan = plan.get();
@@ -181,6 +155,23 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
   be.combine(c);
 
   if (saved) *saved = MoeSaved{std::move(plan), std::move(h1), std::move(act), std::move(y), std::move(u), std::move(v)};
+}
+
+std::vector<BufferSpec> MoeLayer::saved_layout(DType activation, int64_t E, int64_t H, int64_t I, int64_t r_gate_up,
+                                               int64_t r_down) {
+  std::vector<BufferSpec> l = {
+      {"offsets", DType::I32, {E + 1}},             {"sorted_pairs", DType::I32, {kPairs}},
+      {"row_of_pair", DType::I32, {kPairs}},        {"h1", activation, {kPairs, 2 * I}},
+      {"act", activation, {kPairs, I}},             {"y", activation, {kPairs, H}},
+  };
+  if (r_gate_up > 0) l.push_back({"u", activation, {kPairs, r_gate_up}});
+  if (r_down > 0) l.push_back({"v", activation, {kPairs, r_down}});
+  return l;
+}
+
+std::vector<BufferSpec> MoeLayer::saved_layout() const {
+  return saved_layout(backend_->activation_dtype(), w_.experts(), w_.hidden(), w_.intermediate(),
+                      lora_.has_gate_up() ? lora_.gate_up_A.size(1) : 0, lora_.has_down() ? lora_.down_A.size(1) : 0);
 }
 
 void MoeLayer::backward(const MoeInputs& in, const MoeSaved& saved, const TensorView& grad_out,

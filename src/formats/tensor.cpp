@@ -118,6 +118,24 @@ Tensor Tensor::zeros(DType dtype, Shape shape, Allocator& alloc) {
   return t;
 }
 
+Tensor Tensor::borrow(const TensorView& view) {
+  Tensor t;
+  t.view_ = view;
+  // A no-op deleter: the caller owns the memory. A null pointer (an empty tensor) stays null.
+  if (view.data) t.storage_ = std::shared_ptr<void>(view.data, [](void*) {});
+  return t;
+}
+
+Tensor provided_or_new(const Tensor& given, const char* name, DType dtype, const Shape& shape, Allocator& alloc) {
+  if (!given.defined()) return Tensor(dtype, shape, alloc);
+  check_shape(given, name, shape);
+  check_dtype(given, name, {dtype});
+  check_contiguous(given, name);
+  FP8MOE_CHECK(given.device() == alloc.device(), "tensor ", name, ": expected it on ",
+               alloc.device() == Device::CUDA ? "the GPU" : "the host", ", found ", given.view().str());
+  return given;
+}
+
 void check_shape(const TensorView& t, const char* name, const Shape& expected) {
   FP8MOE_CHECK(t.shape == expected, "tensor ", name, ": expected shape ", expected.str(), ", found ", t.shape.str());
 }

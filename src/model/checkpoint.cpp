@@ -649,6 +649,34 @@ MoeLayerWeights Checkpoint::load_moe_layer(int64_t layer) const {
   return w;
 }
 
+LinearStack Checkpoint::load_linear(const std::string& module) const {
+  const std::string weight = module + ".weight", bias = module + ".bias";
+  FP8MOE_CHECK(store_->contains(weight), "missing tensor ", weight, " (the weight of Linear module ", module,
+               ") in checkpoint ", path_);
+  const SafetensorsEntry& we = store_->entry(weight);
+  FP8MOE_CHECK(we.shape.rank == 2, "tensor ", weight, ": expected a Linear weight [out, in], found ", we.shape.str());
+  const int64_t N = we.shape[0], K = we.shape[1];
+  const std::string scale = find_scale(*store_, weight);
+  const ScaleSpec spec = classify(*store_, quant_, module, weight, scale, N, K, ScaleLookup{});
+  const TensorView w = store_->view(weight).reshape({1, N, K});
+  const TensorView sv = scale.empty() ? TensorView() : store_->view(scale).reshape({1, store_->view(scale).numel()});
+  LinearStack out;
+  out.weight = model::copy_stacked(weight, w, scale, sv, spec);
+  if (store_->contains(bias)) {
+    expect_shape(*store_, bias, {N}, " (the bias of Linear module " + module + ")");
+    out.bias = model::to_f32(bias, store_->view(bias).reshape({1, N}));
+  }
+  return out;
+}
+
+Tensor Checkpoint::load_tensor(const std::string& name) const {
+  FP8MOE_CHECK(store_->contains(name), "missing tensor ", name, " in checkpoint ", path_);
+  const DType dt = store_->entry(name).dtype;
+  FP8MOE_CHECK(!is_fp8(dt), "tensor ", name, " is ", dtype_name(dt),
+               ": FP8 codes are not values without their scale; load it as a Linear weight (load_linear)");
+  return copy_as_stored(*store_, name);
+}
+
 InspectionReport Checkpoint::inspect() const {
   InspectionReport r;
   r.path = path_;

@@ -53,13 +53,14 @@ class RecordingBackend final : public Backend {
   const char* name() const override { return "recording-cpu"; }
   Device device() const override { return Device::CPU; }
   DType activation_dtype() const override { return activation_; }
-  Allocator& allocator() override { return inner_->allocator(); }
+  Allocator& own_allocator() override { return inner_->allocator(); }
   void copy(const TensorView& dst, const TensorView& src) override { inner_->copy(dst, src); }
   void fill(const TensorView& t, double value) override { inner_->fill(t, value); }
   void synchronize() override {}
   void build_plan(const TensorView& ids, int64_t experts, RoutingPlan& plan) override {
     inner_->build_plan(ids, experts, plan);
   }
+  void identity_plan(int64_t rows, RoutingPlan& plan) override { inner_->identity_plan(rows, plan); }
   void grouped_gemm(const GroupedGemm& g) override {
     if (g.a.rows == RowSource::Rows) note("gemm a", g.a.src);
     if (g.lora_a.defined() && g.lora_a.rows == RowSource::Rows) note("gemm lora_a", g.lora_a.src);

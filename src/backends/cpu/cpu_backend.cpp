@@ -171,7 +171,6 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
   Device device() const override { return Device::CPU; }
   DType activation_dtype() const override { return DType::F64; }
-  Allocator& allocator() override { return host_allocator(); }
 
   void copy(const TensorView& dst, const TensorView& src) override {
     expect_host(dst, "copy dst");
@@ -209,13 +208,8 @@ class CpuBackend final : public Backend {
         expert_of[t * k + j] = static_cast<int64_t>(id);
       }
 
-    plan.tokens = T;
-    plan.top_k = k;
-    plan.experts = experts;
-    plan.offsets = Tensor::zeros(DType::I32, {experts + 1});  // [E + 1]
-    plan.sorted_pairs = Tensor(DType::I32, {M});             // [M]
-    plan.row_of_pair = Tensor(DType::I32, {M});              // [M]
-    plan.schedule = Tensor();
+    provide_plan_tensors(plan, T, k, experts, allocator());
+    std::fill_n(plan.offsets.ptr<int32_t>(), experts + 1, 0);
     auto* off = plan.offsets.ptr<int32_t>();
     for (int64_t p = 0; p < M; ++p) ++off[expert_of[p] + 1];
     for (int64_t e = 0; e < experts; ++e) off[e + 1] += off[e];
@@ -228,6 +222,14 @@ class CpuBackend final : public Backend {
       sorted[r] = static_cast<int32_t>(p);
       row_of[p] = static_cast<int32_t>(r);
     }
+  }
+
+  void identity_plan(int64_t rows, RoutingPlan& plan) override {
+    FP8MOE_CHECK(rows >= 0 && rows < (int64_t{1} << 31), "identity_plan: ", rows, " rows overflow the I32 plan");
+    provide_plan_tensors(plan, rows, 1, 1, allocator());
+    plan.offsets.ptr<int32_t>()[0] = 0;
+    plan.offsets.ptr<int32_t>()[1] = static_cast<int32_t>(rows);
+    for (int64_t r = 0; r < rows; ++r) plan.sorted_pairs.ptr<int32_t>()[r] = plan.row_of_pair.ptr<int32_t>()[r] = static_cast<int32_t>(r);
   }
 
   void grouped_gemm(const GroupedGemm& g) override {
@@ -470,6 +472,9 @@ class CpuBackend final : public Backend {
       for (int64_t e = 0; e < E; ++e) st(grad_logits, t, e, gx[e]);
     }
   }
+
+ protected:
+  Allocator& own_allocator() override { return host_allocator(); }
 
  private:
   // Applies g.epilogue to the pre-epilogue row v [N] of row r.

@@ -125,6 +125,7 @@ class DeviceGuard {
 class CudaAllocator final : public Allocator {
  public:
   CudaAllocator(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  void set_stream(cudaStream_t stream) { stream_ = stream; }
   void* allocate(size_t bytes) override {
     DeviceGuard g(device_);
     void* p = nullptr;
@@ -184,7 +185,13 @@ class CudaBackend final : public Backend {
   const char* name() const override { return "cuda"; }
   Device device() const override { return Device::CUDA; }
   DType activation_dtype() const override { return DType::BF16; }
-  Allocator& allocator() override { return alloc_; }
+  // Tensors of the own allocator free themselves on the stream they were allocated on only while
+  // the stream stays the same: callers that switch streams install their own allocator.
+  void set_stream(void* stream) override {
+    stream_ = static_cast<cudaStream_t>(stream);
+    alloc_.set_stream(stream_);
+  }
+  void* stream() const override { return stream_; }
 
   // Any direction between host and this device. A copy into host memory synchronises the stream
   // before returning, so the caller can read the result at once. A copy from pageable host memory
@@ -225,7 +232,11 @@ class CudaBackend final : public Backend {
   void build_plan(const TensorView& topk_ids, int64_t experts, RoutingPlan& plan) override {
     DeviceGuard g(device_);
     last_experts_ = experts;
-    cuda::build_plan(topk_ids, experts, plan, alloc_, errors_, stream_);
+    cuda::build_plan(topk_ids, experts, plan, allocator(), errors_, stream_);
+  }
+  void identity_plan(int64_t rows, RoutingPlan& plan) override {
+    DeviceGuard g(device_);
+    cuda::identity_plan(rows, plan, allocator(), stream_);
   }
   void grouped_gemm(const GroupedGemm& gg) override {
     DeviceGuard g(device_);
@@ -261,6 +272,8 @@ class CudaBackend final : public Backend {
     FP8MOE_CUDA_CHECK(cudaMemcpyAsync(errors_, &clear, sizeof(clear), cudaMemcpyHostToDevice, stream_));
     FP8MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
+
+  Allocator& own_allocator() override { return alloc_; }
 
   int device_;
   cudaStream_t stream_;

@@ -26,11 +26,13 @@ struct DeviceErrors {
 // ---- launchers (plan.cu, combine.cu, router.cu, cuda_backend.cu)
 
 // Routing plan on the device (plan.cu). Allocates plan.offsets / sorted_pairs / row_of_pair from
-// `alloc` (stream-ordered). A pair whose id is outside [0, E) is counted in `errors` and placed
+// `alloc` (stream-ordered) unless the caller set them (provide_plan_tensors). A pair whose id is outside [0, E) is counted in `errors` and placed
 // after every expert's rows: rows [offsets[E], M) hold such pairs in pair order, no expert
 // processes them, and combine / pair_dot give them zero weight.
 void build_plan(const TensorView& topk_ids, int64_t experts, RoutingPlan& plan, Allocator& alloc,
                 DeviceErrors* errors, cudaStream_t stream);
+// The one-expert identity plan of `rows` rows (plan.cu); plan tensors the caller set are reused.
+void identity_plan(int64_t rows, RoutingPlan& plan, Allocator& alloc, cudaStream_t stream);
 
 void combine(const Combine& c, cudaStream_t stream);   // combine.cu
 void pair_dot(const PairDot& d, cudaStream_t stream);  // combine.cu

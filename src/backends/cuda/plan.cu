@@ -167,7 +167,25 @@ void launch_plan(const TensorView& topk_ids, int64_t experts, int64_t pairs, int
   FP8MOE_CUDA_LAUNCH_CHECK("plan_scatter");
 }
 
+// offsets = {0, rows}; sorted_pairs[r] = row_of_pair[r] = r.
+__global__ void identity_plan_kernel(int32_t rows, int32_t* __restrict__ offsets, int32_t* __restrict__ sorted_pairs,
+                                     int32_t* __restrict__ row_of_pair) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r < rows) sorted_pairs[r] = row_of_pair[r] = static_cast<int32_t>(r);
+  if (r == 0) offsets[0] = 0, offsets[1] = rows;
+}
+
 }  // namespace
+
+void identity_plan(int64_t rows, RoutingPlan& plan, Allocator& alloc, cudaStream_t stream) {
+  FP8MOE_CHECK(rows >= 0 && rows < (int64_t{1} << 31), "identity_plan: ", rows, " rows overflow the I32 plan");
+  provide_plan_tensors(plan, rows, 1, 1, alloc);
+  constexpr int kThreads = 256;
+  identity_plan_kernel<<<grid_blocks(std::max<int64_t>(rows, 1), kThreads), kThreads, 0, stream>>>(
+      static_cast<int32_t>(rows), plan.offsets.ptr<int32_t>(), plan.sorted_pairs.ptr<int32_t>(),
+      plan.row_of_pair.ptr<int32_t>());
+  FP8MOE_CUDA_LAUNCH_CHECK("identity_plan_kernel");
+}
 
 void build_plan(const TensorView& topk_ids, int64_t experts, RoutingPlan& plan, Allocator& alloc,
                 DeviceErrors* errors, cudaStream_t stream) {
@@ -180,13 +198,7 @@ void build_plan(const TensorView& topk_ids, int64_t experts, RoutingPlan& plan, 
   FP8MOE_CHECK(M < (int64_t{1} << 31), "build_plan: tensor topk_ids ", topk_ids.str(), " has ", M,
                " (token, slot) pairs, which overflow the I32 plan");
 
-  plan.tokens = T;
-  plan.top_k = k;
-  plan.experts = experts;
-  plan.offsets = Tensor(DType::I32, {experts + 1}, alloc);  // [E + 1]
-  plan.sorted_pairs = Tensor(DType::I32, {M}, alloc);      // [M]
-  plan.row_of_pair = Tensor(DType::I32, {M}, alloc);       // [M]
-  plan.schedule = Tensor();
+  provide_plan_tensors(plan, T, k, experts, alloc);  // offsets [E + 1], sorted_pairs [M], row_of_pair [M]
   if (M == 0) {  // no pairs: every expert is empty; a memset, no kernel
     FP8MOE_CUDA_CHECK(cudaMemsetAsync(plan.offsets.data(), 0, sizeof(int) * (experts + 1), stream));
     return;
