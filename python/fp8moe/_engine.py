@@ -1,0 +1,93 @@
+"""Glue between torch tensors and the C++ engine (fp8moe._C): one engine per device, the
+current stream, torch's allocator for temporaries, and the layout of saved buffers.
+
+Nothing here computes: every number comes out of the C++ engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import _C
+
+Fp8MoeError = _C.Error
+
+# The dtype of the intermediates each backend computes in (the CPU backend is the fp64 oracle).
+# Checked against the engine itself when an engine is made.
+_ACTIVATION = {"cpu": ("F64", torch.float64), "cuda": ("BF16", torch.bfloat16)}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
+
+_engines: dict[tuple[str, int], _C.Engine] = {}
+
+
+def engine_for(device: torch.device) -> _C.Engine:
+    """The engine of `device`, made on first use. Make it outside CUDA-graph capture: a new CUDA
+    engine allocates its fault word with cudaMalloc (the model loaders do so at load time)."""
+    kind = device.type
+    if kind not in _ACTIVATION:
+        raise Fp8MoeError(f"fp8moe runs on 'cpu' or 'cuda' tensors, found a tensor on '{device}'")
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if kind == "cuda" else 0
+    key = (kind, index)
+    eng = _engines.get(key)
+    if eng is None:
+        if kind == "cuda" and not _C.cuda_available():
+            raise Fp8MoeError("a CUDA tensor reached fp8moe, but this build of fp8moe has no usable CUDA backend "
+                              "(built without nvcc, or no GPU visible to it); rebuild with nvcc on the PATH")
+        eng = _C.Engine(kind, index)
+        if eng.activation_dtype != _ACTIVATION[kind][0]:
+            raise Fp8MoeError(f"internal: the {kind} engine computes in {eng.activation_dtype}, the binding expects "
+                              f"{_ACTIVATION[kind][0]}")
+        _engines[key] = eng
+    return eng
+
+
+def activation_dtype(device: torch.device) -> torch.dtype:
+    return _ACTIVATION[device.type][1]
+
+
+def activation_name(device: torch.device) -> str:
+    if device.type not in _ACTIVATION:
+        raise Fp8MoeError(f"fp8moe runs on 'cpu' or 'cuda' tensors, found a tensor on '{device}'")
+    return _ACTIVATION[device.type][0]
+
+
+def saved_buffers(layout: Sequence[tuple[str, str, Sequence[int]]], pairs, device: torch.device,
+                  empty: Callable = torch.empty) -> list[torch.Tensor]:
+    """Allocates the buffers a layer keeps for backward, as the engine's layout query lists them
+    (-1 in a shape stands for the pair count, which may be symbolic under torch.compile)."""
+    out = []
+    for _name, dtype, shape in layout:
+        dims = [pairs if d == -1 else d for d in shape]
+        out.append(empty(dims, dtype=_DTYPES[dtype], device=device))
+    return out
+
+
+def dl(t: Optional[torch.Tensor]):
+    """A tensor as the binding takes it: detached (DLPack refuses tensors that require grad)."""
+    return None if t is None else t.detach()
+
+
+class Call:
+    """The stream and the allocator of one engine call on `device`: torch's current stream, and
+    temporaries from torch's caching allocator (freed in stream order when the call returns)."""
+
+    def __init__(self, device: torch.device):
+        self.engine = engine_for(device)
+        if device.type == "cuda":
+            self.stream = torch.cuda.current_stream(device).cuda_stream
+            self.alloc = lambda nbytes: torch.empty(int(nbytes), dtype=torch.uint8, device=device)
+            self.guard = torch.cuda.device(device)
+        else:
+            self.stream, self.alloc, self.guard = 0, None, None
+
+    def __enter__(self) -> "Call":
+        if self.guard is not None:
+            self.guard.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.guard is not None:
+            self.guard.__exit__(*exc)

@@ -1,0 +1,237 @@
+"""torch.library custom ops over the C++ engine.
+
+    fp8moe::moe_experts            the MoE expert layer forward (FP8 experts, split LoRA, bias,
+                                   activation, routing weights, combine)
+    fp8moe::moe_experts_backward   its backward: gradients to the input, routing weights, adapters
+    fp8moe::fp8_linear             a dense W8A16 projection with an optional LoRA delta (G = 1)
+    fp8moe::fp8_linear_backward    its backward
+
+Each op has a fake (meta) implementation and is registered for autograd, so torch.compile sees one
+opaque node per layer. The buffers forward keeps for backward are extra outputs of the forward op
+(laid out by the engine's saved-layout query), so they belong to autograd: gradient checkpointing
+frees them like any activation. Work runs on torch's current stream; temporaries come from torch's
+caching allocator; nothing synchronises with the host.
+
+Conventions (the engine's): D = X @ W^T with W stored [N, K]; experts gate_up [E, 2I, H] and down
+[E, H, I] as FP8 codes (uint8 bytes, format in `specs`) with F32 scales, or plain weights; LoRA per
+expert A [E, r, in], B [E, out, r]; M = T * k (token, slot) pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C
+from ._engine import Call, Fp8MoeError, activation_name, dl, saved_buffers
+
+
+def _rank(a: Optional[Tensor]) -> int:
+    return 0 if a is None else int(a.shape[1])
+
+
+# =============================================================================================
+# The MoE expert layer
+
+
+def _moe_layout(hidden: Tensor, gate_up: Tensor, gate_up_A: Optional[Tensor], down_A: Optional[Tensor]):
+    E, two_i, H = gate_up.shape
+    return _C.moe_saved_layout(activation_name(hidden.device), int(E), int(H), int(two_i) // 2, _rank(gate_up_A),
+                               _rank(down_A))
+
+
+@torch.library.custom_op("fp8moe::moe_experts", mutates_args=())
+def moe_experts_op(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
+                   gate_up_scale: Optional[Tensor], down: Tensor, down_scale: Optional[Tensor],
+                   gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], gate_up_A: Optional[Tensor],
+                   gate_up_B: Optional[Tensor], down_A: Optional[Tensor], down_B: Optional[Tensor], specs: list[int],
+                   act: list[float], scaling: float, save: bool) -> list[Tensor]:
+    """Returns [out [T, H], *saved] (saved: empty unless `save`)."""
+    out = torch.empty_like(hidden)
+    pairs = topk_ids.shape[0] * topk_ids.shape[1]
+    saved = saved_buffers(_moe_layout(hidden, gate_up, gate_up_A, down_A), pairs, hidden.device) if save else []
+    with Call(hidden.device) as c:
+        _C.moe_forward(c.engine, c.stream, c.alloc, (dl(hidden), dl(topk_ids), dl(topk_weights)),
+                       (dl(gate_up), dl(gate_up_scale), dl(down), dl(down_scale), dl(gate_up_bias), dl(down_bias)),
+                       specs, act, (dl(gate_up_A), dl(gate_up_B), dl(down_A), dl(down_B)), scaling, out,
+                       saved if save else None)
+    return [out, *saved]
+
+
+@moe_experts_op.register_fake
+def _moe_experts_fake(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias,
+                      down_bias, gate_up_A, gate_up_B, down_A, down_B, specs, act, scaling, save):
+    out = torch.empty_like(hidden)
+    pairs = topk_ids.shape[0] * topk_ids.shape[1]
+    saved = saved_buffers(_moe_layout(hidden, gate_up, gate_up_A, down_A), pairs, hidden.device) if save else []
+    return [out, *saved]
+
+
+# Gradient slots of the backward op, in order, and the forward input each belongs to.
+_MOE_GRAD_INPUTS = (0, 2, 9, 10, 11, 12)  # hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B
+
+
+@torch.library.custom_op("fp8moe::moe_experts_backward", mutates_args=())
+def moe_experts_backward_op(grad_out: Tensor, hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                            gate_up: Tensor, gate_up_scale: Optional[Tensor], down: Tensor,
+                            down_scale: Optional[Tensor], gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor],
+                            gate_up_A: Optional[Tensor], gate_up_B: Optional[Tensor], down_A: Optional[Tensor],
+                            down_B: Optional[Tensor], saved: list[Tensor], specs: list[int], act: list[float],
+                            scaling: float, needs: list[bool]) -> list[Tensor]:
+    """Returns the gradients to (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B); a slot
+    not in `needs` is an empty tensor."""
+    like = (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B)
+    grads = [torch.empty_like(t) if n else hidden.new_empty(0) for t, n in zip(like, needs)]
+    with Call(hidden.device) as c:
+        _C.moe_backward(c.engine, c.stream, c.alloc, (dl(hidden), dl(topk_ids), dl(topk_weights)),
+                        (dl(gate_up), dl(gate_up_scale), dl(down), dl(down_scale), dl(gate_up_bias), dl(down_bias)),
+                        specs, act, (dl(gate_up_A), dl(gate_up_B), dl(down_A), dl(down_B)), scaling,
+                        [dl(s) for s in saved], dl(grad_out), tuple(g if n else None for g, n in zip(grads, needs)))
+    return grads
+
+
+@moe_experts_backward_op.register_fake
+def _moe_experts_backward_fake(grad_out, hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                               gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B, saved, specs, act,
+                               scaling, needs):
+    like = (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B)
+    return [torch.empty_like(t) if n else hidden.new_empty(0) for t, n in zip(like, needs)]
+
+
+def _moe_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:13], *output[1:])
+    ctx.specs, ctx.act, ctx.scaling, ctx.save = inputs[13], inputs[14], inputs[15], inputs[16]
+
+
+def _moe_backward(ctx, grads):
+    needs = [ctx.needs_input_grad[i] for i in _MOE_GRAD_INPUTS]
+    for i in (3, 4, 5, 6, 7, 8):
+        if ctx.needs_input_grad[i]:
+            raise Fp8MoeError("fp8moe: a gradient to the frozen expert weights (or their scales or biases) was "
+                              "requested; fp8moe trains LoRA adapters on frozen experts")
+    if not ctx.save:
+        raise Fp8MoeError("fp8moe: backward through a MoE layer whose forward ran without keeping its buffers "
+                          "(it ran with grad disabled or with no input requiring grad)")
+    tensors = ctx.saved_tensors
+    inputs, saved = tensors[:13], list(tensors[13:])
+    g = moe_experts_backward_op(grads[0].contiguous(), *inputs, saved, ctx.specs, ctx.act, ctx.scaling, needs)
+    out: list[Optional[Tensor]] = [None] * 17
+    for slot, i in enumerate(_MOE_GRAD_INPUTS):
+        out[i] = g[slot] if needs[slot] else None
+    return tuple(out)
+
+
+torch.library.register_autograd("fp8moe::moe_experts", _moe_backward, setup_context=_moe_setup_context)
+
+
+def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
+                gate_up_scale: Optional[Tensor], down: Tensor, down_scale: Optional[Tensor], specs: list[int],
+                act: list[float], gate_up_bias: Optional[Tensor] = None, down_bias: Optional[Tensor] = None,
+                lora: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]] = (None,) * 4,
+                scaling: float = 1.0) -> Tensor:
+    """The MoE expert layer: out [T, H] = sum_j w[t, j] * expert_{ids[t, j]}(hidden[t]).
+
+    hidden [T, H] (BF16/F32 on CUDA), topk_ids [T, k] int32/int64, topk_weights [T, k];
+    lora = (gate_up_A [E, r, H], gate_up_B [E, 2I, r], down_A [E, r, I], down_B [E, H, r]).
+    """
+    tracked = [hidden, topk_weights, *[t for t in lora if t is not None]]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    res = moe_experts_op(hidden.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), gate_up,
+                         gate_up_scale, down, down_scale, gate_up_bias, down_bias,
+                         *[None if t is None else t.contiguous() for t in lora], specs, act, float(scaling), save)
+    return res[0]
+
+
+# =============================================================================================
+# The dense linear (G = 1)
+
+
+def _linear_layout(x: Tensor, lora_A: Optional[Tensor]):
+    return _C.linear_saved_layout(activation_name(x.device), 0 if lora_A is None else int(lora_A.shape[0]))
+
+
+def _one(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-matrix tensor as the engine's one-matrix stack [1, ...]."""
+    return None if t is None else dl(t).unsqueeze(0)
+
+
+@torch.library.custom_op("fp8moe::fp8_linear", mutates_args=())
+def fp8_linear_op(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], bias: Optional[Tensor],
+                  lora_A: Optional[Tensor], lora_B: Optional[Tensor], spec: list[int], scaling: float,
+                  save: bool) -> list[Tensor]:
+    """x [T, K] -> [out [T, N], *saved]; weight [N, K], lora_A [r, K], lora_B [N, r], bias [N]."""
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    saved = saved_buffers(_linear_layout(x, lora_A), x.shape[0], x.device) if save else []
+    with Call(x.device) as c:
+        _C.linear_forward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
+                          (_one(lora_A), _one(lora_B)), scaling, out, saved if save else None)
+    return [out, *saved]
+
+
+@fp8_linear_op.register_fake
+def _fp8_linear_fake(x, weight, weight_scale, bias, lora_A, lora_B, spec, scaling, save):
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    saved = saved_buffers(_linear_layout(x, lora_A), x.shape[0], x.device) if save else []
+    return [out, *saved]
+
+
+@torch.library.custom_op("fp8moe::fp8_linear_backward", mutates_args=())
+def fp8_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, weight_scale: Optional[Tensor],
+                           bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor],
+                           saved: list[Tensor], spec: list[int], scaling: float, needs: list[bool]) -> list[Tensor]:
+    """Gradients to (x, lora_A, lora_B); a slot not in `needs` is an empty tensor."""
+    like = (x, lora_A, lora_B)
+    grads = [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs)]
+    with Call(x.device) as c:
+        _C.linear_backward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
+                           (_one(lora_A), _one(lora_B)), scaling, [dl(s) for s in saved], dl(grad_out),
+                           (dl(grads[0]) if needs[0] else None, _one(grads[1]) if needs[1] else None,
+                            _one(grads[2]) if needs[2] else None))
+    return grads
+
+
+@fp8_linear_backward_op.register_fake
+def _fp8_linear_backward_fake(grad_out, x, weight, weight_scale, bias, lora_A, lora_B, saved, spec, scaling, needs):
+    like = (x, lora_A, lora_B)
+    return [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs)]
+
+
+_LINEAR_GRAD_INPUTS = (0, 4, 5)  # x, lora_A, lora_B
+
+
+def _linear_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], *output[1:])
+    ctx.spec, ctx.scaling, ctx.save = inputs[6], inputs[7], inputs[8]
+
+
+def _linear_backward(ctx, grads):
+    needs = [ctx.needs_input_grad[i] for i in _LINEAR_GRAD_INPUTS]
+    if any(ctx.needs_input_grad[i] for i in (1, 2, 3)):
+        raise Fp8MoeError("fp8moe: a gradient to a frozen FP8 linear weight (or its scale or bias) was requested; "
+                          "fp8moe trains LoRA adapters on frozen FP8 projections")
+    if not ctx.save:
+        raise Fp8MoeError("fp8moe: backward through an FP8 linear whose forward ran without keeping its buffers")
+    tensors = ctx.saved_tensors
+    g = fp8_linear_backward_op(grads[0].contiguous(), *tensors[:6], list(tensors[6:]), ctx.spec, ctx.scaling, needs)
+    out: list[Optional[Tensor]] = [None] * 9
+    for slot, i in enumerate(_LINEAR_GRAD_INPUTS):
+        out[i] = g[slot] if needs[slot] else None
+    return tuple(out)
+
+
+torch.library.register_autograd("fp8moe::fp8_linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], spec: list[int],
+               bias: Optional[Tensor] = None, lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None,
+               scaling: float = 1.0) -> Tensor:
+    """y [..., N] = x W^T + scaling * (x A^T) B^T + b for x [..., K]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    tracked = [x2] + [t for t in (lora_A, lora_B) if t is not None]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    res = fp8_linear_op(x2, weight, weight_scale, bias, None if lora_A is None else lora_A.contiguous(),
+                        None if lora_B is None else lora_B.contiguous(), spec, float(scaling), save)
+    return res[0].reshape(*lead, weight.shape[0])

@@ -1,0 +1,36 @@
+"""Shared fixtures: the devices to run on, fresh seeds (printed on failure), tiny model factories."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import torch
+
+import fp8moe  # noqa: F401  (registers the ops and the PEFT hookup)
+
+os.environ.setdefault("FP8MOE_QUIET", "1")
+
+
+def devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available() and fp8moe._C.cuda_available():
+        out.append("cuda")
+    return out
+
+
+@pytest.fixture(params=devices())
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator with a fresh seed for every test (FP8MOE_SEED pins it to rerun a failure)."""
+    seed = int(os.environ.get("FP8MOE_SEED", secrets.randbits(62)))
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed {seed} (rerun with FP8MOE_SEED={seed})")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return g
