@@ -24,6 +24,7 @@
 
 #include "fp8moe/backend.hpp"
 #include "fp8moe/checkpoint.hpp"
+#include "fp8moe/convert.hpp"
 #include "fp8moe/error.hpp"
 #include "fp8moe/linear.hpp"
 #include "fp8moe/moe.hpp"
@@ -499,6 +500,23 @@ NB_MODULE(_C, m) {
   m.def("quantize", &quantize_stack, nb::arg("weight"), nb::arg("spec"), nb::arg("code") = 1);
   m.def("dequantize", &dequantize_stack, nb::arg("codes"), nb::arg("scale").none(), nb::arg("spec"), nb::arg("code"),
         nb::arg("out_dtype") = "F32");
+
+  // fp8moe convert, for Python callers (tests, quantize-then-save workflows).
+  m.def(
+      "convert_checkpoint",
+      [](const std::string& src, const std::string& dst, const std::string& to, const std::string& scheme,
+         int64_t block) {
+        ConvertOptions o;
+        FP8MOE_CHECK(to == "bf16" || to == "fp8", "convert: to must be 'bf16' or 'fp8', found '", to, "'");
+        FP8MOE_CHECK(scheme == "channel" || scheme == "block", "convert: scheme must be 'channel' or 'block', found '",
+                     scheme, "'");
+        o.to = to == "bf16" ? ConvertTarget::BF16 : ConvertTarget::FP8;
+        o.scheme = scheme == "block" ? ScaleKind::Block : ScaleKind::Channel;
+        o.block = block;
+        const ConvertReport r = convert_checkpoint(src, dst, o);
+        return std::make_tuple(r.tensors_in, r.tensors_out, r.converted);
+      },
+      nb::arg("src"), nb::arg("dst"), nb::arg("to"), nb::arg("scheme") = "channel", nb::arg("block") = 128);
 
   nb::class_<Checkpoint>(m, "Checkpoint")
       .def_static("open", &Checkpoint::open, nb::arg("path"))

@@ -63,10 +63,12 @@ def _experts_module(model: nn.Module, layer: int) -> tuple[nn.Module, str, nn.Mo
     return parent, "experts", mod
 
 
-def _quantize_stack(q: QuantStack, scheme: str) -> QuantStack:
-    """BF16/F16/F32 stack -> FP8 E4M3 codes + F32 scales (the C++ quantizer, on the host)."""
+def _quantize_stack(q: QuantStack, scheme: str, segments: int = 1) -> QuantStack:
+    """BF16/F16/F32 stack -> FP8 E4M3 codes + F32 scales (the C++ quantizer, on the host). A stacked
+    gate_up passes segments=2: gate and up rows keep separate block grids, as `fp8moe convert`
+    gives them (one block never straddles both when I % 128 != 0)."""
     E, N, K = q.data.shape
-    spec = [3, int(N), int(K), int(q.spec[3]), 128, 128] if scheme == "block" else [2, int(N), int(K), 1, 1, int(K)]
+    spec = [3, int(N), int(K), segments, 128, 128] if scheme == "block" else [2, int(N), int(K), 1, 1, int(K)]
     codes, scale = _C.quantize(q.data.detach().cpu().contiguous(), spec, 1)
     return QuantStack(torch.from_dlpack(codes), torch.from_dlpack(scale), spec, 1)
 
@@ -95,7 +97,7 @@ def _replace_experts(model: nn.Module, ck, device: torch.device, scheme: Optiona
         host = torch.device("cpu")
         gu, dn = QuantStack.from_engine(w["gate_up"], host), QuantStack.from_engine(w["down"], host)
         if scheme is not None and gu.code == 0:
-            gu, dn = _quantize_stack(gu, scheme), _quantize_stack(dn, scheme)
+            gu, dn = _quantize_stack(gu, scheme, segments=2), _quantize_stack(dn, scheme)
         bias = [None if w[k] is None else torch.from_dlpack(w[k]).to(device) for k in ("gate_up_bias", "down_bias")]
         setattr(parent, attr, Fp8Experts(_to_device(gu, device), _to_device(dn, device), w["act"], *bias))
         done.add(f"model.layers.{layer}.mlp.experts")

@@ -81,10 +81,11 @@ except ImportError:  # PEFT is optional: fp8moe runs without it, and install() s
 
 if _HAVE_PEFT:
 
-    class Fp8ExpertsLora(_lora_layer.ParamWrapper):
+    class ParamWrapper(_lora_layer.ParamWrapper):
         """PEFT's ParamWrapper on an `Fp8Experts` parameter, applied inside fp8moe's kernels. PEFT
         nests one wrapper per targeted parameter; the outermost one gathers the adapters of all of
-        them and runs the experts once."""
+        them and runs the experts once. (The class keeps PEFT's name: PEFT recognises its
+        parameter wrappers by class name when it nests or extends them.)"""
 
         def __init__(self, base_layer, adapter_name: str, parameter_name: str, config, **kwargs) -> None:
             if parameter_name not in ("gate_up_proj", "down_proj"):
@@ -103,7 +104,7 @@ if _HAVE_PEFT:
             lora: dict[str, tuple[Tensor, Tensor, float]] = {}
             layer: nn.Module = self
             while isinstance(layer, _lora_layer.ParamWrapper):
-                if not isinstance(layer, Fp8ExpertsLora):
+                if not isinstance(layer, ParamWrapper):
                     raise Fp8MoeError(f"an fp8moe experts module is wrapped by {type(layer).__name__}, not by "
                                       "fp8moe's LoRA layer; create the PEFT model after `import fp8moe`")
                 f = layer._factors()
@@ -119,6 +120,8 @@ if _HAVE_PEFT:
 
         def unmerge(self) -> None:
             raise Fp8MoeError(_MERGE_REFUSED)
+
+    Fp8ExpertsLora = ParamWrapper
 
     class Fp8LinearLora(_lora_layer.Linear):
         """PEFT's LoRA Linear on an `Fp8Linear`: the adapter folds into fp8moe's dense GEMM. With

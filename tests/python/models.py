@@ -1,0 +1,146 @@
+"""Tiny models of transformers' own classes, saved as BF16 checkpoints and converted to FP8 by
+fp8moe's converter (no download). Each factory returns the checkpoint directory."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fp8moe import _C
+
+
+def _config(family: str):
+    import transformers as tf
+
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+                                 norm_topk_prob=True, tie_word_embeddings=False)
+    if family == "glm4_moe_lite":
+        return tf.Glm4MoeLiteConfig(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                    n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=4,
+                                    kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16,
+                                    qk_nope_head_dim=16, max_position_embeddings=128,
+                                    mlp_layer_types=["dense", "sparse", "sparse"])
+    if family == "gpt_oss":
+        return tf.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, max_position_embeddings=128, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                   n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+                                   topk_group=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+                                   qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+                                   max_position_embeddings=128)
+    raise ValueError(family)
+
+
+FAMILIES = ("qwen3_moe", "glm4_moe_lite", "gpt_oss", "deepseek_v3")
+
+
+def bf16_checkpoint(root: str, family: str, seed: int = 0) -> str:
+    """A random BF16 checkpoint of `family`, saved by transformers' save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(root, f"{family}-bf16")
+    if not os.path.exists(path):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(_config(family), dtype=torch.bfloat16)
+        with torch.no_grad():  # larger than the default init, so that every layer matters
+            for name, p in model.named_parameters():
+                if "norm" not in name and p.dim() >= 2:
+                    p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 if "experts" not in name else 0.15)
+        model.save_pretrained(path)
+    return path
+
+
+def _quantize_fused_experts(path: str, scheme: str) -> None:
+    """fp8moe's converter quantizes Linear weights; GPT-OSS keeps its experts as fused parameters
+    stored [E, in, out]. Quantize those here the way an FP8 GPT-OSS-style checkpoint stores them:
+    E4M3 codes in the stored orientation, scales laid on it (128x128 blocks `_scale_inv`, or one
+    per output column `_scale` [E, 1, out])."""
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    for name in [n for n in t if n.endswith("mlp.experts.gate_up_proj") or n.endswith("mlp.experts.down_proj")]:
+        w = t[name].float()
+        E, R, C = w.shape
+        if scheme == "block":
+            pr, pc = -R % 128, -C % 128
+            wp = torch.nn.functional.pad(w.abs(), (0, pc, 0, pr))
+            amax = wp.reshape(E, (R + pr) // 128, 128, (C + pc) // 128, 128).amax(dim=(2, 4))
+            scale = (amax / 448.0).clamp(min=1e-12)
+            full = scale.repeat_interleave(128, 1)[:, :R].repeat_interleave(128, 2)[:, :, :C]
+            t[name + "_scale_inv"] = scale
+        else:
+            scale = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)  # [E, 1, out]
+            full = scale.expand(E, R, C)
+            t[name + "_scale"] = scale
+        t[name] = (w / full).to(torch.float8_e4m3fn)
+    save_file(t, f, metadata={"format": "pt"})
+
+
+def fp8_checkpoint(root: str, family: str, scheme: str = "block") -> str:
+    """The BF16 checkpoint converted to FP8 by fp8moe (block: fine-grained 128x128 `fp8`;
+    channel: compressed-tensors FP8_DYNAMIC)."""
+    src = bf16_checkpoint(root, family)
+    dst = os.path.join(root, f"{family}-fp8-{scheme}")
+    if not os.path.exists(dst):
+        _C.convert_checkpoint(src, dst, "fp8", scheme, 128)
+        if family == "gpt_oss":
+            _quantize_fused_experts(dst, scheme)
+    return dst
+
+
+def dequantized_checkpoint(root: str, fp8_dir: str) -> str:
+    """BF16 weights = bf16(code x scale) of an FP8 checkpoint: what a BF16 peer trains on."""
+    dst = fp8_dir + "-dequant"
+    if not os.path.exists(dst):
+        _C.convert_checkpoint(fp8_dir, dst, "bf16")
+    return dst
+
+
+def exact_peer(fp8_dir: str, dtype=torch.float32):
+    """transformers' own model on the FP8 checkpoint's exact values, code x scale computed in
+    torch (float8 dtypes, scales expanded per block / channel / tensor) with no fp8moe code: the
+    independent reference every fp8moe model must match."""
+    import json
+    import math
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    fp8_types = {torch.float8_e4m3fn, torch.float8_e5m2}
+    out = {}
+    with safe_open(os.path.join(fp8_dir, "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        for name in names:
+            if name.endswith("_scale") or name.endswith("_scale_inv"):
+                continue
+            t = f.get_tensor(name)
+            if t.dtype in fp8_types:
+                sname = name + "_scale_inv" if name + "_scale_inv" in names else name + "_scale"
+                s = f.get_tensor(sname).float()
+                N, K = t.shape[-2:]
+                s = s.reshape(*t.shape[:-2], *s.shape[-2:]) if s.dim() >= 2 else s.reshape(*([1] * t.dim()))
+                if s.shape[-2:] == (N, 1) or s.shape[-2:] == (1, K) or s.shape[-2:] == (1, 1):
+                    full = s.expand(t.shape)  # per channel (either orientation) or per tensor
+                else:  # 128 x 128 blocks laid on the stored orientation, partial edge blocks
+                    assert s.shape[-2:] == (math.ceil(N / 128), math.ceil(K / 128)), (name, s.shape)
+                    full = s.repeat_interleave(128, -2)[..., :N, :].repeat_interleave(128, -1)[..., :K]
+                t = t.float() * full
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    d = tempfile.mkdtemp(prefix="fp8moe-peer-")
+    save_file(out, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(fp8_dir, "config.json")))
+    cfg.pop("quantization_config", None)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)

@@ -1,0 +1,128 @@
+"""fp8moe.from_pretrained / patch on tiny checkpoints of transformers' own classes: every model
+family loads, its experts and FP8 projections become fp8moe modules holding the stored codes, and
+its logits match transformers on the dequantized weights. Broken checkpoints fail loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import fp8moe
+from fp8moe import Fp8Experts, Fp8Linear
+
+import models
+import reference as ref
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ckpt"))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids.to(next(model.parameters()).device)).logits.float().cpu()
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_from_pretrained_matches_transformers_on_dequantized_weights(root, family, scheme, device, gen):
+    from transformers import AutoModelForCausalLM
+
+    fp8 = models.fp8_checkpoint(root, family, scheme)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = fp8moe.from_pretrained(fp8, device=device, dtype=dtype)
+    experts = [m for m in model.modules() if isinstance(m, Fp8Experts)]
+    linears = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert experts and all(e.fp8 and e.gate_up_proj.dtype == torch.uint8 for e in experts)
+    assert linears and all(l.weight.dtype == torch.uint8 for l in linears)
+    assert not any(p.is_meta for p in model.parameters())
+
+    peer = models.exact_peer(fp8)
+    ids = torch.randint(0, 256, (2, 12), generator=gen)
+    got, want = _logits(model, ids), _logits(peer, ids)
+    assert torch.isfinite(got).all()
+    # Same values: CPU differs by fp32 vs fp64 arithmetic only; CUDA by its BF16 activations.
+    assert ref.rel_err(got, want) < (1e-4 if device.type == "cpu" else 4e-2)
+
+
+def test_model_to_dtype_never_casts_fp8_tensors(root):
+    model = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu")
+    e = next(m for m in model.modules() if isinstance(m, Fp8Experts))
+    before = e.gate_up_proj_scale.clone()
+    model.to(torch.float16)
+    assert e.gate_up_proj.dtype == torch.uint8 and e.gate_up_proj_scale.dtype == torch.float32
+    assert torch.equal(e.gate_up_proj_scale, before)
+
+
+def test_quantize_on_load_equals_converting_first(root, gen):
+    """quantize="fp8" on a BF16 checkpoint gives the codes and scales `fp8moe convert --to fp8
+    --scheme block` writes (same quantizer, gate and up on separate grids)."""
+    model = fp8moe.from_pretrained(models.bf16_checkpoint(root, "qwen3_moe"), device="cpu", dtype=torch.float32,
+                                   quantize="fp8")
+    assert all(e.fp8 for e in model.modules() if isinstance(e, Fp8Experts))
+    conv = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe", "block"), device="cpu", dtype=torch.float32)
+    for (na, a), (nb, b) in zip(model.named_modules(), conv.named_modules()):
+        assert na == nb and type(a) is type(b)
+        if isinstance(a, (Fp8Experts, Fp8Linear)):
+            for (pa, ta), (pb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert pa == pb and torch.equal(ta, tb), f"{na}.{pa}"
+    ids = torch.randint(0, 256, (1, 10), generator=gen)
+    assert torch.equal(_logits(model, ids), _logits(conv, ids))
+
+
+def test_plain_bf16_checkpoint_loads_unquantized(root):
+    model = fp8moe.from_pretrained(models.bf16_checkpoint(root, "qwen3_moe"), device="cpu")
+    experts = [m for m in model.modules() if isinstance(m, Fp8Experts)]
+    assert experts and not any(e.fp8 for e in experts)
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+def test_patch_replaces_experts_of_a_user_built_model(root, gen):
+    from transformers import AutoModelForCausalLM
+
+    fp8 = models.fp8_checkpoint(root, "qwen3_moe")
+    model = AutoModelForCausalLM.from_pretrained(models.dequantized_checkpoint(root, fp8), dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 9), generator=gen)
+    want = _logits(models.exact_peer(fp8), ids)
+    fp8moe.patch(model, fp8)
+    assert any(isinstance(m, Fp8Experts) for m in model.modules())
+    assert ref.rel_err(_logits(model, ids), want) < 1e-4
+
+
+def _corrupt_copy(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_fp8_weight_without_scale_is_refused_naming_it(root, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = _corrupt_copy(models.fp8_checkpoint(root, "qwen3_moe"), str(tmp_path / "noscale"))
+    f = os.path.join(d, "model.safetensors")
+    t = load_file(f)
+    victim = next(k for k in t if k.endswith("q_proj.weight_scale_inv"))
+    del t[victim]
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(fp8moe.Fp8MoeError, match=victim.replace("_scale_inv", "").replace(".", r"\.")):
+        fp8moe.from_pretrained(d, device="cpu")
+
+
+def test_missing_checkpoint_and_bad_quantize_option(root, tmp_path):
+    with pytest.raises(fp8moe.Fp8MoeError, match="no such file"):
+        fp8moe.from_pretrained(str(tmp_path / "absent"), device="cpu")
+    with pytest.raises(fp8moe.Fp8MoeError, match="quantize="):
+        fp8moe.from_pretrained(models.bf16_checkpoint(root, "qwen3_moe"), device="cpu", quantize="int4")
+
+
+def test_unsupported_model_type_is_refused(root, tmp_path):
+    d = _corrupt_copy(models.bf16_checkpoint(root, "qwen3_moe"), str(tmp_path / "llama"))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(fp8moe.Fp8MoeError):
+        fp8moe.from_pretrained(d, device="cpu")

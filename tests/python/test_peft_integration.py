@@ -1,0 +1,111 @@
+"""PEFT on fp8moe models with the user's PEFT code unchanged: fp8moe's LoRA layers are created,
+every adapter tensor gets a gradient that matches transformers + PEFT on the same (dequantized)
+weights, the saved adapter is PEFT's own format and loads back onto the BF16 model and onto an
+fp8moe model with the same outputs, and merging into FP8 weights is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fp8moe
+from fp8moe.peft_integration import Fp8ExpertsLora, Fp8LinearLora
+
+import models
+import reference as ref
+
+peft = pytest.importorskip("peft")
+
+TARGETS = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("peft"))
+
+
+def _config(**kw):
+    # init_lora_weights=False: B is random too, so that every factor has a non-zero gradient.
+    return peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **TARGETS, **kw)
+
+
+def _loss(model, ids):
+    out = model(ids, labels=ids)
+    return out.loss, out.logits
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_lora_gradients_match_peft_on_dequantized_weights(root, family, gen):
+    fp8 = models.fp8_checkpoint(root, family, "block")
+    torch.manual_seed(1)
+    ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device="cpu", dtype=torch.float32), _config())
+    kinds = {type(m) for m in ours.modules()}
+    assert Fp8ExpertsLora in kinds and Fp8LinearLora in kinds
+    peer = peft.get_peft_model(models.exact_peer(fp8), _config())
+    peft.set_peft_model_state_dict(peer, peft.get_peft_model_state_dict(ours))
+
+    ids = torch.randint(0, 256, (2, 10), generator=gen)
+    loss_a, logits_a = _loss(ours, ids)
+    loss_b, logits_b = _loss(peer, ids)
+    assert ref.rel_err(logits_a, logits_b) < 1e-4
+    loss_a.backward()
+    loss_b.backward()
+    grads_a = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    grads_b = {n: p.grad for n, p in peer.named_parameters() if p.requires_grad}
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    assert any("experts" in n for n in grads_a)
+    for n, g in grads_a.items():
+        assert g is not None, f"{n} got no gradient"
+        assert torch.isfinite(g).all() and torch.count_nonzero(g) > 0, n
+        assert ref.rel_err(g, grads_b[n]) < 1e-3, n
+
+
+def test_saved_adapter_is_peft_format_and_loads_both_ways(root, tmp_path, gen):
+    fp8 = models.fp8_checkpoint(root, "qwen3_moe", "block")
+    torch.manual_seed(2)
+    ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device="cpu", dtype=torch.float32), _config())
+    ours.save_pretrained(tmp_path / "adapter")
+    peer_ref = peft.get_peft_model(models.exact_peer(fp8), _config())
+    assert set(peft.get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(peer_ref))
+
+    ids = torch.randint(0, 256, (1, 12), generator=gen)
+    with torch.no_grad():
+        want = ours(ids).logits
+        on_bf16 = peft.PeftModel.from_pretrained(models.exact_peer(fp8), tmp_path / "adapter")
+        got_peer = on_bf16(ids).logits
+        on_fp8 = peft.PeftModel.from_pretrained(fp8moe.from_pretrained(fp8, device="cpu", dtype=torch.float32),
+                                                tmp_path / "adapter")
+        assert any(isinstance(m, Fp8ExpertsLora) for m in on_fp8.modules())
+        got_fp8 = on_fp8(ids).logits
+    assert ref.rel_err(got_peer, want) < 1e-4
+    assert ref.rel_err(got_fp8, want) < 1e-6
+
+
+def test_disabled_and_multiple_adapters(root, gen):
+    fp8 = models.fp8_checkpoint(root, "qwen3_moe", "block")
+    base = fp8moe.from_pretrained(fp8, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 8), generator=gen)
+    with torch.no_grad():
+        plain = base(ids).logits
+    torch.manual_seed(3)
+    model = peft.get_peft_model(base, _config())
+    model.add_adapter("second", _config())
+    peer = peft.get_peft_model(models.exact_peer(fp8), _config())
+    peer.add_adapter("second", _config())
+    for name in ("default", "second"):
+        peft.set_peft_model_state_dict(peer, peft.get_peft_model_state_dict(model, adapter_name=name),
+                                       adapter_name=name)
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert ref.rel_err(model(ids).logits, plain) < 1e-7
+        model.base_model.set_adapter(["default", "second"])
+        peer.base_model.set_adapter(["default", "second"])
+        assert ref.rel_err(model(ids).logits, peer(ids).logits) < 1e-4
+
+
+def test_merging_into_fp8_weights_is_refused(root):
+    fp8 = models.fp8_checkpoint(root, "qwen3_moe", "block")
+    model = peft.get_peft_model(fp8moe.from_pretrained(fp8, device="cpu"), _config())
+    with pytest.raises(fp8moe.Fp8MoeError, match="export_merged"):
+        model.merge_and_unload()
