@@ -11,8 +11,13 @@
 #                    that all of them come back from the lent device machine:
 #                      build.log tests.log sanitizer.log bench.log bench.json torch_baselines.json
 #                      BENCHMARKS.md summary.txt
-#   STEPS            the steps to run, in order (default "build cpu gpu sanitize bench"; add
-#                    "sm80" to also run the GPU tests on the sm_80 code path, JIT from PTX, ~3 min)
+#   STEPS            the steps to run, in order (default "build cpu gpu python sanitize bench model";
+#                    add "sm80" to also run the GPU tests on the sm_80 code path, JIT from PTX, ~3 min).
+#                    python: the pytest suite (tests/python) on CUDA and CPU, torch.compile and CUDA
+#                    graphs included, against the extension of this build; model: the full-size
+#                    fine-tuning benchmark (bench/model_bench.py) beside transformers + PEFT BF16.
+#   WHEELS           a folder of Python wheels to install first (default .whl; PEFT, pytest and
+#                    nanobind travel this way to a machine without a network)
 #   BUILD_DIR        build folder (default build-gpu)
 #   JOBS             parallel build jobs (default 16)
 #   GPU_FILTER       gtest filter for the GPU tests (default: all)
@@ -29,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-./out}
-STEPS=${STEPS:-"build cpu gpu sanitize bench"}
+STEPS=${STEPS:-"build cpu gpu python sanitize bench model"}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 JOBS=${JOBS:-16}
 GPU_FILTER=${GPU_FILTER:-*}
@@ -73,12 +78,19 @@ gtest_counts() {  # summarises a gtest log: "N passed, M failed, S skipped"
   nvcc --version | tail -1; cmake --version | head -1
 } | tee -a "$OUT/build.log"
 
+WHEELS=${WHEELS:-.whl}
+if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fp8moe-site \
+    "$WHEELS"/*.whl >>"$OUT/build.log" 2>&1 && export PYTHONPATH="/tmp/fp8moe-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 BUILT=1
 if has_step build; then
   TARGETS="fp8moe_gpu_tests fp8moe_cli"  # the CPU tests only when the cpu step runs
   if has_step cpu; then TARGETS="fp8moe_tests $TARGETS"; fi
+  if has_step python || has_step model; then TARGETS="$TARGETS fp8moe_python"; fi
   run_timed build "$OUT/build.log" bash -c "cmake -S . -B '$BUILD_DIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real \
+      -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real -DFP8MOE_PYTHON=ON -DPython_EXECUTABLE=$(command -v python3) \
       && ninja -C '$BUILD_DIR' -j$JOBS $TARGETS"
   record build "$STATUS" "$SECS" "$BUILD_DIR (sm_90a), log build.log"
   [ "$STATUS" = ok ] || BUILT=0
@@ -98,6 +110,20 @@ if has_step gpu; then
   part=$(mktemp)  # counted apart from the CPU tests, then appended to tests.log
   run_timed gpu "$part" "$BUILD_DIR/fp8moe_gpu_tests" "--gtest_filter=$GPU_FILTER"
   record gpu-tests "$STATUS" "$SECS" "$(gtest_counts "$part")"
+  cat "$part" >>"$OUT/tests.log"
+  rm -f "$part"
+fi
+
+# The Python package runs from the source tree with the extension of this build (a pip install
+# would compile every kernel a second time).
+if has_step python || has_step model; then
+  ln -sf "$(pwd)/$BUILD_DIR/python/fp8moe/"_C*.so python/fp8moe/
+  export PYTHONPATH="$(pwd)/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if has_step python; then
+  part=$(mktemp)
+  run_timed python "$part" python3 -m pytest -q -p no:cacheprovider -rs tests/python
+  record python "$STATUS" "$SECS" "$(grep -E '(passed|failed)' "$part" | tail -1)"
   cat "$part" >>"$OUT/tests.log"
   rm -f "$part"
 fi

@@ -106,17 +106,12 @@ def dequantized_checkpoint(root: str, fp8_dir: str) -> str:
     return dst
 
 
-def exact_peer(fp8_dir: str, dtype=torch.float32):
-    """transformers' own model on the FP8 checkpoint's exact values, code x scale computed in
-    torch (float8 dtypes, scales expanded per block / channel / tensor) with no fp8moe code: the
-    independent reference every fp8moe model must match."""
-    import json
+def exact_tensors(fp8_dir: str, dtype=torch.float32) -> dict:
+    """Every weight of an FP8 checkpoint at its exact value code x scale, computed in torch
+    (float8 dtypes, scales expanded per block / channel / tensor) with no fp8moe code."""
     import math
-    import tempfile
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     fp8_types = {torch.float8_e4m3fn, torch.float8_e5m2}
     out = {}
@@ -138,6 +133,19 @@ def exact_peer(fp8_dir: str, dtype=torch.float32):
                     full = s.repeat_interleave(128, -2)[..., :N, :].repeat_interleave(128, -1)[..., :K]
                 t = t.float() * full
             out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def exact_peer(fp8_dir: str, dtype=torch.float32):
+    """transformers' own model on the FP8 checkpoint's exact values (exact_tensors): the
+    independent reference every fp8moe model must match."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out = exact_tensors(fp8_dir, dtype)
     d = tempfile.mkdtemp(prefix="fp8moe-peer-")
     save_file(out, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
     cfg = json.load(open(os.path.join(fp8_dir, "config.json")))

@@ -42,12 +42,28 @@ def test_from_pretrained_matches_transformers_on_dequantized_weights(root, famil
     assert linears and all(l.weight.dtype == torch.uint8 for l in linears)
     assert not any(p.is_meta for p in model.parameters())
 
-    peer = models.exact_peer(fp8)
     ids = torch.randint(0, 256, (2, 12), generator=gen)
-    got, want = _logits(model, ids), _logits(peer, ids)
-    assert torch.isfinite(got).all()
-    # Same values: CPU differs by fp32 vs fp64 arithmetic only; CUDA by its BF16 activations.
-    assert ref.rel_err(got, want) < (1e-4 if device.type == "cpu" else 4e-2)
+    if device.type == "cpu":
+        # Same values; fp32 vs fp64 arithmetic is the only difference.
+        got, want = _logits(model, ids), _logits(models.exact_peer(fp8), ids)
+        assert torch.isfinite(got).all() and ref.rel_err(got, want) < 1e-4
+        return
+    # On the GPU both run in BF16, so a near-tie in a router can pick other experts downstream and
+    # whole-model logits are no measure. Each decoder layer gets the peer's own input instead:
+    # both routers then choose alike and the layers must agree to BF16 accuracy.
+    peer = models.exact_peer(fp8, dtype=torch.bfloat16).to(device)
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, a, kw, out: captured.append((a, kw, out)), with_kwargs=True)
+             for layer in peer.model.layers]
+    _logits(peer, ids)
+    for h in hooks:
+        h.remove()
+    assert len(captured) == len(model.model.layers)
+    with torch.no_grad():
+        for layer, (args, kwargs, want) in zip(model.model.layers, captured):
+            got = layer(*args, **kwargs)
+            got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+            assert torch.isfinite(got).all() and ref.rel_err(got, want) < 2e-2
 
 
 def test_model_to_dtype_never_casts_fp8_tensors(root):
