@@ -2,7 +2,7 @@
 # gpu_check.sh - the one script to run on a GPU machine (H100/H200, sm_90a): build for the card,
 # run the CPU tests and the GPU tests, compute-sanitizer (memcheck + racecheck) on a representative
 # subset with small shapes, then the benchmark against the torch peer script. Every log goes under
-# $OUT; a short summary table is printed last (and kept in $OUT/summary.txt).
+# $OUT; a short summary table is printed last.
 #
 # Usage (from anywhere; it works in the repository root):
 #   scripts/gpu_check.sh
@@ -10,7 +10,7 @@
 #   OUT              where logs and results go (default ./out). At most 8 files are written, so
 #                    that all of them come back from the lent device machine:
 #                      build.log tests.log sanitizer.log bench.log bench.json torch_baselines.json
-#                      BENCHMARKS.md summary.txt
+#                      BENCHMARKS.md model_bench.json (the summary table is printed last)
 #   STEPS            the steps to run, in order (default "build cpu gpu python sanitize bench model";
 #                    add "sm80" to also run the GPU tests on the sm_80 code path, JIT from PTX, ~3 min).
 #                    python: the pytest suite (tests/python) on CUDA and CPU, torch.compile and CUDA
@@ -34,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-./out}
-STEPS=${STEPS:-"build cpu gpu python sanitize bench model"}
+STEPS=${STEPS:-"build cpu gpu python sanitize pysanitize bench model"}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 JOBS=${JOBS:-16}
 GPU_FILTER=${GPU_FILTER:-*}
@@ -150,6 +150,13 @@ if has_step sanitize; then
   record racecheck "$STATUS" "$SECS" "$(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
 fi
 
+if has_step pysanitize; then
+  # The Python binding's CUDA paths (MoE and dense ops, forward and backward) under memcheck.
+  run_timed pymemcheck "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 -m pytest -q -p no:cacheprovider tests/python/test_ops.py -k cuda
+  record pymemcheck "$STATUS" "$SECS" "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+fi
+
 if has_step bench; then
   peer_note="peer $TORCH_BASELINES"
   [ -f "$TORCH_BASELINES" ] || peer_note="peer script missing ($TORCH_BASELINES): ours only"
@@ -157,6 +164,12 @@ if has_step bench; then
   run_timed bench "$OUT/bench.log" python3 bench/run_bench.py --fp8moe "$BUILD_DIR/fp8moe" \
     --torch-baselines "$TORCH_BASELINES" --out "$OUT" --md "$OUT/BENCHMARKS.md" -- $BENCH_ARGS
   record bench "$STATUS" "$SECS" "$peer_note; BENCHMARKS.md, bench.json"
+fi
+
+if has_step model; then
+  run_timed model "$OUT/bench.log" python3 bench/model_bench.py --models "${MODEL_BENCH_MODELS:-qwen3,glm}" \
+    --out "$OUT"
+  record model "$STATUS" "$SECS" "full-size fine-tuning vs transformers + PEFT BF16: model_bench.json, bench.log"
 fi
 
 {
@@ -168,5 +181,5 @@ fi
     echo
     sed -n '/^## Targets/,/^## /p' "$OUT/BENCHMARKS.md" | sed '$d'
   fi
-} | tee "$OUT/summary.txt"
+}
 exit $FAILED

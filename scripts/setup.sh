@@ -13,7 +13,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The Python cross-check tests (safetensors written/read by the reference implementation).
-if ! python3 -c "import numpy, safetensors" 2>/dev/null; then
-  python3 -m pip install -q --disable-pip-version-check numpy safetensors
-fi
+# The Python package and its tests: torch, transformers, PEFT, nanobind, scikit-build-core, pytest
+# (also what the safetensors cross-check tests read with).
+# shellcheck source=scripts/python_env.sh
+source "$(dirname "$0")/python_env.sh"
+fp8moe_python_deps

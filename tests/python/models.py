@@ -152,3 +152,25 @@ def exact_peer(fp8_dir: str, dtype=torch.float32):
     cfg.pop("quantization_config", None)
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def add_tokenizer(path: str) -> str:
+    """A character-level tokenizer (built offline with `tokenizers`) with a chat template, saved
+    into checkpoint `path`: ids 0-3 special, then printable ASCII (fits a vocabulary of 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return path

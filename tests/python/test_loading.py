@@ -25,7 +25,7 @@ def root(tmp_path_factory) -> str:
 
 def _logits(model, ids):
     with torch.no_grad():
-        return model(ids.to(next(model.parameters()).device)).logits.float().cpu()
+        return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
 @pytest.mark.parametrize("family", models.FAMILIES)

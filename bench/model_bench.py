@@ -1,0 +1,265 @@
+"""Full-size fine-tuning benchmark: fp8moe vs transformers + PEFT in BF16, same card, same process.
+
+Two models at their real dimensions with random weights made on the GPU (no download):
+  qwen3  Qwen3-30B-A3B: 48 layers, 128 experts, top-8, H 2048, I 768, FP8 with 128x128 block scales
+  glm    GLM-4.7-Flash: transformers' Glm4MoeLiteConfig defaults, FP8 with per-channel scales
+Setup (issue 11): sequence 2048, batch 1, gradient checkpointing, AdamW on the LoRA parameters, r 16,
+LoRA on (a) the attention projections, (b) attention + experts (PEFT target_parameters).
+Peer: the same transformers model in BF16 (grouped_mm experts) + PEFT with the same LoRA.
+
+Reports the median step time and the peak GPU memory of each, and for fp8moe (b) the share of one
+step's GPU time spent in fp8moe's MoE ops (torch.profiler). Writes a JSON and a Markdown table.
+
+    python3 bench/model_bench.py --models qwen3,glm --out out/   [--tiny: a small CPU/GPU smoke run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+ATTN = {"qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "glm": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def config(name: str, tiny: bool):
+    import transformers as tf
+
+    if name == "qwen3":
+        kw = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                  num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                  num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)
+        if tiny:
+            kw.update(vocab_size=1024, num_hidden_layers=2, num_experts=16)
+        return tf.Qwen3MoeConfig(**kw)
+    kw = {}
+    if tiny:
+        kw = dict(vocab_size=1024, num_hidden_layers=3, n_routed_experts=16,
+                  mlp_layer_types=["dense", "sparse", "sparse"])
+    return tf.Glm4MoeLiteConfig(**kw)
+
+
+def _fp8_codes(shape, device, gen) -> torch.Tensor:
+    """Random finite E4M3 codes (normal values), as uint8 bytes."""
+    return (torch.randn(shape, device=device, generator=gen) * 2.0).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def _scales(rows: int, cols: int, E: int, scheme: str, device, std: float) -> tuple[torch.Tensor, list]:
+    if scheme == "block":
+        spec = [3, rows, cols, 1, 128, 128]
+        shape = (E, -(-rows // 128), -(-cols // 128))
+    else:
+        spec = [2, rows, cols, 1, 1, cols]
+        shape = (E, rows, 1)
+    # codes have std ~2: scale so that weights have std ~`std`
+    return torch.full(shape, std / 2.0, device=device, dtype=torch.float32), spec
+
+
+def build_fp8moe(cfg, scheme: str, device: torch.device, seed: int) -> nn.Module:
+    """The transformers model with fp8moe modules holding random FP8 weights, made on the GPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from fp8moe.modeling import Fp8Experts, Fp8Linear, QuantStack
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    for name, mod in list(model.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if hasattr(mod, "gate_up_proj") and attr == "experts":
+            E, two_i, H = mod.gate_up_proj.shape
+            gsc, gspec = _scales(two_i, H, E, scheme, device, H ** -0.5)
+            dsc, dspec = _scales(H, two_i // 2, E, scheme, device, (two_i // 2) ** -0.5)
+            if scheme == "block":
+                gspec[3] = 2  # gate and up on separate grids, as the loader stacks them
+                gsc = gsc.new_full((E, 2 * -(-(two_i // 2) // 128), -(-H // 128)), float(gsc.flatten()[0]))
+            setattr(parent, attr, Fp8Experts(QuantStack(_fp8_codes((E, two_i, H), device, gen), gsc, gspec, 1),
+                                             QuantStack(_fp8_codes((E, H, two_i // 2), device, gen), dsc, dspec, 1),
+                                             [0.0, 0.0, 1.702, 7.0]))
+        elif isinstance(mod, nn.Linear) and attr != "lm_head" and not attr.startswith("gate"):
+            N, K = mod.weight.shape
+            sc, spec = _scales(N, K, 1, scheme, device, K ** -0.5)
+            bias = None if mod.bias is None else torch.zeros(1, N, device=device)
+            setattr(parent, attr, Fp8Linear(QuantStack(_fp8_codes((1, N, K), device, gen), sc, spec, 1), bias))
+    _materialize(model, device, gen)
+    return model
+
+
+def _materialize(model: nn.Module, device, gen) -> None:
+    """Every parameter / buffer still on the meta device: random (norms: ones) on `device`."""
+    for mod_name, mod in model.named_modules():
+        for store in (mod._parameters, mod._buffers):
+            for pname, t in list(store.items()):
+                if t is None:
+                    continue
+                if t.is_meta:
+                    v = torch.ones(t.shape, device=device, dtype=t.dtype) if "norm" in mod_name or "norm" in pname \
+                        else (torch.randn(t.shape, device=device, generator=gen) * 0.02).to(t.dtype)
+                else:
+                    v = t.to(device)
+                store[pname] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+
+
+def build_peer(cfg, device: torch.device, seed: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, experts_implementation="grouped_mm")
+    return model
+
+
+def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool) -> dict:
+    import peft
+
+    model.config.use_cache = False
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, **targets))
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        ids = torch.randint(0, vocab, (1, seq), device=device, generator=gen)
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            loss = step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    out = {"step_ms": statistics.median(times), "step_ms_all": times, "loss": float(loss.detach()),
+           "lora_tensors": len(params), "lora_with_grad": None}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+            step()
+            torch.cuda.synchronize()
+        total = sum(e.self_device_time_total for e in p.key_averages())
+        moe = sum(e.device_time_total for e in p.key_averages() if e.key.startswith("fp8moe::moe_experts"))
+        lin = sum(e.device_time_total for e in p.key_averages() if e.key.startswith("fp8moe::fp8_linear"))
+        top = sorted(p.key_averages(), key=lambda e: -e.self_device_time_total)[:12]
+        out["profile"] = {"gpu_ms": total / 1e3, "moe_ops_ms": moe / 1e3, "fp8_linear_ms": lin / 1e3,
+                          "moe_share": moe / max(total, 1), "top": [(e.key[:60], e.self_device_time_total / 1e3)
+                                                                   for e in top]}
+    with torch.no_grad():
+        pm.zero_grad(set_to_none=True)
+    # every LoRA tensor gets a gradient (checked once, on the last step's graph)
+    ids = torch.randint(0, vocab, (1, min(seq, 256)), device=device, generator=gen)
+    pm(input_ids=ids, labels=ids).loss.backward()
+    out["lora_with_grad"] = sum(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
+    pm.zero_grad(set_to_none=True)
+    del opt
+    pm.unload()
+    return out
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="qwen3,glm")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="small layer counts and vocabularies: a smoke run")
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--out", default="out")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import fp8moe  # noqa: F401 (ops and the PEFT hookup)
+
+    os.makedirs(a.out, exist_ok=True)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seq": a.seq,
+               "torch": torch.__version__, "command": " ".join(sys.argv), "models": {}}
+    for name in a.models.split(","):
+        cfg = config(name, a.tiny)
+        targets = {"a": dict(target_modules=ATTN[name]), "b": dict(target_modules=ATTN[name],
+                                                                     target_parameters=EXPERTS)}
+        r = results["models"].setdefault(name, {})
+        scheme = "block" if name == "qwen3" else "channel"
+        for impl in ("fp8moe", "peer"):
+            if impl == "peer" and a.skip_peer:
+                continue
+            t0 = time.time()
+            model = build_fp8moe(cfg, scheme, device, 0) if impl == "fp8moe" else build_peer(cfg, device, 0)
+            built = time.time() - t0
+            for k in ("a", "b"):
+                res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
+                              profile=(impl == "fp8moe" and k == "b"))
+                res["build_s"] = built
+                r[f"{impl}_{k}"] = res
+                print(f"{name} {impl} ({k}): {res['step_ms']:.0f} ms/step, peak "
+                      f"{res.get('peak_gib', float('nan')):.1f} GiB, LoRA tensors with grad "
+                      f"{res['lora_with_grad']}/{res['lora_tensors']}", flush=True)
+            del model
+            free(device)
+    with open(os.path.join(a.out, "model_bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(markdown(results))
+    return 0
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Card: {res['card']}; {res['date']}; torch {res['torch']}; sequence {res['seq']}, batch 1, "
+             "gradient checkpointing, AdamW, LoRA r 16", "",
+             "| model | LoRA on | fp8moe step | peer step | speedup | fp8moe peak | peer peak | memory ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["models"].items():
+        for k, what in (("a", "attention"), ("b", "attention + experts")):
+            o, q = r.get(f"fp8moe_{k}"), r.get(f"peer_{k}")
+            if not o:
+                continue
+            sp = f"{q['step_ms'] / o['step_ms']:.2f}x" if q else "-"
+            mem = f"{o['peak_gib'] / q['peak_gib']:.2f}" if q and "peak_gib" in o else "-"
+            lines.append(f"| {name} | {what} | {o['step_ms']:.0f} ms | {q['step_ms']:.0f} ms | {sp} | "
+                         f"{o.get('peak_gib', 0):.1f} GiB | {q.get('peak_gib', 0):.1f} GiB | {mem} |" if q else
+                         f"| {name} | {what} | {o['step_ms']:.0f} ms | - | - | {o.get('peak_gib', 0):.1f} GiB | - | - |")
+    for name, r in res["models"].items():
+        pr = r.get("fp8moe_b", {}).get("profile")
+        if pr:
+            lines.append(f"\n{name} (b), one profiled step: {pr['gpu_ms']:.0f} ms of GPU time; fp8moe MoE ops "
+                         f"{pr['moe_ops_ms']:.0f} ms ({pr['moe_share']:.0%}), FP8 linear ops {pr['fp8_linear_ms']:.0f} ms")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The fine-tuning command and transformers' Trainer on an fp8moe model: a few steps on a tiny
+checkpoint with its own tokenizer and chat template, offline; the loss falls and the adapter is
+PEFT's format; bad data names the line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import fp8moe
+from fp8moe import finetune
+
+import models
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("ft"))
+    path = models.fp8_checkpoint(root, "qwen3_moe", "block")
+    return models.add_tokenizer(path)
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    path = tmp_path / "data.jsonl"
+    with open(path, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count {i}"},
+                                             {"role": "assistant", "content": "abcabcabc" * 2}]}) + "\n")
+            f.write(json.dumps({"text": "the quick brown fox " * 3}) + "\n")
+    return str(path)
+
+
+def test_finetune_command_trains_and_writes_a_peft_adapter(ckpt, data, tmp_path):
+    out = tmp_path / "adapter"
+    rc = finetune.main([ckpt, data, "--out", str(out), "--rank", "4", "--steps", "25", "--lr", "3e-3",
+                        "--seq-len", "64", "--batch-size", "2", "--packing", "--gradient-checkpointing",
+                        "--device", "cpu", "--seed", "1"])
+    assert rc == 0
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    rows = list(csv.DictReader(open(out / "loss_log.csv")))
+    assert len(rows) == 25
+    first = sum(float(r["loss"]) for r in rows[:3]) / 3
+    last = sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < 0.8 * first
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert set(cfg["target_parameters"]) == set(finetune.EXPERTS)
+    # The adapter loads back onto the fp8moe model with PEFT's own loader.
+    model = peft.PeftModel.from_pretrained(fp8moe.from_pretrained(ckpt, device="cpu"), str(out))
+    assert any(isinstance(m, fp8moe.peft_integration.Fp8ExpertsLora) for m in model.modules())
+
+
+def test_finetune_refuses_bad_data_and_existing_output(ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": 3}\n')
+    assert finetune.main([ckpt, str(bad), "--out", str(tmp_path / "a"), "--steps", "1", "--device", "cpu"]) == 1
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert finetune.main([ckpt, str(bad), "--out", str(tmp_path / "taken"), "--steps", "1", "--device", "cpu"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_trainer_trains_an_fp8moe_peft_model(ckpt, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = peft.get_peft_model(fp8moe.from_pretrained(ckpt, device="cpu"),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                target_parameters=finetune.EXPERTS))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(4, 100, (8, 32))
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=2,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    result = Trainer(model=model, args=args, train_dataset=rows).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)  # every LoRA tensor trained, the expert adapters included
