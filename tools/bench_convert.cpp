@@ -4,8 +4,12 @@
 // --mib MiB in two shards is written, read once so that the page cache holds it, then converted
 // BF16 -> FP8 per channel, back to BF16, BF16 -> FP8 in 128x128 blocks, and back. Each line gives
 // the input bytes over the wall time of the whole convert call (planning, the threads' work, the
-// writes and the final fsync of every output file), with the machine it ran on.
+// writes and the final fsync of every output file), with the machine it ran on, and the CPU time
+// the call used: well below threads x wall time means the disk (the fsync) set the pace, not the
+// cores. Dirty pages are flushed (sync) before each step so that one step's writeback does not
+// land in the next one's time.
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -42,6 +46,12 @@ std::string cpu_model() {
       return c == std::string::npos ? line : line.substr(c + 2);
     }
   return "unknown CPU";
+}
+
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
 }
 
 // Reads every file under `dir` once, so that the conversions read from the page cache.
@@ -136,13 +146,19 @@ int run_convert_bench(const Args& args) {
     opt.threads = static_cast<int>(threads);
     opt.cancel = &stop_flag();
     ConvertReport r;
+    ::sync();
+    const double cpu0 = cpu_seconds();
     try {
       r = convert_checkpoint(s.from.string(), s.to.string(), opt);
     } catch (const ConvertCancelled&) {
       throw Interrupted(stop_signal(), std::string("interrupted by ") + signal_name(stop_signal()));
     }
-    std::printf("  %s  %10s in %6.2f s  %7.0f MB/s of input  (%s out, %d threads)\n", s.what, human(r.bytes_in).c_str(),
-                r.seconds, static_cast<double>(r.bytes_in) / 1e6 / r.seconds, human(r.bytes_out).c_str(), r.threads);
+    const double cpu = cpu_seconds() - cpu0;
+    std::printf("  %s  %10s in %6.2f s  %6.0f MB/s of input  (%s out; %d threads; %.2f s CPU = %.0f%% of them, %.0f MB/s "
+                "per CPU second)\n",
+                s.what, human(r.bytes_in).c_str(), r.seconds, static_cast<double>(r.bytes_in) / 1e6 / r.seconds,
+                human(r.bytes_out).c_str(), r.threads, cpu, 100.0 * cpu / (r.seconds * r.threads),
+                static_cast<double>(r.bytes_in) / 1e6 / cpu);
     std::fflush(stdout);
   }
   return 0;
