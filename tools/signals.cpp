@@ -31,7 +31,7 @@ void say(const std::string& s) { [[maybe_unused]] const ssize_t n = ::write(2, s
       std::error_code ec;
       // Another thread may still be writing into a folder: a few tries.
       for (int i = 0; i < 3 && std::filesystem::exists(p, ec); ++i) std::filesystem::remove_all(p, ec);
-      say("fp8moe: removed " + p + "\n");
+      say(std::filesystem::exists(p, ec) ? "fp8moe: could not remove " + p + "\n" : "fp8moe: removed " + p + "\n");
     }
   }
   ::_exit(128 + sig);

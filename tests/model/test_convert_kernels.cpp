@@ -156,29 +156,30 @@ TEST(ConvertKernels, DequantizeRowsMatchesTheReference) {
   // N = 2 x 130: gate / up halves with partial blocks. Both K: short rows take the product per
   // element, long ones (a channel scale over 600 elements) the per-scale table.
   const int64_t E = 2;
-  for (const auto& [N, K] : std::vector<std::pair<int64_t, int64_t>>{{260, 200}, {8, 600}})
-  for (DType dt : {DType::F8_E4M3, DType::F8_E5M2})
-    for (const ScaleSpec& spec : {ScaleSpec::channel(N, K), ScaleSpec::block(N, K, 128, 128),
-                                  ScaleSpec::block(N, K, 128, 128, 2), ScaleSpec::tensor(N, K),
-                                  ScaleSpec::tensor(N, K, 2), ScaleSpec::group(N, K, 64)}) {
-      SCOPED_TRACE(std::string(dtype_name(dt)) + " " + spec.str() + " K " + std::to_string(K));
-      Tensor codes(dt, Shape{E, N, K});
-      for (int64_t i = 0; i < codes.numel(); ++i) codes.ptr<uint8_t>()[i] = static_cast<uint8_t>(rng());  // NaN codes too
-      Tensor scale(DType::F32, Shape{E, spec.scale_rows(), spec.grid_k()});
-      std::uniform_real_distribution<double> u(-20, 4);
-      for (int64_t i = 0; i < scale.numel(); ++i) scale.ptr<float>()[i] = static_cast<float>(std::exp2(u(rng)));
-      const Tensor ref = dequantize(QuantTensor{codes.view(), scale.view(), spec}, DType::BF16);
-      const Unaligned src(codes);
-      Tensor flat(DType::F32, Shape{scale.numel()});
-      std::memcpy(flat.data(), scale.data(), static_cast<size_t>(scale.nbytes()));
-      const model::DequantSource d{src.view, flat, spec};
-      std::vector<uint16_t> out(static_cast<size_t>(E * N * K), 0xFFFF);
-      for (int64_t r0 = 0; r0 < E * N; r0 += 97) {  // ranges crossing blocks, halves and experts
-        const int64_t r1 = std::min(E * N, r0 + 97);
-        model::dequantize_rows(d, r0, r1, out.data() + r0 * K);
+  for (const auto& [N, K] : std::vector<std::pair<int64_t, int64_t>>{{260, 200}, {8, 600}}) {
+    for (DType dt : {DType::F8_E4M3, DType::F8_E5M2})
+      for (const ScaleSpec& spec : {ScaleSpec::channel(N, K), ScaleSpec::block(N, K, 128, 128),
+                                    ScaleSpec::block(N, K, 128, 128, 2), ScaleSpec::tensor(N, K),
+                                    ScaleSpec::tensor(N, K, 2), ScaleSpec::group(N, K, 64)}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " " + spec.str() + " K " + std::to_string(K));
+        Tensor codes(dt, Shape{E, N, K});
+        for (int64_t i = 0; i < codes.numel(); ++i) codes.ptr<uint8_t>()[i] = static_cast<uint8_t>(rng());  // NaN codes too
+        Tensor scale(DType::F32, Shape{E, spec.scale_rows(), spec.grid_k()});
+        std::uniform_real_distribution<double> u(-20, 4);
+        for (int64_t i = 0; i < scale.numel(); ++i) scale.ptr<float>()[i] = static_cast<float>(std::exp2(u(rng)));
+        const Tensor ref = dequantize(QuantTensor{codes.view(), scale.view(), spec}, DType::BF16);
+        const Unaligned src(codes);
+        Tensor flat(DType::F32, Shape{scale.numel()});
+        std::memcpy(flat.data(), scale.data(), static_cast<size_t>(scale.nbytes()));
+        const model::DequantSource d{src.view, flat, spec};
+        std::vector<uint16_t> out(static_cast<size_t>(E * N * K), 0xFFFF);
+        for (int64_t r0 = 0; r0 < E * N; r0 += 97) {  // ranges crossing blocks, halves and experts
+          const int64_t r1 = std::min(E * N, r0 + 97);
+          model::dequantize_rows(d, r0, r1, out.data() + r0 * K);
+        }
+        ASSERT_EQ(std::memcmp(out.data(), ref.data(), out.size() * 2), 0);
       }
-      ASSERT_EQ(std::memcmp(out.data(), ref.data(), out.size() * 2), 0);
-    }
+  }
 }
 
 }  // namespace
