@@ -1,6 +1,7 @@
 // Argument parsing shared by the subcommands: positional arguments, "--name value" (or
 // "--name=value") options and "--name" switches, each declared up front so that a typo is an
-// error naming the valid options instead of being ignored.
+// error naming the valid options instead of being ignored. Every complaint about the command line
+// is a UsageError: exit status 2, where a failure while running exits 1 (main.cpp).
 #pragma once
 
 #include <cstdint>
@@ -11,6 +12,24 @@
 #include <vector>
 
 #include "fp8moe/error.hpp"
+
+namespace fp8moe::cli {
+
+// The command line cannot be run as given: unknown option, missing or malformed value, wrong
+// number of arguments. main() prints it with a pointer to --help and exits 2.
+class UsageError : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace fp8moe::cli
+
+// FP8MOE_USAGE_CHECK(cond, "--block: expected ...", value): throws UsageError when cond is false.
+#define FP8MOE_USAGE_CHECK(cond, ...) \
+  do {                                \
+    if (!(cond)) throw ::fp8moe::cli::UsageError(::fp8moe::detail::concat(__VA_ARGS__)); \
+  } while (0)
+#define FP8MOE_USAGE_FAIL(...) throw ::fp8moe::cli::UsageError(::fp8moe::detail::concat(__VA_ARGS__))
 
 namespace fp8moe::cli {
 
@@ -32,17 +51,17 @@ class Args {
       const size_t eq = a.find('=');
       const std::string name = a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
       if (switches_.count(name)) {
-        FP8MOE_CHECK(eq == std::string::npos, "option --", name, " takes no value, found '", a, "'");
+        FP8MOE_USAGE_CHECK(eq == std::string::npos, "option --", name, " takes no value, found '", a, "'");
         values_[name] = "";
       } else if (options_.count(name)) {
         if (eq != std::string::npos) {
           values_[name] = a.substr(eq + 1);
         } else {
-          FP8MOE_CHECK(i + 1 < argv.size(), "option --", name, " needs a value");
+          FP8MOE_USAGE_CHECK(i + 1 < argv.size(), "option --", name, " needs a value");
           values_[name] = argv[++i];
         }
       } else {
-        FP8MOE_FAIL("unknown option '", a, "'; valid options: ", valid());
+        FP8MOE_USAGE_FAIL("unknown option '", a, "'; valid options: ", valid());
       }
     }
   }
@@ -57,7 +76,7 @@ class Args {
   std::string get_or(const std::string& name, const std::string& fallback) const { return get(name).value_or(fallback); }
   std::string required(const std::string& name) const {
     auto v = get(name);
-    FP8MOE_CHECK(v.has_value(), "missing required option --", name);
+    FP8MOE_USAGE_CHECK(v.has_value(), "missing required option --", name);
     return *v;
   }
   int64_t get_int(const std::string& name, int64_t fallback) const {
@@ -70,7 +89,7 @@ class Args {
     } catch (const std::exception&) {
       used = 0;
     }
-    FP8MOE_CHECK(used == v->size() && !v->empty(), "option --", name, ": expected an integer, found '", *v, "'");
+    FP8MOE_USAGE_CHECK(used == v->size() && !v->empty(), "option --", name, ": expected an integer, found '", *v, "'");
     return x;
   }
   uint64_t get_u64(const std::string& name, uint64_t fallback) const {
@@ -83,13 +102,13 @@ class Args {
     } catch (const std::exception&) {
       used = 0;
     }
-    FP8MOE_CHECK(used == v->size() && !v->empty() && (*v)[0] != '-', "option --", name,
+    FP8MOE_USAGE_CHECK(used == v->size() && !v->empty() && (*v)[0] != '-', "option --", name,
                  ": expected a non-negative integer, found '", *v, "'");
     return x;
   }
   // Throws unless exactly `n` positional arguments were given; `what` names them for the message.
   void expect_positional(size_t n, const char* what) const {
-    FP8MOE_CHECK(positional_.size() == n, "expected ", n, " positional argument", n == 1 ? "" : "s", " (", what,
+    FP8MOE_USAGE_CHECK(positional_.size() == n, "expected ", n, " positional argument", n == 1 ? "" : "s", " (", what,
                  "), found ", positional_.size());
   }
 

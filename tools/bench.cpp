@@ -23,6 +23,7 @@
 #include <fstream>
 #include <functional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -42,6 +43,10 @@
 #endif
 
 namespace fp8moe::cli {
+
+// `fp8moe bench --convert` (bench_convert.cpp).
+int run_convert_bench(const Args& args);
+
 namespace {
 
 constexpr const char* kUsage =
@@ -54,7 +59,19 @@ constexpr const char* kUsage =
     "    glm    E 64, top-4, H 2048, I 1536, per-channel scales   (GLM-4.7-Flash)\n"
     "  Routing: uniform, or skewed (Zipf-like popularity over a random expert order, s = 1.2).\n"
     "  Prints a table (median of --reps, default 20, after --warmup, default 3); --json writes\n"
-    "  every number with the device and the exact command.\n";
+    "  every number with the device and the exact command.\n"
+    "\n"
+    "usage: fp8moe bench --convert [--mib N] [--threads N] [--workdir DIR]\n"
+    "\n"
+    "  Times `convert` on the CPU (no GPU needed): writes a synthetic Qwen3-MoE-shaped BF16 checkpoint\n"
+    "  of about --mib MiB (default 2048) in two shards, reads it once so that it is page-cached, then\n"
+    "  converts it BF16 -> FP8 (channel, then 128x128 blocks) and each result back to BF16, printing\n"
+    "  MB/s of input for each, with the machine (cores, CPU model). --threads: worker threads\n"
+    "  (default one per core); --workdir: where the checkpoints go (default: a temporary folder,\n"
+    "  removed afterwards).\n";
+
+const std::set<std::string> kOptions = {"shape", "tokens", "routing", "json", "backend", "reps",
+                                        "warmup", "seed", "mib", "threads", "workdir"};
 
 #if defined(FP8MOE_HAS_CUDA)
 
@@ -427,21 +444,17 @@ void bench_shape(const ModelShape& m, const Options& opt, Backend& be, cudaStrea
     }
 }
 
-int run_bench(const std::vector<std::string>& argv) {
-  const Args args(argv, {"shape", "tokens", "routing", "json", "backend", "reps", "warmup", "seed"});
-  if (args.help()) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  args.expect_positional(0, "none");
-  FP8MOE_CHECK(args.get_or("backend", "cuda") == "cuda", "--backend: the benchmark times CUDA kernels with CUDA "
+int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
+  for (const char* o : {"mib", "threads", "workdir"})
+    FP8MOE_USAGE_CHECK(!args.has(o), "--", o, " applies to bench --convert only");
+  FP8MOE_USAGE_CHECK(args.get_or("backend", "cuda") == "cuda", "--backend: the benchmark times CUDA kernels with CUDA "
                                                          "events; only 'cuda' is supported, found '",
                args.get_or("backend", "cuda"), "'");
   Options opt;
   const std::string shape = args.get_or("shape", "all");
   if (shape == "qwen3" || shape == "all") opt.shapes.push_back(kQwen3);
   if (shape == "glm" || shape == "all") opt.shapes.push_back(kGlm);
-  FP8MOE_CHECK(!opt.shapes.empty(), "--shape: expected qwen3, glm or all, found '", shape, "'");
+  FP8MOE_USAGE_CHECK(!opt.shapes.empty(), "--shape: expected qwen3, glm or all, found '", shape, "'");
   for (const std::string& t : split(args.get_or("tokens", "256,4096,16384"), ',')) {
     size_t used = 0;
     int64_t v = -1;
@@ -450,18 +463,22 @@ int run_bench(const std::vector<std::string>& argv) {
     } catch (const std::exception&) {
       used = 0;
     }
-    FP8MOE_CHECK(used == t.size() && v >= 1, "--tokens: expected positive integers separated by commas, found '", t,
+    FP8MOE_USAGE_CHECK(used == t.size() && v >= 1, "--tokens: expected positive integers separated by commas, found '", t,
                  "'");
     opt.tokens.push_back(v);
   }
   const std::string routing = args.get_or("routing", "both");
   if (routing == "uniform" || routing == "both") opt.skewed.push_back(false);
   if (routing == "skewed" || routing == "both") opt.skewed.push_back(true);
-  FP8MOE_CHECK(!opt.skewed.empty(), "--routing: expected uniform, skewed or both, found '", routing, "'");
+  FP8MOE_USAGE_CHECK(!opt.skewed.empty(), "--routing: expected uniform, skewed or both, found '", routing, "'");
   opt.reps = static_cast<int>(args.get_int("reps", 20));
   opt.warmup = static_cast<int>(args.get_int("warmup", 3));
-  FP8MOE_CHECK(opt.reps >= 1 && opt.warmup >= 0, "--reps must be >= 1 and --warmup >= 0");
+  FP8MOE_USAGE_CHECK(opt.reps >= 1 && opt.warmup >= 0, "--reps must be >= 1 and --warmup >= 0");
   opt.seed = args.get_u64("seed", std::random_device{}());
+  // Without this check the first CUDA call fails on a machine without a GPU with "CUDA driver
+  // version is insufficient for CUDA runtime version", which names the wrong problem.
+  FP8MOE_CHECK(cuda_available(), "bench: no usable CUDA GPU (cudaGetDeviceCount found none: no GPU, or no NVIDIA "
+                                 "driver); fp8moe bench times the CUDA kernels on a GPU (bench --convert needs none)");
 
   cudaStream_t stream;
   BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -494,6 +511,7 @@ int run_bench(const std::vector<std::string>& argv) {
                           {"l2_mib", prop.l2CacheSize >> 20},
                           {"mem_gib", static_cast<double>(prop.totalGlobalMem) / (1ull << 30)}}},
                         {"command", cmd},
+                        {"fp8moe_version", version()},
                         {"date", date},
                         {"seed", opt.seed},
                         {"copy_tbps", copy_bw},
@@ -518,21 +536,26 @@ int run_bench(const std::vector<std::string>& argv) {
   return 0;
 }
 
-#else
+#endif
 
 int run_bench(const std::vector<std::string>& argv) {
-  const Args args(argv, {"shape", "tokens", "routing", "json", "backend", "reps", "warmup", "seed"});
+  const Args args(argv, kOptions, {"convert"});
   if (args.help()) {
     std::fputs(kUsage, stdout);
     return 0;
   }
-  FP8MOE_FAIL("fp8moe bench times CUDA kernels, but fp8moe was built without CUDA (no nvcc at configure time)");
-}
-
+  args.expect_positional(0, "none");
+  if (args.has("convert")) return run_convert_bench(args);
+#if defined(FP8MOE_HAS_CUDA)
+  return run_kernel_bench(args, argv);
+#else
+  FP8MOE_FAIL("fp8moe bench times CUDA kernels, but fp8moe was built without CUDA (no nvcc at configure time); "
+              "bench --convert times the converter and needs no GPU");
 #endif
+}
 
 }  // namespace
 
-FP8MOE_COMMAND(bench, "time the FP8 MoE layer and its kernels on synthetic experts (CUDA)", run_bench);
+FP8MOE_COMMAND(bench, "time the FP8 MoE layer and its kernels (CUDA), or convert (--convert, CPU)", run_bench);
 
 }  // namespace fp8moe::cli

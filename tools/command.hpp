@@ -15,6 +15,9 @@ struct Command {
 
 std::vector<Command>& registry();
 
+// The fp8moe version (CMakeLists.txt's project VERSION), printed by --version and in --json reports.
+const char* version();
+
 struct Register {
   explicit Register(Command c) { registry().push_back(c); }
 };

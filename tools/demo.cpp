@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "fp8moe/moe.hpp"
 #include "fp8moe/synthetic.hpp"
 #include "fp8moe/train.hpp"
+#include "signals.hpp"
 
 namespace fs = std::filesystem;
 
@@ -45,7 +47,8 @@ constexpr const char* kUsage =
     "  --backend  auto (default: CUDA when a GPU is present), cpu, cuda\n"
     "  --steps    training steps (default 30)\n"
     "  --seed     seed of every random draw (default: fresh; printed so a run can be replayed)\n"
-    "  --workdir  where the checkpoints go (default: a temporary directory, removed afterwards)\n";
+    "  --workdir  where the checkpoints go (default: a temporary directory, removed afterwards, also\n"
+    "             when Ctrl-C or SIGTERM stops the demo)\n";
 
 constexpr int64_t kTokens = 64;       // tokens per batch
 constexpr int64_t kEvalTokens = 256;  // held-out batch for the initial / final loss
@@ -67,7 +70,7 @@ Tensor randn(std::mt19937_64& rng, Shape shape, double sd) {
   return t;
 }
 
-// Owns the workdir; removes a temporary one when the demo ends.
+// Owns the workdir; removes a temporary one when the demo ends, and when a signal ends it.
 class Workdir {
  public:
   explicit Workdir(const std::optional<std::string>& given) {
@@ -82,6 +85,7 @@ class Workdir {
     FP8MOE_CHECK(::mkdtemp(tmpl.data()) != nullptr, "cannot create a temporary directory from ", tmpl);
     path_ = tmpl;
     temporary_ = true;
+    cleanup_.emplace(path_.string());
   }
   ~Workdir() {
     std::error_code ec;
@@ -93,6 +97,7 @@ class Workdir {
  private:
   fs::path path_;
   bool temporary_ = false;
+  std::optional<CleanupOnSignal> cleanup_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -450,16 +455,20 @@ int run_demo(const std::vector<std::string>& argv) {
   }
   args.expect_positional(0, "none");
   const int64_t steps = args.get_int("steps", 30);
-  FP8MOE_CHECK(steps >= 1, "--steps must be at least 1, found ", steps);
+  FP8MOE_USAGE_CHECK(steps >= 1, "--steps must be at least 1, found ", steps);
+  const std::string backend = args.get_or("backend", "auto");
+  FP8MOE_USAGE_CHECK(backend == "auto" || backend == "cpu" || backend == "cuda", "--backend: expected auto, cpu or cuda, found '",
+                     backend, "'");
   const uint64_t seed = args.get_u64("seed", (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}());
   const auto t_start = Clock::now();
-  auto be = make_backend(args.get_or("backend", "auto"));
+  auto be = make_backend(backend);
   auto cpu = make_cpu_backend();
   const Workdir work(args.get("workdir"));
   std::mt19937_64 rng(seed);
   std::printf("fp8moe demo: seed %llu (replay with --seed %llu), backend %s, workdir %s%s\n",
               static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed), be->name(),
               work.path().string().c_str(), work.temporary() ? " (temporary)" : "");
+  std::fflush(stdout);  // the workdir line first, even when stdout is a file
 
   Model glm{"GLM-4.7-Flash-shaped", SyntheticSpec::glm4_moe_lite(), ScaleKind::Channel, {}, {}};
   Model qwen{"Qwen3-MoE-shaped", SyntheticSpec::qwen3_moe(), ScaleKind::Block, {}, {}};

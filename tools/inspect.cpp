@@ -2,8 +2,10 @@
 //
 // What a checkpoint holds and whether fp8moe can load it: architecture, quantization format and
 // scheme, per layer MoE or dense with its experts' dtypes, scale schemes and bytes, shared experts,
-// and every problem found. Exit status 0 when loadable, 1 otherwise (problems on stderr).
+// and every problem found. Exit status 0 when loadable, 1 otherwise (problems on stderr). With
+// --json, stdout always holds one JSON report, also when the checkpoint cannot even be opened.
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,6 +13,7 @@
 
 #include "args.hpp"
 #include "command.hpp"
+#include "files.hpp"
 #include "fp8moe/checkpoint.hpp"
 
 namespace fp8moe::cli {
@@ -24,7 +27,8 @@ constexpr const char* kUsage =
     "PATH: a checkpoint directory (config.json + safetensors, sharded or not) or one .safetensors file.\n"
     "Prints the architecture, the quantization format and scheme, each layer (MoE or dense, experts,\n"
     "dtype, scale scheme, FP8 or plain, bytes, shared experts) and every problem found.\n"
-    "--json prints the same as one JSON object. Exit status: 0 loadable, 1 not (or unreadable).\n";
+    "--json prints the same as one JSON object (always one, with \"loadable\": false and an \"error\" where\n"
+    "the checkpoint could not be read). Exit status: 0 loadable, 1 not (or unreadable).\n";
 
 // One line for the quantization format as config.json declares it.
 std::string format_line(const QuantConfig& q) {
@@ -46,6 +50,7 @@ std::string format_line(const QuantConfig& q) {
 
 json to_json(const InspectionReport& r, const std::string& format) {
   json j;
+  j["fp8moe_version"] = version();
   j["path"] = r.path;
   j["model_type"] = r.model_type;
   j["quant_method"] = quant_method_name(r.method);
@@ -87,14 +92,32 @@ int run_inspect(const std::vector<std::string>& argv) {
     return 0;
   }
   args.expect_positional(1, "PATH");
-  const Checkpoint ck = Checkpoint::open(args.positional()[0]);
-  InspectionReport r = ck.inspect();
+  const std::string& path = args.positional()[0];
+  std::optional<Checkpoint> ck;
+  try {
+    expect_not_json(path, "checkpoint");
+    ck = Checkpoint::open(path);
+  } catch (const Error& e) {
+    if (!args.has("json")) throw;
+    // Reading stopped early: still one report, saying where.
+    json j;
+    j["fp8moe_version"] = version();
+    j["path"] = path;
+    j["loadable"] = false;
+    j["problems"] = json::array({e.message()});
+    j["notes"] = json::array();
+    j["error"] = e.message();
+    std::printf("%s\n", j.dump(2).c_str());
+    throw;
+  }
+  InspectionReport r = ck->inspect();
   // A lone .safetensors file without config.json can be inspected, but nothing can load it: the
   // router, the activation and the quantization scheme come from config.json.
-  if (!ck.config())
+  const bool has_config = !ck->model_type().empty();
+  if (!has_config)
     r.problems.push_back("no config.json beside " + r.path +
                          ": the tensors were inspected, but loading needs the checkpoint's config.json");
-  const std::string format = ck.config() ? format_line(ck.quant()) : "unknown (no config.json)";
+  const std::string format = has_config ? format_line(ck->quant()) : "unknown (no config.json)";
   if (args.has("json")) {
     std::printf("%s\n", to_json(r, format).dump(2).c_str());
   } else {

@@ -60,7 +60,8 @@ struct ModelConfig {
   int64_t shared_intermediate_size = 0;    // intermediate of that shared MLP (0: none)
   int64_t first_k_dense_replace = 0;       // GLM/DeepSeek: layers < k are dense
   int64_t moe_layer_freq = 1;              // DeepSeek: MoE where L % freq == 0
-  std::vector<int64_t> mlp_only_layers;    // Qwen: dense layers
+  std::vector<int64_t> mlp_only_layers;    // dense layers by index: Qwen's mlp_only_layers, GLM/DeepSeek's
+                                           // "dense" entries of mlp_layer_types (transformers 5.x)
   int64_t decoder_sparse_step = 1;         // Qwen: MoE where (L + 1) % step == 0
   int64_t n_group = 1, topk_group = 1;     // DeepSeek group-limited routing (only n_group 1 supported)
   RouterKind router = RouterKind::SoftmaxTopK;
@@ -78,6 +79,8 @@ struct ModelConfig {
 // missing/invalid field, and for model types whose MoE routing is not supported.
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source);
 ModelConfig load_model_config(const std::string& path);
+// The model types parse_model_config reads (the MoE families above).
+bool is_supported_moe_model_type(const std::string& model_type);
 
 // =============================================================================================
 // quantization_config
@@ -256,7 +259,13 @@ class Checkpoint {
   static Checkpoint open(const std::string& path);
 
   const std::string& path() const { return path_; }
+  // The MoE facts of config.json; empty without config.json and for a dense model.
   const std::optional<ModelConfig>& config() const { return config_; }
+  // config.json's model_type ("" without config.json). A model type that is no MoE family and
+  // whose config declares no routed experts (llama, qwen3, ...) is a dense model: it inspects and
+  // converts, and has no MoE layer to load.
+  const std::string& model_type() const { return model_type_; }
+  bool dense() const { return !model_type_.empty() && !config_; }
   const QuantConfig& quant() const { return quant_; }
   const TensorStore& store() const { return *store_; }
 
@@ -279,6 +288,7 @@ class Checkpoint {
   Checkpoint() = default;
   std::string path_;
   std::optional<ModelConfig> config_;
+  std::string model_type_;
   QuantConfig quant_;
   std::shared_ptr<TensorStore> store_;
   std::map<int64_t, std::vector<std::string>> layer_names_;  // model.layers.<L>.* names, per L

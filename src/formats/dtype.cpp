@@ -71,9 +71,12 @@ uint16_t float_to_f16_bits(float f) {
   if (a > 0x7f800000u) return sign | 0x7E00;   // NaN
   if (a >= 0x477ff000u) return sign | 0x7C00;  // rounds to inf (>= 65520)
   if (a < 0x38800000u) {                       // below min normal 2^-14: subnormal or zero
-    // value in units of 2^-24, round to nearest even
+    // value in units of 2^-24, rounded to nearest even in integer arithmetic (std::nearbyint
+    // would follow the FPU's current rounding mode, which a caller may have changed)
     const float v = std::fabs(f) * 16777216.0f;  // exact scaling by 2^24
-    float r = std::nearbyint(v);                 // default rounding mode: nearest even
+    auto r = static_cast<uint32_t>(v);           // truncates, whatever the mode
+    const float rest = v - static_cast<float>(r);  // exact: the fraction of a float
+    r += rest > 0.5f || (rest == 0.5f && (r & 1u));
     return sign | static_cast<uint16_t>(r);
   }
   uint32_t m = a + 0xFFFu + ((a >> 13) & 1u);  // round mantissa to 10 bits, ties to even

@@ -16,6 +16,8 @@
 #include <set>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "fp8moe/backend.hpp"
 #include "fp8moe/error.hpp"
 #include "model/experts.hpp"
@@ -528,6 +530,21 @@ std::string human_bytes(int64_t b) {
   return os.str();
 }
 
+// The model_type of a config.json that describes a dense model: a type that is no MoE family
+// fp8moe reads and no routed-expert count. nullopt otherwise (parse_model_config then reads it,
+// or says what is wrong with it).
+std::optional<std::string> dense_model_type(const std::string& config_text) {
+  const nlohmann::json j = nlohmann::json::parse(config_text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return std::nullopt;
+  const auto mt = j.find("model_type");
+  if (mt == j.end() || !mt->is_string() || is_supported_moe_model_type(mt->get<std::string>())) return std::nullopt;
+  for (const char* k : {"num_experts", "n_routed_experts", "num_local_experts"}) {
+    const auto e = j.find(k);
+    if (e != j.end() && !e->is_null() && !(e->is_number_integer() && e->get<int64_t>() == 0)) return std::nullopt;
+  }
+  return mt->get<std::string>();
+}
+
 // Scale tensors the per-tensor rule pairs with a weight: <w>.weight_scale(_inv), <x>_proj_scale(_inv).
 std::optional<std::string> scale_base(const std::string& name) {
   for (std::string_view suf : {std::string_view("_scale_inv"), std::string_view("_scale")}) {
@@ -539,6 +556,22 @@ std::optional<std::string> scale_base(const std::string& name) {
 }
 
 }  // namespace
+
+namespace model {
+
+ScaleSpec fp8_weight_spec(const TensorStore& st, const QuantConfig& q, const std::string& weight,
+                          const std::string& model_type) {
+  const Shape& s = st.entry(weight).shape;
+  FP8MOE_CHECK(s.rank == 2 || s.rank == 3, "tensor ", weight, " is ", dtype_name(st.entry(weight).dtype),
+               ": expected an FP8 weight [out, in] or a stack [E, out, in], found shape ", s.str());
+  const bool stack = s.rank == 3;
+  const std::string module = !stack && ends_with(weight, ".weight") ? weight.substr(0, weight.size() - 7) : weight;
+  ScaleLookup how;
+  if (stack) how = {Grid::Stacked, s[0], ends_with(weight, ".experts.gate_up_proj") && model_type != "gpt_oss"};
+  return classify(st, q, module, weight, find_scale(st, weight), s[s.rank - 2], s[s.rank - 1], how);
+}
+
+}  // namespace model
 
 const char* expert_layout_name(ExpertLayout l) {
   switch (l) {
@@ -595,8 +628,13 @@ Checkpoint Checkpoint::open(const std::string& path) {
   c.store_ = std::make_shared<TensorStore>(TensorStore::open(path));
   if (fs::exists(cfg_path)) {
     const std::string text = read_text(cfg_path.string());
-    c.config_ = parse_model_config(text, cfg_path.string());
     c.quant_ = parse_quant_config(text, cfg_path.string());
+    if (auto dense = dense_model_type(text)) {
+      c.model_type_ = *dense;
+    } else {
+      c.config_ = parse_model_config(text, cfg_path.string());
+      c.model_type_ = c.config_->model_type;
+    }
   }
   for (const std::string& name : c.store_->names())
     if (starts_with(name, kLayers))
@@ -615,6 +653,9 @@ std::vector<int64_t> Checkpoint::moe_layers() const {
 }
 
 MoeLayerWeights Checkpoint::load_moe_layer(int64_t layer) const {
+  FP8MOE_CHECK(!dense(), "checkpoint '", path_, "': model_type ", model_type_,
+               " is a dense model (its config.json declares no routed experts): there is no MoE layer ", layer,
+               " to load");
   FP8MOE_CHECK(config_.has_value(), "checkpoint '", path_, "': loading layer ", layer,
                " needs config.json (the router and the activation come from it)");
   const ModelConfig& cfg = *config_;
@@ -681,7 +722,10 @@ InspectionReport Checkpoint::inspect() const {
   InspectionReport r;
   r.path = path_;
   r.method = quant_.method;
-  if (config_) r.model_type = config_->model_type;
+  r.model_type = model_type_;
+  if (dense())
+    r.notes.push_back("model_type " + model_type_ +
+                      " declares no routed experts: a dense model. convert converts it; it has no MoE layer to load");
   const std::vector<std::string> names = store_->names();
   r.tensors = static_cast<int64_t>(names.size());
   for (const std::string& n : names) r.bytes += stored_bytes(*store_, n);
@@ -740,7 +784,7 @@ InspectionReport Checkpoint::inspect() const {
         r.notes.push_back(L + ": routed experts are " + std::string(dtype_name(p.gate_up.report.dtype)) +
                           " (left unquantized by the checkpoint); they load as plain weights");
     } catch (const Error& e) {
-      r.problems.push_back(L + ": " + e.what());
+      r.problems.push_back(L + ": " + e.message());
     }
     r.layers.push_back(std::move(lr));
   }
@@ -757,13 +801,20 @@ InspectionReport Checkpoint::inspect() const {
       continue;
     }
     if (!is_fp8(store_->entry(n).dtype)) continue;
+    // What convert --to bf16 and the loader would refuse: no scale, an excluded module, a scale of
+    // the wrong shape (the same rule decides for all three).
     try {
-      if (find_scale(*store_, n).empty())
-        r.problems.push_back("tensor " + n + " is " + std::string(dtype_name(store_->entry(n).dtype)) +
-                             " but has no scale (expected " + n + "_scale_inv or " + n + "_scale)");
+      model::fp8_weight_spec(*store_, quant_, n, model_type_);
     } catch (const Error& e) {
-      r.problems.push_back(e.what());
+      r.problems.push_back(e.message());
     }
+  }
+  if (quant_.method == QuantMethod::None && !model_type_.empty()) {
+    const auto fp8 = std::count_if(names.begin(), names.end(), [&](const std::string& n) { return is_fp8(store_->entry(n).dtype); });
+    if (fp8 > 0)
+      r.notes.push_back(std::to_string(fp8) + " FP8 tensor(s) but config.json has no quantization_config: each scale "
+                        "scheme is read from its scale's shape (a loader that trusts the config would read the FP8 "
+                        "codes as plain numbers); convert --to bf16 dequantizes them, --to fp8 refuses them");
   }
   return r;
 }

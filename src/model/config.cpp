@@ -72,6 +72,12 @@ Family family_of(const std::string& model_type, const std::string& src) {
 
 }  // namespace
 
+bool is_supported_moe_model_type(const std::string& model_type) {
+  for (const char* t : {"qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe_lite", "glm4_moe", "deepseek_v3", "gpt_oss"})
+    if (model_type == t) return true;
+  return false;
+}
+
 bool ModelConfig::is_moe_layer(int64_t layer) const {
   if (layer < 0 || layer >= num_hidden_layers) return false;
   switch (router) {
@@ -79,7 +85,9 @@ bool ModelConfig::is_moe_layer(int64_t layer) const {
       for (int64_t d : mlp_only_layers)
         if (d == layer) return false;
       return (layer + 1) % decoder_sparse_step == 0;
-    case RouterKind::SigmoidBiasTopK:  // GLM / DeepSeek
+    case RouterKind::SigmoidBiasTopK:  // GLM / DeepSeek (dense layers from mlp_layer_types in mlp_only_layers)
+      for (int64_t d : mlp_only_layers)
+        if (d == layer) return false;
       return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
     case RouterKind::TopKSoftmax:  // GPT-OSS: every layer
       return true;
@@ -176,9 +184,31 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.norm_topk_prob = get_bool(j, source, "norm_topk_prob", true);
       // transformers' defaults differ across these families (1.0 vs 2.5): require it.
       c.routed_scaling_factor = get_double(j, source, {"routed_scaling_factor"});
-      c.first_k_dense_replace = get_int(j, source, {"first_k_dense_replace"}, 0);
+      // Absent, transformers' default applies: 3 dense layers for deepseek_v3, 1 for the GLM types
+      // (glm4_moe_lite says it as mlp_layer_types = ["dense", "sparse", ...]).
+      c.first_k_dense_replace = get_int(j, source, {"first_k_dense_replace"}, c.model_type == "deepseek_v3" ? 3 : 1);
       c.moe_layer_freq = get_int(j, source, {"moe_layer_freq"}, 1);
       FP8MOE_CHECK(c.moe_layer_freq >= 1, source, ": moe_layer_freq must be >= 1, found ", c.moe_layer_freq);
+      // transformers 5.x configs (save_pretrained, llmcompressor) list every layer's kind instead,
+      // and may carry no first_k_dense_replace. Where both are given they must agree.
+      if (const json* m = find_field(j, {"mlp_layer_types"})) {
+        FP8MOE_CHECK(m->is_array() && static_cast<int64_t>(m->size()) == c.num_hidden_layers, source,
+                     ": field mlp_layer_types must list one entry per layer (num_hidden_layers ", c.num_hidden_layers,
+                     "), found ", m->dump());
+        const bool rule = find_field(j, {"first_k_dense_replace"}) || find_field(j, {"moe_layer_freq"});
+        for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+          const json& t = (*m)[static_cast<size_t>(l)];
+          FP8MOE_CHECK(t == "dense" || t == "sparse", source, ": mlp_layer_types[", l, "] must be \"dense\" or \"sparse\", found ",
+                       t.dump());
+          const bool sparse = t == "sparse", by_rule = l >= c.first_k_dense_replace && l % c.moe_layer_freq == 0;
+          FP8MOE_CHECK(!rule || sparse == by_rule, source, ": mlp_layer_types makes layer ", l, " ", t.dump(),
+                       " but first_k_dense_replace ", c.first_k_dense_replace, " / moe_layer_freq ", c.moe_layer_freq,
+                       " make it ", by_rule ? "\"sparse\"" : "\"dense\"", "; the two must agree");
+          if (!sparse) c.mlp_only_layers.push_back(l);
+        }
+        c.first_k_dense_replace = 0;  // the list decides alone
+        c.moe_layer_freq = 1;
+      }
       c.n_shared_experts = get_int(j, source, {"n_shared_experts"}, 0);
       c.shared_intermediate_size = c.n_shared_experts * c.moe_intermediate_size;
       c.n_group = get_int(j, source, {"n_group"}, 1);
@@ -190,7 +220,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.norm_topk_prob = true;  // softmax over the k kept sums to one
       c.act.kind = Activation::GptOssGlu;
       c.act.layout = GateUpLayout::Interleaved;
-      c.act.alpha = 1.702f;
+      c.act.alpha = static_cast<float>(get_double(j, source, {"swiglu_alpha"}, 1.702));  // transformers 5.x names it
+      FP8MOE_CHECK(c.act.alpha > 0, source, ": swiglu_alpha must be positive, found ", c.act.alpha);
       c.act.limit = static_cast<float>(get_double(j, source, {"swiglu_limit"}, 7.0));
       FP8MOE_CHECK(c.act.limit > 0, source, ": swiglu_limit must be positive, found ", c.act.limit);
       break;

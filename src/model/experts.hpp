@@ -10,6 +10,11 @@
 #include "fp8moe/quant.hpp"
 #include "fp8moe/tensor.hpp"
 
+namespace fp8moe {
+class TensorStore;
+struct QuantConfig;
+}  // namespace fp8moe
+
 namespace fp8moe::model {
 
 // One [N, K] matrix of one expert as stored, and its scale grid when it is FP8.
@@ -38,6 +43,18 @@ QuantWeights copy_stacked(const std::string& name, const TensorView& data, const
 // [E, scale_rows, grid_k] scales; `spec` describes the canonical matrix (segments 1).
 QuantWeights transpose_stacked(const std::string& name, const TensorView& data, const std::string& scale_name,
                                const TensorView& scale, const ScaleSpec& spec);
+
+// The loader's per-tensor FP8 rule (checkpoint.cpp) for one stored FP8 weight, wherever it sits:
+// `weight` [N, K] (module = the name without ".weight"), or a fused stack [E, N, K] (module = its
+// name) whose scale carries a leading E (a transformers-fused "experts.gate_up_proj" keeps gate
+// and up scale grids apart unless `model_type` is gpt_oss, whose stacks interleave them). Returns
+// the per-matrix scale spec the quantization config declares for the module, or the one the
+// scale's shape states when the config declares none; throws naming the tensor for what the
+// loader refuses (no scale, an excluded module, a scale of the wrong shape or dtype). The
+// converter and inspect() use it for every tensor no layer plan covers, so that convert, inspect
+// and load judge every tensor alike.
+ScaleSpec fp8_weight_spec(const TensorStore& st, const QuantConfig& q, const std::string& weight,
+                          const std::string& model_type);
 
 // Any float tensor (F32/BF16/F16) -> an owning F32 copy of the same shape (biases). Rejects
 // non-finite values, naming the tensor and the element.

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "engine/moe_test_util.hpp"
+#include "engine/naive_moe.hpp"
 #include "fp8moe/backend.hpp"
 
 namespace fp8moe {
@@ -46,10 +47,29 @@ class EngineValidate : public ::testing::Test {
   Problem p_ = make_problem({Scheme::Block, Activation::SiluGlu, true, true, true}, d_, gen_);
 };
 
+// A consistent layer passes validation AND is the layer it claims to be: the sizes validation
+// derives from it are the ones it was built with, and the layer built on it computes what the
+// naive reference computes (so "nothing threw" is not mistaken for "accepted the right thing").
 TEST_F(EngineValidate, AcceptsAConsistentLayer) {
+  SCOPED_TRACE(seed_trace(seed_));
   EXPECT_NO_THROW(p_.w.validate());
   EXPECT_NO_THROW(p_.lora.validate(p_.w));
   EXPECT_NO_THROW(LoraAdapters{}.validate(p_.w));
+  EXPECT_EQ(p_.w.experts(), d_.E);
+  EXPECT_EQ(p_.w.hidden(), d_.H);
+  EXPECT_EQ(p_.w.intermediate(), d_.I);
+  EXPECT_TRUE(p_.lora.has_gate_up() && p_.lora.has_down());
+  EXPECT_EQ(p_.lora.gate_up_A.size(1), d_.r_gu);
+  EXPECT_EQ(p_.lora.down_A.size(1), d_.r_down);
+
+  auto be = make_cpu_backend();
+  for (const LoraAdapters& lora : {p_.lora, LoraAdapters{}}) {
+    const MoeLayer layer(*be, p_.w, lora);
+    Tensor out = nan_tensor(DType::F64, {d_.T, d_.H});  // [T, H], poisoned
+    layer.forward(p_.inputs(), out);
+    EXPECT_EQ(count_nan(out), 0);
+    EXPECT_LT(rel_err(to_vec(out), naive::moe_forward(p_.w, lora, p_.inputs())), 1e-9);
+  }
 }
 
 TEST_F(EngineValidate, ExpertWeightsNameTheOffendingTensor) {

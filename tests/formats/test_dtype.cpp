@@ -4,6 +4,7 @@
 // target quantum and calling std::nearbyint (round to nearest even in the default mode).
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cfenv>
 #include <cmath>
 #include <cstdint>
@@ -65,7 +66,71 @@ double ref_decode16(uint16_t h, int exp_bits, int man_bits) {
   return ::testing::AssertionFailure() << "got " << got << ", want " << want;
 }
 
-TEST(DTypeConvert, RoundingModeIsNearestEven) { ASSERT_EQ(std::fegetround(), FE_TONEAREST); }
+// The library's conversions round to nearest even whatever rounding mode the process runs in (a
+// caller, or a library it loads, may change it): they round in integer arithmetic, or to odd first,
+// never by the FPU's current mode. Each result under each mode is checked against the reference,
+// computed in the default mode (it rounds with nearbyint).
+TEST(DTypeConvert, RoundsToNearestEvenInEveryFpRoundingMode) {
+  ASSERT_EQ(std::fegetround(), FE_TONEAREST);
+  const unsigned seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  // Doubles at, and a hair either side of, ties of BF16, F16 and the FP8 formats, in several
+  // binades and both signs (the subnormal ranges included), and random ones.
+  std::vector<double> xs;
+  for (int e : {-140, -20, -16, -9, -7, -1, 0, 3, 8, 15})
+    for (int bits : {2, 3, 7, 10})
+      for (double m : {1.0, 3.0, 5.0, 7.0})
+        for (double nudge : {0.0, 1e-12, -1e-12}) {
+          const double tie = std::ldexp(1.0 + m * std::ldexp(1.0, -bits - 1), e);
+          xs.push_back(tie * (1 + nudge));
+          xs.push_back(-tie * (1 + nudge));
+        }
+  std::uniform_real_distribution<double> u(-8, 8);
+  for (int i = 0; i < 2000; ++i) xs.push_back(std::ldexp(u(rng), static_cast<int>(u(rng) * 4)));
+  std::vector<float> fs;  // float inputs, built from bits (no conversion that the mode could round)
+  for (int i = 0; i < 4000; ++i) {
+    uint32_t b = static_cast<uint32_t>(rng());
+    b = (b & 0x807fffffu) | ((100u + b % 50u) << 23);  // exponents around 1, ties in the low bits
+    if (i % 2) b = (b & 0xffff0000u) | 0x8000u;          // an exact BF16 tie
+    float f;
+    std::memcpy(&f, &b, 4);
+    fs.push_back(f);
+  }
+  struct Want {
+    double bf16, f16, e4m3, e5m2;
+  };
+  std::vector<Want> want;
+  for (double x : xs) want.push_back({ref_round(kBF16, x), ref_round(kF16, x), ref_round(kE4M3Sat, x), ref_round(kE5M2Sat, x)});
+  std::vector<std::array<double, 4>> fwant;
+  for (float f : fs) fwant.push_back({ref_round(kBF16, f), ref_round(kF16, f), ref_round(kE4M3Sat, f), ref_round(kE5M2Sat, f)});
+
+  struct Restore {
+    ~Restore() { std::fesetround(FE_TONEAREST); }
+  } restore;
+  for (int mode : {FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO, FE_TONEAREST}) {
+    SCOPED_TRACE(::testing::Message() << "rounding mode " << mode);
+    ASSERT_EQ(std::fesetround(mode), 0);
+    for (size_t i = 0; i < xs.size(); ++i) {
+      uint16_t h;
+      uint8_t c;
+      store_from_double(&h, DType::BF16, 0, xs[i]);
+      ASSERT_TRUE(same_value(bf16_bits_to_float(h), want[i].bf16)) << "bf16 of " << xs[i];
+      store_from_double(&h, DType::F16, 0, xs[i]);
+      ASSERT_TRUE(same_value(f16_bits_to_float(h), want[i].f16)) << "f16 of " << xs[i];
+      store_from_double(&c, DType::F8_E4M3, 0, xs[i]);
+      ASSERT_TRUE(same_value(decode_e4m3(c), want[i].e4m3)) << "e4m3 of " << xs[i];
+      store_from_double(&c, DType::F8_E5M2, 0, xs[i]);
+      ASSERT_TRUE(same_value(decode_e5m2(c), want[i].e5m2)) << "e5m2 of " << xs[i];
+    }
+    for (size_t i = 0; i < fs.size(); ++i) {
+      ASSERT_TRUE(same_value(bf16_bits_to_float(float_to_bf16_bits(fs[i])), fwant[i][0])) << "bf16 of " << fs[i];
+      ASSERT_TRUE(same_value(f16_bits_to_float(float_to_f16_bits(fs[i])), fwant[i][1])) << "f16 of " << fs[i];
+      ASSERT_TRUE(same_value(decode_e4m3(encode_e4m3_sat(fs[i])), fwant[i][2])) << "e4m3 of " << fs[i];
+      ASSERT_TRUE(same_value(decode_e5m2(encode_e5m2_sat(fs[i])), fwant[i][3])) << "e5m2 of " << fs[i];
+    }
+  }
+}
 
 TEST(DTypeConvert, DecodesAll16BitCodes) {
   for (int c = 0; c < 65536; ++c) {

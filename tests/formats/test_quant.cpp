@@ -17,6 +17,7 @@
 #include "fp8moe/error.hpp"
 #include "fp8moe/fp8.hpp"
 #include "fp8moe/quant.hpp"
+#include "test_support.hpp"
 
 namespace fp8moe {
 namespace {
@@ -343,13 +344,19 @@ TEST(QuantActivations, RejectsBadShapesAndValues) {
   Tensor x(DType::F32, {2, 10}), codes(DType::F8_E4M3, {2, 10}), scales(DType::F32, {2, 2});
   for (int64_t i = 0; i < 20; ++i) x.ptr<float>()[i] = static_cast<float>(i);
   EXPECT_NO_THROW(quantize_activations(x, 5, codes, scales));
-  EXPECT_THROW(quantize_activations(x, 4, codes, scales), Error);   // needs [2, 3] scales
-  EXPECT_THROW(quantize_activations(x, 0, codes, scales), Error);   // needs [2, 1] scales
-  EXPECT_THROW(quantize_activations(x, -1, codes, scales), Error);
+  // Each refusal must be the right one: the message names the operand and the offending value.
+  using test::expect_error;
+  expect_error([&] { quantize_activations(x, 4, codes, scales); },  // needs [2, 3] scales
+               {"quantize_activations scales", "expected shape [2, 3]", "found [2, 2]"});
+  expect_error([&] { quantize_activations(x, 0, codes, scales); },  // needs [2, 1] scales
+               {"quantize_activations scales", "expected shape [2, 1]", "found [2, 2]"});
+  expect_error([&] { quantize_activations(x, -1, codes, scales); }, {"group must be 0 (per row) or positive", "found -1"});
   Tensor bad_codes(DType::BF16, {2, 10});
-  EXPECT_THROW(quantize_activations(x, 5, bad_codes, scales), Error);
+  expect_error([&] { quantize_activations(x, 5, bad_codes, scales); },
+               {"quantize_activations codes", "expected dtype F8_E4M3|F8_E5M2", "found BF16"});
   x.ptr<float>()[7] = std::numeric_limits<float>::infinity();
-  EXPECT_THROW(quantize_activations(x, 5, codes, scales), Error);
+  expect_error([&] { quantize_activations(x, 5, codes, scales); },
+               {"quantize_activations x", "element at offset 7 is inf", "only finite values"});
 }
 
 // ---- specs and validation
@@ -416,13 +423,16 @@ TEST(QuantSpec, QuantizeRejectsBadInput) {
   Tensor w(DType::F32, {1, 4, 6});
   for (int64_t i = 0; i < 24; ++i) w.ptr<float>()[i] = static_cast<float>(i) - 3.5f;
   EXPECT_NO_THROW(quantize(w, ScaleSpec::channel(4, 6)));
-  EXPECT_THROW(quantize(w, ScaleSpec::none(4, 6)), Error);
-  EXPECT_THROW(quantize(w, ScaleSpec::channel(4, 6), DType::BF16), Error);
-  EXPECT_THROW(quantize(w, ScaleSpec::channel(5, 6)), Error);
-  EXPECT_THROW(quantize(w, ScaleSpec::block(4, 6, 2, 2, 3)), Error);
+  using test::expect_error;
+  expect_error([&] { quantize(w, ScaleSpec::none(4, 6)); }, {"quantize", "must name a scheme", "found none"});
+  expect_error([&] { quantize(w, ScaleSpec::channel(4, 6), DType::BF16); },
+               {"target dtype must be F8_E4M3 or F8_E5M2", "found BF16"});
+  expect_error([&] { quantize(w, ScaleSpec::channel(5, 6)); }, {"input must be [E, 5, 6] for channel", "found F32[1, 4, 6]"});
+  expect_error([&] { quantize(w, ScaleSpec::block(4, 6, 2, 2, 3)); }, {"4 rows do not split into 3 equal segments"});
   w.ptr<float>()[5] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_THROW(quantize(w, ScaleSpec::channel(4, 6)), Error);
-  EXPECT_THROW(dequantize(QuantTensor{w.view(), TensorView{}, ScaleSpec::none(4, 6)}, DType::F8_E4M3), Error);
+  expect_error([&] { quantize(w, ScaleSpec::channel(4, 6)); }, {"quantize input", "element at offset 5 is nan", "only finite"});
+  expect_error([&] { dequantize(QuantTensor{w.view(), TensorView{}, ScaleSpec::none(4, 6)}, DType::F8_E4M3); },
+               {"dequantize", "output dtype must be BF16/F16/F32/F64", "found F8_E4M3"});
 }
 
 }  // namespace

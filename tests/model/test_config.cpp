@@ -2,9 +2,13 @@
 // configs with their real field names.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <string>
 
+#include "formats/safetensors_test_util.hpp"
 #include "fp8moe/checkpoint.hpp"
+#include "fp8moe/synthetic.hpp"
 #include "test_support.hpp"
 
 using fp8moe::test::expect_error;
@@ -88,6 +92,89 @@ TEST(ConfigGlm, DenseFirstLayerMtpAndSigmoidRouter) {
   EXPECT_TRUE(r.normalize);
 }
 
+// What transformers 5.x writes for GLM-4.7-Flash (save_pretrained, llmcompressor): the layer kinds
+// as mlp_layer_types, and no first_k_dense_replace.
+std::string glm_v5(const std::string& types) {
+  std::string j = kGlm;
+  replace_once(j, "\"first_k_dense_replace\": 1, ", "\"mlp_layer_types\": " + types + ", ");
+  return j;
+}
+std::string dense_first(int dense, int layers) {
+  std::string s = "[";
+  for (int l = 0; l < layers; ++l) s += std::string(l ? ", " : "") + (l < dense ? "\"dense\"" : "\"sparse\"");
+  return s + "]";
+}
+
+TEST(ConfigGlm, Transformers5MlpLayerTypes) {
+  const ModelConfig c = parse_model_config(glm_v5(dense_first(1, 47)), "glm5/config.json");
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(1));
+  EXPECT_TRUE(c.is_moe_layer(46));
+  EXPECT_FALSE(c.is_moe_layer(47));
+  EXPECT_EQ(c.moe_layers().size(), 46u);
+
+  // Any pattern, not only a dense prefix.
+  std::string types = dense_first(1, 47);
+  replace_once(types, "\"dense\", \"sparse\", \"sparse\", \"sparse\"", "\"dense\", \"sparse\", \"sparse\", \"dense\"");
+  const ModelConfig d = parse_model_config(glm_v5(types), "c.json");
+  EXPECT_TRUE(d.is_moe_layer(2));
+  EXPECT_FALSE(d.is_moe_layer(3));
+  EXPECT_EQ(d.moe_layers().size(), 45u);
+}
+
+TEST(ConfigGlm, BothLayerKeysMustAgree) {
+  std::string j = kGlm;  // first_k_dense_replace 1
+  replace_once(j, "\"num_hidden_layers\": 47,", "\"num_hidden_layers\": 47, \"mlp_layer_types\": " + dense_first(1, 47) + ",");
+  EXPECT_EQ(parse_model_config(j, "c.json").moe_layers().size(), 46u);
+  j = kGlm;
+  replace_once(j, "\"num_hidden_layers\": 47,", "\"num_hidden_layers\": 47, \"mlp_layer_types\": " + dense_first(2, 47) + ",");
+  expect_error([&] { parse_model_config(j, "c.json"); },
+               {"c.json", "mlp_layer_types makes layer 1 \"dense\"", "first_k_dense_replace 1", "must agree"});
+}
+
+TEST(ConfigGlm, MalformedMlpLayerTypesAreNamed) {
+  expect_error([&] { parse_model_config(glm_v5(dense_first(1, 46)), "c.json"); },
+               {"c.json", "mlp_layer_types", "one entry per layer", "47"});
+  std::string types = dense_first(1, 47);
+  replace_once(types, "\"dense\"", "\"moe\"");
+  expect_error([&] { parse_model_config(glm_v5(types), "c.json"); }, {"mlp_layer_types[0]", "\"moe\""});
+}
+
+// With neither key, transformers' per-type default: glm4_moe_lite / glm4_moe one dense layer,
+// deepseek_v3 three (not "every layer MoE", which refused real checkpoints).
+TEST(ConfigGlm, AbsentLayerKeysTakeTransformersDefaults) {
+  std::string j = kGlm;
+  replace_once(j, "\"first_k_dense_replace\": 1, ", "");
+  EXPECT_FALSE(parse_model_config(j, "c.json").is_moe_layer(0));
+  EXPECT_TRUE(parse_model_config(j, "c.json").is_moe_layer(1));
+  replace_once(j, "\"glm4_moe_lite\"", "\"deepseek_v3\"");
+  const ModelConfig d = parse_model_config(j, "c.json");
+  EXPECT_FALSE(d.is_moe_layer(2));
+  EXPECT_TRUE(d.is_moe_layer(3));
+}
+
+// The case end to end: a GLM checkpoint whose config.json was re-saved by transformers 5.x
+// inspects clean and loads its first MoE layer (it used to ask for layer 0's experts).
+TEST(ConfigGlm, Transformers5CheckpointLoads) {
+  testing::TempDir dir;
+  SyntheticSpec spec = SyntheticSpec::glm4_moe_lite();
+  spec.seed = test::fresh_seed();
+  spec.layers = 4;
+  spec.first_dense = 2;  // not the default of 1: only mlp_layer_types says so
+  write_synthetic_checkpoint(dir.file("glm"), spec);
+  const std::string cfg_path = dir.file("glm/config.json");
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(testing::read_file(cfg_path));
+  cfg.erase("first_k_dense_replace");
+  cfg["mlp_layer_types"] = nlohmann::json::array();
+  for (int64_t l = 0; l < spec.layers; ++l) cfg["mlp_layer_types"].push_back(l < spec.first_dense ? "dense" : "sparse");
+  testing::write_file(cfg_path, cfg.dump(2));
+  const Checkpoint ck = Checkpoint::open(dir.file("glm"));
+  const InspectionReport r = ck.inspect();
+  EXPECT_TRUE(r.ok()) << r.str();
+  EXPECT_EQ(ck.moe_layers().front(), spec.first_dense);
+  EXPECT_EQ(ck.load_moe_layer(spec.first_dense).routed.experts(), spec.experts);
+}
+
 TEST(ConfigGptOss, InterleavedClampedActivation) {
   const ModelConfig c = parse_model_config(kGptOss, "gpt/config.json");
   EXPECT_EQ(c.num_experts, 32);
@@ -106,6 +193,10 @@ TEST(ConfigGptOss, InterleavedClampedActivation) {
   const ModelConfig d = parse_model_config(j, "cfg");
   EXPECT_FLOAT_EQ(d.act.limit, 7.0f);  // default
   EXPECT_EQ(d.top_k, 4);               // from experts_per_token
+
+  // transformers 5.x states the GLU's alpha as swiglu_alpha.
+  replace_once(j, "\"num_hidden_layers\": 24", "\"num_hidden_layers\": 24, \"swiglu_alpha\": 1.5");
+  EXPECT_FLOAT_EQ(parse_model_config(j, "cfg").act.alpha, 1.5f);
 }
 
 TEST(ConfigErrors, MissingOrInvalidFieldsNameFileAndField) {

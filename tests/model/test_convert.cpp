@@ -5,8 +5,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <atomic>
+#include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "formats/safetensors_test_util.hpp"
 #include "fp8moe/checkpoint.hpp"
@@ -256,5 +261,117 @@ TEST(ConvertTest, WhichWeightsAreQuantized) {
   EXPECT_FALSE(fp8_convertible_weight("model.layers.0.input_layernorm.weight", 1));
 }
 
+
+// Every output file is what SafetensorsWriter writes for the same tensors and metadata, byte for
+// byte (the converter streams its files instead of assembling them, but writes the same header);
+// and the output does not depend on the number of threads.
+TEST(ConvertTest, FilesAreByteIdenticalToTheWriterAndToOneThread) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  TempDir dir;
+  SyntheticSpec spec = SyntheticSpec::glm4_moe_lite();
+  spec.seed = seed;
+  spec.shards = 2;
+  write_synthetic_checkpoint(dir.file("bf16"), spec);
+  for (const auto& [name, opt] : std::vector<std::pair<std::string, ConvertOptions>>{
+           {"channel", to_fp8(ScaleKind::Channel)}, {"block", to_fp8(ScaleKind::Block, 64)}}) {
+    SCOPED_TRACE(name);
+    ConvertOptions one = opt, many = opt;
+    one.threads = 1;
+    many.threads = 5;
+    convert_checkpoint(dir.file("bf16"), dir.file(name + "-1"), one);
+    convert_checkpoint(dir.file("bf16"), dir.file(name + "-5"), many);
+    ConvertOptions back = to_bf16();
+    back.threads = 3;
+    convert_checkpoint(dir.file(name + "-5"), dir.file(name + "-back"), back);
+    for (const std::string& out : {name + "-1", name + "-5", name + "-back"})
+      for (const char* shard : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
+        SCOPED_TRACE(out + "/" + shard);
+        const std::string path = dir.file(out + "/" + shard);
+        const auto f = SafetensorsFile::open(path);
+        SafetensorsWriter w;
+        for (const auto& [k, v] : f->metadata()) w.set_metadata(k, v);
+        for (const std::string& n : f->names()) {
+          const TensorView v = f->view(n);
+          Tensor copy(v.dtype, v.shape);
+          std::memcpy(copy.data(), v.data, static_cast<size_t>(v.nbytes()));
+          w.add(n, copy);
+        }
+        w.write(dir.file("rewritten.safetensors"));
+        EXPECT_TRUE(read_file(path) == read_file(dir.file("rewritten.safetensors")));
+        if (out == name + "-5") EXPECT_TRUE(read_file(path) == read_file(dir.file(name + "-1/" + shard)));
+      }
+  }
+}
+
+TEST(ConvertTest, ProgressCancellationAndPlacement) {
+  TempDir dir;
+  SyntheticSpec spec = SyntheticSpec::glm4_moe_lite();
+  spec.seed = fresh_seed();
+  spec.shards = 3;
+  write_synthetic_checkpoint(dir.file("bf16"), spec);
+
+  // Progress: bytes never go back, end at the total; one "file done" per file, in order.
+  std::vector<ConvertProgress> seen;
+  ConvertOptions o = to_fp8(ScaleKind::Channel);
+  o.progress = [&](const ConvertProgress& p) { seen.push_back(p); };
+  const ConvertReport r = convert_checkpoint(dir.file("bf16"), dir.file("fp8"), o);
+  ASSERT_FALSE(seen.empty());
+  uint64_t last = 0;
+  int64_t files_done = 0;
+  for (const ConvertProgress& p : seen) {
+    EXPECT_GE(p.bytes_done, last);
+    EXPECT_LE(p.bytes_done, p.bytes_total);
+    EXPECT_EQ(p.bytes_total, r.bytes_in);
+    EXPECT_EQ(p.files, 3);
+    last = p.bytes_done;
+    if (p.file_done) EXPECT_EQ(p.file, ++files_done);
+  }
+  EXPECT_EQ(files_done, 3);
+  EXPECT_EQ(seen.back().bytes_done, r.bytes_in);
+  EXPECT_TRUE(seen.back().file_done);
+
+  // Cancelled after the first file: nothing at the destination, no staging folder left.
+  std::atomic<bool> cancel{false};
+  ConvertOptions c = to_fp8(ScaleKind::Channel);
+  c.cancel = &cancel;
+  c.progress = [&](const ConvertProgress& p) {
+    if (p.file_done) cancel = true;
+  };
+  expect_error([&] { convert_checkpoint(dir.file("bf16"), dir.file("cancelled"), c); }, {"cancelled", "was not written"});
+  EXPECT_THROW(
+      {
+        cancel = false;
+        convert_checkpoint(dir.file("bf16"), dir.file("cancelled"), c);
+      },
+      ConvertCancelled);
+  EXPECT_FALSE(fs::exists(dir.file("cancelled")));
+  for (const auto& de : fs::directory_iterator(dir.path()))
+    EXPECT_NE(de.path().filename().string()[0], '.') << de.path();
+
+  // A destination inside the source is refused before anything is written.
+  expect_error([&] { convert_checkpoint(dir.file("bf16"), dir.file("bf16/out"), to_fp8(ScaleKind::Channel)); },
+               {"inside the source checkpoint"});
+  EXPECT_FALSE(fs::exists(dir.file("bf16/out")));
+  // "out/" is "out".
+  convert_checkpoint(dir.file("fp8"), dir.file("back") + "/", to_bf16());
+  EXPECT_TRUE(fs::exists(dir.file("back/config.json")));
+}
+
+TEST(ConvertTest, NonFiniteWeightIsNamedWithItsElement) {
+  TempDir dir;
+  fs::create_directories(dir.path() / "src");
+  testing::write_file(dir.file("src/config.json"), R"({"model_type": "qwen3", "hidden_size": 8, "num_hidden_layers": 1})");
+  Tensor w = Tensor::zeros(DType::F32, Shape{4, 8});
+  for (int64_t i = 0; i < 32; ++i) w.ptr<float>()[i] = 0.25f * static_cast<float>(i % 7) - 0.5f;
+  w.ptr<float>()[3 * 8 + 6] = std::nanf("");
+  SafetensorsWriter sw;
+  sw.add("model.layers.0.self_attn.o_proj.weight", w);
+  sw.write(dir.file("src/model.safetensors"));
+  for (ScaleKind k : {ScaleKind::Channel, ScaleKind::Block})
+    expect_error([&] { convert_checkpoint(dir.file("src"), dir.file("dst"), to_fp8(k, 16)); },
+                 {"tensor model.layers.0.self_attn.o_proj.weight", "F32[4, 8]", "element [3, 6]", "nan"});
+  EXPECT_FALSE(fs::exists(dir.file("dst")));
+}
 }  // namespace
 }  // namespace fp8moe
