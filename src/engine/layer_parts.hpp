@@ -43,4 +43,10 @@ inline void check_float(const TensorView& t, const std::string& name, const Shap
                "), found ", t.str());
 }
 
+// A layer's weights must live where its backend computes.
+inline void check_weights_on_backend(const TensorView& w, Backend& be, const char* layer) {
+  FP8MOE_CHECK(w.device == be.device(), layer, ": the weights live on ", device_name(w.device), " but the backend '",
+               be.name(), "' runs on ", device_name(be.device()));
+}
+
 }  // namespace fp8moe::engine

@@ -49,9 +49,7 @@ LinearLayer::LinearLayer(Backend& backend, LinearWeights weights, LinearLora lor
     : backend_(&backend), w_(std::move(weights)), lora_(std::move(lora)) {
   w_.validate();
   lora_.validate(w_);
-  FP8MOE_CHECK(w_.weight.data.device == backend.device(), "LinearLayer: the weight lives on ",
-               device_name(w_.weight.data.device), " but the backend '", backend.name(), "' runs on ",
-               device_name(backend.device()));
+  check_weights_on_backend(w_.weight.data, backend, "LinearLayer");
 }
 
 std::vector<BufferSpec> LinearLayer::saved_layout(DType activation, int64_t r) {

@@ -76,9 +76,7 @@ MoeLayer::MoeLayer(Backend& backend, ExpertWeights weights, LoraAdapters lora)
     : backend_(&backend), w_(std::move(weights)), lora_(std::move(lora)) {
   w_.validate();
   lora_.validate(w_);
-  FP8MOE_CHECK(w_.gate_up.data.device == backend.device(), "MoeLayer: experts live on ",
-               device_name(w_.gate_up.data.device), " but the backend '", backend.name(), "' runs on ",
-               device_name(backend.device()));
+  check_weights_on_backend(w_.gate_up.data, backend, "MoeLayer");
 }
 
 void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* saved) const {
