@@ -70,18 +70,35 @@ def dl(t: Optional[torch.Tensor]):
     return None if t is None else t.detach()
 
 
+_allocators: dict[torch.device, Callable] = {}
+
+
+def _allocator(device: torch.device) -> Callable:
+    alloc = _allocators.get(device)
+    if alloc is None:
+        def alloc(nbytes: int, _device=device) -> torch.Tensor:
+            return torch.empty(int(nbytes), dtype=torch.uint8, device=_device)
+        _allocators[device] = alloc
+    return alloc
+
+
 class Call:
     """The stream and the allocator of one engine call on `device`: torch's current stream, and
-    temporaries from torch's caching allocator (freed in stream order when the call returns)."""
+    temporaries from torch's caching allocator (freed in stream order when the call returns).
+    Kept cheap: it runs several times per layer and step."""
+
+    __slots__ = ("engine", "stream", "alloc", "guard")
 
     def __init__(self, device: torch.device):
         self.engine = engine_for(device)
+        self.guard = None
         if device.type == "cuda":
             self.stream = torch.cuda.current_stream(device).cuda_stream
-            self.alloc = lambda nbytes: torch.empty(int(nbytes), dtype=torch.uint8, device=device)
-            self.guard = torch.cuda.device(device)
+            self.alloc = _allocator(device)
+            if device.index is not None and device.index != torch.cuda.current_device():
+                self.guard = torch.cuda.device(device)  # DLPack export needs the tensor's device current
         else:
-            self.stream, self.alloc, self.guard = 0, None, None
+            self.stream, self.alloc = 0, None
 
     def __enter__(self) -> "Call":
         if self.guard is not None:
