@@ -6,12 +6,14 @@
 
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/error.hpp"
+#include "model/limits.hpp"
 
 namespace fp8moe {
 
 namespace {
 
 using nlohmann::json;
+using model::kMaxBlock;  // keeps the scale-grid arithmetic far from overflow whatever the shapes
 
 std::shared_ptr<const std::regex> compile(const std::string& pattern, const std::string& src, const char* field) {
   try {
@@ -93,7 +95,8 @@ WeightQuantScheme parse_ct_weights(const json& w, const std::string& where) {
     const auto bs = w.find("block_structure");
     FP8MOE_CHECK(bs != w.end() && !bs->is_null(), where, ": strategy block needs block_structure");
     auto [bn, bk] = block_pair(*bs, where + ".block_structure");
-    FP8MOE_CHECK(bn > 0 && bk > 0, where, ": block_structure must be positive, found ", bs->dump());
+    FP8MOE_CHECK(bn > 0 && bk > 0 && bn <= kMaxBlock && bk <= kMaxBlock, where, ".block_structure must be in [1, ",
+                 kMaxBlock, "] (released checkpoints use 128), found ", bs->dump());
     s.kind = ScaleKind::Block;
     s.block_n = bn;
     s.block_k = bk;
@@ -101,6 +104,8 @@ WeightQuantScheme parse_ct_weights(const json& w, const std::string& where) {
     const auto g = w.find("group_size");
     FP8MOE_CHECK(g != w.end() && g->is_number_integer() && g->get<int64_t>() > 0, where,
                  ": strategy group needs a positive group_size, found ", g == w.end() ? std::string("none") : g->dump());
+    FP8MOE_CHECK(g->get<int64_t>() <= kMaxBlock, where, ".group_size must be in [1, ", kMaxBlock,
+                 "] (released checkpoints use 32 to 128), found ", g->dump());
     s.kind = ScaleKind::Group;
     s.group_size = g->get<int64_t>();
   } else {
@@ -115,7 +120,8 @@ void parse_fp8(const json& q, const std::string& src, QuantConfig& c) {
   c.fp8_weights.block_n = c.fp8_weights.block_k = 128;  // transformers' FineGrainedFP8Config default
   if (auto b = q.find("weight_block_size"); b != q.end() && !b->is_null()) {
     auto [bn, bk] = block_pair(*b, where + ".weight_block_size");
-    FP8MOE_CHECK(bn > 0 && bk > 0, where, ".weight_block_size must be positive, found ", b->dump());
+    FP8MOE_CHECK(bn > 0 && bk > 0 && bn <= kMaxBlock && bk <= kMaxBlock, where, ".weight_block_size must be in [1, ",
+                 kMaxBlock, "] (released checkpoints use 128), found ", b->dump());
     c.fp8_weights.block_n = bn;
     c.fp8_weights.block_k = bk;
   }
