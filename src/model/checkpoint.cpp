@@ -17,9 +17,9 @@
 #include <tuple>
 #include <sstream>
 
+#include "formats/checked.hpp"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/error.hpp"
-#include "formats/checked.hpp"
 #include "model/experts.hpp"
 #include "model/limits.hpp"
 

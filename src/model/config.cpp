@@ -7,9 +7,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "formats/checked.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/error.hpp"
-#include "formats/checked.hpp"
 #include "model/limits.hpp"
 
 namespace fp8moe {
