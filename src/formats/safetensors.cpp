@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/checked.hpp"
+#include "formats/json_bounded.hpp"  // kMaxJsonDepth
 
 namespace fp8moe {
 
@@ -32,7 +33,6 @@ using nlohmann::json;
 namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the reference reader's limit (rule 2)
-constexpr int kMaxJsonDepth = 128;                 // serde_json's recursion limit
 constexpr const char* kIndexName = "model.safetensors.index.json";
 
 // Offset of the first byte that does not start a well-formed UTF-8 sequence (overlong forms,

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/checked.hpp"
+#include "formats/json_bounded.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/error.hpp"
 #include "model/limits.hpp"
@@ -163,12 +164,7 @@ RouterSpec ModelConfig::router_spec() const {
 }
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    FP8MOE_FAIL(source, ": not valid JSON: ", e.what());
-  }
+  const json j = parse_json_bounded(json_text, source);
   FP8MOE_CHECK(j.is_object(), source, ": expected a JSON object at the top level, found ", j.type_name());
 
   ModelConfig c;

@@ -21,5 +21,10 @@ constexpr double kMaxRoutedScaling = 1000.0;
 constexpr double kMaxSwigluLimit = 1.0e6;
 // Scale block and group extents: released checkpoints use 128 (blocks) and 32 to 128 (groups).
 constexpr int64_t kMaxBlock = 65536;
+// Module lists of a quantization config (ignore, targets, modules_to_not_convert) and the length
+// of one entry: released configs list tens to hundreds of short names. Every listed regex is tried
+// on every module the loader classifies, so the list length bounds that work.
+constexpr int64_t kMaxModulePatterns = 4096;
+constexpr int64_t kMaxPatternLength = 512;
 
 }  // namespace fp8moe::model

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "formats/json_bounded.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/error.hpp"
 #include "model/limits.hpp"
@@ -14,10 +15,24 @@ namespace {
 
 using nlohmann::json;
 using model::kMaxBlock;  // keeps the scale-grid arithmetic far from overflow whatever the shapes
+using model::kMaxModulePatterns, model::kMaxPatternLength;
+
+// libstdc++'s default regex executor backtracks: "(.*)*x" takes exponential time on a 40-character
+// module name, so a hostile config.json could stall the loader for ever. The polynomial executor
+// (a Thompson NFA, breadth first) answers the same question - does a match start at 0 - in
+// O(name x pattern), and refuses back-references, which no module pattern needs.
+#if defined(__GLIBCXX__)
+constexpr auto kRegexFlags = std::regex::ECMAScript | std::regex_constants::__polynomial;
+#else
+#error "module patterns need a regex executor without exponential backtracking (libstdc++'s __polynomial)"
+#endif
 
 std::shared_ptr<const std::regex> compile(const std::string& pattern, const std::string& src, const char* field) {
+  FP8MOE_CHECK(static_cast<int64_t>(pattern.size()) <= kMaxPatternLength, src, ": quantization_config.", field,
+               " entry of ", pattern.size(), " characters exceeds the limit of ", kMaxPatternLength,
+               " (module patterns are short names)");
   try {
-    return std::make_shared<const std::regex>(pattern, std::regex::ECMAScript);
+    return std::make_shared<const std::regex>(pattern, kRegexFlags);
   } catch (const std::regex_error& e) {
     FP8MOE_FAIL(src, ": quantization_config.", field, " entry \"", pattern, "\" is not a regex std::regex accepts: ",
                 e.what());
@@ -37,6 +52,8 @@ bool ct_matches(const ModulePattern& p, const std::string& module) {
 
 std::vector<ModulePattern> ct_patterns(const json& list, const std::string& src, const char* field) {
   FP8MOE_CHECK(list.is_array(), src, ": quantization_config.", field, " must be a list, found ", list.dump());
+  FP8MOE_CHECK(static_cast<int64_t>(list.size()) <= kMaxModulePatterns, src, ": quantization_config.", field, " has ",
+               list.size(), " entries, more than the limit of ", kMaxModulePatterns);
   std::vector<ModulePattern> out;
   for (const json& v : list) {
     FP8MOE_CHECK(v.is_string(), src, ": quantization_config.", field, " entries must be strings, found ", v.dump());
@@ -144,6 +161,8 @@ void parse_fp8(const json& q, const std::string& src, QuantConfig& c) {
                "\" is not supported: fp8moe quantizes activations dynamically and has no use for static input scales");
   if (auto m = q.find("modules_to_not_convert"); m != q.end() && !m->is_null()) {
     FP8MOE_CHECK(m->is_array(), where, ".modules_to_not_convert must be a list, found ", m->dump());
+    FP8MOE_CHECK(static_cast<int64_t>(m->size()) <= kMaxModulePatterns, where, ".modules_to_not_convert has ",
+                 m->size(), " entries, more than the limit of ", kMaxModulePatterns);
     for (const json& v : *m) {
       FP8MOE_CHECK(v.is_string(), where, ".modules_to_not_convert entries must be strings, found ", v.dump());
       const std::string t = v.get<std::string>();
@@ -254,12 +273,7 @@ WeightQuantScheme QuantConfig::scheme_for(const std::string& module) const {
 }
 
 QuantConfig parse_quant_config(const std::string& config_json_text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(config_json_text);
-  } catch (const json::exception& e) {
-    FP8MOE_FAIL(source, ": not valid JSON: ", e.what());
-  }
+  const json j = parse_json_bounded(config_json_text, source);
   QuantConfig c;
   c.source = source;
   const auto q = j.find("quantization_config");

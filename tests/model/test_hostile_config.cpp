@@ -22,6 +22,8 @@
 #include "model/ckpt_builder.hpp"
 #include "test_support.hpp"
 
+#include <nlohmann/json.hpp>
+
 using fp8moe::test::expect_error;
 using fp8moe::test::fresh_seed;
 
@@ -239,15 +241,91 @@ TEST(HostileConfig, QuantizationBlockSizesAreBounded) {
           "weights": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 1099511627776}}}})",
        {"group_size must be in [1, 65536]", "found 1099511627776"}},
   };
-  for (const auto& [q, message] : cases) {
-    SCOPED_TRACE(q);
-    std::vector<std::string> parts = message;
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.first);
+    std::vector<std::string> parts = c.second;
     parts.insert(parts.begin(), "q/config.json");
-    expect_error([&] { parse_quant_config(head + q + "}", "q/config.json"); }, parts);
+    expect_error([&] { parse_quant_config(head + c.first + "}", "q/config.json"); }, parts);
   }
 }
 
-// ---- 4. config.json against the tensors ------------------------------------------------------
+// ---- 4. hostile structure: nesting that overflowed the stack, patterns that backtracked ------
+
+// nlohmann's dump(), which error messages use, recurses once per level: 100,000 levels of '['
+// crashed with a stack overflow (found by fuzz_config).
+TEST(HostileConfig, DeepNestingIsRefusedBeforeAnythingRecurses) {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string model = R"({"model_type": "qwen3_moe", "architectures": [)" + deep + "]}";
+  const std::string quant =
+      R"({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8", "weight_block_size": )" + deep + "}}";
+  for (const std::string& text : {model, quant}) {
+    expect_error([&] { parse_model_config(text, "deep/config.json"); },
+                 {"deep/config.json", "JSON nested deeper than 128 levels"});
+    expect_error([&] { parse_quant_config(text, "deep/config.json"); },
+                 {"deep/config.json", "JSON nested deeper than 128 levels"});
+  }
+}
+
+// A backtracking regex takes exponential time on a module name it does not match: "(.*)*Z" on
+// model.layers.0.mlp.experts.0.gate_proj ran for minutes (found by fuzz_config). Every pattern
+// kind of both quantization configs is tried, through the whole loader.
+TEST(HostileConfig, BacktrackingModulePatternsAnswerAtOnce) {
+  TempDir d;
+  for (const QuantMethod method : {QuantMethod::Fp8, QuantMethod::CompressedTensors}) {
+    SCOPED_TRACE(quant_method_name(method));
+    CkptOptions o;
+    o.method = method;
+    o.scheme = ScaleKind::Channel;
+    CkptBuilder b(o, fresh_seed());
+    nlohmann::json& q = b.config["quantization_config"];
+    if (method == QuantMethod::Fp8)
+      q["modules_to_not_convert"] = {"lm_head", "(.*)*Z", "(.|.)*Z", "(((.*)*)*)*Z"};
+    else
+      q["ignore"] = {"lm_head", "re:(.*)*Z", "re:(.|.)*Z"}, q["config_groups"]["group_0"]["targets"] = {"re:(.*)*j", "Linear"};
+    const std::string dir = d.file(std::string("ck-") + quant_method_name(method));
+    b.write(dir);
+    const Outcome o2 = run_bounded([&] {
+      const Checkpoint ck = Checkpoint::open(dir);
+      const InspectionReport r = ck.inspect();
+      if (!r.ok()) FP8MOE_FAIL("inspect found problems: ", r.str());
+      for (int64_t l : ck.moe_layers()) (void)ck.load_moe_layer(l);
+    });
+    ASSERT_TRUE(o2.finished) << "inspect + load ran past the deadline: a backtracking module pattern";
+    EXPECT_EQ(o2.exit_code, 1) << "expected the checkpoint to load: " << o2.message;
+  }
+}
+
+TEST(HostileConfig, ModuleListsAndPatternsAreBounded) {
+  const std::string head = R"({"model_type": "qwen3_moe", "quantization_config": )";
+  const std::string long_pattern = std::string(513, 'a');
+  nlohmann::json many = nlohmann::json::array();
+  for (int i = 0; i < 4097; ++i) many.push_back("model.layers." + std::to_string(i) + ".mlp.gate");
+  const std::pair<std::string, std::vector<std::string>> cases[] = {
+      {R"({"quant_method": "fp8", "modules_to_not_convert": [")" + long_pattern + R"("]})",
+       {"modules_to_not_convert entry of 513 characters exceeds the limit of 512"}},
+      {R"({"quant_method": "fp8", "modules_to_not_convert": )" + many.dump() + "}",
+       {"modules_to_not_convert has 4097 entries, more than the limit of 4096"}},
+      {R"({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": )" + many.dump() +
+           R"(, "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+           "strategy": "channel"}}}})",
+       {"quantization_config.ignore has 4097 entries, more than the limit of 4096"}},
+      {R"({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["re:)" + long_pattern +
+           R"("], "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+           "strategy": "channel"}}}})",
+       {"quantization_config.ignore entry of 513 characters"}},
+      // The polynomial executor refuses back-references: an error, not a silent mismatch.
+      {R"({"quant_method": "fp8", "modules_to_not_convert": ["(a)\\1"]})",
+       {"modules_to_not_convert entry \"(a)\\1\" is not a regex std::regex accepts"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.second.front());
+    std::vector<std::string> parts = c.second;
+    parts.insert(parts.begin(), "q/config.json");
+    expect_error([&] { parse_quant_config(head + c.first + "}", "q/config.json"); }, parts);
+  }
+}
+
+// ---- 5. config.json against the tensors ------------------------------------------------------
 
 TEST(ConfigAgainstTensors, LayerCountBeyondTheTensorsIsRefusedAtOpen) {
   TempDir d;
@@ -289,7 +367,7 @@ TEST(ConfigAgainstTensors, TheFirstMoeLayerIsTheOneTheConfigSays) {
   expect_error([&] { Checkpoint::open(d.file("ck")); }, {"is 5", "the first MoE layer 1 holds 4 experts"});
 }
 
-// ---- 5. without config.json: the counts inferred from tensor names and shapes ---------------
+// ---- 6. without config.json: the counts inferred from tensor names and shapes ---------------
 
 // A lone .safetensors file: an expert index that only a stray name claims must not size a loop,
 // and an empty tensor's huge dimension must not reach the 2I arithmetic.
@@ -322,7 +400,7 @@ TEST(HostileTensors, InferredCountsAreBounded) {
       << r.problems[0];
 }
 
-// ---- 6. the CLI answers at once -------------------------------------------------------------
+// ---- 7. the CLI answers at once -------------------------------------------------------------
 
 TEST(HostileConfig, InspectCommandAnswersAtOnce) {
   TempDir d;
