@@ -1,13 +1,15 @@
 // libFuzzer target: a whole checkpoint, opened from a temporary directory - config.json with its
 // quantization_config, one or two safetensors shards, and optionally model.safetensors.index.json
-// - then inspected, and every MoE layer the config names loaded.
+// - then inspected, every MoE layer the config names loaded, and every Linear weight and stored
+// tensor loaded by name.
 //
 // An input is the files' bytes joined by kFileSeparator, in this order (absent parts: no file):
 //   config.json, model-00001-of-00002.safetensors, model-00002-of-00002.safetensors,
 //   model.safetensors.index.json
-// Properties: open, inspect and load either throw fp8moe::Error or succeed; inspect() never
-// throws; a loaded layer's stacks validate against their scale specs and have the experts,
-// widths and hidden size the report announced.
+// Properties: open, inspect, load_moe_layer, load_linear and load_tensor either throw
+// fp8moe::Error or succeed; inspect() never throws; a loaded layer's (or Linear's) stacks
+// validate against their scale specs, and a layer's have the experts, widths and hidden size the
+// report announced.
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -79,6 +81,28 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       check_loaded(*w, lr);
     } catch (const Error& e) {
       fuzz_fail("layer " + std::to_string(lr.index) + " loaded stacks that do not validate: " + e.what());
+    }
+  }
+  // The rest of the public loader: every Linear weight and every stored tensor by name.
+  for (const std::string& name : ck->store().names()) {
+    constexpr std::string_view kWeight = ".weight";
+    if (name.size() > kWeight.size() && name.compare(name.size() - kWeight.size(), kWeight.size(), kWeight) == 0) {
+      std::optional<LinearStack> lin;
+      try {
+        lin = ck->load_linear(name.substr(0, name.size() - kWeight.size()));
+      } catch (const Error&) {
+      }
+      if (lin) {
+        try {
+          lin->weight.view().validate("loaded Linear");
+        } catch (const Error& e) {
+          fuzz_fail("Linear " + name + " loaded a stack that does not validate: " + e.what());
+        }
+      }
+    }
+    try {
+      (void)ck->load_tensor(name);
+    } catch (const Error&) {
     }
   }
   return 0;

@@ -145,6 +145,10 @@ ScaleSpec match_scale(const std::string& scale, const std::string& found, const 
 // returns the per-matrix scale spec (kind None: plain weight).
 ScaleSpec classify(const TensorStore& st, const QuantConfig& q, const std::string& module, const std::string& weight,
                    const std::string& scale, int64_t N, int64_t K, const ScaleLookup& how) {
+  // N and K may come straight from a file's shape (load_linear): bounded before any scale-grid
+  // arithmetic (ceil-divisions) runs on them.
+  FP8MOE_CHECK(N >= 0 && K >= 0 && N <= model::kMaxMatrixDim && K <= model::kMaxMatrixDim, "tensor ", weight,
+               ": matrix [", N, ", ", K, "] exceeds the limit of ", model::kMaxMatrixDim, " rows or columns");
   const DType wdt = st.entry(weight).dtype;
   if (!is_fp8(wdt)) {
     FP8MOE_CHECK(is_plain_float(wdt), "tensor ", weight, ": expected an FP8 (F8_E4M3/F8_E5M2) or BF16/F16/F32 weight, found ",

@@ -19,6 +19,9 @@ constexpr int64_t kMaxExperts = 4096;
 constexpr int64_t kMaxSharedExperts = 64;
 constexpr double kMaxRoutedScaling = 1000.0;
 constexpr double kMaxSwigluLimit = 1.0e6;
+// One weight matrix's rows or columns, wherever they come from (the largest: vocabularies of
+// ~256000 rows).
+constexpr int64_t kMaxMatrixDim = int64_t{1} << 24;
 // Scale block and group extents: released checkpoints use 128 (blocks) and 32 to 128 (groups).
 constexpr int64_t kMaxBlock = 65536;
 // Module lists of a quantization config (ignore, targets, modules_to_not_convert) and the length

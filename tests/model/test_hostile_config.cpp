@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -398,6 +399,19 @@ TEST(HostileTensors, InferredCountsAreBounded) {
   EXPECT_NE(r.problems[0].find("inferred intermediate size I = 4611686018427387904, expected [1, 262144]"),
             std::string::npos)
       << r.problems[0];
+}
+
+// load_linear takes [N, K] from the file: an empty FP8 weight of 2^63 - 2 rows reached the scale
+// grid's ceil-division (signed overflow) before anything bounded it.
+TEST(HostileTensors, LinearWeightDimensionsAreBounded) {
+  TempDir d;
+  SafetensorsWriter w;
+  w.add("lin.weight", Tensor(DType::F8_E4M3, Shape{std::numeric_limits<int64_t>::max() - 1, 0}));
+  w.add("lin.weight_scale_inv", Tensor::zeros(DType::F32, Shape{2, 3}));
+  w.write(d.file("lin.safetensors"));
+  const Checkpoint ck = Checkpoint::open(d.file("lin.safetensors"));
+  expect_error([&] { ck.load_linear("lin"); },
+               {"tensor lin.weight: matrix [9223372036854775806, 0] exceeds the limit of 16777216 rows or columns"});
 }
 
 // ---- 7. the CLI answers at once -------------------------------------------------------------
