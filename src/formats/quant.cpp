@@ -10,6 +10,7 @@
 #include <limits>
 #include <sstream>
 
+#include "formats/checked.hpp"
 #include "fp8moe/error.hpp"
 #include "fp8moe/fp8.hpp"
 
@@ -60,6 +61,10 @@ void ScaleSpec::validate(const char* what) const {
                " equal segments");
   FP8MOE_CHECK(block_n >= 1 && block_k >= 1, what, ": scale spec ", str(), " needs positive block extents, found ",
                block_n, "x", block_k);
+  // The grid arithmetic (ceil-divisions, the scale count) must stay inside int64.
+  checked::add(seg_rows(), block_n - 1, what, ": scale spec ", str(), ": rows + block height");
+  checked::add(cols, block_k - 1, what, ": scale spec ", str(), ": cols + block width");
+  checked::mul(scale_rows(), grid_k(), what, ": scale spec ", str(), ": the scale count");
 }
 
 std::string ScaleSpec::str() const {

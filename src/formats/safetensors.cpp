@@ -19,6 +19,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "formats/checked.hpp"
+#include "formats/json_bounded.hpp"  // kMaxJsonDepth
+
 namespace fp8moe {
 
 // The format is little-endian; views hand out the mapped bytes as they are.
@@ -30,7 +33,6 @@ using nlohmann::json;
 namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the reference reader's limit (rule 2)
-constexpr int kMaxJsonDepth = 128;                 // serde_json's recursion limit
 constexpr const char* kIndexName = "model.safetensors.index.json";
 
 // Offset of the first byte that does not start a well-formed UTF-8 sequence (overlong forms,
@@ -215,12 +217,8 @@ ParsedHeader validate(const unsigned char* bytes, uint64_t size, const std::stri
 
     // Rules 7-9, with checked arithmetic: shapes come from the file and can be anything.
     const auto bits = static_cast<uint64_t>(dtype_bits(e.dtype));
-    uint64_t numel = 1, total_bits;
-    bool overflow = false;
-    for (uint64_t d : e.dims) overflow |= __builtin_mul_overflow(numel, d, &numel);
-    overflow |= __builtin_mul_overflow(numel, bits, &total_bits);
-    FP8MOE_CHECK(!overflow, at, ": element count x bits overflows 64 bits (shape ", dims_str(e.dims), ", dtype ",
-                 dtype_name(e.dtype), ")");
+    const uint64_t numel = checked::product<uint64_t>(e.dims, at, ": element count x bits");
+    const uint64_t total_bits = checked::mul(numel, bits, at, ": element count x bits");
     FP8MOE_CHECK(total_bits % 8 == 0, at, ": shape ", dims_str(e.dims), " of ", dtype_name(e.dtype), " holds ",
                  total_bits, " bits, not a multiple of 8");
     FP8MOE_CHECK(e.end - e.begin == total_bits / 8, at, ": data_offsets span ", e.end - e.begin, " bytes, expected ",
@@ -234,12 +232,10 @@ ParsedHeader validate(const unsigned char* bytes, uint64_t size, const std::stri
                    " exceeds int64");
     // An empty tensor passes the byte-count rules whatever its other dims are, but its row-major
     // strides (suffix products) must still fit int64 for a TensorView to describe it.
-    uint64_t stride = 1;
-    for (size_t i = e.dims.size(); i-- > 1;) {
-      const bool over = __builtin_mul_overflow(stride, e.dims[i], &stride) ||
-                        stride > static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
-      FP8MOE_CHECK(!over, at, ": shape ", dims_str(e.dims), " has strides that exceed int64");
-    }
+    int64_t stride = 1;
+    for (size_t i = e.dims.size(); i-- > 1;)
+      stride = checked::mul(stride, static_cast<int64_t>(e.dims[i]), at, ": the strides of shape ",
+                             [&e] { return dims_str(e.dims); });
     std::vector<int64_t> dims(e.dims.begin(), e.dims.end());
     out.entries.push_back(SafetensorsEntry{e.name, e.dtype, Shape(dims), e.begin, e.end});
     expected_begin = e.end;

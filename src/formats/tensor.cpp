@@ -2,7 +2,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <span>
 #include <sstream>
+
+#include "formats/checked.hpp"
 
 namespace fp8moe {
 
@@ -20,9 +23,8 @@ Shape::Shape(const std::vector<int64_t>& d) {
 }
 
 int64_t Shape::numel() const {
-  int64_t n = 1;
-  for (int i = 0; i < rank; ++i) n *= dims[i];
-  return n;
+  return checked::product<int64_t>(std::span<const int64_t>(dims.data(), static_cast<size_t>(rank)),
+                                   "the element count of shape ", [this] { return str(); });
 }
 
 bool Shape::operator==(const Shape& o) const {
@@ -104,7 +106,8 @@ Allocator& host_allocator() {
 
 Tensor::Tensor(DType dtype, Shape shape, Allocator& alloc) {
   for (int i = 0; i < shape.rank; ++i) FP8MOE_CHECK(shape[i] >= 0, "negative dimension in shape ", shape.str());
-  const int64_t bytes = shape.numel() * dtype_size(dtype);
+  const int64_t bytes = checked::mul(shape.numel(), dtype_size(dtype), "the byte size of a ", dtype_name(dtype),
+                                     " tensor of shape ", [&shape] { return shape.str(); });
   void* p = bytes > 0 ? alloc.allocate(static_cast<size_t>(bytes)) : nullptr;
   Allocator* a = &alloc;
   if (p) storage_ = std::shared_ptr<void>(p, [a](void* q) { a->deallocate(q); });

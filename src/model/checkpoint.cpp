@@ -14,13 +14,16 @@
 #include <fstream>
 #include <iomanip>
 #include <set>
+#include <tuple>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "formats/checked.hpp"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/error.hpp"
 #include "model/experts.hpp"
+#include "model/limits.hpp"
 
 namespace fp8moe {
 
@@ -34,10 +37,11 @@ bool ends_with(const std::string& s, std::string_view p) {
   return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
 }
 
-// Parses the integer at s[pos..] up to the next '.', or nullopt.
+// Parses the non-negative integer at s[pos..] up to the next '.', or nullopt (a sign, other
+// characters, or a value beyond int64).
 std::optional<int64_t> index_at(const std::string& s, size_t pos) {
   const size_t dot = s.find('.', pos);
-  if (dot == std::string::npos || dot == pos) return std::nullopt;
+  if (dot == std::string::npos || dot == pos || s[pos] < '0' || s[pos] > '9') return std::nullopt;
   int64_t v = 0;
   const auto [p, ec] = std::from_chars(s.data() + pos, s.data() + dot, v);
   if (ec != std::errc() || p != s.data() + dot) return std::nullopt;
@@ -143,6 +147,10 @@ ScaleSpec match_scale(const std::string& scale, const std::string& found, const 
 // returns the per-matrix scale spec (kind None: plain weight).
 ScaleSpec classify(const TensorStore& st, const QuantConfig& q, const std::string& module, const std::string& weight,
                    const std::string& scale, int64_t N, int64_t K, const ScaleLookup& how) {
+  // N and K may come straight from a file's shape (load_linear): bounded before any scale-grid
+  // arithmetic (ceil-divisions) runs on them.
+  FP8MOE_CHECK(N >= 0 && K >= 0 && N <= model::kMaxMatrixDim && K <= model::kMaxMatrixDim, "tensor ", weight,
+               ": matrix [", N, ", ", K, "] exceeds the limit of ", model::kMaxMatrixDim, " rows or columns");
   const DType wdt = st.entry(weight).dtype;
   if (!is_fp8(wdt)) {
     FP8MOE_CHECK(is_plain_float(wdt), "tensor ", weight, ": expected an FP8 (F8_E4M3/F8_E5M2) or BF16/F16/F32 weight, found ",
@@ -190,7 +198,7 @@ ScaleSpec classify(const TensorStore& st, const QuantConfig& q, const std::strin
 int64_t stored_bytes(const TensorStore& st, const std::string& name) {
   if (name.empty()) return 0;
   const SafetensorsEntry& e = st.entry(name);
-  return static_cast<int64_t>(e.end - e.begin);
+  return checked::to_i64(e.end - e.begin, "tensor ", name, ": byte size");
 }
 
 void expect_shape(const TensorStore& st, const std::string& name, const Shape& want, const std::string& why) {
@@ -265,7 +273,7 @@ class Planner {
       dn.matrices[static_cast<size_t>(e)] = {std::move(d)};
       gu.matrices[static_cast<size_t>(e)] = {std::move(g), std::move(u)};
     }
-    fill_report(gu, label + "gate_up", E, 2 * I, H, /*halves=*/true);
+    fill_report(gu, label + "gate_up", E, checked::mul<int64_t>(2, I, label, "gate_up width 2I"), H, /*halves=*/true);
     fill_report(dn, label + "down", E, H, I, false);
   }
 
@@ -286,6 +294,7 @@ class Planner {
     p.E = d.E;
     p.H = d.H;
     const std::string why = d.why;
+    const int64_t two_i = checked::mul<int64_t>(2, d.I, "layer ", layer, ": the gate_up width 2I");
 
     if (p.layout == ExpertLayout::PerExpert) {
       std::vector<std::string> modules;
@@ -294,9 +303,9 @@ class Planner {
     } else {
       const bool gpt = p.layout == ExpertLayout::GptOss;
       // GPT-OSS stores x @ W: gate_up [E, H, 2I], down [E, I, H]. transformers: [E, 2I, H], [E, H, I].
-      stacked(p.gate_up, fused_gu, n_.prefix + ".experts.gate_up_proj", d.E, 2 * d.I, d.H, gpt, !gpt, why);
+      stacked(p.gate_up, fused_gu, n_.prefix + ".experts.gate_up_proj", d.E, two_i, d.H, gpt, !gpt, why);
       stacked(p.down, fused_dn, n_.prefix + ".experts.down_proj", d.E, d.H, d.I, gpt, false, why);
-      p.gate_up_bias = optional_tensor(fused_gu + "_bias", Shape{d.E, 2 * d.I}, why);
+      p.gate_up_bias = optional_tensor(fused_gu + "_bias", Shape{d.E, two_i}, why);
       p.down_bias = optional_tensor(fused_dn + "_bias", Shape{d.E, d.H}, why);
     }
     router(p, d);
@@ -347,7 +356,7 @@ class Planner {
     pp.report.shape = Shape{E, N, K};
     pp.report.dtype = m.weight.dtype;
     pp.report.spec = m.spec;
-    pp.report.bytes = stored_bytes(st_, w) + stored_bytes(st_, m.scale_name);
+    pp.report.bytes = checked::add(stored_bytes(st_, w), stored_bytes(st_, m.scale_name), "bytes of ", w, " and its scale");
   }
 
   void fill_report(ProjPlan& pp, const std::string& name, int64_t E, int64_t N, int64_t K, bool halves) {
@@ -362,7 +371,9 @@ class Planner {
     pp.report.spec = s;
     pp.report.bytes = 0;
     for (const auto& parts : pp.matrices)
-      for (const StoredMatrix& m : parts) pp.report.bytes += stored_bytes(st_, m.name) + stored_bytes(st_, m.scale_name);
+      for (const StoredMatrix& m : parts)
+        for (const std::string& t : {m.name, m.scale_name})
+          pp.report.bytes = checked::add(pp.report.bytes, stored_bytes(st_, t), "bytes of ", name);
   }
 
   void router(LayerPlan& p, const Dims& d) {
@@ -395,7 +406,12 @@ class Planner {
                    " declares ", cfg_->n_shared_experts, " shared expert(s)");
     if (base.empty() || (cfg_ && cfg_->n_shared_experts == 0)) return;  // unused tensors are reported
     int64_t Is = d.Is;
-    if (Is == 0) Is = st_.entry(base + n_.gate + ".weight").shape[0];
+    if (Is == 0) {
+      const Shape& s = st_.entry(base + n_.gate + ".weight").shape;
+      Is = s.rank == 2 ? s[0] : 0;
+      FP8MOE_CHECK(Is >= 1 && Is <= model::kMaxIntermediate, "tensor ", base, n_.gate, ".weight: expected [Is, H] with Is in [1, ",
+                   model::kMaxIntermediate, "], found ", s.str());
+    }
     const std::string why = cfg_ ? " (shared intermediate " + std::to_string(Is) + " from " + cfg_->source + ")" : "";
     p.shared_gate_up.emplace();
     p.shared_down.emplace();
@@ -403,35 +419,50 @@ class Planner {
     p.shared_gate = optional_tensor(n_.prefix + ".shared_expert_gate.weight", Shape{1, d.H}, why);
   }
 
-  // Without config.json: E from the expert indices present, I and H from expert 0 / the stack.
+  // Without config.json: E from the expert indices present, I and H from expert 0 / the stack,
+  // each bounded as config.json's values are (model/limits.hpp) before a loop runs over it.
   void infer_dims(ExpertLayout layout, Dims& d) {
     d.why = " (inferred from the tensors; no config.json)";
+    std::string from;  // the tensor the dimensions come from, for messages
     if (layout == ExpertLayout::PerExpert) {
       const std::string pre = n_.prefix + ".experts.";
-      int64_t max_e = -1;
+      std::set<int64_t> present;
       for (const std::string& name : st_.names())
         if (starts_with(name, pre))
-          if (auto e = index_at(name, pre.size())) max_e = std::max(max_e, *e);
-      FP8MOE_CHECK(max_e >= 0, "no experts under ", pre);
-      d.E = max_e + 1;
-      const std::string g0 = n_.expert(0, n_.gate) + ".weight";
-      FP8MOE_CHECK(st_.contains(g0), "missing tensor ", g0, " (expert 0)");
-      const Shape& s = st_.entry(g0).shape;
-      FP8MOE_CHECK(s.rank == 2, "tensor ", g0, ": expected [I, H], found ", s.str());
+          if (auto e = index_at(name, pre.size())) present.insert(*e);
+      FP8MOE_CHECK(!present.empty(), "no experts under ", pre);
+      // Indices must be 0..E-1: the first one missing is reported as the missing expert, so the
+      // planner never loops up to an index that only a stray tensor name claims.
+      int64_t e = 0;
+      for (int64_t i : present)
+        if (i == e) ++e;
+      if (e <= *present.rbegin())
+        FP8MOE_FAIL("missing tensor ", n_.expert(e, n_.gate), ".weight: experts under ", pre, " go up to index ",
+                    *present.rbegin(), ", but expert ", e, " is absent", d.why);
+      d.E = e;
+      from = n_.expert(0, n_.gate) + ".weight";
+      FP8MOE_CHECK(st_.contains(from), "missing tensor ", from, " (expert 0)");
+      const Shape& s = st_.entry(from).shape;
+      FP8MOE_CHECK(s.rank == 2, "tensor ", from, ": expected [I, H], found ", s.str());
       d.I = s[0];
       d.H = s[1];
     } else {
-      const std::string gu = n_.prefix + ".experts.gate_up_proj";
-      FP8MOE_CHECK(st_.contains(gu), "missing tensor ", gu);
-      const Shape& s = st_.entry(gu).shape;
-      FP8MOE_CHECK(s.rank == 3, "tensor ", gu, ": expected rank 3, found ", s.str());
+      from = n_.prefix + ".experts.gate_up_proj";
+      FP8MOE_CHECK(st_.contains(from), "missing tensor ", from);
+      const Shape& s = st_.entry(from).shape;
+      FP8MOE_CHECK(s.rank == 3, "tensor ", from, ": expected rank 3, found ", s.str());
       const bool gpt = layout == ExpertLayout::GptOss;
       d.E = s[0];
       d.H = gpt ? s[1] : s[2];
       const int64_t two_i = gpt ? s[2] : s[1];
-      FP8MOE_CHECK(two_i % 2 == 0, "tensor ", gu, ": expected an even gate_up width 2I, found ", s.str());
+      FP8MOE_CHECK(two_i % 2 == 0, "tensor ", from, ": expected an even gate_up width 2I, found ", s.str());
       d.I = two_i / 2;
     }
+    for (const auto& [what, v, hi] : {std::tuple{"experts E", d.E, model::kMaxExperts},
+                                      std::tuple{"intermediate size I", d.I, model::kMaxIntermediate},
+                                      std::tuple{"hidden size H", d.H, model::kMaxHidden}})
+      FP8MOE_CHECK(v >= 1 && v <= hi, "tensor ", from, ": inferred ", what, " = ", v, ", expected [1, ", hi,
+                   "] (the limits config.json values are held to)");
   }
 
   const TensorStore& st_;
@@ -545,6 +576,45 @@ std::optional<std::string> dense_model_type(const std::string& config_text) {
   return mt->get<std::string>();
 }
 
+// config.json against the tensors of a whole checkpoint (a directory), before any loop runs over
+// its counts. The config may not claim more layers than the files hold, nor more routed experts
+// than the first MoE layer holding experts has (fewer is reported by the layer planner, naming the
+// stray expert tensor). A single .safetensors file is skipped: it may be one shard of many.
+void check_config_against_tensors(const ModelConfig& cfg, const TensorStore& st,
+                                  const std::map<int64_t, std::vector<std::string>>& layer_names) {
+  const int64_t held = layer_names.empty() ? 0 : layer_names.rbegin()->first + 1;  // indices are >= 0
+  FP8MOE_CHECK(cfg.num_hidden_layers <= held, cfg.source, ": field num_hidden_layers is ", cfg.num_hidden_layers,
+               ", but the checkpoint's tensors ",
+               held == 0 ? std::string("hold no model.layers.* tensors")
+                         : "hold layers up to model.layers." + std::to_string(held - 1) + ".*",
+               " (expected num_hidden_layers <= ", held, ")");
+  for (int64_t l : cfg.moe_layers()) {
+    const auto it = layer_names.find(l);
+    if (it == layer_names.end()) continue;
+    const Naming n = naming_for(cfg.model_type, l);
+    const std::string ex = n.prefix + ".experts.", fused = ex + "gate_up_proj";
+    int64_t experts = 0;
+    std::string where;
+    if (st.contains(fused)) {
+      const Shape& s = st.entry(fused).shape;
+      experts = s.rank >= 1 ? s[0] : 0;
+      where = "tensor " + fused + " " + s.str();
+    } else {
+      std::set<int64_t> present;
+      for (const std::string& name : it->second)
+        if (starts_with(name, ex))
+          if (auto e = index_at(name, ex.size())) present.insert(*e);
+      if (present.empty()) continue;  // no expert tensors: the planner reports what is missing
+      experts = static_cast<int64_t>(present.size());
+      where = "tensors " + ex + "<e>.* (" + std::to_string(present.size()) + " distinct expert indices)";
+    }
+    FP8MOE_CHECK(cfg.num_experts <= experts, cfg.source, ": the routed expert count (num_experts | n_routed_experts | "
+                 "num_local_experts) is ", cfg.num_experts, ", but the first MoE layer ", l, " holds ", experts,
+                 " experts: ", where);
+    return;
+  }
+}
+
 // Scale tensors the per-tensor rule pairs with a weight: <w>.weight_scale(_inv), <x>_proj_scale(_inv).
 std::optional<std::string> scale_base(const std::string& name) {
   for (std::string_view suf : {std::string_view("_scale_inv"), std::string_view("_scale")}) {
@@ -639,6 +709,7 @@ Checkpoint Checkpoint::open(const std::string& path) {
   for (const std::string& name : c.store_->names())
     if (starts_with(name, kLayers))
       if (auto l = index_at(name, kLayers.size())) c.layer_names_[*l].push_back(name);
+  if (dir && c.config_) check_config_against_tensors(*c.config_, *c.store_, c.layer_names_);
   return c;
 }
 
@@ -728,7 +799,7 @@ InspectionReport Checkpoint::inspect() const {
                       " declares no routed experts: a dense model. convert converts it; it has no MoE layer to load");
   const std::vector<std::string> names = store_->names();
   r.tensors = static_cast<int64_t>(names.size());
-  for (const std::string& n : names) r.bytes += stored_bytes(*store_, n);
+  for (const std::string& n : names) r.bytes = checked::add(r.bytes, stored_bytes(*store_, n), "bytes of all tensors");
 
   std::set<int64_t> layers;
   for (const auto& [l, ns] : layer_names_) layers.insert(l);
@@ -743,7 +814,7 @@ InspectionReport Checkpoint::inspect() const {
     const std::vector<std::string>& ln = it == layer_names_.end() ? kNone : it->second;
     LayerReport lr;
     lr.index = l;
-    for (const std::string& n : ln) lr.bytes += stored_bytes(*store_, n);
+    for (const std::string& n : ln) lr.bytes = checked::add(lr.bytes, stored_bytes(*store_, n), "bytes of layer ", l);
     const std::string L = "layer " + std::to_string(l);
     if (cfg && l >= cfg->num_hidden_layers) {
       lr.kind = LayerKind::Skipped;

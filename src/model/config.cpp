@@ -1,12 +1,17 @@
 // config.json -> ModelConfig: field aliases across model families, which layers are MoE, and
 // the router / activation each family uses.
+#include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "formats/checked.hpp"
+#include "formats/json_bounded.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/error.hpp"
+#include "model/limits.hpp"
 
 namespace fp8moe {
 
@@ -37,6 +42,8 @@ int64_t get_int(const json& j, const std::string& src, std::initializer_list<con
     return *fallback;
   }
   FP8MOE_CHECK(v->is_number_integer(), src, ": field ", key_list(keys), " must be an integer, found ", v->dump());
+  FP8MOE_CHECK(!v->is_number_unsigned() || v->get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), src, ": field ",
+               key_list(keys), " must be an integer within int64, found ", v->dump());
   return v->get<int64_t>();
 }
 
@@ -56,6 +63,57 @@ bool get_bool(const json& j, const std::string& src, const char* key, bool fallb
   if (!v) return fallback;
   FP8MOE_CHECK(v->is_boolean(), src, ": field ", key, " must be true or false, found ", v->dump());
   return v->get<bool>();
+}
+
+// ---- Range checks against model/limits.hpp, before anything sizes a loop or an allocation.
+using model::kMaxExperts, model::kMaxHidden, model::kMaxIntermediate, model::kMaxLayers, model::kMaxRoutedScaling,
+    model::kMaxSharedExperts, model::kMaxSwigluLimit;
+
+// The key of `keys` the file uses (for messages), or all of them when none is present (a default).
+std::string field_name(const json& j, std::initializer_list<const char*> keys) {
+  for (const char* k : keys)
+    if (find_field(j, {k})) return k;
+  return key_list(keys);
+}
+
+void check_range(const json& j, const std::string& src, std::initializer_list<const char*> keys, int64_t v,
+                 int64_t lo, int64_t hi, const char* why) {
+  FP8MOE_CHECK(v >= lo && v <= hi, src, ": field ", field_name(j, keys), " must be in [", lo, ", ", hi, "] (", why,
+               "), found ", v);
+}
+
+void check_range(const json& j, const std::string& src, std::initializer_list<const char*> keys, double v,
+                 double lo, double hi, const char* why) {
+  FP8MOE_CHECK(std::isfinite(v) && v > lo && v <= hi, src, ": field ", field_name(j, keys), " must be in (", lo,
+               ", ", hi, "] (", why, "), found ", v);
+}
+
+// The fields parse_model_config read, against the limits above and against each other (the two
+// that feed arithmetic at once, n_shared_experts and swiglu_limit, are checked where they are read).
+void check_ranges(const json& j, const ModelConfig& c) {
+  const std::string& s = c.source;
+  check_range(j, s, {"num_hidden_layers"}, c.num_hidden_layers, 1, kMaxLayers, "released models have at most ~128");
+  check_range(j, s, {"hidden_size"}, c.hidden_size, 1, kMaxHidden, "released models stay below 20000");
+  check_range(j, s, {"moe_intermediate_size", "intermediate_size"}, c.moe_intermediate_size, 1, kMaxIntermediate,
+              "released models stay below 80000");
+  check_range(j, s, {"num_experts", "n_routed_experts", "num_local_experts"}, c.num_experts, 1, kMaxExperts,
+              "released models have at most 512 routed experts");
+  check_range(j, s, {"shared_expert_intermediate_size"}, c.shared_intermediate_size, 0,
+              c.n_shared_experts * kMaxIntermediate, "at most n_shared_experts x the largest intermediate size");
+  check_range(j, s, {"first_k_dense_replace"}, c.first_k_dense_replace, 0, c.num_hidden_layers,
+              "at most num_hidden_layers");
+  check_range(j, s, {"moe_layer_freq"}, c.moe_layer_freq, 1, c.num_hidden_layers, "at most num_hidden_layers");
+  check_range(j, s, {"decoder_sparse_step"}, c.decoder_sparse_step, 1, c.num_hidden_layers,
+              "at most num_hidden_layers");
+  check_range(j, s, {"n_group"}, c.n_group, 1, c.num_experts, "groups of the routed experts");
+  check_range(j, s, {"topk_group"}, c.topk_group, 1, c.num_experts, "groups of the routed experts");
+  FP8MOE_CHECK(static_cast<int64_t>(c.mlp_only_layers.size()) <= c.num_hidden_layers, s,
+               ": field mlp_only_layers lists ", c.mlp_only_layers.size(), " layers, more than num_hidden_layers ",
+               c.num_hidden_layers);
+  for (int64_t l : c.mlp_only_layers)
+    check_range(j, s, {"mlp_only_layers"}, l, 0, c.num_hidden_layers - 1, "entries are layer indices");
+  check_range(j, s, {"routed_scaling_factor"}, c.routed_scaling_factor, 0.0, kMaxRoutedScaling,
+              "released models use 1 to 16");
 }
 
 enum class Family { Qwen, Mixtral, DeepSeek, GptOss };
@@ -114,12 +172,7 @@ RouterSpec ModelConfig::router_spec() const {
 }
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    FP8MOE_FAIL(source, ": not valid JSON: ", e.what());
-  }
+  const json j = parse_json_bounded(json_text, source);
   FP8MOE_CHECK(j.is_object(), source, ": expected a JSON object at the top level, found ", j.type_name());
 
   ModelConfig c;
@@ -210,22 +263,30 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
         c.moe_layer_freq = 1;
       }
       c.n_shared_experts = get_int(j, source, {"n_shared_experts"}, 0);
-      c.shared_intermediate_size = c.n_shared_experts * c.moe_intermediate_size;
+      check_range(j, source, {"n_shared_experts"}, c.n_shared_experts, 0, kMaxSharedExperts,
+                  "released models have a few at most");
+      c.shared_intermediate_size = checked::mul(c.n_shared_experts, c.moe_intermediate_size, source,
+                                                ": the shared intermediate size n_shared_experts x moe_intermediate_size");
       c.n_group = get_int(j, source, {"n_group"}, 1);
       c.topk_group = get_int(j, source, {"topk_group"}, 1);
       break;
     }
-    case Family::GptOss:
+    case Family::GptOss: {
       c.router = RouterKind::TopKSoftmax;
       c.norm_topk_prob = true;  // softmax over the k kept sums to one
       c.act.kind = Activation::GptOssGlu;
       c.act.layout = GateUpLayout::Interleaved;
-      c.act.alpha = static_cast<float>(get_double(j, source, {"swiglu_alpha"}, 1.702));  // transformers 5.x names it
-      FP8MOE_CHECK(c.act.alpha > 0, source, ": swiglu_alpha must be positive, found ", c.act.alpha);
-      c.act.limit = static_cast<float>(get_double(j, source, {"swiglu_limit"}, 7.0));
-      FP8MOE_CHECK(c.act.limit > 0, source, ": swiglu_limit must be positive, found ", c.act.limit);
+      // transformers 5.x names the sigmoid slope swiglu_alpha; both must fit a float (and be sane).
+      const double alpha = get_double(j, source, {"swiglu_alpha"}, 1.702);
+      check_range(j, source, {"swiglu_alpha"}, alpha, 0.0, kMaxSwigluLimit, "GPT-OSS uses 1.702");
+      c.act.alpha = static_cast<float>(alpha);
+      const double limit = get_double(j, source, {"swiglu_limit"}, 7.0);
+      check_range(j, source, {"swiglu_limit"}, limit, 0.0, kMaxSwigluLimit, "GPT-OSS uses 7");
+      c.act.limit = static_cast<float>(limit);
       break;
+    }
   }
+  check_ranges(j, c);
   return c;
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "formats/checked.hpp"
 #include "fp8moe/error.hpp"
 
 namespace fp8moe::model {
@@ -53,7 +54,7 @@ QuantWeights stack_experts(const std::vector<std::vector<StoredMatrix>>& experts
   int64_t N = 0;
   for (int64_t p = 0; p < P; ++p) {
     part_rows[p] = experts[0][p].spec.rows;
-    N += part_rows[p];
+    N = checked::add(N, part_rows[p], what, ": the stacked rows");
   }
   for (int64_t e = 0; e < E; ++e) {
     FP8MOE_CHECK(static_cast<int64_t>(experts[e].size()) == P, what, ": expert ", e, " has ", experts[e].size(),
@@ -134,12 +135,13 @@ QuantWeights copy_stacked(const std::string& name, const TensorView& data, const
   out.data = Tensor(data.dtype, data.shape);  // [E, N, K]
   std::memcpy(out.data.data(), data.data, static_cast<size_t>(data.nbytes()));
   if (quantized) {
-    FP8MOE_CHECK(scale.defined() && scale.numel() == E * spec.numel(), "scale ", scale_name, " of ", name,
+    const int64_t count = checked::mul(E, spec.numel(), "scale ", scale_name, " of ", name, ": E x scales per expert");
+    FP8MOE_CHECK(scale.defined() && scale.numel() == count, "scale ", scale_name, " of ", name,
                  ": expected ", E, " x ", spec.numel(), " elements for ", spec.str(), ", found ",
                  scale.defined() ? scale.str() : std::string("no scale"));
     check_contiguous(scale, scale_name.c_str());
     out.scale = Tensor(DType::F32, Shape{E, spec.scale_rows(), spec.grid_k()});  // [E, rows, cols]
-    convert_scales(out.scale.ptr<float>(), scale_name, scale, 0, E * spec.numel());
+    convert_scales(out.scale.ptr<float>(), scale_name, scale, 0, count);
   } else {
     FP8MOE_CHECK(!scale.defined(), "tensor ", name, " is ", dtype_name(data.dtype), " but has a scale ", scale_name);
   }
@@ -176,8 +178,9 @@ QuantWeights transpose_stacked(const std::string& name, const TensorView& data, 
             std::memcpy(d + (n * K + k) * esz, s + (k * N + n) * esz, static_cast<size_t>(esz));
   }
   if (quantized) {
-    const int64_t gr = spec.scale_rows(), gc = spec.grid_k();
-    FP8MOE_CHECK(scale.defined() && scale.numel() == E * gr * gc, "scale ", scale_name, " of ", name, ": expected ", E,
+    const int64_t gr = spec.scale_rows(), gc = spec.grid_k();  // their product fits: spec.validate
+    const int64_t count = checked::mul(E, gr * gc, "scale ", scale_name, " of ", name, ": E x scales per expert");
+    FP8MOE_CHECK(scale.defined() && scale.numel() == count, "scale ", scale_name, " of ", name, ": expected ", E,
                  " x ", gc, " x ", gr, " elements (stored orientation) for ", spec.str(), ", found ",
                  scale.defined() ? scale.str() : std::string("no scale"));
     check_contiguous(scale, scale_name.c_str());

@@ -4,18 +4,35 @@
 
 #include <nlohmann/json.hpp>
 
+#include "formats/json_bounded.hpp"
 #include "fp8moe/checkpoint.hpp"
 #include "fp8moe/error.hpp"
+#include "model/limits.hpp"
 
 namespace fp8moe {
 
 namespace {
 
 using nlohmann::json;
+using model::kMaxBlock;  // keeps the scale-grid arithmetic far from overflow whatever the shapes
+using model::kMaxModulePatterns, model::kMaxPatternLength;
+
+// libstdc++'s default regex executor backtracks: "(.*)*x" takes exponential time on a 40-character
+// module name, so a hostile config.json could stall the loader for ever. The polynomial executor
+// (a Thompson NFA, breadth first) answers the same question - does a match start at 0 - in
+// O(name x pattern), and refuses back-references, which no module pattern needs.
+#if defined(__GLIBCXX__)
+constexpr auto kRegexFlags = std::regex::ECMAScript | std::regex_constants::__polynomial;
+#else
+#error "module patterns need a regex executor without exponential backtracking (libstdc++'s __polynomial)"
+#endif
 
 std::shared_ptr<const std::regex> compile(const std::string& pattern, const std::string& src, const char* field) {
+  FP8MOE_CHECK(static_cast<int64_t>(pattern.size()) <= kMaxPatternLength, src, ": quantization_config.", field,
+               " entry of ", pattern.size(), " characters exceeds the limit of ", kMaxPatternLength,
+               " (module patterns are short names)");
   try {
-    return std::make_shared<const std::regex>(pattern, std::regex::ECMAScript);
+    return std::make_shared<const std::regex>(pattern, kRegexFlags);
   } catch (const std::regex_error& e) {
     FP8MOE_FAIL(src, ": quantization_config.", field, " entry \"", pattern, "\" is not a regex std::regex accepts: ",
                 e.what());
@@ -35,6 +52,8 @@ bool ct_matches(const ModulePattern& p, const std::string& module) {
 
 std::vector<ModulePattern> ct_patterns(const json& list, const std::string& src, const char* field) {
   FP8MOE_CHECK(list.is_array(), src, ": quantization_config.", field, " must be a list, found ", list.dump());
+  FP8MOE_CHECK(static_cast<int64_t>(list.size()) <= kMaxModulePatterns, src, ": quantization_config.", field, " has ",
+               list.size(), " entries, more than the limit of ", kMaxModulePatterns);
   std::vector<ModulePattern> out;
   for (const json& v : list) {
     FP8MOE_CHECK(v.is_string(), src, ": quantization_config.", field, " entries must be strings, found ", v.dump());
@@ -93,7 +112,8 @@ WeightQuantScheme parse_ct_weights(const json& w, const std::string& where) {
     const auto bs = w.find("block_structure");
     FP8MOE_CHECK(bs != w.end() && !bs->is_null(), where, ": strategy block needs block_structure");
     auto [bn, bk] = block_pair(*bs, where + ".block_structure");
-    FP8MOE_CHECK(bn > 0 && bk > 0, where, ": block_structure must be positive, found ", bs->dump());
+    FP8MOE_CHECK(bn > 0 && bk > 0 && bn <= kMaxBlock && bk <= kMaxBlock, where, ".block_structure must be in [1, ",
+                 kMaxBlock, "] (released checkpoints use 128), found ", bs->dump());
     s.kind = ScaleKind::Block;
     s.block_n = bn;
     s.block_k = bk;
@@ -101,6 +121,8 @@ WeightQuantScheme parse_ct_weights(const json& w, const std::string& where) {
     const auto g = w.find("group_size");
     FP8MOE_CHECK(g != w.end() && g->is_number_integer() && g->get<int64_t>() > 0, where,
                  ": strategy group needs a positive group_size, found ", g == w.end() ? std::string("none") : g->dump());
+    FP8MOE_CHECK(g->get<int64_t>() <= kMaxBlock, where, ".group_size must be in [1, ", kMaxBlock,
+                 "] (released checkpoints use 32 to 128), found ", g->dump());
     s.kind = ScaleKind::Group;
     s.group_size = g->get<int64_t>();
   } else {
@@ -115,7 +137,8 @@ void parse_fp8(const json& q, const std::string& src, QuantConfig& c) {
   c.fp8_weights.block_n = c.fp8_weights.block_k = 128;  // transformers' FineGrainedFP8Config default
   if (auto b = q.find("weight_block_size"); b != q.end() && !b->is_null()) {
     auto [bn, bk] = block_pair(*b, where + ".weight_block_size");
-    FP8MOE_CHECK(bn > 0 && bk > 0, where, ".weight_block_size must be positive, found ", b->dump());
+    FP8MOE_CHECK(bn > 0 && bk > 0 && bn <= kMaxBlock && bk <= kMaxBlock, where, ".weight_block_size must be in [1, ",
+                 kMaxBlock, "] (released checkpoints use 128), found ", b->dump());
     c.fp8_weights.block_n = bn;
     c.fp8_weights.block_k = bk;
   }
@@ -138,6 +161,8 @@ void parse_fp8(const json& q, const std::string& src, QuantConfig& c) {
                "\" is not supported: fp8moe quantizes activations dynamically and has no use for static input scales");
   if (auto m = q.find("modules_to_not_convert"); m != q.end() && !m->is_null()) {
     FP8MOE_CHECK(m->is_array(), where, ".modules_to_not_convert must be a list, found ", m->dump());
+    FP8MOE_CHECK(static_cast<int64_t>(m->size()) <= kMaxModulePatterns, where, ".modules_to_not_convert has ",
+                 m->size(), " entries, more than the limit of ", kMaxModulePatterns);
     for (const json& v : *m) {
       FP8MOE_CHECK(v.is_string(), where, ".modules_to_not_convert entries must be strings, found ", v.dump());
       const std::string t = v.get<std::string>();
@@ -248,12 +273,7 @@ WeightQuantScheme QuantConfig::scheme_for(const std::string& module) const {
 }
 
 QuantConfig parse_quant_config(const std::string& config_json_text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(config_json_text);
-  } catch (const json::exception& e) {
-    FP8MOE_FAIL(source, ": not valid JSON: ", e.what());
-  }
+  const json j = parse_json_bounded(config_json_text, source);
   QuantConfig c;
   c.source = source;
   const auto q = j.find("quantization_config");
