@@ -447,9 +447,9 @@ void bench_shape(const ModelShape& m, const Options& opt, Backend& be, cudaStrea
 int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
   for (const char* o : {"mib", "threads", "workdir"})
     FP8MOE_USAGE_CHECK(!args.has(o), "--", o, " applies to bench --convert only");
-  FP8MOE_USAGE_CHECK(args.get_or("backend", "cuda") == "cuda", "--backend: the benchmark times CUDA kernels with CUDA "
-                                                         "events; only 'cuda' is supported, found '",
-               args.get_or("backend", "cuda"), "'");
+  FP8MOE_USAGE_CHECK(args.get_or("backend", "cuda") == "cuda",
+                     "--backend: the benchmark times CUDA kernels with CUDA events; only 'cuda' is supported, found '",
+                     args.get_or("backend", "cuda"), "'");
   Options opt;
   const std::string shape = args.get_or("shape", "all");
   if (shape == "qwen3" || shape == "all") opt.shapes.push_back(kQwen3);
@@ -463,8 +463,8 @@ int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
     } catch (const std::exception&) {
       used = 0;
     }
-    FP8MOE_USAGE_CHECK(used == t.size() && v >= 1, "--tokens: expected positive integers separated by commas, found '", t,
-                 "'");
+    FP8MOE_USAGE_CHECK(used == t.size() && v >= 1, "--tokens: expected positive integers separated by commas, found '",
+                       t, "'");
     opt.tokens.push_back(v);
   }
   const std::string routing = args.get_or("routing", "both");
