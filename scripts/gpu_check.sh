@@ -88,7 +88,7 @@ BUILT=1
 if has_step build; then
   TARGETS="fp8moe_gpu_tests fp8moe_cli"  # the CPU tests only when the cpu step runs
   if has_step cpu; then TARGETS="fp8moe_tests $TARGETS"; fi
-  if has_step python || has_step model; then TARGETS="$TARGETS fp8moe_python"; fi
+  if has_step python || has_step model || has_step pysanitize; then TARGETS="$TARGETS fp8moe_python"; fi
   run_timed build "$OUT/build.log" bash -c "cmake -S . -B '$BUILD_DIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real -DFP8MOE_PYTHON=ON -DPython_EXECUTABLE=$(command -v python3) \
       && ninja -C '$BUILD_DIR' -j$JOBS $TARGETS"
@@ -116,7 +116,7 @@ fi
 
 # The Python package runs from the source tree with the extension of this build (a pip install
 # would compile every kernel a second time).
-if has_step python || has_step model; then
+if has_step python || has_step model || has_step pysanitize; then
   ln -sf "$(pwd)/$BUILD_DIR/python/fp8moe/"_C*.so python/fp8moe/
   export PYTHONPATH="$(pwd)/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -153,7 +153,7 @@ fi
 if has_step pysanitize; then
   # The Python binding's CUDA paths (MoE and dense ops, forward and backward) under memcheck.
   run_timed pymemcheck "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    python3 -m pytest -q -p no:cacheprovider tests/python/test_ops.py -k cuda
+    python3 -m pytest -q -p no:cacheprovider tests/python/test_ops.py -k "${PYSANITIZE_FILTER:-cuda}"
   record pymemcheck "$STATUS" "$SECS" "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
 fi
 
