@@ -477,7 +477,7 @@ int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
   opt.seed = args.get_u64("seed", std::random_device{}());
   // Without this check the first CUDA call fails on a machine without a GPU with "CUDA driver
   // version is insufficient for CUDA runtime version", which names the wrong problem.
-  FP8MOE_CHECK(cuda_available(), "bench: no usable CUDA GPU (cudaGetDeviceCount found none: no GPU, or no NVIDIA "
+  FP8MOE_CHECK(cuda_available(), "no usable CUDA GPU (cudaGetDeviceCount found none: no GPU, or no NVIDIA "
                                  "driver); fp8moe bench times the CUDA kernels on a GPU (bench --convert needs none)");
 
   cudaStream_t stream;
