@@ -103,8 +103,8 @@ def test_fp8_export_reloads_in_fp8moe(root, tmp_path, gen):
     ids = torch.randint(0, 256, (1, 10), generator=gen)
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(again(ids).logits.flatten(), model(ids).logits.flatten(), dim=0)
-    assert cos > 0.98
-    assert all(0.0 <= r["rel_error"] < 0.1 for r in report["tensors"].values())
+    assert cos > 0.95  # a gross check: a near-tie in a router may pick another expert on a tiny model
+    assert all(0.0 <= r["rel_error"] < 0.1 and r["kept"] > 0.5 for r in report["tensors"].values())
 
 
 def test_tiny_delta_is_reported_lost_in_fp8(root, tmp_path):
