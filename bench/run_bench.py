@@ -18,6 +18,8 @@ import shlex
 import subprocess
 import sys
 
+import md_sections  # bench/, beside this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # Our shape name -> the peer script's case name.
@@ -183,8 +185,10 @@ def write_markdown(path, bench, peer, peer_note, commands):
             target(f"peak memory <= torch bf16 (fwd, T {T})", ok, 1.0,
                    f"{fmt(ours_mib, 0)} MiB vs {fmt(peer_mib, 0)} MiB")
     add("")
+    # Sections other commands wrote (convert throughput, full-size fine-tuning) stay as they are.
+    kept = md_sections.foreign_sections(path, ["fp8moe: whole layer", "fp8moe: kernels alone", "Peers", "Targets"])
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print(f"wrote {path}")
 
 
