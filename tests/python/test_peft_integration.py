@@ -36,19 +36,22 @@ def _loss(model, ids):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
-def test_lora_gradients_match_peft_on_dequantized_weights(root, family, gen):
+def test_lora_gradients_match_peft_on_dequantized_weights(root, family, device, gen):
     fp8 = models.fp8_checkpoint(root, family, "block")
+    # CPU: fp32 against fp32. CUDA: both in BF16 (the kernels' activations are BF16 in any case).
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    tol_out, tol_grad = (1e-4, 1e-3) if device.type == "cpu" else (3e-2, 6e-2)
     torch.manual_seed(1)
-    ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device="cpu", dtype=torch.float32), _config())
+    ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device=device, dtype=dtype), _config())
     kinds = {type(m) for m in ours.modules()}
     assert Fp8ExpertsLora in kinds and Fp8LinearLora in kinds
-    peer = peft.get_peft_model(models.exact_peer(fp8), _config())
+    peer = peft.get_peft_model(models.exact_peer(fp8, dtype=dtype).to(device), _config())
     peft.set_peft_model_state_dict(peer, peft.get_peft_model_state_dict(ours))
 
-    ids = torch.randint(0, 256, (2, 10), generator=gen)
+    ids = torch.randint(0, 256, (2, 10), generator=gen).to(device)
     loss_a, logits_a = _loss(ours, ids)
     loss_b, logits_b = _loss(peer, ids)
-    assert ref.rel_err(logits_a, logits_b) < 1e-4
+    assert ref.rel_err(logits_a, logits_b) < tol_out
     loss_a.backward()
     loss_b.backward()
     grads_a = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
@@ -58,7 +61,7 @@ def test_lora_gradients_match_peft_on_dequantized_weights(root, family, gen):
     for n, g in grads_a.items():
         assert g is not None, f"{n} got no gradient"
         assert torch.isfinite(g).all() and torch.count_nonzero(g) > 0, n
-        assert ref.rel_err(g, grads_b[n]) < 1e-3, n
+        assert ref.rel_err(g, grads_b[n]) < tol_grad, n
 
 
 def test_saved_adapter_is_peft_format_and_loads_both_ways(root, tmp_path, gen):
@@ -109,3 +112,34 @@ def test_merging_into_fp8_weights_is_refused(root):
     model = peft.get_peft_model(fp8moe.from_pretrained(fp8, device="cpu"), _config())
     with pytest.raises(fp8moe.Fp8MoeError, match="export_merged"):
         model.merge_and_unload()
+
+
+def test_loss_parity_over_100_steps(root, device, gen):
+    """100 LoRA steps (attention + experts) on fp8moe and on transformers + PEFT over the same
+    dequantized values: same data, seed, adapter initialisation and optimizer; the loss curves stay
+    within 2% of each other (in 10-step means, so that a single near-tie routing flip in BF16 on the
+    GPU does not decide it)."""
+    fp8 = models.fp8_checkpoint(root, "qwen3_moe", "block")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, **TARGETS)
+    torch.manual_seed(5)
+    ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device=device, dtype=dtype), cfg)
+    peer = peft.get_peft_model(models.exact_peer(fp8, dtype=dtype).to(device), cfg)
+    peft.set_peft_model_state_dict(peer, peft.get_peft_model_state_dict(ours))
+    data = torch.randint(0, 256, (4, 2, 24), generator=gen).to(device)
+    curves = []
+    for model in (ours, peer):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        losses = []
+        for step in range(100):
+            ids = data[step % data.shape[0]]
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        curves.append(torch.tensor(losses))
+    a, b = (c.reshape(10, 10).mean(dim=1) for c in curves)
+    assert curves[0][-10:].mean() < 0.8 * curves[0][:10].mean()  # it learns
+    assert ((a - b).abs() / b).max() < 0.02, (a, b)
