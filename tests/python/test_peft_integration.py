@@ -36,11 +36,15 @@ def _loss(model, ids):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
-def test_lora_gradients_match_peft_on_dequantized_weights(root, family, device, gen):
+def test_lora_gradients_match_peft_on_dequantized_weights(root, family, gen):
+    """Whole-model gradients, fp32 against fp32 on the CPU. On the GPU both models run in BF16 and
+    a near-tie in a tiny random model's router picks other experts downstream (seen on the H100:
+    logits 0.22 apart for GPT-OSS), so there the gradients are checked per op against the fp64
+    reference (test_ops) and end to end by the loss parity below."""
+    device = torch.device("cpu")
     fp8 = models.fp8_checkpoint(root, family, "block")
-    # CPU: fp32 against fp32. CUDA: both in BF16 (the kernels' activations are BF16 in any case).
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    tol_out, tol_grad = (1e-4, 1e-3) if device.type == "cpu" else (3e-2, 6e-2)
+    dtype = torch.float32
+    tol_out, tol_grad = 1e-4, 1e-3
     torch.manual_seed(1)
     ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device=device, dtype=dtype), _config())
     kinds = {type(m) for m in ours.modules()}
