@@ -174,3 +174,53 @@ def add_tokenizer(path: str) -> str:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return path
+
+
+def compressed_tensors_checkpoint(root: str, family: str = "qwen3_moe") -> str:
+    """An FP8_DYNAMIC checkpoint written by compressed-tensors itself (the library llmcompressor
+    saves with): its preset scheme applied to transformers' model, per-channel weight scales from
+    its own calculate_qparams, compressed and saved by its ModelCompressor. transformers 5 keeps
+    MoE experts as fused parameters, not Linear modules, so the preset quantizes the projections
+    and the experts stay BF16, as such a checkpoint of a transformers-5 model does."""
+    import shutil
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    out = os.path.join(root, f"{family}-compressed-tensors")
+    if os.path.exists(out):
+        return out
+    model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint(root, family), dtype=torch.bfloat16)
+    qc = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])},
+                            ignore=["lm_head"])
+    apply_quantization_config(model, qc)
+    for _name, m in model.named_modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None:
+            continue
+        amax = m.weight.detach().float().abs().amax(dim=1, keepdim=True)
+        scale, _zp = calculate_qparams(-amax, amax, scheme.weights)
+        m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    compressor.update_config(tmp)
+    os.rename(tmp, out)
+    return out
+
+
+def transformers_fp8_checkpoint(root: str, family: str = "qwen3_moe") -> str:
+    """A fine-grained FP8 checkpoint (128x128 blocks) written by transformers' own FP8 quantizer,
+    which needs a GPU: quantized while loading, then saved."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    out = os.path.join(root, f"{family}-transformers-fp8")
+    if not os.path.exists(out):
+        model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint(root, family), dtype=torch.bfloat16,
+                                                     quantization_config=FineGrainedFP8Config(), device_map="cuda")
+        model.save_pretrained(out)
+    return out

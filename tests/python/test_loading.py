@@ -142,3 +142,21 @@ def test_unsupported_model_type_is_refused(root, tmp_path):
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(fp8moe.Fp8MoeError):
         fp8moe.from_pretrained(d, device="cpu")
+
+
+def test_compressed_tensors_fp8_dynamic_checkpoint_loads_and_matches(root, gen):
+    pytest.importorskip("compressed_tensors")
+    path = models.compressed_tensors_checkpoint(root)
+    model = fp8moe.from_pretrained(path, device="cpu", dtype=torch.float32)
+    assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 8
+    ids = torch.randint(0, 256, (2, 12), generator=gen)
+    assert ref.rel_err(_logits(model, ids), _logits(models.exact_peer(path), ids)) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers' FP8 quantizer needs a GPU")
+def test_transformers_fine_grained_fp8_checkpoint_loads_and_matches(root, gen):
+    path = models.transformers_fp8_checkpoint(root)
+    model = fp8moe.from_pretrained(path, device="cpu", dtype=torch.float32)
+    assert any(isinstance(m, Fp8Linear) for m in model.modules())
+    ids = torch.randint(0, 256, (2, 12), generator=gen)
+    assert ref.rel_err(_logits(model, ids), _logits(models.exact_peer(path), ids)) < 1e-4
