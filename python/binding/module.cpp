@@ -16,6 +16,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -464,7 +465,20 @@ nb::ndarray<> dequantize_stack(nb::handle codes, nb::handle scale, const std::ve
 
 NB_MODULE(_C, m) {
   m.doc() = "fp8moe engine binding (internal: use the fp8moe package)";
-  nb::exception<fp8moe::Error>(m, "Error", PyExc_RuntimeError);
+  // fp8moe.Fp8MoeError carries the engine's message alone; the check that failed and its file:line
+  // are appended with FP8MOE_DEBUG=1, as the CLI does with --debug.
+  nb::exception<fp8moe::Error> error(m, "Error", PyExc_RuntimeError);
+  nb::register_exception_translator(
+      [](const std::exception_ptr& p, void* type) {
+        try {
+          std::rethrow_exception(p);
+        } catch (const fp8moe::Error& e) {
+          const char* dbg = std::getenv("FP8MOE_DEBUG");
+          const bool debug = dbg && *dbg && std::string(dbg) != "0";
+          PyErr_SetString(static_cast<PyObject*>(type), debug ? e.what() : e.message().c_str());
+        }
+      },
+      error.ptr());
   // The Python side keeps one engine per device for the life of the process, on purpose.
   nb::set_leak_warnings(false);
 
