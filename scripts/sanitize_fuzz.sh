@@ -10,14 +10,14 @@
 # Idempotent: installs what is missing (Debian packages, PyPI) and reuses its build folder.
 #
 # Environment: BUILD (default build-sanitize), OUT (default $BUILD/fuzz-out), FUZZ_SECONDS
-# (per target, default 75), JOBS (build and test parallelism, default nproc), FUZZ_PARALLEL
+# (per target, default 60), JOBS (build and test parallelism, default nproc), FUZZ_PARALLEL
 # (targets fuzzed at once, default nproc, at most 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUILD=${BUILD:-build-sanitize}
 OUT=${OUT:-$BUILD/fuzz-out}
-FUZZ_SECONDS=${FUZZ_SECONDS:-75}
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 JOBS=${JOBS:-$(nproc)}
 FUZZ_PARALLEL=${FUZZ_PARALLEL:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
 TARGETS=(safetensors config checkpoint layer_inputs)
@@ -43,7 +43,8 @@ fi
 # ---- 1. build
 stamp "building $BUILD (clang, ASan + UBSan, fuzz targets)"
 gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
-CC=clang CXX=clang++ cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFP8MOE_CUDA=OFF \
+# Release: -O2 keeps the tests fast; FP8MOE_SANITIZE adds line tables for the reports' stacks.
+CC=clang CXX=clang++ cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DFP8MOE_CUDA=OFF \
   -DFP8MOE_SANITIZE=ON -DFP8MOE_FUZZ=ON >/dev/null
 if ! cmake --build "$BUILD" -j"$JOBS" >"$BUILD/build.log" 2>&1; then
   grep -E -A12 'FAILED|error:' "$BUILD/build.log" | head -n 80 >&2 || tail -n 80 "$BUILD/build.log" >&2
@@ -52,7 +53,7 @@ if ! cmake --build "$BUILD" -j"$JOBS" >"$BUILD/build.log" 2>&1; then
 fi
 
 # ---- 2. the CPU tests under the sanitizers
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1}
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -83,13 +84,13 @@ wait
 failed=()
 for t in "${TARGETS[@]}"; do
   if [ "$(cat "$OUT/$t.rc")" = 0 ]; then
-    runs=$(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' "$OUT/$t.log" | awk '{print $2}')
-    cov=$(grep -E '^#[0-9]+ +DONE' "$OUT/$t.log" | grep -oE 'cov: [0-9]+ ft: [0-9]+' | tail -n 1)
+    runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$OUT/$t.log" | awk '{print $2}' || true)
+    cov=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$OUT/$t.log" | grep -oE 'cov: [0-9]+ ft: [0-9]+' | tail -n 1 || true)
     echo "fuzz_$t: ok, ${runs:-?} executions, ${cov:-?}"
   else
     failed+=("$t")
     echo "fuzz_$t: FAILED with status $(cat "$OUT/$t.rc") (log: $OUT/$t.log)"
-    grep -E 'ERROR:|SUMMARY:|runtime error|Test unit written|property broken' "$OUT/$t.log" | head -n 8 | sed 's/^/    /'
+    grep -E 'ERROR:|SUMMARY:|runtime error|Test unit written|property broken' "$OUT/$t.log" | head -n 8 | sed 's/^/    /' || true
     for a in "$OUT/$t-"*; do
       if [ -f "$a" ]; then echo "    replay: $BUILD/fuzz_$t -timeout=1 $a"; fi
     done
