@@ -1,5 +1,6 @@
 // quantization_config -> QuantConfig: fine-grained FP8 ("fp8") and compressed-tensors
 // float-quantized, with the module-name matching each producer uses.
+#include <algorithm>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -27,10 +28,25 @@ constexpr auto kRegexFlags = std::regex::ECMAScript | std::regex_constants::__po
 #error "module patterns need a regex executor without exponential backtracking (libstdc++'s __polynomial)"
 #endif
 
+// The longest run of decimal digits in `s`. libstdc++'s regex compiler reads a repetition count
+// or a back-reference number into a long without an overflow check (undefined behaviour, found by
+// fuzz_config with "g{55555555555555555064,}"); nine digits always fit.
+size_t longest_digit_run(const std::string& s) {
+  size_t longest = 0, run = 0;
+  for (char c : s) {
+    run = c >= '0' && c <= '9' ? run + 1 : 0;
+    longest = std::max(longest, run);
+  }
+  return longest;
+}
+
 std::shared_ptr<const std::regex> compile(const std::string& pattern, const std::string& src, const char* field) {
   FP8MOE_CHECK(static_cast<int64_t>(pattern.size()) <= kMaxPatternLength, src, ": quantization_config.", field,
                " entry of ", pattern.size(), " characters exceeds the limit of ", kMaxPatternLength,
                " (module patterns are short names)");
+  FP8MOE_CHECK(longest_digit_run(pattern) <= 9, src, ": quantization_config.", field, " entry \"", pattern,
+               "\" holds a number of ", longest_digit_run(pattern),
+               " digits; at most 9 are accepted (layer indices, repetition counts)");
   try {
     return std::make_shared<const std::regex>(pattern, kRegexFlags);
   } catch (const std::regex_error& e) {

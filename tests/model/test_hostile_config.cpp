@@ -314,6 +314,11 @@ TEST(HostileConfig, ModuleListsAndPatternsAreBounded) {
            R"("], "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
            "strategy": "channel"}}}})",
        {"quantization_config.ignore entry of 513 characters"}},
+      // libstdc++ reads a repetition count into a long unchecked (UB; found by fuzz_config).
+      {R"({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["re:.*mlp.\\.g{55555555555555555064,"],
+          "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}})",
+       {"holds a number of 20 digits; at most 9 are accepted"}},
+      {R"({"quant_method": "fp8", "modules_to_not_convert": ["x\\99999999999999999999"]})", {"a number of 20 digits"}},
       // The polynomial executor refuses back-references: an error, not a silent mismatch.
       {R"({"quant_method": "fp8", "modules_to_not_convert": ["(a)\\1"]})",
        {"modules_to_not_convert entry \"(a)\\1\" is not a regex std::regex accepts"}},
