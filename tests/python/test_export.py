@@ -37,6 +37,32 @@ def _adapted(fp8, scale=1.0):
     return model
 
 
+def _expected_merged(model, fp8: str, family: str) -> dict:
+    """{source tensor name: W + D} for every adapted tensor: W decoded by torch from the source
+    checkpoint (models.exact_tensors), D from PEFT's own get_delta_weight, mapped onto the
+    source's layout (per-expert gate/up/down, or GPT-OSS's transposed fused stacks)."""
+    exact = models.exact_tensors(fp8)
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (peft.tuners.lora.ParamWrapper, peft.tuners.lora.Linear)):
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        pname = getattr(mod, "parameter_name", "weight")
+        d = mod.get_delta_weight("default").detach().float()
+        if pname == "weight":
+            pairs = [(f"{key}.weight", d)]
+        elif family == "gpt_oss":
+            pairs = [(f"{key}.{pname}", d.transpose(-1, -2))]
+        elif pname == "gate_up_proj":
+            I = d.shape[1] // 2
+            pairs = [(f"{key}.{e}.{w}_proj.weight", d[e, sl]) for e in range(d.shape[0])
+                     for w, sl in (("gate", slice(0, I)), ("up", slice(I, None)))]
+        else:
+            pairs = [(f"{key}.{e}.down_proj.weight", d[e]) for e in range(d.shape[0])]
+        out.update({n: exact[n] + dd for n, dd in pairs})
+    return out
+
+
 def _names(path):
     from safetensors import safe_open
 
@@ -62,36 +88,17 @@ def test_bf16_export_loads_in_transformers_and_matches(root, tmp_path, family, g
     assert json.load(open(tmp_path / "merged" / "merge_report.json"))["dtype"] == "bf16"
     # Every written weight is bf16(W + D): W decoded by torch from the source, D from PEFT's own
     # get_delta_weight (the convention of PEFT's merge), mapped onto the source's tensors.
-    exact = models.exact_tensors(fp8)
     written = models.exact_tensors(str(tmp_path / "merged"))
-    deltas = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (peft.tuners.lora.ParamWrapper, peft.tuners.lora.Linear)):
-            key = name.replace("base_model.model.", "").replace(".base_layer", "")
-            pname = getattr(mod, "parameter_name", "weight")
-            deltas[f"{key}.{pname}"] = mod.get_delta_weight("default").detach().float()
-    checked = 0
-    for full, d in deltas.items():
-        mod_name, pname = full.rsplit(".", 1)
-        if pname == "weight":
-            pairs = [(full, d)]
-        elif family == "gpt_oss":
-            pairs = [(full, d.transpose(-1, -2))]
-        elif pname == "gate_up_proj":
-            I = d.shape[1] // 2
-            pairs = [(f"{mod_name}.{e}.{w}_proj.weight", d[e, sl]) for e in range(d.shape[0])
-                     for w, sl in (("gate", slice(0, I)), ("up", slice(I, None)))]
-        else:
-            pairs = [(f"{mod_name}.{e}.down_proj.weight", d[e]) for e in range(d.shape[0])]
-        for n, dd in pairs:
-            assert ref.rel_err(written[n], (exact[n] + dd).to(torch.bfloat16)) < 1e-6, n
-            checked += 1
-    assert checked >= 8
+    expected = _expected_merged(model, fp8, family)
+    assert len(expected) >= 8
+    for n, want in expected.items():
+        assert ref.rel_err(written[n], want.to(torch.bfloat16)) < 1e-6, n
+    # transformers loads and runs it. (Whole-model logits are no measure here: on a tiny random
+    # model a near-tie in a router flips with the weights' rounding; the tensors are checked above.)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     ids = torch.randint(0, 256, (1, 10), generator=gen)
     with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(merged(ids).logits.flatten(), model(ids).logits.flatten(), dim=0)
-    assert cos > 0.95  # a gross check: BF16 weights, and a near-tie in a router may pick another expert
+        assert torch.isfinite(merged(ids).logits).all()
 
 
 def test_fp8_export_reloads_in_fp8moe(root, tmp_path, gen):
@@ -102,9 +109,15 @@ def test_fp8_export_reloads_in_fp8moe(root, tmp_path, gen):
     again = fp8moe.from_pretrained(str(tmp_path / "merged8"), device="cpu", dtype=torch.float32)
     ids = torch.randint(0, 256, (1, 10), generator=gen)
     with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(again(ids).logits.flatten(), model(ids).logits.flatten(), dim=0)
-    assert cos > 0.95  # a gross check: a near-tie in a router may pick another expert on a tiny model
-    assert all(0.0 <= r["rel_error"] < 0.1 and r["kept"] > 0.5 for r in report["tensors"].values())
+        assert torch.isfinite(again(ids).logits).all()
+    assert report["tensors"] and all(0.0 <= r["rel_error"] < 0.1 and r["kept"] > 0.5 for r in report["tensors"].values())
+    # Every adapted weight as written, decoded by torch alone, is W + D up to one FP8 rounding
+    # (E4M3: at most 1/16 of each value; a few percent in norm).
+    written = models.exact_tensors(str(tmp_path / "merged8"))
+    expected = _expected_merged(model, fp8, "qwen3_moe")
+    assert len(expected) >= 8
+    for n, want in expected.items():
+        assert ref.rel_err(written[n], want) < 0.05, n
 
 
 def test_tiny_delta_is_reported_lost_in_fp8(root, tmp_path):
