@@ -273,9 +273,14 @@ class Checkpoint {
   std::vector<int64_t> moe_layers() const;
   // Checks every layer and tensor without copying weights; never throws for checkpoint problems.
   InspectionReport inspect() const;
-  // Loads the routed experts (and shared experts, router) of MoE layer `layer` into host memory.
-  // Needs config.json. Throws naming the tensor for any of the problems listed at the top.
-  MoeLayerWeights load_moe_layer(int64_t layer) const;
+  // Loads the routed experts (and, with parts All, the shared experts and the router) of MoE
+  // layer `layer` into host memory. Needs config.json. Throws naming the tensor for any of the
+  // problems listed at the top. RoutedExperts serves callers whose own modules hold the router and
+  // the shared experts (the Python loader), so those are not read twice.
+  enum class Parts : uint8_t { All, RoutedExperts };
+  MoeLayerWeights load_moe_layer(int64_t layer, Parts parts = Parts::All) const;
+  // The stored layout of MoE layer `layer`'s routed experts, as the loader plans it (no copies).
+  ExpertLayout expert_layout(int64_t layer) const;
   // Loads the weight of Linear module `module` ("model.layers.0.self_attn.q_proj": reads
   // `<module>.weight`, its scale and `<module>.bias`) under the per-tensor FP8 rule and the scheme
   // the quantization config declares for that module. Throws naming the tensor.
@@ -283,6 +288,8 @@ class Checkpoint {
   // A copy in host memory of tensor `name` as stored (norms, embeddings, routers). Refuses FP8
   // tensors, whose values need their scales (load_linear).
   Tensor load_tensor(const std::string& name) const;
+  // The same for any tensor, FP8 codes included: for writers that pass a tensor through unchanged.
+  Tensor load_stored(const std::string& name) const;
 
  private:
   Checkpoint() = default;
@@ -292,6 +299,9 @@ class Checkpoint {
   QuantConfig quant_;
   std::shared_ptr<TensorStore> store_;
   std::map<int64_t, std::vector<std::string>> layer_names_;  // model.layers.<L>.* names, per L
+
+  // The checks load_moe_layer and expert_layout share; the stored names of `layer`.
+  const std::vector<std::string>& moe_layer_names(int64_t layer) const;
 };
 
 }  // namespace fp8moe

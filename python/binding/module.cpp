@@ -411,8 +411,10 @@ nb::dict stack_dict(ExpertStack s) {
   return d;
 }
 
-nb::dict load_moe_layer(const Checkpoint& ck, int64_t layer) {
-  MoeLayerWeights w = ck.load_moe_layer(layer);
+// routed_only: the routed experts alone (the Python loader leaves router and shared experts to
+// the model's own modules, which read them as Linear weights).
+nb::dict load_moe_layer(const Checkpoint& ck, int64_t layer, bool routed_only) {
+  MoeLayerWeights w = ck.load_moe_layer(layer, routed_only ? Checkpoint::Parts::RoutedExperts : Checkpoint::Parts::All);
   nb::dict d;
   d["layer"] = w.layer;
   d["layout"] = std::string(expert_layout_name(w.layout));
@@ -547,9 +549,13 @@ NB_MODULE(_C, m) {
              const SafetensorsEntry& e = c.store().entry(n);
              return std::make_pair(std::string(dtype_name(e.dtype)), e.shape.vec());
            })
-      .def("load_moe_layer", &load_moe_layer)
+      .def("load_moe_layer", &load_moe_layer, nb::arg("layer"), nb::arg("routed_only") = false)
+      .def("expert_layout",
+           [](const Checkpoint& c, int64_t layer) { return std::string(expert_layout_name(c.expert_layout(layer))); })
       .def("load_linear", &load_linear)
       .def("load_tensor", [](const Checkpoint& c, const std::string& n) { return host_array(c.load_tensor(n)); })
+      // FP8 codes come back as uint8 bytes; entry(name) names their format.
+      .def("load_stored", [](const Checkpoint& c, const std::string& n) { return host_array(c.load_stored(n)); })
       .def("inspect", [](const Checkpoint& c) {
         const InspectionReport r = c.inspect();
         return std::make_tuple(r.ok(), r.problems, r.str());

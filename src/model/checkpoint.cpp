@@ -723,7 +723,7 @@ std::vector<int64_t> Checkpoint::moe_layers() const {
   return out;
 }
 
-MoeLayerWeights Checkpoint::load_moe_layer(int64_t layer) const {
+const std::vector<std::string>& Checkpoint::moe_layer_names(int64_t layer) const {
   FP8MOE_CHECK(!dense(), "checkpoint '", path_, "': model_type ", model_type_,
                " is a dense model (its config.json declares no routed experts): there is no MoE layer ", layer,
                " to load");
@@ -735,7 +735,18 @@ MoeLayerWeights Checkpoint::load_moe_layer(int64_t layer) const {
                                               : std::string(" (a dense layer)"));
   static const std::vector<std::string> kNone;
   const auto it = layer_names_.find(layer);
-  const LayerPlan p = plan_layer(*store_, quant_, &cfg, it == layer_names_.end() ? kNone : it->second, layer);
+  return it == layer_names_.end() ? kNone : it->second;
+}
+
+ExpertLayout Checkpoint::expert_layout(int64_t layer) const {
+  const std::vector<std::string>& names = moe_layer_names(layer);
+  return plan_layer(*store_, quant_, &*config_, names, layer).layout;
+}
+
+MoeLayerWeights Checkpoint::load_moe_layer(int64_t layer, Parts parts) const {
+  const std::vector<std::string>& names = moe_layer_names(layer);
+  const ModelConfig& cfg = *config_;
+  const LayerPlan p = plan_layer(*store_, quant_, &cfg, names, layer);
 
   const std::string L = "layer " + std::to_string(layer);
   MoeLayerWeights w;
@@ -746,6 +757,7 @@ MoeLayerWeights Checkpoint::load_moe_layer(int64_t layer) const {
   if (!p.gate_up_bias.empty()) w.routed.gate_up_bias = model::to_f32(p.gate_up_bias, store_->view(p.gate_up_bias));
   if (!p.down_bias.empty()) w.routed.down_bias = model::to_f32(p.down_bias, store_->view(p.down_bias));
   w.routed.act = cfg.act;
+  if (parts == Parts::RoutedExperts) return w;
   if (p.shared_gate_up) {
     ExpertStack s;
     s.gate_up = build(*p.shared_gate_up, L + " shared gate_up");
@@ -781,12 +793,17 @@ LinearStack Checkpoint::load_linear(const std::string& module) const {
   return out;
 }
 
+Tensor Checkpoint::load_stored(const std::string& name) const {
+  FP8MOE_CHECK(store_->contains(name), "missing tensor ", name, " in checkpoint ", path_);
+  return copy_as_stored(*store_, name);
+}
+
 Tensor Checkpoint::load_tensor(const std::string& name) const {
   FP8MOE_CHECK(store_->contains(name), "missing tensor ", name, " in checkpoint ", path_);
   const DType dt = store_->entry(name).dtype;
   FP8MOE_CHECK(!is_fp8(dt), "tensor ", name, " is ", dtype_name(dt),
                ": FP8 codes are not values without their scale; load it as a Linear weight (load_linear)");
-  return copy_as_stored(*store_, name);
+  return load_stored(name);
 }
 
 InspectionReport Checkpoint::inspect() const {

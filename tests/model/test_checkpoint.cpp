@@ -284,6 +284,49 @@ INSTANTIATE_TEST_SUITE_P(Schemes, CheckpointCompressedTensorsStrategy,
                                            StrategyCase{ScaleKind::Group, DType::F16, false, "group 32"}));
 
 // ---------------------------------------------------------------------------------------------
+// One Linear module (the Python loader's FP8 projections), the routed experts alone, the layout
+// query, and stored copies: each against the builder's independent reference.
+TEST(CheckpointParts, LinearRoutedOnlyLayoutAndStoredCopies) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  CkptOptions o;
+  o.model_type = "glm4_moe_lite";
+  o.method = QuantMethod::CompressedTensors;
+  o.scheme = ScaleKind::Channel;
+  o.scale_dtype = DType::BF16;
+  o.shared = true;
+  CkptBuilder b(o, seed);
+  TempDir d;
+  b.write(d.file("ck"));
+  const Checkpoint ck = Checkpoint::open(d.file("ck"));
+  const int64_t H = o.H, I = o.I;
+
+  const LinearStack lin = ck.load_linear("model.layers.0.mlp.shared_experts.down_proj");
+  const QuantTensor q = lin.weight.view();
+  ASSERT_EQ(q.data.shape, (Shape{1, H, I}));
+  EXPECT_EQ(q.spec.kind, ScaleKind::Channel);
+  EXPECT_FALSE(lin.bias.defined());
+  int64_t bad = 0;
+  for (int64_t n = 0; n < H; ++n)
+    for (int64_t k = 0; k < I; ++k) bad += q.at(0, n, k) != b.down(0, 0, n, k, /*shared=*/true);
+  EXPECT_EQ(bad, 0);
+  expect_error([&] { ck.load_linear("model.layers.0.self_attn.nothing"); }, {"model.layers.0.self_attn.nothing.weight"});
+
+  const MoeLayerWeights all = ck.load_moe_layer(0);
+  const MoeLayerWeights routed = ck.load_moe_layer(0, Checkpoint::Parts::RoutedExperts);
+  EXPECT_EQ(mismatches(routed, b), 0);
+  EXPECT_TRUE(all.shared.has_value());
+  EXPECT_FALSE(routed.shared.has_value());
+  EXPECT_FALSE(routed.router.weight.defined());
+  EXPECT_EQ(ck.expert_layout(0), all.layout);
+
+  const std::string fp8 = "model.layers.0.mlp.shared_experts.down_proj.weight";
+  expect_bytes_equal(ck.load_stored(fp8), b.tensors.at(fp8));
+  expect_error([&] { ck.load_tensor(fp8); }, {fp8, "load_linear"});
+  const std::string norm = "model.layers.0.input_layernorm.weight";
+  expect_bytes_equal(ck.load_tensor(norm), b.tensors.at(norm));
+}
+
 TEST(CheckpointFused, TransformersFusedBlockScales) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
