@@ -14,9 +14,9 @@ from . import _C
 
 Fp8MoeError = _C.Error
 
-# The dtype of the intermediates each backend computes in (the CPU backend is the fp64 oracle).
-# Checked against the engine itself when an engine is made.
-_ACTIVATION = {"cpu": ("F64", torch.float64), "cuda": ("BF16", torch.bfloat16)}
+# The dtype of the intermediates each backend computes in (the CPU backend is the fp64 oracle):
+# the fake implementations need it without an engine. Checked against the engine when one is made.
+_ACTIVATION = {"cpu": "F64", "cuda": "BF16"}
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
 
@@ -37,32 +37,24 @@ def engine_for(device: torch.device) -> _C.Engine:
             raise Fp8MoeError("a CUDA tensor reached fp8moe, but this build of fp8moe has no usable CUDA backend "
                               "(built without nvcc, or no GPU visible to it); rebuild with nvcc on the PATH")
         eng = _C.Engine(kind, index)
-        if eng.activation_dtype != _ACTIVATION[kind][0]:
+        if eng.activation_dtype != _ACTIVATION[kind]:
             raise Fp8MoeError(f"internal: the {kind} engine computes in {eng.activation_dtype}, the binding expects "
-                              f"{_ACTIVATION[kind][0]}")
+                              f"{_ACTIVATION[kind]}")
         _engines[key] = eng
     return eng
-
-
-def activation_dtype(device: torch.device) -> torch.dtype:
-    return _ACTIVATION[device.type][1]
 
 
 def activation_name(device: torch.device) -> str:
     if device.type not in _ACTIVATION:
         raise Fp8MoeError(f"fp8moe runs on 'cpu' or 'cuda' tensors, found a tensor on '{device}'")
-    return _ACTIVATION[device.type][0]
+    return _ACTIVATION[device.type]
 
 
-def saved_buffers(layout: Sequence[tuple[str, str, Sequence[int]]], pairs, device: torch.device,
-                  empty: Callable = torch.empty) -> list[torch.Tensor]:
+def saved_buffers(layout: Sequence[tuple[str, str, Sequence[int]]], pairs, device: torch.device) -> list[torch.Tensor]:
     """Allocates the buffers a layer keeps for backward, as the engine's layout query lists them
     (-1 in a shape stands for the pair count, which may be symbolic under torch.compile)."""
-    out = []
-    for _name, dtype, shape in layout:
-        dims = [pairs if d == -1 else d for d in shape]
-        out.append(empty(dims, dtype=_DTYPES[dtype], device=device))
-    return out
+    return [torch.empty([pairs if d == -1 else d for d in shape], dtype=_DTYPES[dtype], device=device)
+            for _name, dtype, shape in layout]
 
 
 def dl(t: Optional[torch.Tensor]):

@@ -51,15 +51,10 @@ def _collect(model: nn.Module):
     if not pi._HAVE_PEFT:
         return found
     for name, mod in model.named_modules():
-        if isinstance(mod, pi.Fp8ExpertsLora):
+        if isinstance(mod, (pi.Fp8ExpertsLora, pi.Fp8LinearLora)):
             f = mod._factors()
             if f is not None:
-                found[_strip(name)][1][mod.parameter_name] = f
-        elif isinstance(mod, pi.Fp8LinearLora) and not mod.disable_adapters:
-            names = pi._active(mod, mod.active_adapters)
-            f = pi._combine([(mod.lora_A[a].weight, mod.lora_B[a].weight, float(mod.scaling[a])) for a in names])
-            if f is not None:
-                found[_strip(name)][1]["weight"] = f
+                found[_strip(name)][1][getattr(mod, "parameter_name", "weight")] = f
     return found
 
 
@@ -197,7 +192,7 @@ def export_merged(model: nn.Module, out_dir: str, dtype: str = "bf16") -> dict:
             if name not in modules:
                 raise Fp8MoeError(f"export_merged: the model has no fp8moe experts at {name}")
             mod, factors = modules[name]
-            _export_experts(ex, mod, factors, _layout_of(ck, layer), layer, done)
+            _export_experts(ex, mod, factors, ck.expert_layout(layer), layer, done)
         for name, (mod, factors) in modules.items():
             if isinstance(mod, Fp8Linear):
                 W = dequantized_weight(mod.weight.unsqueeze(0), None if mod.weight_scale is None else
@@ -220,7 +215,7 @@ def export_merged(model: nn.Module, out_dir: str, dtype: str = "bf16") -> dict:
                     continue
                 # An FP8 tensor no fp8moe module holds (GLM's MTP layer): as stored, or dequantized.
                 if fp8:
-                    writer.add(name, _raw(src, name))
+                    writer.add(name, _stored(ck, name))
                 elif not name.endswith("_scale") and not name.endswith("_scale_inv"):
                     d = ck.load_linear(name[: -len(".weight")])
                     w = dequantized_weight(torch.from_dlpack(d["data"]), None if d["scale"] is None else
@@ -245,24 +240,11 @@ def export_merged(model: nn.Module, out_dir: str, dtype: str = "bf16") -> dict:
     return report
 
 
-def _raw(src: str, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    for fname in sorted(os.listdir(src)):
-        if fname.endswith(".safetensors"):
-            with safe_open(os.path.join(src, fname), "pt") as f:
-                if name in f.keys():
-                    return f.get_tensor(name)
-    raise Fp8MoeError(f"export_merged: tensor {name} not found in {src}")
-
-
-def _layout_of(ck, layer: int) -> str:
-    p = f"model.layers.{layer}.mlp.experts"
-    if ck.contains(f"{p}.0.gate_proj.weight"):
-        return "per-expert"
-    dtype, shape = ck.entry(f"{p}.gate_up_proj")
-    down = ck.entry(f"{p}.down_proj")[1]
-    return "gpt-oss" if shape[1] == down[2] and shape[2] == 2 * down[1] else "fused"
+def _stored(ck, name: str) -> torch.Tensor:
+    """Tensor `name` as the checkpoint stores it (FP8 codes in their float8 dtype)."""
+    t = torch.from_dlpack(ck.load_stored(name))
+    fp8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.get(ck.entry(name)[0])
+    return t.view(fp8) if fp8 is not None else t
 
 
 def _export_experts(ex: _Export, mod: Fp8Experts, factors: dict, layout: str, layer: int, done: set) -> None:

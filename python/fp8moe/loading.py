@@ -83,8 +83,10 @@ def _scheme(quantize: Optional[str]) -> Optional[str]:
     return schemes[quantize]
 
 
-def _to_device(q: QuantStack, device: torch.device) -> QuantStack:
-    return QuantStack(q.data.to(device), None if q.scale is None else q.scale.to(device), q.spec, q.code)
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module holding `name`, the last name part)."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
 def _replace_experts(model: nn.Module, ck, device: torch.device, scheme: Optional[str]) -> set[str]:
@@ -93,13 +95,13 @@ def _replace_experts(model: nn.Module, ck, device: torch.device, scheme: Optiona
     layers = ck.moe_layers()
     for layer in _progress(layers, "fp8moe: experts", total=len(layers)):
         parent, attr, _old = _experts_module(model, layer)
-        w = ck.load_moe_layer(layer)["routed"]
-        host = torch.device("cpu")
-        gu, dn = QuantStack.from_engine(w["gate_up"], host), QuantStack.from_engine(w["down"], host)
+        # The router and the shared experts stay the model's own modules (loaded as Linear weights).
+        w = ck.load_moe_layer(layer, routed_only=True)["routed"]
+        gu, dn = QuantStack.from_engine(w["gate_up"]), QuantStack.from_engine(w["down"])
         if scheme is not None and gu.code == 0:
             gu, dn = _quantize_stack(gu, scheme, segments=2), _quantize_stack(dn, scheme)
         bias = [None if w[k] is None else torch.from_dlpack(w[k]).to(device) for k in ("gate_up_bias", "down_bias")]
-        setattr(parent, attr, Fp8Experts(_to_device(gu, device), _to_device(dn, device), w["act"], *bias))
+        setattr(parent, attr, Fp8Experts(gu.to(device), dn.to(device), w["act"], *bias))
         done.add(f"model.layers.{layer}.mlp.experts")
     return done
 
@@ -120,14 +122,12 @@ def _replace_linears(model: nn.Module, ck, device: torch.device, scheme: Optiona
     done = set()
     for name in _progress(targets, "fp8moe: FP8 projections", total=len(targets), unit="module"):
         d = ck.load_linear(name)
-        q = QuantStack.from_engine(d, torch.device("cpu"))
+        q = QuantStack.from_engine(d)
         if q.code == 0:
             q = _quantize_stack(q, scheme)
-        bias = None if d["bias"] is None else torch.from_dlpack(d["bias"])
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = Fp8Linear(_to_device(q, device), None if bias is None else bias.to(device))
-        setattr(parent, attr, lin)
+        bias = None if d["bias"] is None else torch.from_dlpack(d["bias"]).to(device)
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, Fp8Linear(q.to(device), bias))
         done.add(name)
     return done
 
@@ -162,14 +162,12 @@ def _load_rest(model: nn.Module, ck, device: torch.device) -> None:
                               f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     for name, buf in model.named_buffers():
         if buf is not None and buf.device != device and not buf.is_meta:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, attr = _parent(model, name)
             parent._buffers[attr] = buf.to(device)
 
 
 def _still_meta(model: nn.Module, name: str) -> bool:
-    parent_name, _, attr = name.rpartition(".")
-    t = getattr(model.get_submodule(parent_name) if parent_name else model, attr)
+    t = getattr(*_parent(model, name))
     return t is None or t.is_meta
 
 

@@ -32,10 +32,14 @@ class QuantStack:
     code: int                     # 1 E4M3, 2 E5M2, 0 plain
 
     @classmethod
-    def from_engine(cls, d: dict, device: torch.device) -> "QuantStack":
-        data = torch.from_dlpack(d["data"]).to(device)
-        scale = None if d["scale"] is None else torch.from_dlpack(d["scale"]).to(device)
-        return cls(data, scale, list(d["spec"]), int(d["code"]))
+    def from_engine(cls, d: dict) -> "QuantStack":
+        """A stack the C++ loader returned (host memory)."""
+        scale = None if d["scale"] is None else torch.from_dlpack(d["scale"])
+        return cls(torch.from_dlpack(d["data"]), scale, list(d["spec"]), int(d["code"]))
+
+    def to(self, device: torch.device) -> "QuantStack":
+        return QuantStack(self.data.to(device), None if self.scale is None else self.scale.to(device), self.spec,
+                          self.code)
 
 
 class _MoveNeverCast(nn.Module):

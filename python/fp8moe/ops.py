@@ -32,14 +32,62 @@ def _rank(a: Optional[Tensor]) -> int:
     return 0 if a is None else int(a.shape[1])
 
 
+def _wants_save(tracked) -> bool:
+    """Whether autograd will call backward: only then does forward keep its buffers."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
+
+
+def _grad_slots(like, needs, anchor: Tensor) -> list[Tensor]:
+    """One output per gradient slot of a backward op: shaped like its input, or empty when not
+    needed (custom ops return tensors, not None). The real and the fake implementation share it."""
+    return [torch.empty_like(t) if n else anchor.new_empty(0) for t, n in zip(like, needs)]
+
+
+def _backward_needs(ctx, grad_inputs, frozen, what: str) -> list[bool]:
+    """The gradient slots autograd wants; refuses gradients to frozen inputs and a forward that
+    kept nothing."""
+    if any(ctx.needs_input_grad[i] for i in frozen):
+        raise Fp8MoeError(f"fp8moe: a gradient to the frozen {what} (or its scales or biases) was requested; "
+                          f"fp8moe trains LoRA adapters on a frozen {what}")
+    if not ctx.save:
+        raise Fp8MoeError(f"fp8moe: backward through a {what} whose forward ran without keeping its buffers (it ran "
+                          "with grad disabled or with no input requiring grad)")
+    return [ctx.needs_input_grad[i] for i in grad_inputs]
+
+
+def _input_grads(grads, needs, grad_inputs, n_inputs: int) -> tuple:
+    """The backward op's slots -> autograd's per-input gradients (None where not needed)."""
+    out: list[Optional[Tensor]] = [None] * n_inputs
+    for slot, i in enumerate(grad_inputs):
+        out[i] = grads[slot] if needs[slot] else None
+    return tuple(out)
+
+
 # =============================================================================================
 # The MoE expert layer
 
+_MOE_N_INPUTS = 17
+_MOE_GRAD_INPUTS = (0, 2, 9, 10, 11, 12)  # hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B
+_MOE_FROZEN = (3, 4, 5, 6, 7, 8)          # the expert weights, their scales and biases
 
-def _moe_layout(hidden: Tensor, gate_up: Tensor, gate_up_A: Optional[Tensor], down_A: Optional[Tensor]):
+
+def _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save) -> list[Tensor]:
+    """[out [T, H], *saved]: the saved buffers as the engine lays them out, M = T * k pairs."""
+    out = torch.empty_like(hidden)
+    if not save:
+        return [out]
     E, two_i, H = gate_up.shape
-    return _C.moe_saved_layout(activation_name(hidden.device), int(E), int(H), int(two_i) // 2, _rank(gate_up_A),
-                               _rank(down_A))
+    layout = _C.moe_saved_layout(activation_name(hidden.device), int(E), int(H), int(two_i) // 2, _rank(gate_up_A),
+                                 _rank(down_A))
+    return [out, *saved_buffers(layout, topk_ids.shape[0] * topk_ids.shape[1], hidden.device)]
+
+
+def _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias, down_bias,
+                   gate_up_A, gate_up_B, down_A, down_B):
+    """The binding's (inputs, experts, lora) tuples."""
+    return ((dl(hidden), dl(topk_ids), dl(topk_weights)),
+            (dl(gate_up), dl(gate_up_scale), dl(down), dl(down_scale), dl(gate_up_bias), dl(down_bias)),
+            (dl(gate_up_A), dl(gate_up_B), dl(down_A), dl(down_B)))
 
 
 @torch.library.custom_op("fp8moe::moe_experts", mutates_args=())
@@ -49,28 +97,19 @@ def moe_experts_op(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
                    gate_up_B: Optional[Tensor], down_A: Optional[Tensor], down_B: Optional[Tensor], specs: list[int],
                    act: list[float], scaling: float, save: bool) -> list[Tensor]:
     """Returns [out [T, H], *saved] (saved: empty unless `save`)."""
-    out = torch.empty_like(hidden)
-    pairs = topk_ids.shape[0] * topk_ids.shape[1]
-    saved = saved_buffers(_moe_layout(hidden, gate_up, gate_up_A, down_A), pairs, hidden.device) if save else []
+    outputs = _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
+    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
     with Call(hidden.device) as c:
-        _C.moe_forward(c.engine, c.stream, c.alloc, (dl(hidden), dl(topk_ids), dl(topk_weights)),
-                       (dl(gate_up), dl(gate_up_scale), dl(down), dl(down_scale), dl(gate_up_bias), dl(down_bias)),
-                       specs, act, (dl(gate_up_A), dl(gate_up_B), dl(down_A), dl(down_B)), scaling, out,
-                       saved if save else None)
-    return [out, *saved]
+        _C.moe_forward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling, outputs[0],
+                       outputs[1:] if save else None)
+    return outputs
 
 
 @moe_experts_op.register_fake
 def _moe_experts_fake(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias,
                       down_bias, gate_up_A, gate_up_B, down_A, down_B, specs, act, scaling, save):
-    out = torch.empty_like(hidden)
-    pairs = topk_ids.shape[0] * topk_ids.shape[1]
-    saved = saved_buffers(_moe_layout(hidden, gate_up, gate_up_A, down_A), pairs, hidden.device) if save else []
-    return [out, *saved]
-
-
-# Gradient slots of the backward op, in order, and the forward input each belongs to.
-_MOE_GRAD_INPUTS = (0, 2, 9, 10, 11, 12)  # hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B
+    return _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
 
 
 @torch.library.custom_op("fp8moe::moe_experts_backward", mutates_args=())
@@ -82,12 +121,11 @@ def moe_experts_backward_op(grad_out: Tensor, hidden: Tensor, topk_ids: Tensor, 
                             scaling: float, needs: list[bool]) -> list[Tensor]:
     """Returns the gradients to (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B); a slot
     not in `needs` is an empty tensor."""
-    like = (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B)
-    grads = [torch.empty_like(t) if n else hidden.new_empty(0) for t, n in zip(like, needs)]
+    grads = _grad_slots((hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B), needs, hidden)
+    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
     with Call(hidden.device) as c:
-        _C.moe_backward(c.engine, c.stream, c.alloc, (dl(hidden), dl(topk_ids), dl(topk_weights)),
-                        (dl(gate_up), dl(gate_up_scale), dl(down), dl(down_scale), dl(gate_up_bias), dl(down_bias)),
-                        specs, act, (dl(gate_up_A), dl(gate_up_B), dl(down_A), dl(down_B)), scaling,
+        _C.moe_backward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling,
                         [dl(s) for s in saved], dl(grad_out), tuple(g if n else None for g, n in zip(grads, needs)))
     return grads
 
@@ -96,8 +134,7 @@ def moe_experts_backward_op(grad_out: Tensor, hidden: Tensor, topk_ids: Tensor, 
 def _moe_experts_backward_fake(grad_out, hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
                                gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B, saved, specs, act,
                                scaling, needs):
-    like = (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B)
-    return [torch.empty_like(t) if n else hidden.new_empty(0) for t, n in zip(like, needs)]
+    return _grad_slots((hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B), needs, hidden)
 
 
 def _moe_setup_context(ctx, inputs, output):
@@ -106,21 +143,11 @@ def _moe_setup_context(ctx, inputs, output):
 
 
 def _moe_backward(ctx, grads):
-    needs = [ctx.needs_input_grad[i] for i in _MOE_GRAD_INPUTS]
-    for i in (3, 4, 5, 6, 7, 8):
-        if ctx.needs_input_grad[i]:
-            raise Fp8MoeError("fp8moe: a gradient to the frozen expert weights (or their scales or biases) was "
-                              "requested; fp8moe trains LoRA adapters on frozen experts")
-    if not ctx.save:
-        raise Fp8MoeError("fp8moe: backward through a MoE layer whose forward ran without keeping its buffers "
-                          "(it ran with grad disabled or with no input requiring grad)")
+    needs = _backward_needs(ctx, _MOE_GRAD_INPUTS, _MOE_FROZEN, "expert weights")
     tensors = ctx.saved_tensors
-    inputs, saved = tensors[:13], list(tensors[13:])
-    g = moe_experts_backward_op(grads[0].contiguous(), *inputs, saved, ctx.specs, ctx.act, ctx.scaling, needs)
-    out: list[Optional[Tensor]] = [None] * 17
-    for slot, i in enumerate(_MOE_GRAD_INPUTS):
-        out[i] = g[slot] if needs[slot] else None
-    return tuple(out)
+    g = moe_experts_backward_op(grads[0].contiguous(), *tensors[:13], list(tensors[13:]), ctx.specs, ctx.act,
+                                ctx.scaling, needs)
+    return _input_grads(g, needs, _MOE_GRAD_INPUTS, _MOE_N_INPUTS)
 
 
 torch.library.register_autograd("fp8moe::moe_experts", _moe_backward, setup_context=_moe_setup_context)
@@ -136,8 +163,7 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
     hidden [T, H] (BF16/F32 on CUDA), topk_ids [T, k] int32/int64, topk_weights [T, k];
     lora = (gate_up_A [E, r, H], gate_up_B [E, 2I, r], down_A [E, r, I], down_B [E, H, r]).
     """
-    tracked = [hidden, topk_weights, *[t for t in lora if t is not None]]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    save = _wants_save((hidden, topk_weights, *lora))
     res = moe_experts_op(hidden.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), gate_up,
                          gate_up_scale, down, down_scale, gate_up_bias, down_bias,
                          *[None if t is None else t.contiguous() for t in lora], specs, act, float(scaling), save)
@@ -147,9 +173,18 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
 # =============================================================================================
 # The dense linear (G = 1)
 
+_LINEAR_N_INPUTS = 9
+_LINEAR_GRAD_INPUTS = (0, 4, 5)  # x, lora_A, lora_B
+_LINEAR_FROZEN = (1, 2, 3)       # the weight, its scale and bias
 
-def _linear_layout(x: Tensor, lora_A: Optional[Tensor]):
-    return _C.linear_saved_layout(activation_name(x.device), 0 if lora_A is None else int(lora_A.shape[0]))
+
+def _linear_outputs(x, weight, lora_A, save) -> list[Tensor]:
+    """[out [T, N], *saved]."""
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    if not save:
+        return [out]
+    layout = _C.linear_saved_layout(activation_name(x.device), 0 if lora_A is None else int(lora_A.shape[0]))
+    return [out, *saved_buffers(layout, x.shape[0], x.device)]
 
 
 def _one(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -162,19 +197,16 @@ def fp8_linear_op(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], bia
                   lora_A: Optional[Tensor], lora_B: Optional[Tensor], spec: list[int], scaling: float,
                   save: bool) -> list[Tensor]:
     """x [T, K] -> [out [T, N], *saved]; weight [N, K], lora_A [r, K], lora_B [N, r], bias [N]."""
-    out = x.new_empty((x.shape[0], weight.shape[0]))
-    saved = saved_buffers(_linear_layout(x, lora_A), x.shape[0], x.device) if save else []
+    outputs = _linear_outputs(x, weight, lora_A, save)
     with Call(x.device) as c:
         _C.linear_forward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
-                          (_one(lora_A), _one(lora_B)), scaling, out, saved if save else None)
-    return [out, *saved]
+                          (_one(lora_A), _one(lora_B)), scaling, outputs[0], outputs[1:] if save else None)
+    return outputs
 
 
 @fp8_linear_op.register_fake
 def _fp8_linear_fake(x, weight, weight_scale, bias, lora_A, lora_B, spec, scaling, save):
-    out = x.new_empty((x.shape[0], weight.shape[0]))
-    saved = saved_buffers(_linear_layout(x, lora_A), x.shape[0], x.device) if save else []
-    return [out, *saved]
+    return _linear_outputs(x, weight, lora_A, save)
 
 
 @torch.library.custom_op("fp8moe::fp8_linear_backward", mutates_args=())
@@ -182,8 +214,7 @@ def fp8_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, weight_s
                            bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor],
                            saved: list[Tensor], spec: list[int], scaling: float, needs: list[bool]) -> list[Tensor]:
     """Gradients to (x, lora_A, lora_B); a slot not in `needs` is an empty tensor."""
-    like = (x, lora_A, lora_B)
-    grads = [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs)]
+    grads = _grad_slots((x, lora_A, lora_B), needs, x)
     with Call(x.device) as c:
         _C.linear_backward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
                            (_one(lora_A), _one(lora_B)), scaling, [dl(s) for s in saved], dl(grad_out),
@@ -194,11 +225,7 @@ def fp8_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, weight_s
 
 @fp8_linear_backward_op.register_fake
 def _fp8_linear_backward_fake(grad_out, x, weight, weight_scale, bias, lora_A, lora_B, saved, spec, scaling, needs):
-    like = (x, lora_A, lora_B)
-    return [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs)]
-
-
-_LINEAR_GRAD_INPUTS = (0, 4, 5)  # x, lora_A, lora_B
+    return _grad_slots((x, lora_A, lora_B), needs, x)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -207,18 +234,10 @@ def _linear_setup_context(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grads):
-    needs = [ctx.needs_input_grad[i] for i in _LINEAR_GRAD_INPUTS]
-    if any(ctx.needs_input_grad[i] for i in (1, 2, 3)):
-        raise Fp8MoeError("fp8moe: a gradient to a frozen FP8 linear weight (or its scale or bias) was requested; "
-                          "fp8moe trains LoRA adapters on frozen FP8 projections")
-    if not ctx.save:
-        raise Fp8MoeError("fp8moe: backward through an FP8 linear whose forward ran without keeping its buffers")
+    needs = _backward_needs(ctx, _LINEAR_GRAD_INPUTS, _LINEAR_FROZEN, "FP8 linear weight")
     tensors = ctx.saved_tensors
     g = fp8_linear_backward_op(grads[0].contiguous(), *tensors[:6], list(tensors[6:]), ctx.spec, ctx.scaling, needs)
-    out: list[Optional[Tensor]] = [None] * 9
-    for slot, i in enumerate(_LINEAR_GRAD_INPUTS):
-        out[i] = g[slot] if needs[slot] else None
-    return tuple(out)
+    return _input_grads(g, needs, _LINEAR_GRAD_INPUTS, _LINEAR_N_INPUTS)
 
 
 torch.library.register_autograd("fp8moe::fp8_linear", _linear_backward, setup_context=_linear_setup_context)
@@ -230,8 +249,7 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], spec: 
     """y [..., N] = x W^T + scaling * (x A^T) B^T + b for x [..., K]."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    tracked = [x2] + [t for t in (lora_A, lora_B) if t is not None]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    save = _wants_save((x2, lora_A, lora_B))
     res = fp8_linear_op(x2, weight, weight_scale, bias, None if lora_A is None else lora_A.contiguous(),
                         None if lora_B is None else lora_B.contiguous(), spec, float(scaling), save)
     return res[0].reshape(*lead, weight.shape[0])

@@ -35,7 +35,8 @@ def _active(layer, adapters) -> list[str]:
     return [a for a in adapters if a in layer.lora_A]
 
 
-def _require_dense_dropout_free(layer, names):
+def _dropout_free(layer, names) -> bool:
+    """No active dropout on the adapter input (which a fused GEMM cannot apply)."""
     for a in names:
         drop = layer.lora_dropout[a]
         if not isinstance(drop, nn.Identity) and layer.training and getattr(drop, "p", 0.0) > 0.0:
@@ -81,7 +82,17 @@ except ImportError:  # PEFT is optional: fp8moe runs without it, and install() s
 
 if _HAVE_PEFT:
 
-    class ParamWrapper(_lora_layer.ParamWrapper):
+    class _NoMergeIntoFp8:
+        """PEFT's merge adds the delta into the base weight in place; for FP8 codes that would round
+        it into FP8 (or fail on the bytes). export_merged is the way to a merged checkpoint."""
+
+        def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+            raise Fp8MoeError(_MERGE_REFUSED)
+
+        def unmerge(self) -> None:
+            raise Fp8MoeError(_MERGE_REFUSED)
+
+    class ParamWrapper(_NoMergeIntoFp8, _lora_layer.ParamWrapper):
         """PEFT's ParamWrapper on an `Fp8Experts` parameter, applied inside fp8moe's kernels. PEFT
         nests one wrapper per targeted parameter; the outermost one gathers the adapters of all of
         them and runs the experts once. (The class keeps PEFT's name: PEFT recognises its
@@ -115,15 +126,9 @@ if _HAVE_PEFT:
                 raise Fp8MoeError(f"Fp8ExpertsLora wraps {type(layer).__name__}, expected Fp8Experts")
             return layer(x, *args, lora=lora, **kwargs)
 
-        def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-            raise Fp8MoeError(_MERGE_REFUSED)
-
-        def unmerge(self) -> None:
-            raise Fp8MoeError(_MERGE_REFUSED)
-
     Fp8ExpertsLora = ParamWrapper
 
-    class Fp8LinearLora(_lora_layer.Linear):
+    class Fp8LinearLora(_NoMergeIntoFp8, _lora_layer.Linear):
         """PEFT's LoRA Linear on an `Fp8Linear`: the adapter folds into fp8moe's dense GEMM. With
         dropout on the adapter input (which cannot be folded) or a LoRA bias, PEFT's own path adds
         the adapter to the fp8moe base output instead."""
@@ -134,22 +139,20 @@ if _HAVE_PEFT:
                                   "plain LoRA on FP8 projections")
             super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
+        def _factors(self) -> Optional[tuple[Tensor, Tensor, float]]:
+            """The active adapters as one LoRA (A [r, in], B [out, r], scaling), or None."""
+            if self.disable_adapters:
+                return None
+            names = _active(self, self.active_adapters)
+            return _combine([(self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a])) for a in names])
+
         def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             self._check_forward_args(x, *args, **kwargs)
-            base = self.get_base_layer()
             names = _active(self, self.active_adapters)
-            if self.disable_adapters or not names or kwargs.get("adapter_names") is not None:
+            if (self.disable_adapters or not names or kwargs.get("adapter_names") is not None
+                    or any(self.lora_bias.get(a, False) for a in names) or not _dropout_free(self, names)):
                 return super().forward(x, *args, **kwargs)
-            if any(self.lora_bias.get(a, False) for a in names) or not _require_dense_dropout_free(self, names):
-                return super().forward(x, *args, **kwargs)
-            f = _combine([(self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a])) for a in names])
-            return base(x, lora=f)
-
-        def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-            raise Fp8MoeError(_MERGE_REFUSED)
-
-        def unmerge(self) -> None:
-            raise Fp8MoeError(_MERGE_REFUSED)
+            return self.get_base_layer()(x, lora=self._factors())
 
     _original_create_new_module = _lora_model.LoraModel._create_new_module
 

@@ -5,6 +5,7 @@ says how much of each delta survived the rounding (a delta below the FP8 step is
 from __future__ import annotations
 
 import json
+import shutil
 import os
 
 import pytest
@@ -140,3 +141,25 @@ def test_export_refuses_existing_output_and_leaves_nothing_on_failure(root, tmp_
     with pytest.raises(fp8moe.Fp8MoeError, match="not FP8"):
         fp8moe.export_merged(bf16, str(tmp_path / "x"), dtype="fp8")
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_fp8_tensors_no_module_holds_pass_through(root, tmp_path):
+    """An FP8 projection stored beyond num_hidden_layers (GLM's MTP layer is one) is not part of the
+    model: FP8 export copies it bit for bit with its scale, BF16 export writes code x scale."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "with-mtp"
+    shutil.copytree(models.fp8_checkpoint(root, "qwen3_moe", "block"), src)
+    t = load_file(src / "model.safetensors")
+    extra = "model.layers.2.mlp.shared_expert.down_proj.weight"  # layer 2 of a 2-layer model
+    t[extra] = t["model.layers.0.self_attn.o_proj.weight"].clone()
+    t[extra + "_scale_inv"] = t["model.layers.0.self_attn.o_proj.weight_scale_inv"].clone() * 2
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    model = _adapted(str(src))
+    fp8moe.export_merged(model, str(tmp_path / "f8"), dtype="fp8")
+    out = load_file(tmp_path / "f8" / "model.safetensors")
+    assert torch.equal(out[extra].view(torch.uint8), t[extra].view(torch.uint8))
+    assert torch.equal(out[extra + "_scale_inv"], t[extra + "_scale_inv"])
+    fp8moe.export_merged(model, str(tmp_path / "b16"), dtype="bf16")
+    want = models.exact_tensors(str(src))[extra].to(torch.bfloat16)
+    assert torch.equal(load_file(tmp_path / "b16" / "model.safetensors")[extra], want)
