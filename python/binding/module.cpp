@@ -388,16 +388,16 @@ void linear_backward(Engine& e, uintptr_t stream, nb::handle alloc, nb::ndarray<
 
 // ---- checkpoints
 
+nb::object opt_array(Tensor t) { return t.defined() ? nb::object(nb::cast(host_array(std::move(t)))) : nb::none(); }
+
 nb::dict quant_dict(QuantWeights q) {
   nb::dict d;
   d["code"] = code_of(q.data.dtype());
   d["spec"] = spec_list(q.spec);
   d["data"] = host_array(std::move(q.data));
-  d["scale"] = q.scale.defined() ? nb::object(nb::cast(host_array(std::move(q.scale)))) : nb::none();
+  d["scale"] = opt_array(std::move(q.scale));
   return d;
 }
-
-nb::object opt_array(Tensor t) { return t.defined() ? nb::object(nb::cast(host_array(std::move(t)))) : nb::none(); }
 
 nb::dict stack_dict(ExpertStack s) {
   nb::dict d;
