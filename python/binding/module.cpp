@@ -538,6 +538,7 @@ NB_MODULE(_C, m) {
       .def_static("open", &Checkpoint::open, nb::arg("path"))
       .def_prop_ro("path", &Checkpoint::path)
       .def_prop_ro("root", [](const Checkpoint& c) { return c.store().root(); })
+      .def_prop_ro("model_type", &Checkpoint::model_type)
       .def_prop_ro("quant_method", [](const Checkpoint& c) { return std::string(quant_method_name(c.quant().method)); })
       .def_prop_ro("config",
                    [](const Checkpoint& c) { return c.config() ? nb::object(config_dict(*c.config())) : nb::none(); })

@@ -197,12 +197,11 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     device = _device(device)
     scheme = _scheme(quantize)
     ck = _open(path)
-    cfg_info = ck.config
-    if cfg_info is None:
+    if not ck.model_type:
         raise Fp8MoeError(f"checkpoint {path}: config.json is missing; fp8moe.from_pretrained needs a model directory")
-    if cfg_info["model_type"] not in SUPPORTED_MODEL_TYPES:
-        raise Fp8MoeError(f"checkpoint {path}: model_type '{cfg_info['model_type']}' is not supported (supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    if ck.model_type not in SUPPORTED_MODEL_TYPES or ck.config is None:
+        raise Fp8MoeError(f"checkpoint {path}: model_type '{ck.model_type}' is not supported (supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}); fp8moe loads MoE models")
     engine_for(device)  # made now, outside any CUDA-graph capture
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     # transformers must not apply its own FP8 handling to the skeleton: fp8moe places every FP8 tensor.

@@ -140,7 +140,7 @@ def test_unsupported_model_type_is_refused(root, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "llama"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(fp8moe.Fp8MoeError):
+    with pytest.raises(fp8moe.Fp8MoeError, match="model_type .llama. is not supported"):
         fp8moe.from_pretrained(d, device="cpu")
 
 
