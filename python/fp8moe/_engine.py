@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _C
 
@@ -58,8 +59,10 @@ def saved_buffers(layout: Sequence[tuple[str, str, Sequence[int]]], pairs, devic
 
 
 def dl(t: Optional[torch.Tensor]):
-    """A tensor as the binding takes it: detached (DLPack refuses tensors that require grad)."""
-    return None if t is None else t.detach()
+    """A tensor as the binding takes it: a DLPack capsule. Made by torch's C exporter directly,
+    which is ~10x cheaper than `Tensor.__dlpack__` (Python) on a detached copy; the engine never
+    writes through an input, and it works on torch's current stream (no stream handshake)."""
+    return None if t is None else _to_dlpack(t)
 
 
 _allocators: dict[torch.device, Callable] = {}

@@ -55,6 +55,14 @@ def _backward_needs(ctx, grad_inputs, frozen, what: str) -> list[bool]:
     return [ctx.needs_input_grad[i] for i in grad_inputs]
 
 
+def _traced() -> bool:
+    """Whether torch.compile (or export) is tracing: the graph then holds the custom ops, which have
+    fake implementations. Eager calls take an autograd.Function over the same engine calls
+    instead: the custom op's dispatch (schema defaults, pytree, a redispatch per key) cost more
+    host time per call than the engine call itself, and a fine-tuning step makes hundreds of them."""
+    return torch.compiler.is_compiling()
+
+
 def _input_grads(grads, needs, grad_inputs, n_inputs: int) -> tuple:
     """The backward op's slots -> autograd's per-input gradients (None where not needed)."""
     out: list[Optional[Tensor]] = [None] * n_inputs
@@ -90,6 +98,18 @@ def _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down,
             (dl(gate_up_A), dl(gate_up_B), dl(down_A), dl(down_B)))
 
 
+def _moe_forward(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias, down_bias,
+                 gate_up_A, gate_up_B, down_A, down_B, specs, act, scaling, save) -> list[Tensor]:
+    """The forward's engine call: [out [T, H], *saved] (saved: empty unless `save`)."""
+    outputs = _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
+    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
+    with Call(hidden.device) as c:
+        _C.moe_forward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling, dl(outputs[0]),
+                       [dl(t) for t in outputs[1:]] if save else None)
+    return outputs
+
+
 @torch.library.custom_op("fp8moe::moe_experts", mutates_args=())
 def moe_experts_op(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
                    gate_up_scale: Optional[Tensor], down: Tensor, down_scale: Optional[Tensor],
@@ -97,19 +117,28 @@ def moe_experts_op(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
                    gate_up_B: Optional[Tensor], down_A: Optional[Tensor], down_B: Optional[Tensor], specs: list[int],
                    act: list[float], scaling: float, save: bool) -> list[Tensor]:
     """Returns [out [T, H], *saved] (saved: empty unless `save`)."""
-    outputs = _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
-    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
-                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
-    with Call(hidden.device) as c:
-        _C.moe_forward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling, outputs[0],
-                       outputs[1:] if save else None)
-    return outputs
+    return _moe_forward(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias,
+                        down_bias, gate_up_A, gate_up_B, down_A, down_B, specs, act, scaling, save)
 
 
 @moe_experts_op.register_fake
 def _moe_experts_fake(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias,
                       down_bias, gate_up_A, gate_up_B, down_A, down_B, specs, act, scaling, save):
     return _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
+
+
+def _moe_backward_grads(grad_out, hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                        gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B, saved, specs, act, scaling,
+                        needs) -> list[Tensor]:
+    """The backward's engine call: the gradient slots of (hidden, topk_weights, gate_up_A,
+    gate_up_B, down_A, down_B); a slot not in `needs` is an empty tensor."""
+    grads = _grad_slots((hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B), needs, hidden)
+    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
+    with Call(hidden.device) as c:
+        _C.moe_backward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling,
+                        [dl(s) for s in saved], dl(grad_out), tuple(dl(g) if n else None for g, n in zip(grads, needs)))
+    return grads
 
 
 @torch.library.custom_op("fp8moe::moe_experts_backward", mutates_args=())
@@ -121,13 +150,9 @@ def moe_experts_backward_op(grad_out: Tensor, hidden: Tensor, topk_ids: Tensor, 
                             scaling: float, needs: list[bool]) -> list[Tensor]:
     """Returns the gradients to (hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B); a slot
     not in `needs` is an empty tensor."""
-    grads = _grad_slots((hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B), needs, hidden)
-    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
-                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
-    with Call(hidden.device) as c:
-        _C.moe_backward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling,
-                        [dl(s) for s in saved], dl(grad_out), tuple(g if n else None for g, n in zip(grads, needs)))
-    return grads
+    return _moe_backward_grads(grad_out, hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                               gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B, saved, specs, act,
+                               scaling, needs)
 
 
 @moe_experts_backward_op.register_fake
@@ -142,15 +167,30 @@ def _moe_setup_context(ctx, inputs, output):
     ctx.specs, ctx.act, ctx.scaling, ctx.save = inputs[13], inputs[14], inputs[15], inputs[16]
 
 
-def _moe_backward(ctx, grads):
+def _moe_backward(ctx, grads, run=moe_experts_backward_op):
     needs = _backward_needs(ctx, _MOE_GRAD_INPUTS, _MOE_FROZEN, "expert weights")
     tensors = ctx.saved_tensors
-    g = moe_experts_backward_op(grads[0].contiguous(), *tensors[:13], list(tensors[13:]), ctx.specs, ctx.act,
-                                ctx.scaling, needs)
+    g = run(grads[0].contiguous(), *tensors[:13], list(tensors[13:]), ctx.specs, ctx.act, ctx.scaling, needs)
     return _input_grads(g, needs, _MOE_GRAD_INPUTS, _MOE_N_INPUTS)
 
 
 torch.library.register_autograd("fp8moe::moe_experts", _moe_backward, setup_context=_moe_setup_context)
+
+
+class _MoeExpertsEager(torch.autograd.Function):
+    """The op's autograd in eager mode, without the dispatcher: the same engine calls, the same
+    context and backward, at a fraction of the custom op's per-call host cost (see _eager)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature per call
+        output = _moe_forward(*inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        _moe_setup_context(ctx, inputs, output)
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _moe_backward(ctx, grads, _moe_backward_grads)
 
 
 def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
@@ -164,7 +204,7 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
     lora = (gate_up_A [E, r, H], gate_up_B [E, 2I, r], down_A [E, r, I], down_B [E, H, r]).
     """
     save = _wants_save((hidden, topk_weights, *lora))
-    res = moe_experts_op(hidden.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), gate_up,
+    res = (moe_experts_op if _traced() else _MoeExpertsEager.apply)(hidden.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), gate_up,
                          gate_up_scale, down, down_scale, gate_up_bias, down_bias,
                          *[None if t is None else t.contiguous() for t in lora], specs, act, float(scaling), save)
     return res[0]
@@ -189,7 +229,17 @@ def _linear_outputs(x, weight, lora_A, save) -> list[Tensor]:
 
 def _one(t: Optional[Tensor]) -> Optional[Tensor]:
     """A per-matrix tensor as the engine's one-matrix stack [1, ...]."""
-    return None if t is None else dl(t).unsqueeze(0)
+    return None if t is None else dl(t.unsqueeze(0))
+
+
+def _linear_forward(x, weight, weight_scale, bias, lora_A, lora_B, spec, scaling, save) -> list[Tensor]:
+    """The forward's engine call: [out [T, N], *saved]."""
+    outputs = _linear_outputs(x, weight, lora_A, save)
+    with Call(x.device) as c:
+        _C.linear_forward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
+                          (_one(lora_A), _one(lora_B)), scaling, dl(outputs[0]),
+                          [dl(t) for t in outputs[1:]] if save else None)
+    return outputs
 
 
 @torch.library.custom_op("fp8moe::fp8_linear", mutates_args=())
@@ -197,11 +247,7 @@ def fp8_linear_op(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], bia
                   lora_A: Optional[Tensor], lora_B: Optional[Tensor], spec: list[int], scaling: float,
                   save: bool) -> list[Tensor]:
     """x [T, K] -> [out [T, N], *saved]; weight [N, K], lora_A [r, K], lora_B [N, r], bias [N]."""
-    outputs = _linear_outputs(x, weight, lora_A, save)
-    with Call(x.device) as c:
-        _C.linear_forward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
-                          (_one(lora_A), _one(lora_B)), scaling, outputs[0], outputs[1:] if save else None)
-    return outputs
+    return _linear_forward(x, weight, weight_scale, bias, lora_A, lora_B, spec, scaling, save)
 
 
 @fp8_linear_op.register_fake
@@ -209,11 +255,9 @@ def _fp8_linear_fake(x, weight, weight_scale, bias, lora_A, lora_B, spec, scalin
     return _linear_outputs(x, weight, lora_A, save)
 
 
-@torch.library.custom_op("fp8moe::fp8_linear_backward", mutates_args=())
-def fp8_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, weight_scale: Optional[Tensor],
-                           bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor],
-                           saved: list[Tensor], spec: list[int], scaling: float, needs: list[bool]) -> list[Tensor]:
-    """Gradients to (x, lora_A, lora_B); a slot not in `needs` is an empty tensor."""
+def _linear_backward_grads(grad_out, x, weight, weight_scale, bias, lora_A, lora_B, saved, spec, scaling,
+                           needs) -> list[Tensor]:
+    """The backward's engine call: the gradient slots of (x, lora_A, lora_B)."""
     grads = _grad_slots((x, lora_A, lora_B), needs, x)
     with Call(x.device) as c:
         _C.linear_backward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
@@ -221,6 +265,14 @@ def fp8_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, weight_s
                            (dl(grads[0]) if needs[0] else None, _one(grads[1]) if needs[1] else None,
                             _one(grads[2]) if needs[2] else None))
     return grads
+
+
+@torch.library.custom_op("fp8moe::fp8_linear_backward", mutates_args=())
+def fp8_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, weight_scale: Optional[Tensor],
+                           bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor],
+                           saved: list[Tensor], spec: list[int], scaling: float, needs: list[bool]) -> list[Tensor]:
+    """Gradients to (x, lora_A, lora_B); a slot not in `needs` is an empty tensor."""
+    return _linear_backward_grads(grad_out, x, weight, weight_scale, bias, lora_A, lora_B, saved, spec, scaling, needs)
 
 
 @fp8_linear_backward_op.register_fake
@@ -233,14 +285,29 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.spec, ctx.scaling, ctx.save = inputs[6], inputs[7], inputs[8]
 
 
-def _linear_backward(ctx, grads):
+def _linear_backward(ctx, grads, run=fp8_linear_backward_op):
     needs = _backward_needs(ctx, _LINEAR_GRAD_INPUTS, _LINEAR_FROZEN, "FP8 linear weight")
     tensors = ctx.saved_tensors
-    g = fp8_linear_backward_op(grads[0].contiguous(), *tensors[:6], list(tensors[6:]), ctx.spec, ctx.scaling, needs)
+    g = run(grads[0].contiguous(), *tensors[:6], list(tensors[6:]), ctx.spec, ctx.scaling, needs)
     return _input_grads(g, needs, _LINEAR_GRAD_INPUTS, _LINEAR_N_INPUTS)
 
 
 torch.library.register_autograd("fp8moe::fp8_linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+class _Fp8LinearEager(torch.autograd.Function):
+    """fp8_linear's autograd in eager mode, without the dispatcher (see _MoeExpertsEager)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature per call
+        output = _linear_forward(*inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        _linear_setup_context(ctx, inputs, output)
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _linear_backward(ctx, grads, _linear_backward_grads)
 
 
 def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], spec: list[int],
@@ -250,6 +317,6 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], spec: 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     save = _wants_save((x2, lora_A, lora_B))
-    res = fp8_linear_op(x2, weight, weight_scale, bias, None if lora_A is None else lora_A.contiguous(),
+    res = (fp8_linear_op if _traced() else _Fp8LinearEager.apply)(x2, weight, weight_scale, bias, None if lora_A is None else lora_A.contiguous(),
                         None if lora_B is None else lora_B.contiguous(), spec, float(scaling), save)
     return res[0].reshape(*lead, weight.shape[0])
