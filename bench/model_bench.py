@@ -124,13 +124,17 @@ def build_peer(cfg, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
-def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool) -> dict:
+def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
+            compile_layers: bool = False) -> dict:
     import peft
 
     model.config.use_cache = False
     pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, **targets))
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
+    if compile_layers:  # each decoder layer through torch.compile (one graph serves every layer of a kind)
+        for layer in pm.base_model.model.model.layers:
+            layer.compile()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     vocab = model.config.vocab_size
@@ -208,6 +212,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="small layer counts and vocabularies: a smoke run")
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder layer, for fp8moe and the peer alike (results go to "
+                        "model_bench_compiled.json; BENCHMARKS.md is left alone)")
+    p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
     p.add_argument("--out", default="out", help="folder for model_bench.json and model_bench.md")
     p.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
     a = p.parse_args()
@@ -217,6 +225,7 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seq": a.seq,
+               "compiled_layers": a.compile,
                "torch": torch.__version__, "command": " ".join(sys.argv), "models": {}}
     for name in a.models.split(","):
         cfg = config(name, a.tiny)
@@ -230,9 +239,11 @@ def main() -> int:
             t0 = time.time()
             model = build_fp8moe(cfg, scheme, device, 0) if impl == "fp8moe" else build_peer(cfg, device, 0)
             built = time.time() - t0
-            for k in ("a", "b"):
+            for k in a.configs.split(","):
                 res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
-                              profile=(impl == "fp8moe" and k == "b"))
+                              profile=(impl == "fp8moe" and k == "b" and not a.compile), compile_layers=a.compile)
+                if a.compile:
+                    torch._dynamo.reset()  # the next configuration's modules are new
                 res["build_s"] = built
                 r[f"{impl}_{k}"] = res
                 print(f"{name} {impl} ({k}): {res['step_ms']:.0f} ms/step, peak "
@@ -240,11 +251,11 @@ def main() -> int:
                       f"{res['lora_with_grad']}/{res['lora_tensors']}", flush=True)
             del model
             free(device)
-    with open(os.path.join(a.out, "model_bench.json"), "w") as f:
+    with open(os.path.join(a.out, "model_bench_compiled.json" if a.compile else "model_bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = markdown(results)
     print(md)
-    if not a.tiny:  # the section BENCHMARKS.md takes as it is
+    if not a.tiny and not a.compile:  # the section BENCHMARKS.md takes as it is
         with open(os.path.join(a.out, "model_bench.md"), "w") as f:
             f.write(md + "\n")
         if a.md:

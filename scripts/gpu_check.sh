@@ -23,6 +23,8 @@
 #   GPU_FILTER       gtest filter for the GPU tests (default: all)
 #   SANITIZE_FILTER  gtest filter for compute-sanitizer (default: below, small shapes)
 #   BENCH_ARGS       arguments for `fp8moe bench` (default: --shape all --tokens 256,4096,16384 --routing both)
+#   MODEL_BENCH_MODELS, MODEL_BENCH_ARGS  the model step's models (default qwen3,glm) and extra arguments
+#                    of bench/model_bench.py (e.g. "--compile --configs b")
 #   STEP_TIMEOUT     seconds after which a step is killed and marked FAIL (default 900)
 #   TORCH_BASELINES  the shared peer script torch_baselines.py. It lives at ../shared/bench/ on
 #                    developer machines but does not travel to the device machine: copy it into
@@ -86,8 +88,10 @@ fi
 
 BUILT=1
 if has_step build; then
-  TARGETS="fp8moe_gpu_tests fp8moe_cli"  # the CPU tests only when the cpu step runs
-  if has_step cpu; then TARGETS="fp8moe_tests $TARGETS"; fi
+  TARGETS=""  # only what the steps run: the Python steps alone need no test programs
+  if has_step cpu; then TARGETS="fp8moe_tests"; fi
+  if has_step gpu || has_step sanitize || has_step sm80; then TARGETS="$TARGETS fp8moe_gpu_tests"; fi
+  if has_step bench; then TARGETS="$TARGETS fp8moe_cli"; fi
   if has_step python || has_step model || has_step pysanitize; then TARGETS="$TARGETS fp8moe_python"; fi
   run_timed build "$OUT/build.log" bash -c "cmake -S . -B '$BUILD_DIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real -DFP8MOE_PYTHON=ON -DPython_EXECUTABLE=$(command -v python3) \
@@ -168,7 +172,7 @@ fi
 
 if has_step model; then
   run_timed model "$OUT/bench.log" python3 bench/model_bench.py --models "${MODEL_BENCH_MODELS:-qwen3,glm}" \
-    --out "$OUT"
+    --out "$OUT" ${MODEL_BENCH_ARGS:-}
   record model "$STATUS" "$SECS" "full-size fine-tuning vs transformers + PEFT BF16: model_bench.json, bench.log"
 fi
 
