@@ -3,19 +3,6 @@
 
 namespace fp8moe::cuda::gemm {
 
-const char* tile_shape_name(TileShape s) {
-  switch (s) {
-    case TileShape::M32N128: return "m32n128k32";
-    case TileShape::M64N128: return "m64n128k32";
-    case TileShape::Sm90M128N128: return "wgmma_m128n128k64";
-    case TileShape::Sm90RegA: return "wgmma_rega_w128t128k64";
-    case TileShape::Sm90RegAT256: return "wgmma_rega_w128t256k64";
-    case TileShape::Sm90RegAT64: return "wgmma_rega_w128t64k64";
-    case TileShape::M128N32: return "m128n32k32";
-  }
-  return "?";
-}
-
 bool tile_shape_supported(TileShape s) { return is_sm90(s) ? sm90_kernels_available() : true; }
 
 bool tile_shape_fits(TileShape s, const GemmProblem& p) {

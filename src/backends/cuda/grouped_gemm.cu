@@ -249,20 +249,16 @@ void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape sha
   dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
     constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
     constexpr bool TR = decltype(tr)::value;
+    // One case per row of tile_shapes.def. The Sm90RegA shapes are built for BF16 A and FP8 W
+    // alone, and the rega_fits check above lets nothing else reach them.
     switch (shape) {
-      case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::M128N32: launch_instance<TileShape::M128N32, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::Sm90RegA:  // BF16 A, FP8 W only (checked above)
-        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegA, 2, 1, TR>(p, grid, stream);
-        break;
-      case TileShape::Sm90RegAT256:
-        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT256, 2, 1, TR>(p, grid, stream);
-        break;
-      case TileShape::Sm90RegAT64:
-        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT64, 2, 1, TR>(p, grid, stream);
-        break;
+#define FP8MOE_TILE_SHAPE(id, ...)                                                  \
+  case TileShape::id:                                                               \
+    if constexpr (tile_takes_storage(TileShape::id, AB, BB))                        \
+      launch_instance<TileShape::id, AB, BB, TR>(p, grid, stream);                  \
+    break;
+#include "backends/cuda/tile_shapes.def"
+#undef FP8MOE_TILE_SHAPE
     }
   });
 }

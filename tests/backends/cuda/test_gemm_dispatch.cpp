@@ -158,5 +158,19 @@ TEST(GemmDispatch, TileShapeChoice) {
   EXPECT_EQ(choose(1024, true, false, true, 16), TileShape::Sm90RegAT256);
 }
 
+// The traits the build and the dispatch read from tile_shapes.def, where the kernels assume them.
+TEST(GemmDispatch, TileShapeTable) {
+  using namespace cuda::gemm;
+  for (TileShape s : kTileShapes) {
+    SCOPED_TRACE(tile_shape_name(s));
+    EXPECT_EQ(tile_bk(s), is_sm90(s) ? 64 : 32);  // the wgmma K step, the mma.sync K step
+    EXPECT_TRUE(tile_takes_storage(s, 2, 1));       // every shape takes the FP8 forward (BF16 A, FP8 W)
+    EXPECT_EQ(tile_takes_storage(s, 4, 2), !is_rega(s));
+  }
+  EXPECT_STREQ(tile_shape_name(TileShape::M128N32), "m128n32k32");
+  EXPECT_EQ(tile_bn(TileShape::M128N32), kNarrowN);
+  EXPECT_EQ(tile_bm(TileShape::Sm90RegAT256), 256);
+}
+
 }  // namespace
 }  // namespace fp8moe
