@@ -1,5 +1,8 @@
-// Tile-shape choice for the grouped GEMM, apart from the kernels.
+// Kernel choice for the grouped GEMM family (the GEMM's tile shape, grouped_outer's kernel),
+// apart from the kernels.
 #include "backends/cuda/grouped_gemm.cuh"
+
+#include <algorithm>
 
 namespace fp8moe::cuda::gemm {
 
@@ -35,6 +38,15 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   if (sm90 && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;
+}
+
+OuterKernel choose_outer_kernel(int64_t n, int64_t q) {
+  // The narrow-side kernel reads the wide operand once; the general one re-reads it per 64
+  // columns of the other side and wastes most of its tile on a narrow one (grouped_outer.cu has
+  // the measurement).
+  const int64_t narrow = std::min(n, q);
+  if (narrow > kOuterNarrowMax) return OuterKernel::General;
+  return narrow <= 16 ? OuterKernel::Narrow16 : OuterKernel::Narrow32;
 }
 
 }  // namespace fp8moe::cuda::gemm

@@ -95,6 +95,14 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p);
 TileShape choose_tile_shape(const GemmProblem& p);
 TileShape choose_tile_shape(const GemmProblem& p, bool sm90);
 
+// grouped_outer's kernels (grouped_outer.cu says how each works): the narrow-side kernel,
+// instantiated for a narrow side of up to 16 and up to kOuterNarrowMax columns, and the general
+// tiled one.
+enum class OuterKernel : uint8_t { Narrow16, Narrow32, General };
+constexpr int64_t kOuterNarrowMax = 32;
+// The one place that picks grouped_outer's kernel, for out [E, N, Q] (pure, host-testable).
+OuterKernel choose_outer_kernel(int64_t n, int64_t q);
+
 }  // namespace gemm
 
 // grouped_gemm with an explicit tile shape instead of choose_tile_shape's (benchmarks and tests

@@ -1,7 +1,8 @@
-// The host-side facts the grouped GEMM's engine choice rests on (gemm::describe): which problems
-// the register-A wgmma engine takes. A wrong "fits" would send a problem to a kernel that cannot
-// run it, so the boundaries are pinned here. Pure host logic on descriptors with placeholder
-// device pointers (never dereferenced): these tests run without a GPU (ctest label cpu).
+// The host-side facts the grouped GEMM family's kernel choice rests on (gemm::describe, the tile
+// table, gemm_heuristics.cpp): which problems the register-A wgmma engine takes, which shape and
+// which grouped_outer kernel the heuristics pick. A wrong "fits" would send a problem to a kernel
+// that cannot run it, so the boundaries are pinned here. Pure host logic on descriptors with
+// placeholder device pointers (never dereferenced): these tests run without a GPU (ctest label cpu).
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -170,6 +171,19 @@ TEST(GemmDispatch, TileShapeTable) {
   EXPECT_STREQ(tile_shape_name(TileShape::M128N32), "m128n32k32");
   EXPECT_EQ(tile_bn(TileShape::M128N32), kNarrowN);
   EXPECT_EQ(tile_bm(TileShape::Sm90RegAT256), 256);
+}
+
+// grouped_outer's kernel: the narrow-side one up to kOuterNarrowMax on either side (its 16- or
+// 32-wide instance), the general one above.
+TEST(GemmDispatch, OuterKernelChoice) {
+  using cuda::gemm::choose_outer_kernel;
+  using cuda::gemm::OuterKernel;
+  EXPECT_EQ(choose_outer_kernel(2048, 16), OuterKernel::Narrow16);
+  EXPECT_EQ(choose_outer_kernel(1, 4096), OuterKernel::Narrow16);
+  EXPECT_EQ(choose_outer_kernel(17, 600), OuterKernel::Narrow32);
+  EXPECT_EQ(choose_outer_kernel(600, 32), OuterKernel::Narrow32);
+  EXPECT_EQ(choose_outer_kernel(300, 33), OuterKernel::General);
+  EXPECT_EQ(choose_outer_kernel(64, 64), OuterKernel::General);
 }
 
 }  // namespace
