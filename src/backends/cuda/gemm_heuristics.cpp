@@ -1,20 +1,10 @@
-// Tile-shape choice for the grouped GEMM, apart from the kernels.
+// Kernel choice for the grouped GEMM family (the GEMM's tile shape, grouped_outer's kernel),
+// apart from the kernels.
 #include "backends/cuda/grouped_gemm.cuh"
 
-namespace fp8moe::cuda::gemm {
+#include <algorithm>
 
-const char* tile_shape_name(TileShape s) {
-  switch (s) {
-    case TileShape::M32N128: return "m32n128k32";
-    case TileShape::M64N128: return "m64n128k32";
-    case TileShape::Sm90M128N128: return "wgmma_m128n128k64";
-    case TileShape::Sm90RegA: return "wgmma_rega_w128t128k64";
-    case TileShape::Sm90RegAT256: return "wgmma_rega_w128t256k64";
-    case TileShape::Sm90RegAT64: return "wgmma_rega_w128t64k64";
-    case TileShape::M128N32: return "m128n32k32";
-  }
-  return "?";
-}
+namespace fp8moe::cuda::gemm {
 
 bool tile_shape_supported(TileShape s) { return is_sm90(s) ? sm90_kernels_available() : true; }
 
@@ -48,6 +38,15 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   if (sm90 && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;
+}
+
+OuterKernel choose_outer_kernel(int64_t n, int64_t q) {
+  // The narrow-side kernel reads the wide operand once; the general one re-reads it per 64
+  // columns of the other side and wastes most of its tile on a narrow one (grouped_outer.cu has
+  // the measurement).
+  const int64_t narrow = std::min(n, q);
+  if (narrow > kOuterNarrowMax) return OuterKernel::General;
+  return narrow <= 16 ? OuterKernel::Narrow16 : OuterKernel::Narrow32;
 }
 
 }  // namespace fp8moe::cuda::gemm

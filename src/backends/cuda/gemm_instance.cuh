@@ -10,20 +10,25 @@
 
 namespace fp8moe::cuda::gemm {
 
+// The Kernel* traits of shape S for A bytes AB, W bytes BB, W orientation TR: the last column of
+// its row in tile_shapes.def.
+template <TileShape S, int AB, int BB, bool TR>
+struct ShapeKernel;
+#define FP8MOE_TILE_SHAPE(shape, bm, bn, bk, engine, storage, name, ...) \
+  template <int AB, int BB, bool TR>                                     \
+  struct ShapeKernel<TileShape::shape, AB, BB, TR> {                     \
+    using type = __VA_ARGS__;                                            \
+  };
+#include "backends/cuda/tile_shapes.def"
+#undef FP8MOE_TILE_SHAPE
+
 template <TileShape S, int AB, int BB, bool TR>
 void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
-  using MmaCfg = std::conditional_t<S == TileShape::M32N128, TileM32N128,
-                                    std::conditional_t<S == TileShape::M128N32, TileM128N32, TileM64N128>>;
-  constexpr int kNT = S == TileShape::Sm90RegAT256 ? 2 : 1;     // token blocks of a RegA tile
-  constexpr int kTN = S == TileShape::Sm90RegAT64 ? 64 : 128;   // their width
-  using Sm90Cfg = std::conditional_t<is_rega(S), TileSm90RegA<kNT, kTN>, TileSm90M128>;
-  using Cfg = std::conditional_t<is_sm90(S), Sm90Cfg, MmaCfg>;
-  using K = std::conditional_t<is_rega(S), KernelSm90RegA<kNT, kTN, TR>,
-                               std::conditional_t<S == TileShape::Sm90M128N128, KernelSm90<TileSm90M128, AB, BB, TR>,
-                                                  KernelMma<MmaCfg, AB, BB, TR>>>;
-  static_assert(!is_rega(S) || (AB == 2 && BB == 1), "Sm90RegA: BF16 A, FP8 W");
-  static_assert(Cfg::BM == tile_bm(S) && Cfg::kBK == tile_bk(S) && (is_sm90(S) || Cfg::BN == tile_bn(S)),
-                "tile_bm/tile_bk/tile_bn disagree with the tile config");
+  using K = typename ShapeKernel<S, AB, BB, TR>::type;
+  using Cfg = typename K::Cfg;
+  static_assert(tile_takes_storage(S, AB, BB), "this shape is not built for this operand storage (tile_shapes.def)");
+  static_assert(Cfg::BM == tile_bm(S) && Cfg::BN == tile_bn(S) && Cfg::kBK == tile_bk(S),
+                "the kernel's tile config disagrees with the shape's BM, BN, BK in tile_shapes.def");
   auto launch = [&](auto kernel_traits) {
     using KT = decltype(kernel_traits);
     set_smem_limit(KT::kernel, KT::kSmemBytes);
@@ -32,7 +37,7 @@ void launch_instance(const Params& p, dim3 grid, cudaStream_t stream) {
   };
   // Transposed Sm90RegA has a second variant for per-K-row scales (Params::k_row_scale).
   if constexpr (is_rega(S) && TR) {
-    if (p.k_row_scale) return launch(KernelSm90RegA<kNT, kTN, true, true>{});
+    if (p.k_row_scale) return launch(typename K::WithKRowScale{});
   }
   launch(K{});
 }

@@ -173,17 +173,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   finish_tile<Cfg::kThreads>(p, rt, maps, st, threadIdx.x);
 }
 
-// Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BK must equal tile_bk().
+// Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BM, BN, BK must be the
+// shape's in tile_shapes.def (launch_instance asserts it).
 using TileM64N128 = Tile<64, 128, 32, 2, 4, 4, 2>;  // 8 warps of 32 x 32; two CTAs per SM
 using TileM32N128 = Tile<32, 128, 32, 1, 4, 4, 4>;  // 4 warps of 32 x 32; four CTAs per SM
 // Narrow N: 4 warps of 32 x 32 stacked along M; 5 stages (66 KB), three CTAs per SM, so ~96 KB
 // of A per SM are in flight: these GEMMs are A streams with little math per byte.
 using TileM128N32 = Tile<128, 32, 32, 4, 1, 5, 3>;
 
-template <class Cfg, int AB, int BB, bool TR>
+template <class Cfg_, int AB, int BB, bool TR>
 struct KernelMma {
-  static constexpr auto kernel = grouped_gemm_kernel<Cfg, AB, BB, TR>;
-  static constexpr int kSmemBytes = SmemLayout<Cfg, BB, TR>::kBytes;
+  using Cfg = Cfg_;
+  static constexpr auto kernel = grouped_gemm_kernel<Cfg_, AB, BB, TR>;
+  static constexpr int kSmemBytes = SmemLayout<Cfg_, BB, TR>::kBytes;
 };
 
 }  // namespace fp8moe::cuda::gemm

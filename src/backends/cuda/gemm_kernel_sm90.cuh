@@ -360,10 +360,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_kernel(con
 // Two warpgroups (128 x 128 tiles), 6 stages: 4 K tiles of 64 in flight, one CTA per SM.
 using TileSm90M128 = TileSm90<2, 6>;
 
-template <class Cfg, int AB, int BB, bool TR>
+template <class Cfg_, int AB, int BB, bool TR>
 struct KernelSm90 {
-  static constexpr auto kernel = grouped_gemm_sm90_kernel<Cfg, AB, BB, TR>;
-  static constexpr int kSmemBytes = SmemLayoutSm90<Cfg, BB>::kBytes;
+  using Cfg = Cfg_;
+  static constexpr auto kernel = grouped_gemm_sm90_kernel<Cfg_, AB, BB, TR>;
+  static constexpr int kSmemBytes = SmemLayoutSm90<Cfg_, BB>::kBytes;
 };
 
 }  // namespace fp8moe::cuda::gemm

@@ -443,8 +443,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 
 template <int kNT, int kTN, bool kTrans, bool kKScale = false>
 struct KernelSm90RegA {
-  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<TileSm90RegA<kNT, kTN>, kTrans, kKScale>;
-  static constexpr int kSmemBytes = TileSm90RegA<kNT, kTN>::kSmemBytes;
+  using Cfg = TileSm90RegA<kNT, kTN>;
+  static constexpr auto kernel = grouped_gemm_sm90_rega_kernel<Cfg, kTrans, kKScale>;
+  static constexpr int kSmemBytes = Cfg::kSmemBytes;
+  // The transposed kernel's variant for per-K-row scales (Params::k_row_scale).
+  using WithKRowScale = KernelSm90RegA<kNT, kTN, kTrans, true>;
 };
 
 }  // namespace fp8moe::cuda::gemm

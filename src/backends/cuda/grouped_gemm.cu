@@ -75,10 +75,185 @@ bool k_row_scale(const ScaleSpec& s) {
   return s.grid_k() == 1 && 64 % s.block_n == 0 && s.seg_rows() % s.block_n == 0;
 }
 
-OperandA make_operand_a(const GemmOperand& op, const char* name, const RoutingPlan& plan, int64_t cols) {
-  const int64_t rows = op.rows == RowSource::Tokens ? plan.tokens : plan.rows();
-  check_view(op.src, name, {rows, cols}, {DType::BF16, DType::F32});
-  return {op.src.data, elem_of(op.src.dtype, name), cols, op.rows == RowSource::Tokens};
+// The sizes of a checked descriptor.
+struct GemmDims {
+  int64_t M = 0, E = 0;  // rows (T * top_k) and experts of the plan
+  int64_t N = 0, K = 0;  // columns of v and the reduction length
+  int64_t R = 0;         // LoRA rank (0: no LoRA)
+  int64_t out_cols = 0;  // N, N / 2 (GLU forward) or 2N (GLU backward)
+};
+
+// Rows of an A-side operand: the plan's tokens (gathered) or its rows.
+int64_t operand_rows(const GemmOperand& op, const RoutingPlan& plan) {
+  return op.rows == RowSource::Tokens ? plan.tokens : plan.rows();
+}
+
+// Throws an fp8moe::Error naming the first operand of `g` that the kernels cannot take.
+GemmDims check_gemm(const GroupedGemm& g) {
+  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
+  const RoutingPlan& plan = *g.plan;
+  GemmDims d;
+  const int64_t M = d.M = plan.rows(), E = d.E = plan.experts;
+  FP8MOE_CHECK(E >= 1 && E <= kMaxExperts, "grouped_gemm: experts = ", E, " outside [1, ", kMaxExperts, "]");
+  FP8MOE_CHECK(M < (int64_t{1} << 31), "grouped_gemm: M = ", M, " rows exceed int32 row indices");
+
+  // W: [E, N, K] or [E, K, N]
+  const TensorView& bd = g.b.data;
+  FP8MOE_CHECK(bd.rank() == 3 && bd.size(0) == E, "grouped_gemm b: expected [E=", E, ", *, *], found ", bd.str());
+  check_view(bd, "grouped_gemm b", bd.shape, {DType::F8_E4M3, DType::F8_E5M2, DType::BF16, DType::F32});
+  const int64_t N = d.N = g.transpose_b ? bd.size(2) : bd.size(1);
+  const int64_t K = d.K = g.transpose_b ? bd.size(1) : bd.size(2);
+  FP8MOE_CHECK(N < (int64_t{1} << 30) && K < (int64_t{1} << 30), "grouped_gemm: N = ", N, ", K = ", K, " too large");
+  const bool quant = g.b.quantized();
+  FP8MOE_CHECK(quant == is_fp8(bd.dtype), "grouped_gemm b: FP8 data needs a scale scheme and plain data none; found ",
+               dtype_name(bd.dtype), " with scales '", scale_kind_name(g.b.spec.kind), "'");
+  if (quant) {
+    const ScaleSpec& s = g.b.spec;
+    s.validate("grouped_gemm b");
+    FP8MOE_CHECK(s.rows == bd.size(1) && s.cols == bd.size(2), "grouped_gemm b: scale spec covers [", s.rows, ", ",
+                 s.cols, "] but the stored matrices are ", bd.str());
+    check_view(g.b.scale, "grouped_gemm b.scale", {E, s.scale_rows(), s.grid_k()}, {DType::F32});
+  }
+  check_view(g.a.src, "grouped_gemm a", {operand_rows(g.a, plan), K}, {DType::BF16, DType::F32});
+
+  FP8MOE_CHECK(g.lora_a.defined() == g.lora_b.defined(), "grouped_gemm: lora_a and lora_b must be given together");
+  if (g.lora_a.defined()) {
+    FP8MOE_CHECK(g.lora_a.src.rank() == 2, "grouped_gemm lora_a: expected [*, r], found ", g.lora_a.src.str());
+    const int64_t R = d.R = g.lora_a.src.size(1);
+    FP8MOE_CHECK(R >= 1 && R <= 4096, "grouped_gemm lora_a: rank r = ", R, " outside [1, 4096]");
+    check_view(g.lora_a.src, "grouped_gemm lora_a", {operand_rows(g.lora_a, plan), R}, {DType::BF16, DType::F32});
+    check_view(g.lora_b, g.transpose_b ? "grouped_gemm lora_b [E, r, N]" : "grouped_gemm lora_b [E, N, r]",
+               g.transpose_b ? Shape{E, R, N} : Shape{E, N, R}, {DType::BF16, DType::F32});
+  }
+  if (g.row_scale.defined()) check_view(g.row_scale, "grouped_gemm row_scale", {M}, {DType::BF16, DType::F32});
+  if (g.bias.defined()) check_view(g.bias, "grouped_gemm bias", {E, N}, {DType::BF16, DType::F32});
+
+  d.out_cols = N;
+  switch (g.epilogue) {
+    case Epilogue::Store: break;
+    case Epilogue::GluForward:
+      FP8MOE_CHECK(N % 2 == 0, "grouped_gemm GluForward: N = ", N, " must be even (gate and up rows)");
+      d.out_cols = N / 2;
+      if (g.aux.defined()) check_view(g.aux, "grouped_gemm aux (GluForward) [M, N]", {M, N}, {DType::BF16, DType::F32});
+      break;
+    case Epilogue::GluBackward:
+      d.out_cols = 2 * N;
+      check_view(g.aux, "grouped_gemm aux (GluBackward) [M, 2N]", {M, 2 * N}, {DType::BF16, DType::F32});
+      break;
+  }
+  check_view(g.out, "grouped_gemm out", {M, d.out_cols}, {DType::BF16, DType::F32});
+  return d;
+}
+
+// The kernels' view of a checked descriptor: pointers, element kinds and the fast-path
+// conditions for `shape` (where one fails, the per-element path: same results, slower).
+Params gemm_params(const GroupedGemm& g, const GemmDims& d, TileShape shape) {
+  const RoutingPlan& plan = *g.plan;
+  const TensorView& bd = g.b.data;
+  const int64_t N = d.N, K = d.K;
+  const bool quant = g.b.quantized();
+  Params p;
+  p.M = d.M;
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.E = static_cast<int>(d.E);
+  p.top_k = static_cast<int>(plan.top_k);
+  p.offsets = plan.offsets.ptr<const int32_t>();
+  p.sorted_pairs = plan.sorted_pairs.ptr<const int32_t>();
+  p.a = {g.a.src.data, elem_of(g.a.src.dtype, "grouped_gemm a"), K, g.a.rows == RowSource::Tokens};
+  p.b = {bd.data, elem_of(bd.dtype, "grouped_gemm b"), N * K, g.transpose_b ? N : K,
+         quant ? g.b.scale.ptr<const float>() : nullptr, quant ? g.b.spec.numel() : 0, g.b.spec, 1.0f};
+  if (d.R > 0) {
+    const int64_t R = d.R;
+    p.R = static_cast<int>(R);
+    p.la = {g.lora_a.src.data, elem_of(g.lora_a.src.dtype, "grouped_gemm lora_a"), R,
+            g.lora_a.rows == RowSource::Tokens};
+    p.lb = {g.lora_b.data, elem_of(g.lora_b.dtype, "grouped_gemm lora_b"), N * R, g.transpose_b ? N : R, nullptr, 0,
+            ScaleSpec::none(g.transpose_b ? R : N, g.transpose_b ? N : R), static_cast<float>(g.lora_scale)};
+  }
+  if (g.row_scale.defined()) {
+    p.row_scale = g.row_scale.data;
+    p.rs_type = elem_of(g.row_scale.dtype, "grouped_gemm row_scale");
+  }
+  if (g.bias.defined()) {
+    p.bias = g.bias.data;
+    p.bias_type = elem_of(g.bias.dtype, "grouped_gemm bias");
+  }
+  p.epi = g.epilogue;
+  p.act = g.act;
+  p.out = g.out.data;
+  p.out_type = elem_of(g.out.dtype, "grouped_gemm out");
+  p.out_vec8 = d.out_cols % 8 == 0 && aligned16(p.out);
+  if (g.aux.defined()) {
+    p.aux = g.aux.data;
+    p.aux_type = elem_of(g.aux.dtype, "grouped_gemm aux");
+    p.aux_vec8 = g.aux.size(1) % 8 == 0 && aligned16(p.aux);
+  }
+
+  p.vec_a = K % 8 == 0 && aligned16(p.a.ptr);
+  // Whole 16-byte chunks of the LoRA factors and of plain F32 weights (wide_chunk): rows of a
+  // multiple of 8 elements, 16-byte aligned bases.
+  p.vec_lora = p.R > 0 && p.R % 8 == 0 && p.la.type == Elem::BF16 && p.lb.type != Elem::E4M3 &&
+               p.lb.type != Elem::E5M2 && aligned16(p.la.ptr) && aligned16(p.lb.ptr) && p.lb.ld % 8 == 0;
+  p.wide_b = !quant && bd.dtype == DType::F32 && p.b.ld % 8 == 0 && aligned16(bd.data);
+  const ScaleSpec& s = g.b.spec;
+  // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
+  // multiples of 8 or span them all.
+  const bool chunk_uniform = !quant || s.block_k % 8 == 0 || s.block_k >= s.cols;
+  // F32 weights never take the fast loop (dispatch_storage gives them the 2-byte kernel); their
+  // whole chunks load through wide_chunk.
+  p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
+  // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
+  const int64_t kBK = tile_bk(shape);
+  if (quant) {
+    p.b_tile_uniform = k_tile_uniform(s, g.transpose_b, K, kBK);
+    // Linear k-part per chunk: k0 + r lies in scale block (k0 + r) / block, block | kBK, and no
+    // segment boundary moves it (stored rows, read as k with transpose_b, restart at segments).
+    if (!p.b_tile_uniform) {
+      if (g.transpose_b && kBK % s.block_n == 0 && s.seg_rows() % s.block_n == 0)
+        p.b_kpart_step = kBK / s.block_n * s.grid_k();
+      else if (!g.transpose_b && kBK % s.block_k == 0 && s.block_k % 8 == 0)
+        p.b_kpart_step = kBK / s.block_k;
+    }
+  }
+  p.k_row_scale = is_rega(shape) && g.transpose_b && !p.b_tile_uniform;
+  return p;
+}
+
+// Checks that `shape` can run `g` on this device, then queues its kernel on `stream`.
+void launch_gemm(const GroupedGemm& g, Params& p, TileShape shape, cudaStream_t stream) {
+  const TensorView& bd = g.b.data;
+  if (p.k_row_scale)  // describe() admitted it: k_row_scale(spec), so gemm_params set the step
+    FP8MOE_CHECK(p.b_kpart_step > 0 && k_row_scale(g.b.spec), "grouped_gemm: internal: per-K-row scales without a linear step");
+  if (is_sm90(shape))
+    FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
+                 " needs an sm_90 GPU and a library built for sm_90a");
+  if (is_rega(shape))
+    FP8MOE_CHECK(describe(g).rega_fits, "grouped_gemm: tile shape ", tile_shape_name(shape),
+                 " takes only FP8 W, BF16 A, K % 64 == 0, one scale per 64-wide K tile, LoRA with BF16 L and r % 8 == 0 "
+                 "(transposed: N % 16 == 0, no GLU forward); found ",
+                 dtype_name(bd.dtype), " W", g.transpose_b ? " (transposed)" : "", ", ", dtype_name(g.a.src.dtype),
+                 " A, N = ", p.N, ", K = ", p.K, g.lora_a.defined() ? ", LoRA r = " + std::to_string(g.lora_a.src.size(1)) : "");
+  const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
+  const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
+  const int64_t N = p.N, bn = tile_bn(shape);  // GLU forward: bn / 2 gate + bn / 2 up columns
+  const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
+  const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
+  dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
+    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
+    constexpr bool TR = decltype(tr)::value;
+    // One case per row of tile_shapes.def. The Sm90RegA shapes are built for BF16 A and FP8 W
+    // alone, and the rega_fits check above lets nothing else reach them.
+    switch (shape) {
+#define FP8MOE_TILE_SHAPE(id, ...)                                                  \
+  case TileShape::id:                                                               \
+    if constexpr (tile_takes_storage(TileShape::id, AB, BB))                        \
+      launch_instance<TileShape::id, AB, BB, TR>(p, grid, stream);                  \
+    break;
+#include "backends/cuda/tile_shapes.def"
+#undef FP8MOE_TILE_SHAPE
+    }
+  });
 }
 
 }  // namespace
@@ -116,155 +291,10 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
 
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape) {
   using namespace gemm;
-  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm: plan is null");
-  const RoutingPlan& plan = *g.plan;
-  const int64_t M = plan.rows(), E = plan.experts;
-  FP8MOE_CHECK(E >= 1 && E <= kMaxExperts, "grouped_gemm: experts = ", E, " outside [1, ", kMaxExperts, "]");
-  FP8MOE_CHECK(M < (int64_t{1} << 31), "grouped_gemm: M = ", M, " rows exceed int32 row indices");
-
-  // W: [E, N, K] or [E, K, N]
-  const TensorView& bd = g.b.data;
-  FP8MOE_CHECK(bd.rank() == 3 && bd.size(0) == E, "grouped_gemm b: expected [E=", E, ", *, *], found ", bd.str());
-  check_view(bd, "grouped_gemm b", bd.shape, {DType::F8_E4M3, DType::F8_E5M2, DType::BF16, DType::F32});
-  const int64_t N = g.transpose_b ? bd.size(2) : bd.size(1);
-  const int64_t K = g.transpose_b ? bd.size(1) : bd.size(2);
-  FP8MOE_CHECK(N < (int64_t{1} << 30) && K < (int64_t{1} << 30), "grouped_gemm: N = ", N, ", K = ", K, " too large");
-  const bool quant = g.b.quantized();
-  FP8MOE_CHECK(quant == is_fp8(bd.dtype), "grouped_gemm b: FP8 data needs a scale scheme and plain data none; found ",
-               dtype_name(bd.dtype), " with scales '", scale_kind_name(g.b.spec.kind), "'");
-  if (quant) {
-    const ScaleSpec& s = g.b.spec;
-    s.validate("grouped_gemm b");
-    FP8MOE_CHECK(s.rows == bd.size(1) && s.cols == bd.size(2), "grouped_gemm b: scale spec covers [", s.rows, ", ",
-                 s.cols, "] but the stored matrices are ", bd.str());
-    check_view(g.b.scale, "grouped_gemm b.scale", {E, s.scale_rows(), s.grid_k()}, {DType::F32});
-  }
-
-  Params p;
-  p.M = M;
-  p.N = static_cast<int>(N);
-  p.K = static_cast<int>(K);
-  p.E = static_cast<int>(E);
-  p.top_k = static_cast<int>(plan.top_k);
-  p.offsets = plan.offsets.ptr<const int32_t>();
-  p.sorted_pairs = plan.sorted_pairs.ptr<const int32_t>();
-  p.a = make_operand_a(g.a, "grouped_gemm a", plan, K);
-  p.b = {bd.data, elem_of(bd.dtype, "grouped_gemm b"), N * K, g.transpose_b ? N : K,
-         quant ? g.b.scale.ptr<const float>() : nullptr, quant ? g.b.spec.numel() : 0, g.b.spec, 1.0f};
-
-  FP8MOE_CHECK(g.lora_a.defined() == g.lora_b.defined(), "grouped_gemm: lora_a and lora_b must be given together");
-  if (g.lora_a.defined()) {
-    FP8MOE_CHECK(g.lora_a.src.rank() == 2, "grouped_gemm lora_a: expected [*, r], found ", g.lora_a.src.str());
-    const int64_t R = g.lora_a.src.size(1);
-    FP8MOE_CHECK(R >= 1 && R <= 4096, "grouped_gemm lora_a: rank r = ", R, " outside [1, 4096]");
-    p.R = static_cast<int>(R);
-    p.la = make_operand_a(g.lora_a, "grouped_gemm lora_a", plan, R);
-    check_view(g.lora_b, g.transpose_b ? "grouped_gemm lora_b [E, r, N]" : "grouped_gemm lora_b [E, N, r]",
-               g.transpose_b ? Shape{E, R, N} : Shape{E, N, R}, {DType::BF16, DType::F32});
-    p.lb = {g.lora_b.data, elem_of(g.lora_b.dtype, "grouped_gemm lora_b"), N * R, g.transpose_b ? N : R, nullptr, 0,
-            ScaleSpec::none(g.transpose_b ? R : N, g.transpose_b ? N : R), static_cast<float>(g.lora_scale)};
-  }
-  if (g.row_scale.defined()) {
-    check_view(g.row_scale, "grouped_gemm row_scale", {M}, {DType::BF16, DType::F32});
-    p.row_scale = g.row_scale.data;
-    p.rs_type = elem_of(g.row_scale.dtype, "grouped_gemm row_scale");
-  }
-  if (g.bias.defined()) {
-    check_view(g.bias, "grouped_gemm bias", {E, N}, {DType::BF16, DType::F32});
-    p.bias = g.bias.data;
-    p.bias_type = elem_of(g.bias.dtype, "grouped_gemm bias");
-  }
-
-  p.epi = g.epilogue;
-  p.act = g.act;
-  int64_t out_cols = N;
-  switch (g.epilogue) {
-    case Epilogue::Store: break;
-    case Epilogue::GluForward:
-      FP8MOE_CHECK(N % 2 == 0, "grouped_gemm GluForward: N = ", N, " must be even (gate and up rows)");
-      out_cols = N / 2;
-      if (g.aux.defined()) check_view(g.aux, "grouped_gemm aux (GluForward) [M, N]", {M, N}, {DType::BF16, DType::F32});
-      break;
-    case Epilogue::GluBackward:
-      out_cols = 2 * N;
-      check_view(g.aux, "grouped_gemm aux (GluBackward) [M, 2N]", {M, 2 * N}, {DType::BF16, DType::F32});
-      break;
-  }
-  check_view(g.out, "grouped_gemm out", {M, out_cols}, {DType::BF16, DType::F32});
-  p.out = g.out.data;
-  p.out_type = elem_of(g.out.dtype, "grouped_gemm out");
-  p.out_vec8 = out_cols % 8 == 0 && aligned16(p.out);
-  if (g.aux.defined()) {
-    p.aux = g.aux.data;
-    p.aux_type = elem_of(g.aux.dtype, "grouped_gemm aux");
-    p.aux_vec8 = g.aux.size(1) % 8 == 0 && aligned16(p.aux);
-  }
-  if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
-
-  // Fast-path conditions (else the per-element path: same results, slower).
-  p.vec_a = K % 8 == 0 && aligned16(p.a.ptr);
-  // Whole 16-byte chunks of the LoRA factors and of plain F32 weights (wide_chunk): rows of a
-  // multiple of 8 elements, 16-byte aligned bases.
-  p.vec_lora = p.R > 0 && p.R % 8 == 0 && p.la.type == Elem::BF16 && p.lb.type != Elem::E4M3 &&
-               p.lb.type != Elem::E5M2 && aligned16(p.la.ptr) && aligned16(p.lb.ptr) && p.lb.ld % 8 == 0;
-  p.wide_b = !quant && bd.dtype == DType::F32 && p.b.ld % 8 == 0 && aligned16(bd.data);
-  const ScaleSpec& s = g.b.spec;
-  // One scale per 8-element chunk along the stored rows: blocks along the stored columns are
-  // multiples of 8 or span them all.
-  const bool chunk_uniform = !quant || s.block_k % 8 == 0 || s.block_k >= s.cols;
-  // F32 weights never take the fast loop (dispatch_storage gives them the 2-byte kernel); their
-  // whole chunks load through wide_chunk.
-  p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
-  // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
-  const int64_t kBK = tile_bk(shape);
-  if (quant) {
-    p.b_tile_uniform = k_tile_uniform(s, g.transpose_b, K, kBK);
-    // Linear k-part per chunk: k0 + r lies in scale block (k0 + r) / block, block | kBK, and no
-    // segment boundary moves it (stored rows, read as k with transpose_b, restart at segments).
-    if (!p.b_tile_uniform) {
-      if (g.transpose_b && kBK % s.block_n == 0 && s.seg_rows() % s.block_n == 0)
-        p.b_kpart_step = kBK / s.block_n * s.grid_k();
-      else if (!g.transpose_b && kBK % s.block_k == 0 && s.block_k % 8 == 0)
-        p.b_kpart_step = kBK / s.block_k;
-    }
-  }
-
-  p.k_row_scale = is_rega(shape) && g.transpose_b && !p.b_tile_uniform;
-  if (p.k_row_scale)  // describe() admitted it: k_row_scale(spec), so the step above is set
-    FP8MOE_CHECK(p.b_kpart_step > 0 && k_row_scale(g.b.spec), "grouped_gemm: internal: per-K-row scales without a linear step");
-  const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
-  const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
-  const int64_t bn = tile_bn(shape);  // GLU forward: bn / 2 gate + bn / 2 up columns
-  const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
-  if (is_sm90(shape))
-    FP8MOE_CHECK(sm90_kernels_available(), "grouped_gemm: tile shape ", tile_shape_name(shape),
-                 " needs an sm_90 GPU and a library built for sm_90a");
-  if (is_rega(shape))
-    FP8MOE_CHECK(describe(g).rega_fits, "grouped_gemm: tile shape ", tile_shape_name(shape),
-                 " takes only FP8 W, BF16 A, K % 64 == 0, one scale per 64-wide K tile, LoRA with BF16 L and r % 8 == 0 "
-                 "(transposed: N % 16 == 0, no GLU forward); found ",
-                 dtype_name(bd.dtype), " W", g.transpose_b ? " (transposed)" : "", ", ", dtype_name(g.a.src.dtype),
-                 " A, N = ", N, ", K = ", K, g.lora_a.defined() ? ", LoRA r = " + std::to_string(g.lora_a.src.size(1)) : "");
-  const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
-  dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
-    constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
-    constexpr bool TR = decltype(tr)::value;
-    switch (shape) {
-      case TileShape::M32N128: launch_instance<TileShape::M32N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::M64N128: launch_instance<TileShape::M64N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::M128N32: launch_instance<TileShape::M128N32, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::Sm90M128N128: launch_instance<TileShape::Sm90M128N128, AB, BB, TR>(p, grid, stream); break;
-      case TileShape::Sm90RegA:  // BF16 A, FP8 W only (checked above)
-        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegA, 2, 1, TR>(p, grid, stream);
-        break;
-      case TileShape::Sm90RegAT256:
-        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT256, 2, 1, TR>(p, grid, stream);
-        break;
-      case TileShape::Sm90RegAT64:
-        if constexpr (AB == 2 && BB == 1) launch_instance<TileShape::Sm90RegAT64, 2, 1, TR>(p, grid, stream);
-        break;
-    }
-  });
+  const GemmDims d = check_gemm(g);
+  Params p = gemm_params(g, d, shape);
+  if (d.M == 0 || d.N == 0) return;  // nothing to compute, nothing to write
+  launch_gemm(g, p, shape, stream);
 }
 
 }  // namespace fp8moe::cuda

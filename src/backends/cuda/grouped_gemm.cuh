@@ -29,36 +29,46 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream);
 
 namespace gemm {
 
-// Tile shapes of the grouped GEMM family. The mma.sync shapes run on every GPU from sm_80; the
-// wgmma shapes need sm_90a code and an sm_90 card (bench/NOTES.md has the measurements behind
-// choose_tile_shape).
+// Tile shapes of the grouped GEMM family, one row each in tile_shapes.def. The mma.sync shapes run
+// on every GPU from sm_80; the wgmma shapes need sm_90a code and an sm_90 card (bench/NOTES.md has
+// the measurements behind choose_tile_shape).
 enum class TileShape : uint8_t {
-  M32N128,      // mma.sync: 32 x 128, K step 32, 4 warps of 32 x 32, four CTAs per SM (few rows per expert)
-  M64N128,      // mma.sync: 64 x 128, K step 32, 8 warps of 32 x 32, two CTAs per SM
-  Sm90M128N128, // wgmma: 128 x 128, K step 64, two warpgroups, one CTA per SM
-  Sm90RegA,     // wgmma with W from registers: 128 W rows x 128 tokens, K step 64, producer +
-                // two consumer warpgroups (gemm_kernel_sm90_rega.cuh); FP8 W only (rega_fits)
-  Sm90RegAT256, // the same with 256 tokens per CTA: each W fragment feeds two wgmmas
-  Sm90RegAT64,  // the same with 64 tokens per CTA (few rows per expert)
-  M128N32,      // mma.sync: 128 x 32, K step 32, 4 warps of 32 x 32, three CTAs per SM: narrow N
-                // (the LoRA rank-r projections), where a 128-wide tile would be mostly padding
+#define FP8MOE_TILE_SHAPE(shape, ...) shape,
+#include "backends/cuda/tile_shapes.def"
+#undef FP8MOE_TILE_SHAPE
 };
-inline constexpr TileShape kTileShapes[] = {TileShape::M32N128,     TileShape::M64N128,  TileShape::Sm90M128N128,
-                                            TileShape::Sm90RegA,    TileShape::Sm90RegAT256, TileShape::Sm90RegAT64,
-                                            TileShape::M128N32};
-const char* tile_shape_name(TileShape s);
-constexpr bool is_rega(TileShape s) {
-  return s == TileShape::Sm90RegA || s == TileShape::Sm90RegAT256 || s == TileShape::Sm90RegAT64;
+inline constexpr TileShape kTileShapes[] = {
+#define FP8MOE_TILE_SHAPE(shape, ...) TileShape::shape,
+#include "backends/cuda/tile_shapes.def"
+#undef FP8MOE_TILE_SHAPE
+};
+// The kernel family a shape runs on (tile_shapes.def: engine).
+enum class Engine : uint8_t { Mma, Sm90, Sm90RegA };
+// The operand storage a shape is compiled for (tile_shapes.def: storage).
+enum class Storage : uint8_t { AnyStorage, Bf16AFp8W };
+struct TileTraits {
+  int bm, bn, bk;  // rows x columns of v x K step per CTA (GLU forward: bn / 2 gate + bn / 2 up columns)
+  Engine engine;
+  Storage storage;
+  const char* name;
+};
+inline constexpr TileTraits kTileTraits[] = {
+#define FP8MOE_TILE_SHAPE(shape, bm, bn, bk, engine, storage, name, ...) {bm, bn, bk, Engine::engine, Storage::storage, name},
+#include "backends/cuda/tile_shapes.def"
+#undef FP8MOE_TILE_SHAPE
+};
+constexpr const TileTraits& tile_traits(TileShape s) { return kTileTraits[static_cast<int>(s)]; }
+constexpr const char* tile_shape_name(TileShape s) { return tile_traits(s).name; }
+constexpr bool is_rega(TileShape s) { return tile_traits(s).engine == Engine::Sm90RegA; }
+constexpr bool is_sm90(TileShape s) { return tile_traits(s).engine != Engine::Mma; }
+constexpr int tile_bm(TileShape s) { return tile_traits(s).bm; }
+constexpr int tile_bn(TileShape s) { return tile_traits(s).bn; }
+constexpr int tile_bk(TileShape s) { return tile_traits(s).bk; }
+// Whether shape `s` is compiled for A of `a_bytes` and W of `b_bytes` per element (the 2-byte W
+// instance also takes F32 W: dispatch_storage).
+constexpr bool tile_takes_storage(TileShape s, int a_bytes, int b_bytes) {
+  return tile_traits(s).storage == Storage::AnyStorage || (a_bytes == 2 && b_bytes == 1);
 }
-constexpr bool is_sm90(TileShape s) { return s == TileShape::Sm90M128N128 || is_rega(s); }
-constexpr int tile_bm(TileShape s) {
-  if (s == TileShape::Sm90RegAT256) return 256;
-  if (s == TileShape::Sm90RegAT64 || s == TileShape::M64N128) return 64;
-  return is_sm90(s) || s == TileShape::M128N32 ? 128 : 32;
-}
-constexpr int tile_bk(TileShape s) { return is_sm90(s) ? 64 : 32; }
-// Columns of v per CTA (GLU forward: half of them gate, half up).
-constexpr int tile_bn(TileShape s) { return s == TileShape::M128N32 ? 32 : 128; }
 // The widest N that choose_tile_shape gives the narrow tile.
 constexpr int64_t kNarrowN = 32;
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
@@ -84,6 +94,14 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p);
 // that can (`sm90`) or cannot run the wgmma kernels.
 TileShape choose_tile_shape(const GemmProblem& p);
 TileShape choose_tile_shape(const GemmProblem& p, bool sm90);
+
+// grouped_outer's kernels (grouped_outer.cu says how each works): the narrow-side kernel,
+// instantiated for a narrow side of up to 16 and up to kOuterNarrowMax columns, and the general
+// tiled one.
+enum class OuterKernel : uint8_t { Narrow16, Narrow32, General };
+constexpr int64_t kOuterNarrowMax = 32;
+// The one place that picks grouped_outer's kernel, for out [E, N, Q] (pure, host-testable).
+OuterKernel choose_outer_kernel(int64_t n, int64_t q);
 
 }  // namespace gemm
 

@@ -3,7 +3,8 @@
 //
 // Every output element is written by exactly one thread with one fixed summation order over the
 // expert's rows, accumulating in fp32: bitwise reproducible without atomics; an expert with no
-// rows writes zeros. Plain fp32 FMAs suffice (one side is the LoRA rank). Two kernels:
+// rows writes zeros. Plain fp32 FMAs suffice (one side is the LoRA rank). Two kernels, chosen by
+// gemm::choose_outer_kernel (gemm_heuristics.cpp):
 //   small side  (N or Q <= 32, the LoRA shapes): a lane owns 4 consecutive columns of the
 //               wide operand (2 above rank 16) and all their outputs; the 8 warps of a CTA split
 //               the expert's rows and a fixed tree adds their partial sums. Per step of 32 rows
@@ -17,7 +18,6 @@
 //               on an H100, against ~0.4 ms to read their inputs once).
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.cuh"
@@ -33,7 +33,6 @@ using gemm::raw_elem;
 using gemm::raw_value;
 
 constexpr int kTileN = 64, kTileQ = 64, kRowsPerStep = 32, kThreads = 256;
-constexpr int kSmallMax = 32;  // the small-side kernel takes min(N, Q) up to this
 
 struct OuterParams {
   int N = 0, Q = 0, top_k = 1;
@@ -370,7 +369,8 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
   p.alpha = static_cast<float>(g.alpha);
   p.out = g.out.data;
 
-  if (std::min(N, Q) <= kSmallMax) {
+  const gemm::OuterKernel kernel = gemm::choose_outer_kernel(N, Q);
+  if (kernel != gemm::OuterKernel::General) {
     SmallOuterParams sp;
     sp.small_left = N <= Q;  // the narrow side
     sp.W = static_cast<int>(sp.small_left ? Q : N);
@@ -403,10 +403,10 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     const auto by_f32 = [&](auto s_tag) {
       big_f32 ? launch(s_tag, std::true_type{}) : launch(s_tag, std::false_type{});
     };
-    if (sp.S <= 16)
+    if (kernel == gemm::OuterKernel::Narrow16)
       by_f32(std::integral_constant<int, 16>{});
     else
-      by_f32(std::integral_constant<int, kSmallMax>{});
+      by_f32(std::integral_constant<int, gemm::kOuterNarrowMax>{});
     FP8MOE_CUDA_LAUNCH_CHECK("grouped_outer_small_kernel");
     return;
   }

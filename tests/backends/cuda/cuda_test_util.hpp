@@ -1,17 +1,25 @@
 // Helpers shared by the CUDA backend's tests: fresh seeds, random host tensors, device round trips
-// and the error metric. Every test compares the CUDA backend with the CPU backend (the oracle) on
-// identical inputs.
+// (through a Backend, or straight through the CUDA runtime for the kernel-level tests), host-built
+// routing plans and the error metrics. Every test compares the CUDA code with a reference on
+// identical inputs: the CPU backend (the oracle), or a double-precision loop of its own.
 #pragma once
 
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <numeric>
 #include <random>
 #include <string>
+#include <vector>
 
+#include "backends/cuda/cuda_check.cuh"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/dtype.hpp"
 #include "fp8moe/tensor.hpp"
@@ -98,6 +106,130 @@ inline Tensor random_ids(DType dtype, int64_t T, int64_t k, int64_t E, std::mt19
         ids.ptr<int64_t>()[t * k + j] = e;
     }
   return ids;
+}
+
+// ---- kernel-level tests (grouped GEMM, grouped outer): device memory without a Backend
+
+class DeviceAllocator : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    void* p = nullptr;
+    FP8MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  void deallocate(void* p) override { cudaFree(p); }
+  Device device() const override { return Device::CUDA; }
+};
+inline DeviceAllocator& dev_alloc() {
+  static DeviceAllocator a;
+  return a;
+}
+
+inline Tensor upload(const TensorView& h) {
+  Tensor d(h.dtype, h.shape, dev_alloc());
+  if (h.nbytes() > 0) FP8MOE_CUDA_CHECK(cudaMemcpy(d.data(), h.data, h.nbytes(), cudaMemcpyHostToDevice));
+  return d;
+}
+inline Tensor download(const TensorView& d) {
+  Tensor h(d.dtype, d.shape);
+  if (d.nbytes() > 0) FP8MOE_CUDA_CHECK(cudaMemcpy(h.data(), d.data, d.nbytes(), cudaMemcpyDeviceToHost));
+  return h;
+}
+// Device buffer filled with NaN (all bits set is a NaN in BF16 and F32).
+inline Tensor poisoned(DType dt, Shape s) {
+  Tensor d(dt, s, dev_alloc());
+  if (d.nbytes() > 0) FP8MOE_CUDA_CHECK(cudaMemset(d.data(), 0xFF, d.nbytes()));
+  return d;
+}
+
+struct Rng {
+  explicit Rng(uint64_t seed) : g(seed) {}
+  std::mt19937_64 g;
+  int64_t below(int64_t n) { return static_cast<int64_t>(g() % static_cast<uint64_t>(n)); }
+};
+inline double at(const TensorView& t, int64_t i) { return load_as_double(t.data, t.dtype, i); }
+
+// Routing plan built on the host from ids [T, k] (stable by pair within an expert), with its
+// device copy in `plan`.
+struct HostPlan {
+  int64_t T = 0, k = 1, E = 1;
+  std::vector<int32_t> offsets, sorted, row_of;  // [E + 1], [M], [M]
+  Tensor d_offsets, d_sorted, d_row_of;
+  RoutingPlan plan;
+};
+inline void finish_plan(HostPlan& hp, const std::vector<int32_t>& ids) {
+  const int64_t M = hp.T * hp.k;
+  hp.offsets.assign(hp.E + 1, 0);
+  for (int32_t id : ids) ++hp.offsets[id + 1];
+  for (int64_t e = 0; e < hp.E; ++e) hp.offsets[e + 1] += hp.offsets[e];
+  std::vector<int32_t> next(hp.offsets.begin(), hp.offsets.end() - 1);
+  hp.sorted.assign(M, 0);
+  hp.row_of.assign(M, 0);
+  for (int64_t p = 0; p < M; ++p) {
+    const int32_t r = next[ids[p]]++;
+    hp.sorted[r] = static_cast<int32_t>(p);
+    hp.row_of[p] = r;
+  }
+  auto up = [](std::vector<int32_t>& v) {
+    return upload(TensorView(v.data(), DType::I32, {static_cast<int64_t>(v.size())}));
+  };
+  hp.d_offsets = up(hp.offsets);
+  hp.d_sorted = up(hp.sorted);
+  hp.d_row_of = up(hp.row_of);
+  hp.plan.tokens = hp.T;
+  hp.plan.top_k = hp.k;
+  hp.plan.experts = hp.E;
+  hp.plan.offsets = hp.d_offsets;
+  hp.plan.sorted_pairs = hp.d_sorted;
+  hp.plan.row_of_pair = hp.d_row_of;
+}
+enum class Routing { Uniform, SomeEmpty, Hot };
+// Distinct experts per token (as a router gives) unless Hot: then every pair goes to one expert.
+inline std::unique_ptr<HostPlan> make_plan(int64_t T, int64_t k, int64_t E, Routing how, Rng& rng) {
+  auto hp = std::make_unique<HostPlan>();
+  hp->T = T;
+  hp->k = k;
+  hp->E = E;
+  std::vector<int32_t> ids(T * k);
+  const int64_t hot = rng.below(E);
+  // SomeEmpty: only the experts in the first half of a shuffled list receive rows.
+  std::vector<int32_t> pool(E);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng.g);
+  const int64_t used = how == Routing::SomeEmpty ? std::max<int64_t>(k, E / 2) : E;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> cand(pool.begin(), pool.begin() + used);
+    std::shuffle(cand.begin(), cand.end(), rng.g);
+    for (int64_t j = 0; j < k; ++j) ids[t * k + j] = how == Routing::Hot ? static_cast<int32_t>(hot) : cand[j];
+  }
+  finish_plan(*hp, ids);
+  return hp;
+}
+
+// Relative Frobenius error of `got` [*, cols] over the given rows against `want` [rows.size(),
+// cols], plus every checked element finite and each row within a looser bound (catches a single
+// wrong or unwritten row inside a big matrix).
+inline void expect_rows_close(const Tensor& got, const std::vector<int64_t>& rows, const std::vector<double>& want,
+                              int64_t cols, double tol, const char* what) {
+  double num = 0.0, den = 0.0;
+  int64_t bad_rows = 0, nonfinite = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    double rn = 0.0, rd = 0.0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double g = at(got, rows[i] * cols + c), w = want[i * cols + c];
+      if (!std::isfinite(g)) ++nonfinite;
+      rn += (g - w) * (g - w);
+      rd += w * w;
+    }
+    num += rn;
+    den += rd;
+    if (std::sqrt(rn) > 4 * tol * std::sqrt(rd) + 1e-6 * std::sqrt(static_cast<double>(cols))) ++bad_rows;
+  }
+  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  EXPECT_EQ(nonfinite, 0) << what << ": non-finite (unwritten?) elements";
+  EXPECT_EQ(bad_rows, 0) << what << ": rows off by more than " << 4 * tol;
+  EXPECT_LT(err, tol) << what << ": relative Frobenius error";
+  std::printf("  %s: rel err %.2e over %zu rows\n", what, err, rows.size());
 }
 
 }  // namespace fp8moe::test

@@ -1,7 +1,8 @@
-// The host-side facts the grouped GEMM's engine choice rests on (gemm::describe): which problems
-// the register-A wgmma engine takes. A wrong "fits" would send a problem to a kernel that cannot
-// run it, so the boundaries are pinned here. Pure host logic on descriptors with placeholder
-// device pointers (never dereferenced): these tests run without a GPU (ctest label cpu).
+// The host-side facts the grouped GEMM family's kernel choice rests on (gemm::describe, the tile
+// table, gemm_heuristics.cpp): which problems the register-A wgmma engine takes, which shape and
+// which grouped_outer kernel the heuristics pick. A wrong "fits" would send a problem to a kernel
+// that cannot run it, so the boundaries are pinned here. Pure host logic on descriptors with
+// placeholder device pointers (never dereferenced): these tests run without a GPU (ctest label cpu).
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -156,6 +157,33 @@ TEST(GemmDispatch, TileShapeChoice) {
     EXPECT_NE(choose(1024, false, false, sm90, 33), TileShape::M128N32);
   }
   EXPECT_EQ(choose(1024, true, false, true, 16), TileShape::Sm90RegAT256);
+}
+
+// The traits the build and the dispatch read from tile_shapes.def, where the kernels assume them.
+TEST(GemmDispatch, TileShapeTable) {
+  using namespace cuda::gemm;
+  for (TileShape s : kTileShapes) {
+    SCOPED_TRACE(tile_shape_name(s));
+    EXPECT_EQ(tile_bk(s), is_sm90(s) ? 64 : 32);  // the wgmma K step, the mma.sync K step
+    EXPECT_TRUE(tile_takes_storage(s, 2, 1));       // every shape takes the FP8 forward (BF16 A, FP8 W)
+    EXPECT_EQ(tile_takes_storage(s, 4, 2), !is_rega(s));
+  }
+  EXPECT_STREQ(tile_shape_name(TileShape::M128N32), "m128n32k32");
+  EXPECT_EQ(tile_bn(TileShape::M128N32), kNarrowN);
+  EXPECT_EQ(tile_bm(TileShape::Sm90RegAT256), 256);
+}
+
+// grouped_outer's kernel: the narrow-side one up to kOuterNarrowMax on either side (its 16- or
+// 32-wide instance), the general one above.
+TEST(GemmDispatch, OuterKernelChoice) {
+  using cuda::gemm::choose_outer_kernel;
+  using cuda::gemm::OuterKernel;
+  EXPECT_EQ(choose_outer_kernel(2048, 16), OuterKernel::Narrow16);
+  EXPECT_EQ(choose_outer_kernel(1, 4096), OuterKernel::Narrow16);
+  EXPECT_EQ(choose_outer_kernel(17, 600), OuterKernel::Narrow32);
+  EXPECT_EQ(choose_outer_kernel(600, 32), OuterKernel::Narrow32);
+  EXPECT_EQ(choose_outer_kernel(300, 33), OuterKernel::General);
+  EXPECT_EQ(choose_outer_kernel(64, 64), OuterKernel::General);
 }
 
 }  // namespace
