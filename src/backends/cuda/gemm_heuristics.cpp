@@ -3,8 +3,37 @@
 #include "backends/cuda/grouped_gemm.cuh"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <string>
 
 namespace fp8moe::cuda::gemm {
+
+void log_choice_once(const std::string& line) {
+  // Off unless asked for: a library must not write to stderr on its own.
+  static const bool on = [] {
+    const char* v = std::getenv("FP8MOE_LOG_DISPATCH");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  if (!on) return;
+  static std::mutex m;
+  static std::set<std::string> seen;
+  std::lock_guard<std::mutex> lock(m);
+  if (seen.insert(line).second) std::fprintf(stderr, "fp8moe: %s\n", line.c_str());
+}
+
+namespace {
+// Rows per expert as the heuristics see it, rounded down to a power of two: a distinct problem
+// for the log, not every token count of a training run.
+int64_t rows_bucket(int64_t rows, int64_t experts) {
+  int64_t per = experts > 0 ? rows / experts : rows, b = 1;
+  while (b * 2 <= per) b *= 2;
+  return per == 0 ? 0 : b;
+}
+}  // namespace
 
 bool tile_shape_supported(TileShape s) { return is_sm90(s) ? sm90_kernels_available() : true; }
 
@@ -12,7 +41,14 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p) {
   return tile_shape_supported(s) && (!is_rega(s) || p.rega_fits);
 }
 
-TileShape choose_tile_shape(const GemmProblem& p) { return choose_tile_shape(p, sm90_kernels_available()); }
+TileShape choose_tile_shape(const GemmProblem& p) {
+  const TileShape s = choose_tile_shape(p, sm90_kernels_available());
+  log_choice_once("grouped_gemm N " + std::to_string(p.n) + ", " + std::to_string(p.experts) + " experts, ~" +
+                  std::to_string(rows_bucket(p.rows, p.experts)) + " rows each" +
+                  (p.fine_k_scale ? ", fine K scale" : "") + (p.rega_fits ? ", reg-A fits" : "") + " -> " +
+                  tile_shape_name(s));
+  return s;
+}
 
 TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   const int64_t rows = p.rows, experts = p.experts;
@@ -38,6 +74,15 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   if (sm90 && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;
+}
+
+const char* outer_kernel_name(OuterKernel k) {
+  switch (k) {
+    case OuterKernel::Narrow16: return "outer_narrow16";
+    case OuterKernel::Narrow32: return "outer_narrow32";
+    case OuterKernel::General: return "outer_general";
+  }
+  return "?";
 }
 
 OuterKernel choose_outer_kernel(int64_t n, int64_t q) {

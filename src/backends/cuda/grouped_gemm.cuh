@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 #include "fp8moe/backend.hpp"
 
@@ -102,6 +103,11 @@ enum class OuterKernel : uint8_t { Narrow16, Narrow32, General };
 constexpr int64_t kOuterNarrowMax = 32;
 // The one place that picks grouped_outer's kernel, for out [E, N, Q] (pure, host-testable).
 OuterKernel choose_outer_kernel(int64_t n, int64_t q);
+const char* outer_kernel_name(OuterKernel k);
+
+// With FP8MOE_LOG_DISPATCH set (not "0"), writes `line` to stderr the first time it is seen: the
+// kernel chosen for each distinct problem, once. choose_tile_shape(p) logs through it.
+void log_choice_once(const std::string& line);
 
 }  // namespace gemm
 

@@ -188,3 +188,10 @@ TEST(GemmDispatch, OuterKernelChoice) {
 
 }  // namespace
 }  // namespace fp8moe
+
+TEST(GemmDispatch, OuterKernelNames) {
+  // The dispatch log (FP8MOE_LOG_DISPATCH) names every kernel grouped_outer can choose.
+  EXPECT_STREQ(fp8moe::cuda::gemm::outer_kernel_name(fp8moe::cuda::gemm::choose_outer_kernel(4096, 16)), "outer_narrow16");
+  EXPECT_STREQ(fp8moe::cuda::gemm::outer_kernel_name(fp8moe::cuda::gemm::choose_outer_kernel(32, 4096)), "outer_narrow32");
+  EXPECT_STREQ(fp8moe::cuda::gemm::outer_kernel_name(fp8moe::cuda::gemm::choose_outer_kernel(768, 2048)), "outer_general");
+}
