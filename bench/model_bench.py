@@ -97,6 +97,9 @@ def build_fp8moe(cfg, scheme: str, device: torch.device, seed: int) -> nn.Module
             bias = None if mod.bias is None else torch.zeros(1, N, device=device)
             setattr(parent, attr, Fp8Linear(QuantStack(_fp8_codes((1, N, K), device, gen), sc, spec, 1), bias))
     _materialize(model, device, gen)
+    from fp8moe.loss import use_chunked_loss
+
+    use_chunked_loss(model)  # as fp8moe.from_pretrained does
     return model
 
 
@@ -270,7 +273,9 @@ def markdown(res: dict) -> str:
              f"dimensions (Qwen3-30B-A3B: FP8 128x128 blocks; GLM-4.7-Flash: FP8 per channel); sequence "
              f"{res['seq']}, batch 1, gradient checkpointing, AdamW on LoRA r 16. Step: median of CUDA-event "
              "timings after warm-up; peak: torch.cuda.max_memory_allocated. The peer is the same transformers "
-             "model in BF16 (`grouped_mm` experts) with PEFT and the same LoRA, in the same process.", "",
+             "model in BF16 (`grouped_mm` experts) with PEFT and the same LoRA, in the same process. fp8moe's side computes "
+             "the loss as `fp8moe.from_pretrained` sets it up (`fp8moe.loss`, chunked: no F32 copy of the logits); the "
+             "peer's is transformers' own.", "",
              "| model | LoRA on | fp8moe step | peer step | speedup | fp8moe peak | peer peak | memory ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in res["models"].items():

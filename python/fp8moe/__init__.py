@@ -9,7 +9,7 @@
 The engine (kernels, checkpoint loader) is C++ (fp8moe._C); this package is the PyTorch /
 transformers / PEFT glue: custom ops (fp8moe.ops), modules (fp8moe.modeling), loading
 (fp8moe.loading), the PEFT hookup (fp8moe.peft_integration), merged export (fp8moe.export) and
-the fine-tuning command (python -m fp8moe.finetune).
+the fine-tuning command (python -m fp8moe.finetune) and the chunked causal-LM loss (fp8moe.loss).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from . import ops
 from .modeling import Fp8Experts, Fp8Linear
 from .loading import from_pretrained, patch
 from .export import export_merged
+from . import loss
 
 try:
     from . import peft_integration as _peft_integration
@@ -29,5 +30,5 @@ try:
 except ImportError:  # pragma: no cover - PEFT missing or broken: fp8moe still loads and trains
     pass
 
-__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops",
+__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss",
            "__version__"]

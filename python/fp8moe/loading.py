@@ -19,6 +19,7 @@ from torch import nn
 from . import _C
 from ._engine import Fp8MoeError, engine_for
 from .modeling import FP8_CODES, Fp8Experts, Fp8Linear, QuantStack
+from .loss import use_chunked_loss
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "glm4_moe_lite", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen2_moe", "mixtral")
 
@@ -182,13 +183,15 @@ def _device(device) -> torch.device:
 
 def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.device, None] = None,
                     dtype: torch.dtype = torch.bfloat16, quantize: Optional[str] = None,
-                    attn_implementation: Optional[str] = None) -> nn.Module:
+                    attn_implementation: Optional[str] = None, chunked_loss: bool = True) -> nn.Module:
     """A transformers causal LM from a local checkpoint directory, its experts and FP8 projections
     on fp8moe's kernels, its weights on `device` (default: the GPU when there is one).
 
     quantize: None (load as stored), "fp8" / "fp8-block" (128x128 block scales) or "fp8-channel":
-    quantize a BF16 checkpoint's experts and projections while loading. Raises Fp8MoeError naming
-    the tensor for anything the checkpoint gets wrong.
+    quantize a BF16 checkpoint's experts and projections while loading. chunked_loss: compute the
+    training loss (`labels=`) with `fp8moe.loss.chunked_causal_lm_loss`, which never holds an F32
+    copy of the logits (same result as transformers' loss). Raises Fp8MoeError naming the tensor
+    for anything the checkpoint gets wrong.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -214,15 +217,19 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     experts = _replace_experts(model, ck, device, scheme)
     _replace_linears(model, ck, device, scheme, experts)
     _load_rest(model, ck, device)
+    if chunked_loss:
+        use_chunked_loss(model)
     model.fp8moe_checkpoint = path
     model.eval()
     return model
 
 
-def patch(model: nn.Module, path: Union[str, os.PathLike], *, quantize: Optional[str] = None) -> nn.Module:
+def patch(model: nn.Module, path: Union[str, os.PathLike], *, quantize: Optional[str] = None,
+          chunked_loss: bool = True) -> nn.Module:
     """Puts fp8moe's experts and FP8 projections, read from the checkpoint at `path`, into a model
     the user already built (e.g. with transformers' own from_pretrained). The other weights are
-    left as they are; the replaced modules' old weights are released. Returns the model."""
+    left as they are; the replaced modules' old weights are released. chunked_loss: as in
+    from_pretrained. Returns the model."""
     path = os.fspath(path)
     scheme = _scheme(quantize)
     ck = _open(path)
@@ -231,5 +238,7 @@ def patch(model: nn.Module, path: Union[str, os.PathLike], *, quantize: Optional
     engine_for(device)
     experts = _replace_experts(model, ck, device, scheme)
     _replace_linears(model, ck, device, scheme, experts)
+    if chunked_loss:
+        use_chunked_loss(model)
     model.fp8moe_checkpoint = path
     return model
