@@ -63,6 +63,22 @@ def _traced() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _eager_function(name: str, forward, setup_context, backward, backward_grads) -> type:
+    """An op's autograd in eager mode, without the dispatcher (see _traced): the op's own forward
+    body, context and backward, with the backward body called directly instead of its op."""
+
+    def fwd(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature per call
+        output = forward(*inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        setup_context(ctx, inputs, output)
+        return tuple(output)
+
+    def bwd(ctx, *grads):
+        return backward(ctx, grads, backward_grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
 def _input_grads(grads, needs, grad_inputs, n_inputs: int) -> tuple:
     """The backward op's slots -> autograd's per-input gradients (None where not needed)."""
     out: list[Optional[Tensor]] = [None] * n_inputs
@@ -177,20 +193,8 @@ def _moe_backward(ctx, grads, run=moe_experts_backward_op):
 torch.library.register_autograd("fp8moe::moe_experts", _moe_backward, setup_context=_moe_setup_context)
 
 
-class _MoeExpertsEager(torch.autograd.Function):
-    """The op's autograd in eager mode, without the dispatcher: the same engine calls, the same
-    context and backward, at a fraction of the custom op's per-call host cost (see _eager)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature per call
-        output = _moe_forward(*inputs)
-        ctx.mark_non_differentiable(*output[1:])
-        _moe_setup_context(ctx, inputs, output)
-        return tuple(output)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _moe_backward(ctx, grads, _moe_backward_grads)
+_MoeExpertsEager = _eager_function("_MoeExpertsEager", _moe_forward, _moe_setup_context, _moe_backward,
+                                   _moe_backward_grads)
 
 
 def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
@@ -295,19 +299,8 @@ def _linear_backward(ctx, grads, run=fp8_linear_backward_op):
 torch.library.register_autograd("fp8moe::fp8_linear", _linear_backward, setup_context=_linear_setup_context)
 
 
-class _Fp8LinearEager(torch.autograd.Function):
-    """fp8_linear's autograd in eager mode, without the dispatcher (see _MoeExpertsEager)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):  # the old style: a separate setup_context costs an inspect.signature per call
-        output = _linear_forward(*inputs)
-        ctx.mark_non_differentiable(*output[1:])
-        _linear_setup_context(ctx, inputs, output)
-        return tuple(output)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _linear_backward(ctx, grads, _linear_backward_grads)
+_Fp8LinearEager = _eager_function("_Fp8LinearEager", _linear_forward, _linear_setup_context, _linear_backward,
+                                  _linear_backward_grads)
 
 
 def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], spec: list[int],
