@@ -129,8 +129,10 @@ ScaleSpec match_scale(const std::string& scale, const std::string& found, const 
       return s;
     }
     const Shape want{s.scale_rows(), s.grid_k()};
-    FP8MOE_CHECK(g == want, "scale ", scale, " of ", weight, " ", mat, ": expected shape ", want.str(), " for ",
-                 s.str(), " (declared by ", config, "), found ", found);
+    // A matrix within one block has one scale; transformers' fine-grained FP8 writer stores it
+    // rank-0 ([]), which says the same thing as [1, 1].
+    FP8MOE_CHECK(g == want || (scalar && want.numel() == 1), "scale ", scale, " of ", weight, " ", mat,
+                 ": expected shape ", want.str(), " for ", s.str(), " (declared by ", config, "), found ", found);
     return s;
   }
   // No declared scheme (no quantization_config): the shapes that are unambiguous.

@@ -173,6 +173,42 @@ TEST(CheckpointFp8, ShardedBlock128WithPartialEdgesAndBf16Scales) {
   EXPECT_TRUE(ck.inspect().ok()) << ck.inspect().str();
 }
 
+// transformers' fine-grained FP8 writer saves the scale of a matrix that fits in one block as a
+// rank-0 tensor ([] instead of [1, 1]); one value for one block is unambiguous, so it loads. A
+// scalar where the grid has more than one block stays an error.
+TEST(CheckpointFp8, OneBlockMatricesWithRank0Scales) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  CkptOptions o;
+  o.block = 128;  // H 96, I 40: every expert matrix is a single partial block
+  CkptBuilder b(o, seed);
+  int rewritten = 0;
+  for (auto& [name, t] : b.tensors) {
+    if (name.find("experts.") != std::string::npos && name.ends_with("_scale_inv") && t.shape() == Shape{1, 1}) {
+      Tensor scalar(t.dtype(), Shape{});
+      std::memcpy(scalar.data(), t.data(), static_cast<size_t>(t.nbytes()));
+      t = std::move(scalar);
+      ++rewritten;
+    }
+  }
+  ASSERT_GT(rewritten, 0);
+  TempDir d;
+  b.write(d.file("ck"));
+  const Checkpoint ck = Checkpoint::open(d.file("ck"));
+  EXPECT_TRUE(ck.inspect().ok()) << ck.inspect().str();
+  for (int64_t l : {0, 1}) EXPECT_EQ(mismatches(ck.load_moe_layer(l), b), 0);
+
+  CkptOptions wide = o;
+  wide.I = 200;  // down [96, 200]: a 1 x 2 grid, so one value is not enough
+  CkptBuilder w(wide, seed);
+  const std::string down = w.prefix(0) + ".experts.0.down_proj.weight_scale_inv";
+  ASSERT_EQ(w.tensors.at(down).shape(), (Shape{1, 2}));
+  w.tensors.at(down) = Tensor(w.tensors.at(down).dtype(), Shape{});
+  TempDir d2;
+  w.write(d2.file("ck"));
+  expect_error([&] { Checkpoint::open(d2.file("ck")).load_moe_layer(0); }, {down, "expected shape [1, 2]", "found []"});
+}
+
 // Tensors at offsets that are not multiples of their element size (odd FP8 byte counts).
 TEST(CheckpointFp8, UnalignedTensors) {
   const uint64_t seed = fresh_seed();

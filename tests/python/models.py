@@ -214,13 +214,24 @@ def compressed_tensors_checkpoint(root: str, family: str = "qwen3_moe") -> str:
 
 
 def transformers_fp8_checkpoint(root: str, family: str = "qwen3_moe") -> str:
-    """A fine-grained FP8 checkpoint (128x128 blocks) written by transformers' own FP8 quantizer,
-    which needs a GPU: quantized while loading, then saved."""
+    """A fine-grained FP8 checkpoint (128x128 blocks) written by transformers' own FP8 quantizer:
+    quantized while loading, then saved by save_pretrained. Without a GPU, the quantizer's
+    environment check (which refuses to quantize on the CPU) is skipped for the load: its
+    quantization is torch code that runs on the CPU alike, and the files are transformers' own."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
     out = os.path.join(root, f"{family}-transformers-fp8")
     if not os.path.exists(out):
-        model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint(root, family), dtype=torch.bfloat16,
-                                                     quantization_config=FineGrainedFP8Config(), device_map="cuda")
+        cuda = torch.cuda.is_available()
+        check = FineGrainedFP8HfQuantizer.validate_environment
+        if not cuda:
+            FineGrainedFP8HfQuantizer.validate_environment = lambda self, *a, **k: None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint(root, family), dtype=torch.bfloat16,
+                                                         quantization_config=FineGrainedFP8Config(),
+                                                         device_map="cuda" if cuda else "cpu")
+        finally:
+            FineGrainedFP8HfQuantizer.validate_environment = check
         model.save_pretrained(out)
     return out
