@@ -1,5 +1,6 @@
-"""On the GPU: a decoder layer with fp8moe experts, FP8 projections and PEFT LoRA compiles with
-torch.compile(fullgraph=True) and gives the eager results; the ops capture into a CUDA graph whose
+"""A decoder layer with fp8moe experts, FP8 projections and PEFT LoRA compiles with
+torch.compile(fullgraph=True) and gives the eager results (CPU and GPU: the graph holds the custom
+ops, eager runs take the autograd.Function); on the GPU the ops capture into a CUDA graph whose
 replays match eager runs on new inputs (no host synchronisation, no allocation outside torch)."""
 
 from __future__ import annotations
@@ -18,25 +19,31 @@ peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def peft_model(tmp_path_factory):
+def peft_models(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("compile"))
-    model = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe", "block"), device="cuda")
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "o_proj"],
-                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    return peft.get_peft_model(model, cfg)
+    made = {}
+
+    def get(device: str):
+        if device not in made:
+            model = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe", "block"), device=device)
+            cfg = peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "o_proj"],
+                                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+            made[device] = peft.get_peft_model(model, cfg)
+        return made[device]
+    return get
 
 
 def _layer_inputs(model, T, gen):
     inner = model.base_model.model.model
     H = inner.config.hidden_size
-    x = (torch.randn(1, T, H, generator=gen) * 0.5).to("cuda", torch.bfloat16).requires_grad_(True)
-    pos = torch.arange(T, device="cuda").unsqueeze(0)
+    dev = inner.embed_tokens.weight.device
+    x = (torch.randn(1, T, H, generator=gen) * 0.5).to(dev, torch.bfloat16).requires_grad_(True)
+    pos = torch.arange(T, device=dev).unsqueeze(0)
     return inner, x, pos, inner.rotary_emb(x, pos)
 
 
-@cuda
-def test_decoder_layer_compiles_fullgraph(peft_model, gen):
-    inner, x, pos, pe = _layer_inputs(peft_model, 24, gen)
+def test_decoder_layer_compiles_fullgraph(peft_models, device, gen):
+    inner, x, pos, pe = _layer_inputs(peft_models(device.type), 24, gen)
     layer = inner.layers[1]
     eager = layer(x, position_embeddings=pe, position_ids=pos, attention_mask=None)
     eager = eager[0] if isinstance(eager, tuple) else eager
