@@ -146,17 +146,21 @@ __global__ void fill_group_args(GroupArgs ga, Sm90Fp8Grouped p) {
   ga.layout_sb[e] = Config::ScaleConfig::tile_atom_to_shape_SFB(cute::make_shape(m, N, K, 1));
 }
 
-// SM count of the current device, asked once per device (the persistent grid's size).
+// The current device's SM count and how many 1x2 clusters of this kernel fit at once (the
+// persistent grid's size), asked once per device: host queries, none on the stream.
 cutlass::KernelHardwareInfo hardware() {
   int device = 0;
   FP8MOE_CUDA_CHECK(cudaGetDevice(&device));
-  static int sms[64];
+  static cutlass::KernelHardwareInfo cached[64];
+  static bool known[64];
   const int slot = std::min(device, 63);
-  if (sms[slot] == 0) FP8MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms[slot], cudaDevAttrMultiProcessorCount, device));
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = device;
-  hw.sm_count = sms[slot];
-  return hw;
+  if (!known[slot]) {
+    int sms = 0;
+    FP8MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[slot] = cutlass::KernelHardwareInfo::make_kernel_hardware_info<Config::Kernel>(device, sms);
+    known[slot] = true;
+  }
+  return cached[slot];
 }
 
 typename Config::Gemm::Arguments arguments(const Sm90Fp8Grouped& p, const GroupArgs& ga) {
