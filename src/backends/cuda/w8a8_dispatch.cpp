@@ -1,9 +1,9 @@
 // Which engine runs a grouped GEMM under the CUDA backend's precision policy (backend.hpp:
 // GemmPrecision): the W8A8 path (w8a8.cuh) or the W8A16 family (grouped_gemm.cuh, whose tile
-// shape gemm_heuristics.cpp picks). Kept apart from the kernels; the decision is logged once per
-// distinct problem, so that a run shows which of its GEMMs took the fast path and why the others
-// did not.
+// shape gemm_heuristics.cpp picks). Kept apart from the kernels.
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <set>
 #include <string>
@@ -33,9 +33,18 @@ bool choose(const GroupedGemm& g, GemmPrecision precision) {
                     std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") + ", scales " + g.b.spec.str() +
                     ", A " + (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : std::string("-")) + ", " + epilogue_name(g.epilogue) +
                     (g.lora_a.defined() ? ", LoRA" : "");
-  static std::mutex mu;
-  static std::set<std::string> said;
-  {
+  // A forward FP8 GEMM that W8A8 declines (a shape or scale scheme it cannot take) is said once
+  // per distinct problem, always: the caller asked for W8A8 and this GEMM does not get it. The
+  // expected W8A16 GEMMs (backward, plain LoRA weights) and the W8A8 ones are said only with
+  // FP8MOE_LOG_DISPATCH set (not "0"), as the tile-shape choice is.
+  const bool expected = g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
+  static const bool verbose = [] {
+    const char* v = std::getenv("FP8MOE_LOG_DISPATCH");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  if (verbose || (!why.empty() && !expected)) {
+    static std::mutex mu;
+    static std::set<std::string> said;
     std::lock_guard<std::mutex> lock(mu);
     if (said.insert(key).second)
       std::fprintf(stderr, "fp8moe: grouped GEMM (%s): %s\n", key.c_str(),
