@@ -297,12 +297,15 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
     cuda::grouped_gemm(lg, stream);
   }
 
-  // 3. The FP8 grouped GEMM into D (BF16): aux itself when it is a BF16 [M, N] (the epilogue then
-  //    rewrites each element in place, read before written by the same thread), else a temporary.
+  // 3. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
+  //    for GluForward, out for Store; the epilogue then rewrites each element in place, read
+  //    before written by the same thread), else a temporary.
   Tensor d_tmp;
   void* d = nullptr;
   if (glu && g.aux.defined() && g.aux.dtype == DType::BF16 && aligned16(g.aux.data)) {
     d = g.aux.data;
+  } else if (!glu && g.out.dtype == DType::BF16 && aligned16(g.out.data)) {
+    d = g.out.data;
   } else {
     d_tmp = Tensor(DType::BF16, {M, N}, alloc);
     d = d_tmp.data();
@@ -347,6 +350,8 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   ep.out = g.out.data;
   ep.out_type = elem_of(g.out.dtype, "out");
   ep.out_vec8 = out_cols % 8 == 0 && aligned16(ep.out);
+  // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done.
+  if (!glu && d == g.out.data && !ep.chan && !ep.delta && !ep.row_scale && !ep.bias) return;
   const int64_t items = M * ((out_cols + 7) / 8);
   constexpr int kThreads = 256;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t{1} << 20));

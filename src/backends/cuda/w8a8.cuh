@@ -16,6 +16,8 @@
 //   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T (the
 //             rank-r product comes from the W8A16 grouped GEMM on the plain LoRA weights), row
 //             scale, bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
+//             D is the BF16 output itself where there is one (out of a Store, aux of a GLU), the
+//             epilogue rewriting it in place; a Store with nothing to apply skips this phase.
 //
 // What it takes (w8a8_fits says which condition failed): b F8_E4M3 with 128x128 block scales
 // (one grid, or two segments each a multiple of 128 rows: then the grid is the plain one) or
