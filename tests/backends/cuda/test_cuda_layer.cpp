@@ -405,31 +405,42 @@ void expect_bitwise_equal(Backend& gpu, const Results& a, const Results& b, cons
   }
 }
 
-TEST(CudaLayerDeterminism, RunToRunBitwise) {
-  FP8MOE_REQUIRE_GPU();
+void run_to_run_bitwise(GemmPrecision precision) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  SCOPED_TRACE("seed " + std::to_string(seed) + " precision " + gemm_precision_name(precision));
   std::mt19937_64 rng(seed);
   const HostProblem p = make_problem(determinism_case(), rng);
   auto gpu = make_cuda_backend();
+  gpu->set_gemm_precision(precision);
   Side gs(*gpu, p);
   const Results a = run_side(gs, p, DType::F32);
   const Results b = run_side(gs, p, DType::F32);
   expect_bitwise_equal(*gpu, a, b, "two runs");
 }
 
+TEST(CudaLayerDeterminism, RunToRunBitwise) {
+  FP8MOE_REQUIRE_GPU();
+  run_to_run_bitwise(GemmPrecision::W8A16);
+}
+
+TEST(CudaLayerDeterminism, RunToRunBitwiseW8a8) {
+  FP8MOE_REQUIRE_GPU();
+  if (!cuda::w8a8::available()) GTEST_SKIP() << cuda::w8a8::unavailable_reason();
+  run_to_run_bitwise(GemmPrecision::W8A8);
+}
+
 // Forward + backward captured on the backend's stream (temporaries become graph allocations),
 // replayed twice into poisoned outputs: each replay equals the eager run bit for bit.
-TEST(CudaLayerGraph, CaptureAndReplayForwardBackward) {
-  FP8MOE_REQUIRE_GPU();
+void capture_and_replay(GemmPrecision precision) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  SCOPED_TRACE("seed " + std::to_string(seed) + " precision " + gemm_precision_name(precision));
   std::mt19937_64 rng(seed);
   const HostProblem p = make_problem(determinism_case(), rng);
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   {
     auto gpu = make_cuda_backend(0, stream);
+    gpu->set_gemm_precision(precision);
     Side gs(*gpu, p);
     const Results eager = run_side(gs, p, DType::F32);
 
@@ -458,6 +469,19 @@ TEST(CudaLayerGraph, CaptureAndReplayForwardBackward) {
     gpu->synchronize();
   }
   EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+}
+
+TEST(CudaLayerGraph, CaptureAndReplayForwardBackward) {
+  FP8MOE_REQUIRE_GPU();
+  capture_and_replay(GemmPrecision::W8A16);
+}
+
+// The W8A8 path under capture: the CUTLASS set-up is host-side, its argument fill and workspace
+// are stream-ordered, its temporaries graph allocations.
+TEST(CudaLayerGraph, CaptureAndReplayForwardBackwardW8a8) {
+  FP8MOE_REQUIRE_GPU();
+  if (!cuda::w8a8::available()) GTEST_SKIP() << cuda::w8a8::unavailable_reason();
+  capture_and_replay(GemmPrecision::W8A8);
 }
 
 }  // namespace

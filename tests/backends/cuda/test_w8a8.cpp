@@ -279,10 +279,6 @@ TEST(W8a8Policy, RefusesWhereUnavailableAndDeclinesBackward) {
   }
   gpu->set_gemm_precision(GemmPrecision::W8A8);
   EXPECT_EQ(gpu->gemm_precision(), GemmPrecision::W8A8);
-  auto cpu = make_cpu_backend();
-  EXPECT_THROW(cpu->set_gemm_precision(GemmPrecision::W8A8), Error);
-  EXPECT_EQ(parse_gemm_precision("W8A8"), GemmPrecision::W8A8);
-  EXPECT_THROW(parse_gemm_precision("fp8"), Error);
 
   std::mt19937_64 rng(7);
   const QuantWeights w = quantize(random_host(DType::F32, {2, 256, 256}, rng), ScaleSpec::block(256, 256, 128, 128));
@@ -300,6 +296,69 @@ TEST(W8a8Policy, RefusesWhereUnavailableAndDeclinesBackward) {
   const Tensor wd64 = gpu->upload(w64.data), ws64 = gpu->upload(w64.scale);
   g.b = {wd64, ws64, w64.spec};
   EXPECT_NE(cuda::w8a8::fits(g), "") << "64x64 blocks are not the kernel's 128x128";
+}
+
+// The conditions of the W8A8 path, on the host (no GPU: CI runs GemmDispatch.* with the CPU
+// tests). Views carry fake, 16-byte aligned device pointers; nothing is read through them.
+TEST(GemmDispatch, W8a8FitsForwardFp8GemmsOnly) {
+  alignas(16) static unsigned char fake[64];
+  auto view = [](DType t, Shape s, size_t offset = 0) { return TensorView(fake + offset, t, s, Device::CUDA); };
+  const int64_t E = 4, N = 256, K = 512;
+  GroupedGemm g;
+  g.a = {view(DType::BF16, {10, K})};
+  g.b = {view(DType::F8_E4M3, {E, N, K}), view(DType::F32, {E, 2, 4}), ScaleSpec::block(N, K, 128, 128)};
+  EXPECT_EQ(cuda::w8a8::fits(g), "");
+  EXPECT_FALSE(cuda::w8a8::choose(g, GemmPrecision::W8A16)) << "W8A16 precision never takes W8A8";
+
+  GroupedGemm t = g;  // each failed condition, named
+  t.transpose_b = true;
+  EXPECT_NE(cuda::w8a8::fits(t).find("transposed"), std::string::npos);
+  t = g;
+  t.epilogue = Epilogue::GluBackward;
+  EXPECT_NE(cuda::w8a8::fits(t).find("backward"), std::string::npos);
+  t = g;
+  t.b.data = view(DType::F8_E5M2, {E, N, K});
+  EXPECT_NE(cuda::w8a8::fits(t).find("F8_E4M3"), std::string::npos);
+  t = g;
+  t.b.spec = ScaleSpec::block(N, K, 64, 64);
+  EXPECT_NE(cuda::w8a8::fits(t), "") << "64x64 blocks";
+  t.b.spec = ScaleSpec::tensor(N, K);
+  EXPECT_NE(cuda::w8a8::fits(t), "") << "tensor scales";
+  t.b.spec = ScaleSpec::channel(N, K);
+  EXPECT_EQ(cuda::w8a8::fits(t), "") << "channel scales";
+  // Gate/up segments: whole 128-row blocks per segment are the plain grid; I = 1440 straddles.
+  t.b.spec = ScaleSpec::block(N, K, 128, 128, 2);
+  EXPECT_EQ(cuda::w8a8::fits(t), "") << "two segments of 128 rows";
+  t.b.data = view(DType::F8_E4M3, {E, 2880, K});
+  t.b.spec = ScaleSpec::block(2880, K, 128, 128, 2);
+  EXPECT_NE(cuda::w8a8::fits(t), "") << "segments of 1440 rows";
+  t = g;
+  t.b.data = view(DType::F8_E4M3, {E, N, 264});
+  t.b.spec = ScaleSpec::block(N, 264, 128, 128);
+  EXPECT_NE(cuda::w8a8::fits(t).find("K = 264"), std::string::npos);
+  t.b.data = view(DType::F8_E4M3, {E, 260, 272});
+  t.b.spec = ScaleSpec::block(260, 272, 128, 128);
+  EXPECT_NE(cuda::w8a8::fits(t).find("N = 260"), std::string::npos);
+  t.b.data = view(DType::F8_E4M3, {E, 264, 272});
+  t.b.spec = ScaleSpec::block(264, 272, 128, 128);
+  EXPECT_EQ(cuda::w8a8::fits(t), "") << "K 272, N 264: partial blocks and tiles are fine";
+  t = g;
+  t.b.data = view(DType::F8_E4M3, {E, N, K}, 8);
+  EXPECT_NE(cuda::w8a8::fits(t).find("aligned"), std::string::npos);
+  t = g;
+  t.b = {view(DType::BF16, {E, N, K}), TensorView(), ScaleSpec::none(N, K)};
+  EXPECT_NE(cuda::w8a8::fits(t), "") << "plain weights (the LoRA projections)";
+}
+
+TEST(GemmDispatch, GemmPrecisionNamesAndTheCpuBackend) {
+  EXPECT_EQ(parse_gemm_precision("w8a8"), GemmPrecision::W8A8);
+  EXPECT_EQ(parse_gemm_precision("W8A16"), GemmPrecision::W8A16);
+  EXPECT_THROW(parse_gemm_precision("fp8"), Error);
+  EXPECT_STREQ(gemm_precision_name(GemmPrecision::W8A8), "w8a8");
+  auto cpu = make_cpu_backend();
+  EXPECT_THROW(cpu->set_gemm_precision(GemmPrecision::W8A8), Error) << "the oracle has no W8A8";
+  cpu->set_gemm_precision(GemmPrecision::W8A16);
+  EXPECT_EQ(cpu->gemm_precision(), GemmPrecision::W8A16);
 }
 
 }  // namespace
