@@ -42,7 +42,7 @@ std::string unavailable_reason();
 
 // The path decision (w8a8_dispatch.cpp, apart from the kernels): whether `g` runs on W8A8 under
 // `precision`. Under W8A8, a forward FP8 GEMM that W8A8 declines is said once per distinct problem
-// on stderr (with the reason); every decision is, with FP8MOE_LOG_DISPATCH=1.
+// on stderr (with the reason); every decision goes to the dispatch log (FP8MOE_LOG_DISPATCH=1).
 bool choose(const GroupedGemm& g, GemmPrecision precision);
 
 // Empty when the W8A8 path takes `g`; else the first condition it fails, in words.
