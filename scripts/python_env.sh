@@ -1,6 +1,8 @@
 # Sourced by setup.sh / test.sh / demo.sh: the Python side of fp8moe.
 #   fp8moe_python_deps      installs torch, transformers, PEFT and the build/test tools from PyPI
 #                           (the versions this tree is tested with) where they are missing
+#   fp8moe_cutlass_deps     where nvcc is: the CUTLASS headers (pip package nvidia-cutlass) that the
+#                           W8A8 kernel of the CUDA backend is built from (CMakeLists.txt finds them)
 #   fp8moe_python_install   pip install . (the extension with CUDA where a GPU is usable, else CPU-only)
 
 # Tested versions; pip keeps a newer installed torch (>= 2.10) as it is.
@@ -18,6 +20,14 @@ fp8moe_python_deps() {
     python3 -m pip install -q --disable-pip-version-check "torch==2.11.0"
   fi
   python3 -m pip install -q --disable-pip-version-check "${FP8MOE_PY_REQS[@]}"
+}
+
+fp8moe_cutlass_deps() {
+  command -v nvcc >/dev/null || return 0
+  python3 -c "import cutlass_library" 2>/dev/null && return 0
+  echo "setup: installing the CUTLASS headers (nvidia-cutlass) for the W8A8 kernel" >&2
+  python3 -m pip install -q --disable-pip-version-check "nvidia-cutlass==4.2.0.0" ||
+    echo "setup: nvidia-cutlass did not install; the CUDA backend builds without its W8A8 path" >&2
 }
 
 fp8moe_python_install() {

@@ -18,3 +18,4 @@ fi
 # shellcheck source=scripts/python_env.sh
 source "$(dirname "$0")/python_env.sh"
 fp8moe_python_deps
+fp8moe_cutlass_deps

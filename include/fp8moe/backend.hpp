@@ -100,6 +100,20 @@ struct PairDot {
   TensorView out;     // [T, k]
 };
 
+// Precision of the forward FP8 grouped GEMMs (GEMM1 and GEMM2 of the layer, the dense FP8 linear):
+//   W8A16  FP8 weights dequantized to BF16 inside the kernel, BF16 activations: the precise path,
+//          on every GPU from sm_80 and on the CPU. The default.
+//   W8A8   activations quantized to FP8 E4M3 per row and 128-wide K group, FP8 x FP8 tensor cores
+//          with the weights' block (or channel) scales: the fast path, CUDA backend on Hopper only.
+//          Problems it cannot take (backward GEMMs, other scale schemes, odd shapes) run W8A16, and
+//          the CUDA backend says so once per distinct problem on stderr.
+// The CUDA backend starts from the environment variable FP8MOE_PRECISION (w8a8 | w8a16; unset:
+// w8a16). Asking for W8A8 where it cannot run is an error, never a silent W8A16.
+enum class GemmPrecision : uint8_t { W8A16, W8A8 };
+const char* gemm_precision_name(GemmPrecision p);  // "w8a16", "w8a8"
+// "w8a16" / "w8a8" (case-insensitive); throws naming the accepted values otherwise.
+GemmPrecision parse_gemm_precision(const std::string& s);
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -119,6 +133,10 @@ class Backend {
   // stream). The CPU backend has none and ignores it.
   virtual void set_stream(void* stream) { (void)stream; }
   virtual void* stream() const { return nullptr; }
+  // The forward FP8 GEMMs' precision (GemmPrecision above). Backends without a W8A8 path (the
+  // CPU oracle) accept W8A16 only and throw for W8A8.
+  virtual void set_gemm_precision(GemmPrecision p);
+  virtual GemmPrecision gemm_precision() const { return GemmPrecision::W8A16; }
 
   // Copies between host and this backend's device (either direction; same shape and dtype).
   virtual void copy(const TensorView& dst, const TensorView& src) = 0;

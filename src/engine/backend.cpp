@@ -1,6 +1,7 @@
 // Backend selection and the checks on the layer's weights and adapters, shared by every backend.
 #include "fp8moe/backend.hpp"
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <mutex>
@@ -14,6 +15,20 @@ Tensor Backend::upload(const TensorView& host) {
   Tensor t = empty(host.dtype, host.shape);
   copy(t, host);
   return t;
+}
+
+const char* gemm_precision_name(GemmPrecision p) { return p == GemmPrecision::W8A8 ? "w8a8" : "w8a16"; }
+
+GemmPrecision parse_gemm_precision(const std::string& s) {
+  std::string l = s;
+  for (char& c : l) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (l == "w8a16") return GemmPrecision::W8A16;
+  if (l == "w8a8") return GemmPrecision::W8A8;
+  FP8MOE_FAIL("GEMM precision '", s, "' is not one of: w8a16 (precise, the default), w8a8 (fast, Hopper)");
+}
+
+void Backend::set_gemm_precision(GemmPrecision p) {
+  FP8MOE_CHECK(p == GemmPrecision::W8A16, "the ", name(), " backend has no W8A8 path (it runs the W8A16 GEMMs only)");
 }
 
 void Backend::set_allocator(Allocator* a) {

@@ -13,12 +13,14 @@
 // they must not outlive the backend.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
 
 #include "backends/cuda/cuda_backend.cuh"
 #include "backends/cuda/grouped_gemm.cuh"
+#include "backends/cuda/w8a8.cuh"
 #include "fp8moe/fp8.hpp"
 
 namespace fp8moe {
@@ -172,6 +174,7 @@ class CudaBackend final : public Backend {
     FP8MOE_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     FP8MOE_CUDA_CHECK(cudaMalloc(&errors_, sizeof(cuda::DeviceErrors)));
     reset_errors();
+    if (const char* env = std::getenv("FP8MOE_PRECISION"); env && *env) set_gemm_precision(parse_gemm_precision(env));
   }
   ~CudaBackend() override {  // no throwing here: a failure leaves at most a small leak
     int prev = 0;
@@ -192,6 +195,17 @@ class CudaBackend final : public Backend {
     alloc_.set_stream(stream_);
   }
   void* stream() const override { return stream_; }
+
+  // W8A8 only where the kernel exists and the card runs it: asking for it elsewhere is an error.
+  void set_gemm_precision(GemmPrecision p) override {
+    if (p == GemmPrecision::W8A8) {
+      DeviceGuard g(device_);
+      FP8MOE_CHECK(cuda::w8a8::available(), "GEMM precision w8a8 (FP8MOE_PRECISION or set_gemm_precision): ",
+                   cuda::w8a8::unavailable_reason(), "; use w8a16");
+    }
+    precision_ = p;
+  }
+  GemmPrecision gemm_precision() const override { return precision_; }
 
   // Any direction between host and this device. A copy into host memory synchronises the stream
   // before returning, so the caller can read the result at once. A copy from pageable host memory
@@ -240,7 +254,10 @@ class CudaBackend final : public Backend {
   }
   void grouped_gemm(const GroupedGemm& gg) override {
     DeviceGuard g(device_);
-    cuda::grouped_gemm(gg, stream_);
+    if (cuda::w8a8::choose(gg, precision_))
+      cuda::w8a8::grouped_gemm(gg, allocator(), stream_);
+    else
+      cuda::grouped_gemm(gg, stream_);
   }
   void grouped_outer(const GroupedOuter& go) override {
     DeviceGuard g(device_);
@@ -280,6 +297,7 @@ class CudaBackend final : public Backend {
   CudaAllocator alloc_;
   cuda::DeviceErrors* errors_ = nullptr;  // [1] device memory, see synchronize()
   int64_t last_experts_ = 0;              // E of the latest plan, for the error message
+  GemmPrecision precision_ = GemmPrecision::W8A16;
 };
 
 }  // namespace

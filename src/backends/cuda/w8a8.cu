@@ -1,0 +1,362 @@
+// The W8A8 forward path (w8a8.cuh describes it): host side (conditions, checks, the three
+// phases), the quantize kernel and the epilogue kernel. The CUTLASS GEMM is in
+// cutlass/fp8_grouped_sm90.cu, built only when CUTLASS headers and an sm_90a target are there
+// (FP8MOE_HAS_W8A8); without it, available() says why and grouped_gemm() refuses.
+#include "backends/cuda/w8a8.cuh"
+
+#include <cuda_fp8.h>
+
+#include <cfloat>
+
+#include "backends/cuda/cuda_backend.cuh"
+#include "backends/cuda/gemm_parts.cuh"
+#include "backends/cuda/grouped_gemm.cuh"
+
+namespace fp8moe::cuda::w8a8 {
+namespace {
+
+using gemm::Elem;
+
+constexpr int kGroup = 128;        // activation scale group along K (CUTLASS's K block)
+constexpr float kE4m3Max = 448.0f;
+
+// ---- kernels
+
+struct QuantizeParams {
+  const void* src = nullptr;  // [rows, K] BF16 / F32 (rows = M, or T when read by token)
+  Elem type = Elem::BF16;
+  bool tokens = false;  // row r is src[sorted_pairs[r] / top_k]
+  bool vec = false;     // 4-element loads (K % 4 == 0, 16-byte aligned source)
+  const int32_t* sorted_pairs = nullptr;
+  int top_k = 1;
+  int64_t M = 0;
+  int K = 0, groups = 0;
+  uint8_t* codes = nullptr;  // [M, K]
+  float* scales = nullptr;   // [M, groups]
+};
+
+__device__ __forceinline__ void load4(const QuantizeParams& q, int64_t i, int valid, float (&v)[4]) {
+  if (q.vec && valid == 4) {
+    if (q.type == Elem::BF16) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(q.src) + i);
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+      v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    } else {
+      const float4 f = *reinterpret_cast<const float4*>(static_cast<const float*>(q.src) + i);
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = j < valid ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
+}
+
+// One warp per (row, 128-wide group), 4 elements per lane: a warp max gives the group's scale,
+// then every lane encodes its 4 codes (saturating round-to-nearest-even, as the host's
+// quantize_activations, so both give the same bits) and stores them as one 32-bit word.
+__global__ void quantize_rows_kernel(QuantizeParams q) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= q.M * q.groups) return;
+  const int64_t r = warp / q.groups;
+  const int g = static_cast<int>(warp % q.groups);
+  const int64_t src_row = q.tokens ? q.sorted_pairs[r] / q.top_k : r;
+  const int k = g * kGroup + 4 * lane, valid = max(0, min(4, q.K - k));
+  float v[4];
+  load4(q, src_row * q.K + k, valid, v);
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  // An all-zero group: the smallest normal scale and zero codes (0 / FLT_MIN = 0), never 0 / 0.
+  const float scale = fmaxf(amax / kE4m3Max, FLT_MIN);
+  if (lane == 0) q.scales[r * q.groups + g] = scale;
+  if (valid == 0) return;
+  uint32_t word = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    word |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
+  uint8_t* out = q.codes + r * q.K + k;
+  if (valid == 4 && q.K % 4 == 0) {
+    *reinterpret_cast<uint32_t*>(out) = word;
+  } else {
+    for (int j = 0; j < valid; ++j) out[j] = static_cast<uint8_t>(word >> (8 * j));
+  }
+}
+
+struct EpilogueParams {
+  int64_t M = 0;
+  int N = 0, E = 0;
+  const int32_t* offsets = nullptr;       // [E + 1]
+  const int32_t* sorted_pairs = nullptr;  // [M]
+  const __nv_bfloat16* d = nullptr;       // [M, N] the FP8 GEMM's result
+  const float* chan = nullptr;            // [E, N] per-channel weight scales (else null)
+  const float* delta = nullptr;           // [M, N] L LB^T (LoRA), or null
+  float lora_scale = 0.0f;
+  const void* row_scale = nullptr;        // [T * k] by pair
+  Elem rs_type = Elem::F32;
+  const void* bias = nullptr;             // [E, N]
+  Elem bias_type = Elem::F32;
+  Epilogue epi = Epilogue::Store;
+  ActivationSpec act;
+  void* aux = nullptr;  // GluForward: [M, N] pre-activation (optional; may alias d)
+  Elem aux_type = Elem::BF16;
+  void* out = nullptr;  // [M, N] or [M, N / 2]
+  Elem out_type = Elem::BF16;
+  bool out_vec8 = false, aux_vec8 = false;
+};
+
+// Expert of row r: the largest e with offsets[e] <= r; E when r lies past every expert's rows
+// (pairs whose id was out of range), which nothing writes.
+__device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t r) {
+  int lo = 0, hi = E;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// v[j] for columns n[j] of row r (n < 0: 0): GroupedGemm's v = rs * (A W^T + s L LB^T) + bias.
+__device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, float rs, const int (&n)[8], float (&v)[8]) {
+  gemm::load8(p.d, Elem::BF16, r * p.N, n, v, true);
+  float dl[8];
+  if (p.delta) gemm::load8(p.delta, Elem::F32, r * p.N, n, dl, true);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (n[j] < 0) continue;
+    float x = v[j];
+    if (p.chan) x *= p.chan[static_cast<int64_t>(e) * p.N + n[j]];
+    if (p.delta) x += p.lora_scale * dl[j];
+    x *= rs;
+    if (p.bias) x += gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + n[j]);
+    v[j] = x;
+  }
+}
+
+// One thread per 8 output columns of one row (grid-stride): Store writes v; GluForward reads the
+// 8 gate and 8 up columns of its 8 outputs, keeps them in aux and writes act(gate, up).
+__global__ void epilogue_kernel(EpilogueParams p) {
+  const bool glu = p.epi == Epilogue::GluForward;
+  const int cols = glu ? p.N / 2 : p.N, chunks = (cols + 7) / 8;
+  const int64_t items = p.M * chunks;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / chunks;
+    const int c0 = static_cast<int>(i % chunks) * 8;
+    const int e = expert_of(p.offsets, p.E, r);
+    if (e >= p.E) continue;
+    const float rs = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r]) : 1.0f;
+    int n[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) n[j] = c0 + j < cols ? c0 + j : -1;
+    if (!glu) {
+      float v[8];
+      v8(p, r, e, rs, n, v);
+      gemm::store8(p.out, p.out_type, r * p.N, n, v, p.out_vec8);
+      continue;
+    }
+    const int I = cols;
+    int gn[8], un[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      gn[j] = n[j] >= 0 ? static_cast<int>(p.act.gate_row(n[j], I)) : -1;
+      un[j] = n[j] >= 0 ? static_cast<int>(p.act.up_row(n[j], I)) : -1;
+    }
+    float g[8], u[8], o[8];
+    v8(p, r, e, rs, gn, g);
+    v8(p, r, e, rs, un, u);
+    if (p.aux) {
+      gemm::store8(p.aux, p.aux_type, r * p.N, gn, g, p.aux_vec8);
+      gemm::store8(p.aux, p.aux_type, r * p.N, un, u, p.aux_vec8);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = gemm::act_forward(p.act, g[j], u[j]);
+    gemm::store8(p.out, p.out_type, r * I, n, o, p.out_vec8);
+  }
+}
+
+// ---- host side
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+Elem elem_of(DType t, const char* name) {
+  switch (t) {
+    case DType::BF16: return Elem::BF16;
+    case DType::F32: return Elem::F32;
+    default: FP8MOE_FAIL("W8A8 grouped GEMM: ", name, " has dtype ", dtype_name(t), "; supported: BF16, F32");
+  }
+}
+
+void check_view(const TensorView& t, const char* name, const Shape& shape) {
+  FP8MOE_CHECK(t.device == Device::CUDA, "W8A8 grouped GEMM: ", name, " must be on the GPU, found ", t.str());
+  check_shape(t, name, shape);
+  check_dtype(t, name, {DType::BF16, DType::F32});
+  check_contiguous(t, name);
+}
+
+}  // namespace
+
+bool available() { return unavailable_reason().empty(); }
+
+std::string unavailable_reason() {
+#if FP8MOE_HAS_W8A8
+  if (!gemm::sm90_kernels_available()) return "the W8A8 kernel needs an sm_90 (Hopper) GPU; this device is not one";
+  return "";
+#else
+  return "this fp8moe was built without the W8A8 kernel (it needs the CUTLASS headers - pip install nvidia-cutlass, "
+         "or -DFP8MOE_CUTLASS_DIR - and an sm_90a target in FP8MOE_CUDA_ARCHS)";
+#endif
+}
+
+std::string fits(const GroupedGemm& g) {
+  if (g.transpose_b) return "transposed W (a backward GEMM)";
+  if (g.epilogue == Epilogue::GluBackward) return "GLU-backward epilogue (a backward GEMM)";
+  const TensorView& bd = g.b.data;
+  if (bd.dtype != DType::F8_E4M3) return "W is " + std::string(dtype_name(bd.dtype)) + ", not F8_E4M3";
+  if (bd.rank() != 3) return "W is not [E, N, K]";
+  const ScaleSpec& s = g.b.spec;
+  const bool blocks = s.kind == ScaleKind::Block && s.block_n == 128 && s.block_k == 128 &&
+                      (s.segments == 1 || s.seg_rows() % 128 == 0);
+  if (!blocks && s.kind != ScaleKind::Channel)
+    return "W's scales are " + s.str() + " (W8A8 takes 128x128 blocks, whole blocks per segment, or per-channel)";
+  const int64_t N = bd.size(1), K = bd.size(2);
+  if (K % 16 != 0) return "K = " + std::to_string(K) + " is not a multiple of 16 (TMA needs 16-byte FP8 rows)";
+  if (N % 8 != 0) return "N = " + std::to_string(N) + " is not a multiple of 8 (TMA needs 16-byte BF16 rows)";
+  if (!aligned16(bd.data)) return "W is not 16-byte aligned";
+  if (!g.a.defined() || (g.a.src.dtype != DType::BF16 && g.a.src.dtype != DType::F32)) return "A is not BF16 or F32";
+  return "";
+}
+
+void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
+                   cudaStream_t stream) {
+  const int64_t M = plan.rows(), K = a.src.rank() == 2 ? a.src.size(1) : 0, groups = (K + kGroup - 1) / kGroup;
+  const int64_t src_rows = a.rows == RowSource::Tokens ? plan.tokens : M;
+  check_view(a.src, "W8A8 quantize A", {src_rows, K});
+  check_device_operand(codes, "W8A8 quantize codes", {DType::F8_E4M3});
+  check_shape(codes, "W8A8 quantize codes", {M, K});
+  check_device_operand(scales, "W8A8 quantize scales", {DType::F32});
+  check_shape(scales, "W8A8 quantize scales", {M, groups});
+  FP8MOE_CHECK(K <= (int64_t{1} << 30), "W8A8 quantize: K = ", K, " too large");
+  if (M == 0 || K == 0) return;
+  QuantizeParams q;
+  q.src = a.src.data;
+  q.type = elem_of(a.src.dtype, "A");
+  q.tokens = a.rows == RowSource::Tokens;
+  q.vec = K % 4 == 0 && aligned16(a.src.data);
+  q.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
+  q.top_k = static_cast<int>(plan.top_k);
+  q.M = M;
+  q.K = static_cast<int>(K);
+  q.groups = static_cast<int>(groups);
+  q.codes = static_cast<uint8_t*>(codes.data);
+  q.scales = static_cast<float*>(scales.data);
+  constexpr int kThreads = 256;
+  quantize_rows_kernel<<<grid_blocks(M * groups * 32, kThreads), kThreads, 0, stream>>>(q);
+  FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
+}
+
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
+  FP8MOE_CHECK(available(), "W8A8 grouped GEMM: ", unavailable_reason());
+  const std::string why = fits(g);
+  FP8MOE_CHECK(why.empty(), "W8A8 grouped GEMM cannot take this problem: ", why);
+  FP8MOE_CHECK(g.plan != nullptr, "W8A8 grouped GEMM: plan is null");
+  const RoutingPlan& plan = *g.plan;
+  const int64_t M = plan.rows(), E = plan.experts, N = g.b.data.size(1), K = g.b.data.size(2);
+  FP8MOE_CHECK(g.b.data.size(0) == E, "W8A8 grouped GEMM: W has ", g.b.data.size(0), " experts, the plan ", E);
+  FP8MOE_CHECK(g.b.data.device == Device::CUDA, "W8A8 grouped GEMM: W must be on the GPU, found ", g.b.data.str());
+  g.b.validate("W8A8 grouped GEMM b");
+  FP8MOE_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, "W8A8 grouped GEMM: M = ", M, " too large");
+  const bool glu = g.epilogue == Epilogue::GluForward;
+  FP8MOE_CHECK(!glu || N % 2 == 0, "W8A8 grouped GEMM GluForward: N = ", N, " must be even");
+  const int64_t out_cols = glu ? N / 2 : N;
+  check_view(g.out, "W8A8 grouped GEMM out", {M, out_cols});
+  if (g.aux.defined()) {
+    FP8MOE_CHECK(glu, "W8A8 grouped GEMM: aux is used by GluForward only");
+    check_view(g.aux, "W8A8 grouped GEMM aux [M, N]", {M, N});
+  }
+  if (g.row_scale.defined()) check_view(g.row_scale, "W8A8 grouped GEMM row_scale", {M});
+  if (g.bias.defined()) check_view(g.bias, "W8A8 grouped GEMM bias", {E, N});
+  FP8MOE_CHECK(g.lora_a.defined() == g.lora_b.defined(), "W8A8 grouped GEMM: lora_a and lora_b must be given together");
+  if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
+
+  // 1. A -> FP8 codes and 1x128 scales, gathered through the plan.
+  const int64_t groups = (K + kGroup - 1) / kGroup;
+  Tensor codes(DType::F8_E4M3, {M, K}, alloc), scales(DType::F32, {M, groups}, alloc);
+  quantize_rows(g.a, plan, codes, scales, stream);
+
+  // 2. The LoRA product L LB^T on the W8A16 family (rank r: a small GEMM with K = r).
+  Tensor delta;
+  if (g.lora_a.defined()) {
+    delta = Tensor(DType::F32, {M, N}, alloc);
+    GroupedGemm lg;
+    lg.plan = g.plan;
+    lg.a = g.lora_a;
+    lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
+    lg.out = delta;
+    cuda::grouped_gemm(lg, stream);
+  }
+
+  // 3. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
+  //    for GluForward, out for Store; the epilogue then rewrites each element in place, read
+  //    before written by the same thread), else a temporary.
+  Tensor d_tmp;
+  void* d = nullptr;
+  if (glu && g.aux.defined() && g.aux.dtype == DType::BF16 && aligned16(g.aux.data)) {
+    d = g.aux.data;
+  } else if (!glu && g.out.dtype == DType::BF16 && aligned16(g.out.data)) {
+    d = g.out.data;
+  } else {
+    d_tmp = Tensor(DType::BF16, {M, N}, alloc);
+    d = d_tmp.data();
+  }
+  const bool channel = g.b.spec.kind == ScaleKind::Channel;
+  Sm90Fp8Grouped p;
+  p.E = static_cast<int>(E);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.M = M;
+  p.offsets = static_cast<const int32_t*>(plan.offsets.data());
+  p.a = static_cast<const uint8_t*>(codes.data());
+  p.sa = static_cast<const float*>(scales.data());
+  p.b = static_cast<const uint8_t*>(g.b.data.data);
+  p.sb = channel ? nullptr : static_cast<const float*>(g.b.scale.data);
+  p.d = d;
+#if FP8MOE_HAS_W8A8
+  Tensor scratch(DType::U8, {static_cast<int64_t>(sm90_fp8_grouped_scratch(p))}, alloc);
+  sm90_fp8_grouped(p, scratch.data(), stream);
+#endif
+
+  // 4. The epilogue policies on D.
+  EpilogueParams ep;
+  ep.M = M;
+  ep.N = static_cast<int>(N);
+  ep.E = static_cast<int>(E);
+  ep.offsets = p.offsets;
+  ep.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
+  ep.d = static_cast<const __nv_bfloat16*>(d);
+  ep.chan = channel ? static_cast<const float*>(g.b.scale.data) : nullptr;  // [E, N, 1]
+  ep.delta = delta.defined() ? static_cast<const float*>(delta.data()) : nullptr;
+  ep.lora_scale = static_cast<float>(g.lora_scale);
+  if (g.row_scale.defined()) ep.row_scale = g.row_scale.data, ep.rs_type = elem_of(g.row_scale.dtype, "row_scale");
+  if (g.bias.defined()) ep.bias = g.bias.data, ep.bias_type = elem_of(g.bias.dtype, "bias");
+  ep.epi = g.epilogue;
+  ep.act = g.act;
+  if (g.aux.defined()) {
+    ep.aux = g.aux.data;
+    ep.aux_type = elem_of(g.aux.dtype, "aux");
+    ep.aux_vec8 = aligned16(ep.aux);  // N % 8 == 0 (fits)
+  }
+  ep.out = g.out.data;
+  ep.out_type = elem_of(g.out.dtype, "out");
+  ep.out_vec8 = out_cols % 8 == 0 && aligned16(ep.out);
+  // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done.
+  if (!glu && d == g.out.data && !ep.chan && !ep.delta && !ep.row_scale && !ep.bias) return;
+  const int64_t items = M * ((out_cols + 7) / 8);
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t{1} << 20));
+  epilogue_kernel<<<blocks, kThreads, 0, stream>>>(ep);
+  FP8MOE_CUDA_LAUNCH_CHECK("w8a8 epilogue_kernel");
+}
+
+}  // namespace fp8moe::cuda::w8a8

@@ -1,0 +1,79 @@
+// The W8A8 forward path of the grouped GEMM on Hopper (issue #13): FP8 activations x FP8 weights
+// on FP8 tensor cores, for the forward GEMMs of backend.hpp's GroupedGemm
+// (transpose_b = false, Epilogue Store / GluForward). The backward GEMMs stay on the W8A16 kernels
+// (grouped_gemm.cuh: FP8 W dequantized to BF16 in the kernel), the precise option.
+//
+// One call runs three phases, all queued on the stream, nothing read back by the host:
+//   quantize  A rows (expert order, or tokens gathered through the plan) -> e4m3 codes [M, K] and
+//             one F32 scale per row and 128-wide K group, sa [M, ceil(K/128)]
+//             (scale = max(amax / 448, FLT_MIN), as quantize_activations on the host: an all-zero
+//             group gives zero codes, never NaN)
+//   gemm      CUTLASS 4.2's Hopper grouped GEMM with blockwise scales (w8a8_sm90.cu):
+//             D[r, n] = sum_kb sa[r, kb] * sb_e[n/128, kb] * sum_{k in kb} qa[r, k] qb_e[n, k]
+//             in FP32 per 128-wide K block, stored as BF16 [M, N]. Per-channel weight scales run
+//             the mainloop with unit block scales and are applied in the epilogue phase (free
+//             there; bench/fp8_lab measured a 15-20% loss when they sit in the mainloop).
+//   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T (the
+//             rank-r product comes from the W8A16 grouped GEMM on the plain LoRA weights), row
+//             scale, bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
+//             D is the BF16 output itself where there is one (out of a Store, aux of a GLU), the
+//             epilogue rewriting it in place; a Store with nothing to apply skips this phase.
+//
+// What it takes (w8a8_fits says which condition failed): b F8_E4M3 with 128x128 block scales
+// (one grid, or two segments each a multiple of 128 rows: then the grid is the plain one) or
+// per-channel scales; K % 16 == 0 and N % 8 == 0 (TMA needs 16-byte rows of FP8 A/W and of the
+// BF16 D); 16-byte aligned W. Partial last N tiles and K blocks are fine (TMA zero-fills).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "fp8moe/backend.hpp"
+
+namespace fp8moe::cuda::w8a8 {
+
+// Whether this library holds the CUTLASS kernel (built with CUTLASS headers and an sm_90a target)
+// and the current device is an sm_90 card that runs it.
+bool available();
+// Why not, in words ("" when available()).
+std::string unavailable_reason();
+
+// The path decision (w8a8_dispatch.cpp, apart from the kernels): whether `g` runs on W8A8 under
+// `precision`. Under W8A8, a forward FP8 GEMM that W8A8 declines is said once per distinct problem
+// on stderr (with the reason); every decision goes to the dispatch log (FP8MOE_LOG_DISPATCH=1).
+bool choose(const GroupedGemm& g, GemmPrecision precision);
+
+// Empty when the W8A8 path takes `g`; else the first condition it fails, in words.
+std::string fits(const GroupedGemm& g);
+
+// Runs `g` on the W8A8 path (fits(g) must be empty and available() true; both are checked).
+// Temporaries (codes, scales, D, the CUTLASS argument arrays) come from `alloc`, stream-ordered.
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
+
+// ---- the phases, exposed for tests and benchmarks
+
+// codes [M, K] F8_E4M3, scales [M, ceil(K/128)] F32 from `a` (BF16 or F32) read through `plan`.
+void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
+                   cudaStream_t stream);
+
+// The CUTLASS kernel's problem in raw device pointers (w8a8_sm90.cu includes CUTLASS and nothing
+// of the engine's tensor types beyond this).
+struct Sm90Fp8Grouped {
+  int E = 0, N = 0, K = 0;
+  int64_t M = 0;                     // rows of A and D (offsets[E] <= M)
+  const int32_t* offsets = nullptr;  // [E + 1] device
+  const uint8_t* a = nullptr;        // [M, K] e4m3
+  const float* sa = nullptr;         // [M, ceil(K/128)]
+  const uint8_t* b = nullptr;        // [E, N, K] e4m3
+  const float* sb = nullptr;         // [E, ceil(N/128), ceil(K/128)]; null: unit scales (channel scales later)
+  void* d = nullptr;                 // [M, N] BF16
+};
+// Device bytes of the scratch sm90_fp8_grouped needs for `p` (argument arrays, unit scales,
+// CUTLASS's workspace), 256-byte aligned.
+size_t sm90_fp8_grouped_scratch(const Sm90Fp8Grouped& p);
+// Queues the per-expert argument fill and the grouped GEMM on `stream`. Throws on a CUTLASS error.
+void sm90_fp8_grouped(const Sm90Fp8Grouped& p, void* scratch, cudaStream_t stream);
+
+}  // namespace fp8moe::cuda::w8a8

@@ -1,0 +1,54 @@
+// Which engine runs a grouped GEMM under the CUDA backend's precision policy (backend.hpp:
+// GemmPrecision): the W8A8 path (w8a8.cuh) or the W8A16 family (grouped_gemm.cuh, whose tile
+// shape gemm_heuristics.cpp picks). Kept apart from the kernels.
+#include <cstdio>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "backends/cuda/grouped_gemm.cuh"
+#include "backends/cuda/w8a8.cuh"
+
+namespace fp8moe::cuda::w8a8 {
+
+namespace {
+const char* epilogue_name(Epilogue e) {
+  switch (e) {
+    case Epilogue::Store: return "store";
+    case Epilogue::GluForward: return "glu-forward";
+    case Epilogue::GluBackward: return "glu-backward";
+  }
+  return "?";
+}
+}  // namespace
+
+bool choose(const GroupedGemm& g, GemmPrecision precision) {
+  if (precision != GemmPrecision::W8A8) return false;
+  const std::string why = fits(g);
+  // The problem as the decision sees it: W's shape, dtype, scales and orientation, A's dtype, the
+  // epilogue and LoRA (the rows change every step and do not enter the decision).
+  const TensorView& b = g.b.data;
+  const std::string key = "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
+                          std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") + ", scales " +
+                          g.b.spec.str() + ", A " + (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-") +
+                          ", " + epilogue_name(g.epilogue) + (g.lora_a.defined() ? ", LoRA" : "");
+  const std::string line = "grouped_gemm (" + key + ") -> " +
+                           (why.empty() ? std::string("W8A8 (CUTLASS sm90 FP8 x FP8, 1x128 activation scales)")
+                                        : "W8A16 (W8A8 declined: " + why + ")");
+  // A forward FP8 GEMM that W8A8 declines (a shape or scale scheme it cannot take) is said once
+  // per distinct problem, always: the caller asked for W8A8 and this GEMM does not get it. The
+  // expected W8A16 GEMMs (backward, plain LoRA weights) and the W8A8 ones go through the dispatch
+  // log (FP8MOE_LOG_DISPATCH), as the tile-shape choice does.
+  const bool expected = g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
+  if (why.empty() || expected) {
+    gemm::log_choice_once(line);
+  } else {
+    static std::mutex mu;
+    static std::set<std::string> said;
+    std::lock_guard<std::mutex> lock(mu);
+    if (said.insert(line).second) std::fprintf(stderr, "fp8moe: %s\n", line.c_str());
+  }
+  return why.empty();
+}
+
+}  // namespace fp8moe::cuda::w8a8
