@@ -94,10 +94,16 @@ if has_step build; then
   if has_step bench; then TARGETS="$TARGETS fp8moe_cli"; fi
   if has_step python || has_step model || has_step pysanitize; then TARGETS="$TARGETS fp8moe_python"; fi
   run_timed build "$OUT/build.log" bash -c "cmake -S . -B '$BUILD_DIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real -DFP8MOE_PYTHON=ON -DPython_EXECUTABLE=$(command -v python3) \
+      -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real -DFP8MOE_W8A8=ON -DFP8MOE_PYTHON=ON -DPython_EXECUTABLE=$(command -v python3) \
       && ninja -C '$BUILD_DIR' -j$JOBS $TARGETS"
   record build "$STATUS" "$SECS" "$BUILD_DIR (sm_90a), log build.log"
   [ "$STATUS" = ok ] || BUILT=0
+  # The W8A8 tests skip where the kernel is absent: a run that did not build it must not pass.
+  if grep -q "fp8moe: W8A8 kernel ON" "$OUT/build.log"; then
+    record w8a8 ok 0 "W8A8 kernel built (CUTLASS)"
+  else
+    record w8a8 FAIL 0 "W8A8 kernel not built: CUTLASS headers missing (carry .deps with the nvidia_cutlass wheel)"
+  fi
 fi
 if [ "$BUILT" = 0 ]; then
   echo "build failed: skipping the other steps" | tee -a "$OUT/build.log"

@@ -204,8 +204,8 @@ std::string unavailable_reason() {
   if (!gemm::sm90_kernels_available()) return "the W8A8 kernel needs an sm_90 (Hopper) GPU; this device is not one";
   return "";
 #else
-  return "this fp8moe was built without the W8A8 kernel (it needs the CUTLASS headers - pip install nvidia-cutlass, "
-         "or -DFP8MOE_CUTLASS_DIR - and an sm_90a target in FP8MOE_CUDA_ARCHS)";
+  return "this fp8moe was built without the W8A8 kernel (it needs -DFP8MOE_W8A8=ON, the CUTLASS headers - pip "
+         "install nvidia-cutlass, or -DFP8MOE_CUTLASS_DIR - and an sm_90a target in FP8MOE_CUDA_ARCHS)";
 #endif
 }
 
