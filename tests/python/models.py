@@ -43,14 +43,18 @@ def _config(family: str):
 FAMILIES = ("qwen3_moe", "glm4_moe_lite", "gpt_oss", "deepseek_v3")
 
 
-def bf16_checkpoint(root: str, family: str, seed: int = 0) -> str:
-    """A random BF16 checkpoint of `family`, saved by transformers' save_pretrained."""
+def bf16_checkpoint(root: str, family: str, seed: int = 0, name: str = "bf16", **overrides) -> str:
+    """A random BF16 checkpoint of `family` (config fields `overrides` changed), saved by
+    transformers' save_pretrained into `<family>-<name>`."""
     from transformers import AutoModelForCausalLM
 
-    path = os.path.join(root, f"{family}-bf16")
+    path = os.path.join(root, f"{family}-{name}")
     if not os.path.exists(path):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(_config(family), dtype=torch.bfloat16)
+        cfg = _config(family)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         with torch.no_grad():  # larger than the default init, so that every layer matters
             for name, p in model.named_parameters():
                 if "norm" not in name and p.dim() >= 2:
@@ -213,22 +217,31 @@ def compressed_tensors_checkpoint(root: str, family: str = "qwen3_moe") -> str:
     return out
 
 
+# transformers' FP8 quantizer passes a matrix whose dims are not multiples of its 128x128 block
+# through unquantized and never writes its scale (the saved scale is uninitialised memory), so the
+# model it quantizes has every projection 128-aligned.
+TRANSFORMERS_FP8_DIMS = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                             num_key_value_heads=4, head_dim=32)
+
+
 def transformers_fp8_checkpoint(root: str, family: str = "qwen3_moe") -> str:
     """A fine-grained FP8 checkpoint (128x128 blocks) written by transformers' own FP8 quantizer:
     quantized while loading, then saved by save_pretrained. Without a GPU, the quantizer's
     environment check (which refuses to quantize on the CPU) is skipped for the load: its
-    quantization is torch code that runs on the CPU alike, and the files are transformers' own."""
+    quantization is torch code that runs on the CPU alike, and the files are transformers' own.
+    The BF16 source is `bf16_checkpoint(root, family, name="bf16-128", **TRANSFORMERS_FP8_DIMS)`."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
     out = os.path.join(root, f"{family}-transformers-fp8")
     if not os.path.exists(out):
+        source = bf16_checkpoint(root, family, name="bf16-128", **TRANSFORMERS_FP8_DIMS)
         cuda = torch.cuda.is_available()
         check = FineGrainedFP8HfQuantizer.validate_environment
         if not cuda:
             FineGrainedFP8HfQuantizer.validate_environment = lambda self, *a, **k: None
         try:
-            model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint(root, family), dtype=torch.bfloat16,
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16,
                                                          quantization_config=FineGrainedFP8Config(),
                                                          device_map="cuda" if cuda else "cpu")
         finally:

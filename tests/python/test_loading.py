@@ -156,8 +156,21 @@ def test_compressed_tensors_fp8_dynamic_checkpoint_loads_and_matches(root, gen):
 def test_transformers_fine_grained_fp8_checkpoint_loads_and_matches(root, gen):
     """transformers writes experts one by one, and the scale of a matrix within one 128x128 block
     rank-0 ([]); both load, and the logits match the same codes x scales decoded by torch."""
+    from safetensors import safe_open
+
     path = models.transformers_fp8_checkpoint(root)
+    # The file itself is sane (codes x scale within FP8 rounding of the BF16 source), so that the
+    # comparison below compares real values, not two readings of the same garbage.
+    source = safe_open(os.path.join(models.bf16_checkpoint(root, "qwen3_moe", name="bf16-128",
+                                                           **models.TRANSFORMERS_FP8_DIMS), "model.safetensors"), "pt")
+    stored = safe_open(os.path.join(path, "model.safetensors"), "pt")
+    scaled = [k for k in stored.keys() if k.endswith(".weight_scale_inv")]
+    assert len(scaled) >= 2 * (4 + 3 * 8)  # every projection and expert matrix of both layers
+    for k in scaled:
+        w = k[: -len("_scale_inv")]
+        value = stored.get_tensor(w).float() * stored.get_tensor(k).float()  # one block each
+        assert ref.rel_err(value, source.get_tensor(w).float()) < 0.05, w
     model = fp8moe.from_pretrained(path, device="cpu", dtype=torch.float32)
-    assert any(isinstance(m, Fp8Linear) for m in model.modules())
+    assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 8
     ids = torch.randint(0, 256, (2, 12), generator=gen)
     assert ref.rel_err(_logits(model, ids), _logits(models.exact_peer(path), ids)) < 1e-4
