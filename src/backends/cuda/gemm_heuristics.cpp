@@ -12,13 +12,14 @@
 
 namespace fp8moe::cuda::gemm {
 
-void log_choice_once(const std::string& line) {
-  // Off unless asked for: a library must not write to stderr on its own.
+void log_choice_once(const std::string& line, bool always) {
+  // Off unless asked for (a library must not write to stderr on its own), except for what the
+  // caller must hear: `always`.
   static const bool on = [] {
     const char* v = std::getenv("FP8MOE_LOG_DISPATCH");
     return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
   }();
-  if (!on) return;
+  if (!on && !always) return;
   static std::mutex m;
   static std::set<std::string> seen;
   std::lock_guard<std::mutex> lock(m);

@@ -105,9 +105,9 @@ constexpr int64_t kOuterNarrowMax = 32;
 OuterKernel choose_outer_kernel(int64_t n, int64_t q);
 const char* outer_kernel_name(OuterKernel k);
 
-// With FP8MOE_LOG_DISPATCH set (not "0"), writes `line` to stderr the first time it is seen: the
-// kernel chosen for each distinct problem, once. choose_tile_shape(p) logs through it.
-void log_choice_once(const std::string& line);
+// With FP8MOE_LOG_DISPATCH set (not "0"), or `always`, writes `line` to stderr the first time it
+// is seen: the kernel chosen for each distinct problem, once. choose_tile_shape(p) logs through it.
+void log_choice_once(const std::string& line, bool always = false);
 
 }  // namespace gemm
 

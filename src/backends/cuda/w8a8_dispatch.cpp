@@ -1,9 +1,6 @@
 // Which engine runs a grouped GEMM under the CUDA backend's precision policy (backend.hpp:
 // GemmPrecision): the W8A8 path (w8a8.cuh) or the W8A16 family (grouped_gemm.cuh, whose tile
 // shape gemm_heuristics.cpp picks). Kept apart from the kernels.
-#include <cstdio>
-#include <mutex>
-#include <set>
 #include <string>
 
 #include "backends/cuda/grouped_gemm.cuh"
@@ -40,14 +37,7 @@ bool choose(const GroupedGemm& g, GemmPrecision precision) {
   // expected W8A16 GEMMs (backward, plain LoRA weights) and the W8A8 ones go through the dispatch
   // log (FP8MOE_LOG_DISPATCH), as the tile-shape choice does.
   const bool expected = g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
-  if (why.empty() || expected) {
-    gemm::log_choice_once(line);
-  } else {
-    static std::mutex mu;
-    static std::set<std::string> said;
-    std::lock_guard<std::mutex> lock(mu);
-    if (said.insert(line).second) std::fprintf(stderr, "fp8moe: %s\n", line.c_str());
-  }
+  gemm::log_choice_once(line, /*always=*/!why.empty() && !expected);
   return why.empty();
 }
 
