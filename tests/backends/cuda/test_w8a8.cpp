@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -221,16 +222,24 @@ INSTANTIATE_TEST_SUITE_P(Cases, W8a8Gemm, ::testing::ValuesIn(kCases),
 
 // The quantizer alone (needs a GPU, not the CUTLASS kernel): the same codes and scales as the
 // host's quantize_activations, gathered through the plan; an all-zero group gives zero codes and a
-// finite positive scale; a partial last group (K = 272) reads nothing past K.
-TEST(W8a8Quantize, MatchesHostZeroGroupsPartialGroup) {
-  FP8MOE_REQUIRE_GPU();
-  const uint64_t seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed));
+// finite positive scale; a partial last group reads nothing past K. Every input kind: BF16 and F32,
+// K with a partial last group of 16 or 8 (vector loads) and K % 4 != 0 (per-element loads), rows
+// gathered from tokens or read in order. A first GPU run saw BF16 tokens at K = 272 give wrong
+// scales for the partial last group of some tokens (bench/NOTES.md, ninth session): the cases
+// and the preconditions below say which kind fails and whether the input or the gather is at fault.
+struct QuantCase {
+  DType a;
+  int64_t K;
+  RowSource src;
+};
+
+void check_quantize(const QuantCase& c, uint64_t seed) {
   std::mt19937_64 rng(seed);
-  const int64_t T = 37, k = 3, E = 5, K = 272, M = T * k, groups = 3;
-  Tensor x = random_host(DType::BF16, {T, K}, rng, 3.0);
-  for (int64_t kk = 128; kk < 256; ++kk) store_from_double(x.data(), DType::BF16, 4 * K + kk, 0.0);  // token 4, group 1
-  for (int64_t kk = 0; kk < K; ++kk) store_from_double(x.data(), DType::BF16, 9 * K + kk, 0.0);      // token 9: all zero
+  const int64_t T = 37, k = 3, E = 5, K = c.K, M = T * k, groups = (K + 127) / 128;
+  const int64_t rows = c.src == RowSource::Tokens ? T : M;
+  Tensor x = random_host(c.a, {rows, K}, rng, 3.0);
+  for (int64_t kk = 128; kk < std::min<int64_t>(K, 256); ++kk) store_from_double(x.data(), c.a, 4 * K + kk, 0.0);  // row 4, group 1
+  for (int64_t kk = 0; kk < K; ++kk) store_from_double(x.data(), c.a, 9 * K + kk, 0.0);  // row 9: all zero
   const Tensor ids = random_ids(DType::I32, T, k, E, rng);
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
@@ -239,32 +248,60 @@ TEST(W8a8Quantize, MatchesHostZeroGroupsPartialGroup) {
   gpu->build_plan(gpu->upload(ids), E, gplan);
   const Tensor dx = gpu->upload(x);
   const Tensor codes = poisoned(*gpu, DType::F8_E4M3, {M, K}), scales = poisoned(*gpu, DType::F32, {M, groups});
-  cuda::w8a8::quantize_rows({dx, RowSource::Tokens}, gplan, codes, scales, static_cast<cudaStream_t>(gpu->stream()));
+  cuda::w8a8::quantize_rows({dx, c.src}, gplan, codes, scales, static_cast<cudaStream_t>(gpu->stream()));
   const Tensor hc = to_host(*gpu, codes), hs = to_host(*gpu, scales);
 
+  // Preconditions of the host reference, checked rather than assumed: both plans put the same
+  // pair in each row, and the quantizer left its input as uploaded.
+  const Tensor gp = to_host(*gpu, gplan.sorted_pairs), hx = to_host(*gpu, dx);
+  for (int64_t r = 0; r < M; ++r)
+    ASSERT_EQ(gp.ptr<int32_t>()[r], cplan.sorted_pairs.ptr<int32_t>()[r]) << "device plan row " << r;
+  EXPECT_EQ(std::memcmp(hx.data(), x.data(), static_cast<size_t>(x.nbytes())), 0)
+      << "A on the device differs from the upload after quantize_rows";
+
+  const auto src_row = [&](int64_t r) -> int64_t {
+    return c.src == RowSource::Tokens ? cplan.sorted_pairs.ptr<int32_t>()[r] / k : r;
+  };
   Tensor g(DType::F32, {M, K});
   for (int64_t r = 0; r < M; ++r)
     for (int64_t kk = 0; kk < K; ++kk)
-      g.ptr<float>()[r * K + kk] =
-          static_cast<float>(load_as_double(x.data(), DType::BF16, cplan.sorted_pairs.ptr<int32_t>()[r] / k * K + kk));
+      g.ptr<float>()[r * K + kk] = static_cast<float>(load_as_double(x.data(), c.a, src_row(r) * K + kk));
   Tensor rc(DType::F8_E4M3, {M, K}), rsc(DType::F32, {M, groups});
   quantize_activations(g, 128, rc, rsc);
-  int64_t code_diff = 0, zero_groups = 0;
+  int64_t code_diff = 0, zero_groups = 0, scale_diff = 0;
   for (int64_t i = 0; i < M * K; ++i) code_diff += hc.ptr<uint8_t>()[i] != rc.ptr<uint8_t>()[i];
   EXPECT_EQ(code_diff, 0) << "codes differing from the host quantizer";
   for (int64_t i = 0; i < M * groups; ++i) {
     const float s = hs.ptr<float>()[i];
-    EXPECT_EQ(s, rsc.ptr<float>()[i]) << "scale " << i;
+    const int64_t r = i / groups, j = i % groups;
+    if (s != rsc.ptr<float>()[i] && ++scale_diff <= 4)  // the first few, with what tells them apart
+      ADD_FAILURE() << "scale of row " << r << " (A row " << src_row(r) << "), group " << j << " of " << groups
+                    << ": device amax " << s * 448.0f << ", host amax " << rsc.ptr<float>()[i] * 448.0f;
     EXPECT_TRUE(std::isfinite(s) && s > 0) << "scale " << i << " = " << s;
     bool zero = true;
-    const int64_t r = i / groups, j = i % groups;
     for (int64_t kk = j * 128; kk < std::min(K, (j + 1) * 128); ++kk) zero &= g.ptr<float>()[r * K + kk] == 0.0f;
     if (!zero) continue;
     ++zero_groups;
     for (int64_t kk = j * 128; kk < std::min(K, (j + 1) * 128); ++kk)
       ASSERT_EQ(hc.ptr<uint8_t>()[r * K + kk], 0) << "all-zero group " << i << " gave a non-zero code";
   }
-  EXPECT_GE(zero_groups, 2 * k + k) << "the test's zero groups did not reach the quantizer";
+  EXPECT_EQ(scale_diff, 0) << "scales differing from the host quantizer";
+  EXPECT_GE(zero_groups, 1) << "the test's zero groups did not reach the quantizer";
+}
+
+TEST(W8a8Quantize, MatchesHostZeroGroupsPartialGroup) {
+  FP8MOE_REQUIRE_GPU();
+  const QuantCase cases[] = {
+      {DType::BF16, 272, RowSource::Tokens}, {DType::BF16, 264, RowSource::Tokens}, {DType::BF16, 272, RowSource::Rows},
+      {DType::F32, 272, RowSource::Tokens},  {DType::F32, 264, RowSource::Rows},    {DType::BF16, 258, RowSource::Tokens},
+      {DType::BF16, 384, RowSource::Tokens},
+  };
+  for (const QuantCase& c : cases) {
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE("seed " + std::to_string(seed) + ", A " + std::string(dtype_name(c.a)) + " [*, " + std::to_string(c.K) + "], " +
+                 (c.src == RowSource::Tokens ? "tokens" : "rows"));
+    check_quantize(c, seed);
+  }
 }
 
 // The precision policy: W8A8 is refused with the reason where it cannot run, and the decision
@@ -309,6 +346,14 @@ TEST(GemmDispatch, W8a8FitsForwardFp8GemmsOnly) {
   g.b = {view(DType::F8_E4M3, {E, N, K}), view(DType::F32, {E, 2, 4}), ScaleSpec::block(N, K, 128, 128)};
   EXPECT_EQ(cuda::w8a8::fits(g), "");
   EXPECT_FALSE(cuda::w8a8::choose(g, GemmPrecision::W8A16)) << "W8A16 precision never takes W8A8";
+  EXPECT_TRUE(cuda::w8a8::choose(g, GemmPrecision::W8A8));
+  {  // a partial last activation group: the kernel takes it, the policy keeps it on W8A16 for now
+    GroupedGemm p = g;
+    p.a = {view(DType::BF16, {10, 272})};
+    p.b = {view(DType::F8_E4M3, {E, N, 272}), view(DType::F32, {E, 2, 3}), ScaleSpec::block(N, 272, 128, 128)};
+    EXPECT_EQ(cuda::w8a8::fits(p), "");
+    EXPECT_FALSE(cuda::w8a8::choose(p, GemmPrecision::W8A8));
+  }
 
   GroupedGemm t = g;  // each failed condition, named
   t.transpose_b = true;
