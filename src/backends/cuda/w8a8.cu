@@ -35,8 +35,9 @@ struct QuantizeParams {
   float* scales = nullptr;   // [M, groups]
 };
 
-__device__ __forceinline__ void load4(const QuantizeParams& q, int64_t i, int valid, float (&v)[4]) {
-  if (q.vec && valid == 4) {
+// v[j] = A[i + j] for j < rem (rem: the row's columns left from i, <= 0 past its end), else 0.
+__device__ __forceinline__ void load4(const QuantizeParams& q, int64_t i, int rem, float (&v)[4]) {
+  if (q.vec && rem >= 4) {
     if (q.type == Elem::BF16) {
       const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(q.src) + i);
       const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
@@ -49,7 +50,7 @@ __device__ __forceinline__ void load4(const QuantizeParams& q, int64_t i, int va
     return;
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) v[j] = j < valid ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
+  for (int j = 0; j < 4; ++j) v[j] = j < rem ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
 }
 
 // One warp per (row, 128-wide group), 4 elements per lane: a warp max gives the group's scale,
@@ -62,25 +63,28 @@ __global__ void quantize_rows_kernel(QuantizeParams q) {
   const int64_t r = warp / q.groups;
   const int g = static_cast<int>(warp % q.groups);
   const int64_t src_row = q.tokens ? q.sorted_pairs[r] / q.top_k : r;
-  const int k = g * kGroup + 4 * lane, valid = max(0, min(4, q.K - k));
+  // The columns left from k, compared as they are: no max(0, min(4, rem)). ptxas (CUDA 12.0-13.3)
+  // fused that clamp and the `== 4` test into one VIMNMX.RELU whose predicate it gets wrong on
+  // sm_90 (NVIDIA/cccl#11306): lanes past a partial last group then took the vector load.
+  const int k = g * kGroup + 4 * lane, rem = q.K - k;
   float v[4];
-  load4(q, src_row * q.K + k, valid, v);
+  load4(q, src_row * q.K + k, rem, v);
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   // An all-zero group: the smallest normal scale and zero codes (0 / FLT_MIN = 0), never 0 / 0.
   const float scale = fmaxf(amax / kE4m3Max, FLT_MIN);
   if (lane == 0) q.scales[r * q.groups + g] = scale;
-  if (valid == 0) return;
+  if (rem <= 0) return;
   uint32_t word = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j)
     word |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
   uint8_t* out = q.codes + r * q.K + k;
-  if (valid == 4 && q.K % 4 == 0) {
+  if (rem >= 4 && q.K % 4 == 0) {
     *reinterpret_cast<uint32_t*>(out) = word;
   } else {
-    for (int j = 0; j < valid; ++j) out[j] = static_cast<uint8_t>(word >> (8 * j));
+    for (int j = 0; j < 4 && j < rem; ++j) out[j] = static_cast<uint8_t>(word >> (8 * j));
   }
 }
 
