@@ -11,10 +11,11 @@
 #                    that all of them come back from the lent device machine:
 #                      build.log tests.log sanitizer.log bench.log bench.json torch_baselines.json
 #                      BENCHMARKS.md model_bench.json (the summary table is printed last)
-#   STEPS            the steps to run, in order (default "build cpu gpu python sanitize bench model";
+#   STEPS            the steps to run, in order (default "build sass cpu gpu python sanitize pysanitize bench model";
 #                    add "sm80" to also run the GPU tests on the sm_80 code path, JIT from PTX, ~3 min).
 #                    python: the pytest suite (tests/python) on CUDA and CPU, torch.compile and CUDA
-#                    graphs included, against the extension of this build; model: the full-size
+#                    graphs included, against the extension of this build; sass: the library's
+#                    disassembly (FP8 wgmma in the W8A8 kernel, no miscompile-prone VIMNMX.RELU); model: the full-size
 #                    fine-tuning benchmark (bench/model_bench.py) beside transformers + PEFT BF16.
 #   WHEELS           a folder of Python wheels to install first (default .whl; PEFT, pytest and
 #                    nanobind travel this way to a machine without a network)
@@ -36,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-./out}
-STEPS=${STEPS:-"build cpu gpu python sanitize pysanitize bench model"}
+STEPS=${STEPS:-"build sass cpu gpu python sanitize pysanitize bench model"}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 JOBS=${JOBS:-16}
 GPU_FILTER=${GPU_FILTER:-*}
@@ -109,6 +110,26 @@ if [ "$BUILT" = 0 ]; then
   echo "build failed: skipping the other steps" | tee -a "$OUT/build.log"
   tail -30 "$OUT/build.log"
   STEPS=""
+fi
+
+if has_step sass && ! command -v cuobjdump >/dev/null; then
+  record sass FAIL 0 "cuobjdump not found"
+elif has_step sass && [ -f "$BUILD_DIR/libfp8moe.a" ]; then
+  # What the source cannot show. ptxas before CUDA 13.4 can get the predicate of a VIMNMX.RELU
+  # wrong on sm_90 (NVIDIA/cccl#11306; it broke the W8A8 quantizer's partial groups), so none may
+  # carry a predicate output; and the W8A8 kernel's main loop must be FP8 wgmma (QGMMA).
+  sass=$(mktemp)
+  cuobjdump -sass "$BUILD_DIR/libfp8moe.a" >"$sass" 2>>"$OUT/build.log"
+  relu=$(grep -cE 'VIMNMX[.A-Z0-9]*\.RELU R[0-9]+, P[0-6]' "$sass" || true)
+  qgmma=$(grep -c 'QGMMA' "$sass" || true)
+  grep -E 'VIMNMX[.A-Z0-9]*\.RELU R[0-9]+, P[0-6]' "$sass" | head -5 >>"$OUT/build.log"
+  note="VIMNMX.RELU with a predicate: $relu; QGMMA: $qgmma"
+  if [ "$relu" = 0 ] && { [ "$qgmma" -gt 0 ] || ! grep -q "fp8moe: W8A8 kernel ON" "$OUT/build.log"; }; then
+    record sass ok 0 "$note"
+  else
+    record sass FAIL 0 "$note"
+  fi
+  rm -f "$sass"
 fi
 
 if has_step cpu; then
