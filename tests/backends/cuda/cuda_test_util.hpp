@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/w8a8.cuh"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/dtype.hpp"
 #include "fp8moe/tensor.hpp"
@@ -32,6 +33,13 @@ inline uint64_t fresh_seed() { return (static_cast<uint64_t>(std::random_device{
 #define FP8MOE_REQUIRE_GPU()                                          \
   do {                                                                \
     if (!::fp8moe::cuda_available()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+// A GPU and the W8A8 kernel (built with -DFP8MOE_W8A8=ON, an sm_90 card); skips with the reason.
+#define FP8MOE_REQUIRE_W8A8()                                                                         \
+  do {                                                                                                \
+    FP8MOE_REQUIRE_GPU();                                                                             \
+    if (!::fp8moe::cuda::w8a8::available()) GTEST_SKIP() << ::fp8moe::cuda::w8a8::unavailable_reason(); \
   } while (0)
 
 // Host tensor of `dtype` with N(mean, std) values, rounded once to dtype.

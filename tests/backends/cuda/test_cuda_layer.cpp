@@ -331,8 +331,7 @@ constexpr double kW8a8Tolerance = 8e-2;
 class CudaLayerW8a8 : public ::testing::TestWithParam<LayerCase> {};
 
 TEST_P(CudaLayerW8a8, ForwardBackwardMatchCpu) {
-  FP8MOE_REQUIRE_GPU();
-  if (!cuda::w8a8::available()) GTEST_SKIP() << cuda::w8a8::unavailable_reason();
+  FP8MOE_REQUIRE_W8A8();
   match_cpu(GetParam(), GemmPrecision::W8A8, kW8a8Tolerance);
 }
 
@@ -424,8 +423,7 @@ TEST(CudaLayerDeterminism, RunToRunBitwise) {
 }
 
 TEST(CudaLayerDeterminism, RunToRunBitwiseW8a8) {
-  FP8MOE_REQUIRE_GPU();
-  if (!cuda::w8a8::available()) GTEST_SKIP() << cuda::w8a8::unavailable_reason();
+  FP8MOE_REQUIRE_W8A8();
   run_to_run_bitwise(GemmPrecision::W8A8);
 }
 
@@ -479,8 +477,7 @@ TEST(CudaLayerGraph, CaptureAndReplayForwardBackward) {
 // The W8A8 path under capture: the CUTLASS set-up is host-side, its argument fill and workspace
 // are stream-ordered, its temporaries graph allocations.
 TEST(CudaLayerGraph, CaptureAndReplayForwardBackwardW8a8) {
-  FP8MOE_REQUIRE_GPU();
-  if (!cuda::w8a8::available()) GTEST_SKIP() << cuda::w8a8::unavailable_reason();
+  FP8MOE_REQUIRE_W8A8();
   capture_and_replay(GemmPrecision::W8A8);
 }
 
