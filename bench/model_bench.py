@@ -218,20 +218,29 @@ def main() -> int:
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every decoder layer, for fp8moe and the peer alike (results go to "
-                        "model_bench_compiled.json; BENCHMARKS.md is left alone)")
+                        "model_bench_compiled*.json and a section of their own)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile's mode with --compile (e.g. reduce-overhead: CUDA graphs per layer)")
+    p.add_argument("--precision", choices=("w8a16", "w8a8"), default="w8a16",
+                   help="fp8moe's forward FP8 GEMMs (fp8moe.set_gemm_precision); w8a8 needs Hopper")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
-    p.add_argument("--out", default="out", help="folder for model_bench.json and model_bench.md")
+    p.add_argument("--out", default="out", help="folder for model_bench*.json and model_bench*.md (suffix: the variant)")
     p.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    import fp8moe  # noqa: F401 (ops and the PEFT hookup)
+    import fp8moe  # ops and the PEFT hookup
+
+    fp8moe.set_gemm_precision(a.precision, device)
+    # Each variant (precision, compiled layers) has its own JSON and BENCHMARKS.md section.
+    variant = ([f"compiled layers ({a.compile_mode or 'default'} mode)"] if a.compile else []) + \
+        (["W8A8 forward GEMMs"] if a.precision == "w8a8" else [])
+    suffix = ("_compiled" if a.compile else "") + ("_w8a8" if a.precision == "w8a8" else "")
 
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seq": a.seq,
-               "compiled_layers": a.compile, "compile_mode": a.compile_mode,
+               "compiled_layers": a.compile, "compile_mode": a.compile_mode, "precision": a.precision,
+               "variant": ", ".join(variant),
                "torch": torch.__version__, "command": " ".join(sys.argv), "models": {}}
     for name in a.models.split(","):
         cfg = config(name, a.tiny)
@@ -239,7 +248,7 @@ def main() -> int:
                                                                      target_parameters=EXPERTS)}
         r = results["models"].setdefault(name, {})
         scheme = "block" if name == "qwen3" else "channel"
-        for impl in ("fp8moe", "peer"):
+        for impl in ("fp8moe", "peer"):  # the peer is the same in every variant
             if impl == "peer" and a.skip_peer:
                 continue
             t0 = time.time()
@@ -258,20 +267,24 @@ def main() -> int:
                       f"{res['lora_with_grad']}/{res['lora_tensors']}", flush=True)
             del model
             free(device)
-    with open(os.path.join(a.out, "model_bench_compiled.json" if a.compile else "model_bench.json"), "w") as f:
+    with open(os.path.join(a.out, f"model_bench{suffix}.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = markdown(results)
     print(md)
-    if not a.tiny and not a.compile:  # the section BENCHMARKS.md takes as it is
-        with open(os.path.join(a.out, "model_bench.md"), "w") as f:
+    if not a.tiny:  # the section BENCHMARKS.md takes as it is
+        with open(os.path.join(a.out, f"model_bench{suffix}.md"), "w") as f:
             f.write(md + "\n")
         if a.md:
-            md_sections.replace_section(a.md, SECTION, md)
+            md_sections.replace_section(a.md, section_title(results), md)
     return 0
 
 
+def section_title(res: dict) -> str:
+    return SECTION + (f" - {res['variant']}" if res.get("variant") else "")
+
+
 def markdown(res: dict) -> str:
-    lines = [f"## {SECTION}", "",
+    lines = [f"## {section_title(res)}", "",
              f"Card: **{res['card']}**; {res['date']}; torch {res['torch']}. Written by `bench/model_bench.py` "
              f"(`{res['command']}`, run by `STEPS=model scripts/gpu_check.sh`). Random weights at the real "
              f"dimensions (Qwen3-30B-A3B: FP8 128x128 blocks; GLM-4.7-Flash: FP8 per channel); sequence "

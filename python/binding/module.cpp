@@ -489,7 +489,12 @@ NB_MODULE(_C, m) {
       .def_prop_ro("device", &Engine::device)
       .def_prop_ro("activation_dtype",
                    [](Engine& e) { return std::string(dtype_name(e.backend().activation_dtype())); })
-      .def("check", &Engine::check);
+      .def("check", &Engine::check)
+      // The forward FP8 GEMMs' precision, "w8a16" or "w8a8" (backend.hpp: GemmPrecision). Setting
+      // w8a8 where it cannot run raises, naming why.
+      .def_prop_rw(
+          "gemm_precision", [](Engine& e) { return std::string(gemm_precision_name(e.backend().gemm_precision())); },
+          [](Engine& e, const std::string& p) { e.backend().set_gemm_precision(parse_gemm_precision(p)); });
 
   // Layouts of the buffers forward keeps for backward (activation: the engine's activation dtype).
   m.def("moe_saved_layout", [](const std::string& activation, int64_t E, int64_t H, int64_t I, int64_t r_gu,

@@ -14,7 +14,7 @@ the fine-tuning command (python -m fp8moe.finetune) and the chunked causal-LM lo
 
 from __future__ import annotations
 
-from ._engine import Fp8MoeError
+from ._engine import Fp8MoeError, gemm_precision, set_gemm_precision
 from ._version import __version__
 from . import ops
 from .modeling import Fp8Experts, Fp8Linear
@@ -31,4 +31,4 @@ except ImportError:  # pragma: no cover - PEFT missing or broken: fp8moe still l
     pass
 
 __all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss",
-           "__version__"]
+           "set_gemm_precision", "gemm_precision", "__version__"]

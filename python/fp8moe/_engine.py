@@ -6,7 +6,7 @@ Nothing here computes: every number comes out of the C++ engine.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch.utils.dlpack import to_dlpack as _to_dlpack
@@ -43,6 +43,46 @@ def engine_for(device: torch.device) -> _C.Engine:
                               f"{_ACTIVATION[kind]}")
         _engines[key] = eng
     return eng
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """`device` as fp8moe uses it: None means the current GPU when this build has a usable CUDA
+    backend, else the CPU; a bare "cuda" gets the current device's index."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and _C.cuda_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+GEMM_PRECISIONS = ("w8a16", "w8a8")
+
+
+def set_gemm_precision(precision: str, device: Union[str, torch.device, None] = None) -> None:
+    """Selects how `device`'s engine runs the forward FP8 GEMMs (experts and FP8 projections):
+
+    - "w8a16" (the default): FP8 weights dequantized inside the kernel, BF16 activations. Precise;
+      every GPU from sm_80, and the CPU.
+    - "w8a8": activations quantized to FP8 E4M3 per token and 128-wide group, FP8 tensor cores
+      (Hopper, sm_90a builds). Faster, with E4M3 rounding of the activations. GEMMs it cannot take
+      (the backward ones, other scale schemes) stay W8A16; each such forward GEMM is said once on
+      stderr.
+
+    The setting belongs to the device's engine, so it applies to every fp8moe module on that device
+    from the next call on (a CUDA graph keeps the kernels it captured). Raises Fp8MoeError where
+    W8A8 cannot run (CPU, a card other than sm_90, a build without the kernel), naming why.
+    """
+    if not isinstance(precision, str) or precision.lower() not in GEMM_PRECISIONS:
+        raise Fp8MoeError(f"GEMM precision {precision!r} is not one of: w8a16 (precise, the default), "
+                          f"w8a8 (fast, Hopper)")
+    engine_for(resolve_device(device)).gemm_precision = precision.lower()
+
+
+def gemm_precision(device: Union[str, torch.device, None] = None) -> str:
+    """The forward FP8 GEMMs' precision on `device`: "w8a16" or "w8a8" (see set_gemm_precision).
+    The CUDA engine starts from the environment variable FP8MOE_PRECISION (unset: w8a16)."""
+    return engine_for(resolve_device(device)).gemm_precision
 
 
 def activation_name(device: torch.device) -> str:

@@ -114,9 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: the GPU when fp8moe can use one)")
     p.add_argument("--workdir", default=None, help="keep the files here (default: a temporary folder, removed)")
     a = p.parse_args(argv)
-    from .loading import _device
+    from ._engine import resolve_device
 
-    device = str(_device(a.device))
+    device = str(resolve_device(a.device))
     workdir = a.workdir or tempfile.mkdtemp(prefix="fp8moe-pydemo-")
     os.makedirs(workdir, exist_ok=True)
     try:

@@ -120,6 +120,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the GPU when there is one)")
     p.add_argument("--quantize", default=None, help="quantize a BF16 checkpoint while loading: fp8, fp8-channel")
+    p.add_argument("--precision", choices=("w8a16", "w8a8"), default=None,
+                   help="forward FP8 GEMMs: w8a16 (precise, the default) or w8a8 (FP8 tensor cores, Hopper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="print a loss line every N steps when not on a terminal")
     a = p.parse_args(argv)
@@ -143,7 +145,7 @@ def run(a: argparse.Namespace) -> dict:
     torch.manual_seed(a.seed)
     tokenizer = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
     examples = read_examples(a.data, tokenizer, 0 if a.packing else a.seq_len)
-    model = from_pretrained(a.model, device=a.device, quantize=a.quantize)
+    model = from_pretrained(a.model, device=a.device, quantize=a.quantize, precision=a.precision)
     device = next(model.parameters()).device
     modules, params = _targets(a.targets, model)
     config = peft.LoraConfig(r=a.rank, lora_alpha=a.alpha if a.alpha is not None else 2 * a.rank,

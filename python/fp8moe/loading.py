@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _C
-from ._engine import Fp8MoeError, engine_for
+from ._engine import Fp8MoeError, engine_for, resolve_device, set_gemm_precision
 from .modeling import FP8_CODES, Fp8Experts, Fp8Linear, QuantStack
 from .loss import use_chunked_loss
 
@@ -172,32 +172,26 @@ def _still_meta(model: nn.Module, name: str) -> bool:
     return t is None or t.is_meta
 
 
-def _device(device) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() and _C.cuda_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.device, None] = None,
                     dtype: torch.dtype = torch.bfloat16, quantize: Optional[str] = None,
-                    attn_implementation: Optional[str] = None, chunked_loss: bool = True) -> nn.Module:
+                    attn_implementation: Optional[str] = None, chunked_loss: bool = True,
+                    precision: Optional[str] = None) -> nn.Module:
     """A transformers causal LM from a local checkpoint directory, its experts and FP8 projections
     on fp8moe's kernels, its weights on `device` (default: the GPU when there is one).
 
     quantize: None (load as stored), "fp8" / "fp8-block" (128x128 block scales) or "fp8-channel":
     quantize a BF16 checkpoint's experts and projections while loading. chunked_loss: compute the
     training loss (`labels=`) with `fp8moe.loss.chunked_causal_lm_loss`, which never holds an F32
-    copy of the logits (same result as transformers' loss). Raises Fp8MoeError naming the tensor
-    for anything the checkpoint gets wrong.
+    copy of the logits (same result as transformers' loss). precision: None (leave the device's
+    setting), "w8a16" or "w8a8": the forward FP8 GEMMs' precision on `device`
+    (fp8moe.set_gemm_precision). Raises Fp8MoeError naming the tensor for anything the checkpoint
+    gets wrong.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.fspath(path)
-    device = _device(device)
+    device = resolve_device(device)
     scheme = _scheme(quantize)
     ck = _open(path)
     if not ck.model_type:
@@ -206,6 +200,8 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
         raise Fp8MoeError(f"checkpoint {path}: model_type '{ck.model_type}' is not supported (supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}); fp8moe loads MoE models")
     engine_for(device)  # made now, outside any CUDA-graph capture
+    if precision is not None:  # checked before the long load: W8A8 may not run here
+        set_gemm_precision(precision, device)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     # transformers must not apply its own FP8 handling to the skeleton: fp8moe places every FP8 tensor.
     if hasattr(config, "quantization_config"):
@@ -225,17 +221,19 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
 
 
 def patch(model: nn.Module, path: Union[str, os.PathLike], *, quantize: Optional[str] = None,
-          chunked_loss: bool = True) -> nn.Module:
+          chunked_loss: bool = True, precision: Optional[str] = None) -> nn.Module:
     """Puts fp8moe's experts and FP8 projections, read from the checkpoint at `path`, into a model
     the user already built (e.g. with transformers' own from_pretrained). The other weights are
-    left as they are; the replaced modules' old weights are released. chunked_loss: as in
-    from_pretrained. Returns the model."""
+    left as they are; the replaced modules' old weights are released. chunked_loss, precision: as
+    in from_pretrained. Returns the model."""
     path = os.fspath(path)
     scheme = _scheme(quantize)
     ck = _open(path)
     params = [p for p in model.parameters() if not p.is_meta]
-    device = _device(params[0].device if params else None)
+    device = resolve_device(params[0].device if params else None)
     engine_for(device)
+    if precision is not None:
+        set_gemm_precision(precision, device)
     experts = _replace_experts(model, ck, device, scheme)
     _replace_linears(model, ck, device, scheme, experts)
     if chunked_loss:
