@@ -12,14 +12,17 @@
 
 namespace fp8moe::cuda::gemm {
 
-void log_choice_once(const std::string& line, bool always) {
-  // Off unless asked for (a library must not write to stderr on its own), except for what the
-  // caller must hear: `always`.
+bool dispatch_log_enabled() {
+  // Off unless asked for: a library must not write to stderr on its own (log_choice_once's
+  // `always` is for what the caller must hear).
   static const bool on = [] {
     const char* v = std::getenv("FP8MOE_LOG_DISPATCH");
     return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
   }();
-  if (!on && !always) return;
+  return on;
+}
+
+void log_line_once(const std::string& line) {
   static std::mutex m;
   static std::set<std::string> seen;
   std::lock_guard<std::mutex> lock(m);
@@ -44,10 +47,11 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p) {
 
 TileShape choose_tile_shape(const GemmProblem& p) {
   const TileShape s = choose_tile_shape(p, sm90_kernels_available());
-  log_choice_once("grouped_gemm N " + std::to_string(p.n) + ", " + std::to_string(p.experts) + " experts, ~" +
-                  std::to_string(rows_bucket(p.rows, p.experts)) + " rows each" +
-                  (p.fine_k_scale ? ", fine K scale" : "") + (p.rega_fits ? ", reg-A fits" : "") + " -> " +
-                  tile_shape_name(s));
+  log_choice_once([&] {
+    return "grouped_gemm N " + std::to_string(p.n) + ", " + std::to_string(p.experts) + " experts, ~" +
+           std::to_string(rows_bucket(p.rows, p.experts)) + " rows each" + (p.fine_k_scale ? ", fine K scale" : "") +
+           (p.rega_fits ? ", reg-A fits" : "") + " -> " + tile_shape_name(s);
+  });
   return s;
 }
 

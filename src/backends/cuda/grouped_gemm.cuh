@@ -105,9 +105,16 @@ constexpr int64_t kOuterNarrowMax = 32;
 OuterKernel choose_outer_kernel(int64_t n, int64_t q);
 const char* outer_kernel_name(OuterKernel k);
 
-// With FP8MOE_LOG_DISPATCH set (not "0"), or `always`, writes `line` to stderr the first time it
-// is seen: the kernel chosen for each distinct problem, once. choose_tile_shape(p) logs through it.
-void log_choice_once(const std::string& line, bool always = false);
+// With FP8MOE_LOG_DISPATCH set (not "0"), or `always`, writes the line `make_line()` returns to
+// stderr the first time it is seen: the kernel chosen for each distinct problem, once.
+// choose_tile_shape(p) logs through it. The line is built only when it may be written: the
+// choices run on every GEMM call, and a training step makes thousands.
+bool dispatch_log_enabled();
+void log_line_once(const std::string& line);
+template <class MakeLine>
+void log_choice_once(MakeLine&& make_line, bool always = false) {
+  if (always || dispatch_log_enabled()) log_line_once(make_line());
+}
 
 }  // namespace gemm
 

@@ -370,8 +370,10 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
   p.out = g.out.data;
 
   const gemm::OuterKernel kernel = gemm::choose_outer_kernel(N, Q);
-  gemm::log_choice_once("grouped_outer out [" + std::to_string(g.out.size(0)) + ", " + std::to_string(N) + ", " +
-                        std::to_string(Q) + "] -> " + gemm::outer_kernel_name(kernel));
+  gemm::log_choice_once([&] {
+    return "grouped_outer out [" + std::to_string(g.out.size(0)) + ", " + std::to_string(N) + ", " +
+           std::to_string(Q) + "] -> " + gemm::outer_kernel_name(kernel);
+  });
   if (kernel != gemm::OuterKernel::General) {
     SmallOuterParams sp;
     sp.small_left = N <= Q;  // the narrow side

@@ -21,29 +21,27 @@ const char* epilogue_name(Epilogue e) {
 
 bool choose(const GroupedGemm& g, GemmPrecision precision) {
   if (precision != GemmPrecision::W8A8) return false;
-  std::string why = fits(g);
-  // The kernel takes a partial last 128-column group, but its first GPU run (bench/NOTES.md, ninth
-  // session) found the quantizer's scales wrong there for BF16 activations: such GEMMs stay on
-  // W8A16 until W8a8Quantize passes on the GPU. Every Qwen3 and GLM expert GEMM has K % 128 == 0.
-  const int64_t K = g.b.data.rank() == 3 ? g.b.data.size(2) : 0;
-  if (why.empty() && K % 128 != 0)
-    why = "K = " + std::to_string(K) + " ends in a partial 128-group, whose activation quantization failed its GPU test";
-  // The problem as the decision sees it: W's shape, dtype, scales and orientation, A's dtype, the
-  // epilogue and LoRA (the rows change every step and do not enter the decision).
-  const TensorView& b = g.b.data;
-  const std::string key = "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
-                          std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") + ", scales " +
-                          g.b.spec.str() + ", A " + (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-") +
-                          ", " + epilogue_name(g.epilogue) + (g.lora_a.defined() ? ", LoRA" : "");
-  const std::string line = "grouped_gemm (" + key + ") -> " +
-                           (why.empty() ? std::string("W8A8 (CUTLASS sm90 FP8 x FP8, 1x128 activation scales)")
-                                        : "W8A16 (W8A8 declined: " + why + ")");
+  const std::string why = fits(g);
   // A forward FP8 GEMM that W8A8 declines (a shape or scale scheme it cannot take) is said once
   // per distinct problem, always: the caller asked for W8A8 and this GEMM does not get it. The
   // expected W8A16 GEMMs (backward, plain LoRA weights) and the W8A8 ones go through the dispatch
   // log (FP8MOE_LOG_DISPATCH), as the tile-shape choice does.
+  const TensorView& b = g.b.data;
   const bool expected = g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
-  gemm::log_choice_once(line, /*always=*/!why.empty() && !expected);
+  gemm::log_choice_once(
+      [&] {
+        // The problem as the decision sees it: W's shape, dtype, scales and orientation, A's dtype,
+        // the epilogue and LoRA (the rows change every step and do not enter the decision).
+        const std::string key = "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
+                                std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") +
+                                ", scales " + g.b.spec.str() + ", A " +
+                                (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-") + ", " +
+                                epilogue_name(g.epilogue) + (g.lora_a.defined() ? ", LoRA" : "");
+        return "grouped_gemm (" + key + ") -> " +
+               (why.empty() ? std::string("W8A8 (CUTLASS sm90 FP8 x FP8, 1x128 activation scales)")
+                            : "W8A16 (W8A8 declined: " + why + ")");
+      },
+      /*always=*/!why.empty() && !expected);
   return why.empty();
 }
 
