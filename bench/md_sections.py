@@ -29,13 +29,14 @@ def foreign_sections(path: str, own: list[str]) -> str:
 
 def replace_section(path: str, heading: str, body: str) -> None:
     """Writes section `## heading` (body includes the heading line) into `path`, replacing the one
-    of that heading or appending it."""
+    of exactly that heading (variants such as "<heading> - W8A8 ..." are sections of their own) or
+    appending it."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
     pre, sections = split(text)
     body = body.rstrip("\n") + "\n\n"
     out, done = [pre], False
     for h, s in sections:
-        if h.startswith(heading):
+        if h == heading.strip():
             out.append(body)
             done = True
         else:

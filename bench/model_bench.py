@@ -226,7 +226,17 @@ def main() -> int:
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
     p.add_argument("--out", default="out", help="folder for model_bench*.json and model_bench*.md (suffix: the variant)")
     p.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
+    p.add_argument("--render", nargs="+", metavar="JSON", default=None,
+                   help="measure nothing: merge these model_bench*.json files (same card and variant, e.g. one "
+                        "run per model) into one table, printed and, with --md, written into BENCHMARKS.md")
     a = p.parse_args()
+    if a.render:
+        results = merge_results(a.render)
+        md = markdown(results)
+        print(md)
+        if a.md:
+            md_sections.replace_section(a.md, section_title(results), md)
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import fp8moe  # ops and the PEFT hookup
 
@@ -254,17 +264,27 @@ def main() -> int:
             t0 = time.time()
             model = build_fp8moe(cfg, scheme, device, 0) if impl == "fp8moe" else build_peer(cfg, device, 0)
             built = time.time() - t0
+            failed = None
             for k in a.configs.split(","):
-                res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
-                              profile=(impl == "fp8moe" and k == "b" and not a.compile), compile_layers=a.compile,
-                              compile_mode=a.compile_mode)
+                if failed:  # the model may still hold the failed configuration's adapters
+                    r[f"{impl}_{k}"] = {"error": f"not run: configuration {failed} failed before it"}
+                    continue
+                try:
+                    res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
+                                  profile=(impl == "fp8moe" and k == "b" and not a.compile),
+                                  compile_layers=a.compile, compile_mode=a.compile_mode)
+                except Exception as e:  # a side that fails is a result too (say, the peer under torch.compile)
+                    failed = k
+                    res = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
+                    print(f"{name} {impl} ({k}): FAILED {res['error']}", flush=True)
+                else:
+                    print(f"{name} {impl} ({k}): {res['step_ms']:.0f} ms/step, peak "
+                          f"{res.get('peak_gib', float('nan')):.1f} GiB, LoRA tensors with grad "
+                          f"{res['lora_with_grad']}/{res['lora_tensors']}", flush=True)
                 if a.compile:
                     torch._dynamo.reset()  # the next configuration's modules are new
                 res["build_s"] = built
                 r[f"{impl}_{k}"] = res
-                print(f"{name} {impl} ({k}): {res['step_ms']:.0f} ms/step, peak "
-                      f"{res.get('peak_gib', float('nan')):.1f} GiB, LoRA tensors with grad "
-                      f"{res['lora_with_grad']}/{res['lora_tensors']}", flush=True)
             del model
             free(device)
     with open(os.path.join(a.out, f"model_bench{suffix}.json"), "w") as f:
@@ -277,6 +297,32 @@ def main() -> int:
         if a.md:
             md_sections.replace_section(a.md, section_title(results), md)
     return 0
+
+
+def merge_results(paths: list[str]) -> dict:
+    """One results dict from several runs of this script on the same card and variant: their models
+    side by side (a later file's entry wins), every command and date kept."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    first = runs[0]
+    for path, r in zip(paths, runs):
+        for key in ("card", "seq", "torch", "variant"):
+            if r.get(key) != first.get(key):
+                raise SystemExit(f"--render: {path} has {key} {r.get(key)!r}, {paths[0]} has {first.get(key)!r}; "
+                                 "only runs of the same card, sequence, torch and variant share a table")
+    merged = dict(first, models={})
+    for r in runs:
+        for name, entries in r["models"].items():
+            merged["models"].setdefault(name, {}).update(entries)
+    merged["command"] = "; ".join(dict.fromkeys(r["command"] for r in runs))
+    merged["date"] = ", ".join(dict.fromkeys(r["date"] for r in runs))
+    return merged
+
+
+def _ok(x: Optional[dict]) -> bool:
+    return bool(x) and "step_ms" in x
 
 
 def section_title(res: dict) -> str:
@@ -295,18 +341,25 @@ def markdown(res: dict) -> str:
              "peer's is transformers' own.", "",
              "| model | LoRA on | fp8moe step | peer step | speedup | fp8moe peak | peer peak | memory ratio |",
              "|---|---|---|---|---|---|---|---|"]
+    failures = []
     for name, r in res["models"].items():
         for k, what in (("a", "attention"), ("b", "attention + experts")):
             o, q = r.get(f"fp8moe_{k}"), r.get(f"peer_{k}")
-            if not o:
+            if not o and not q:
                 continue
-            sp = f"{q['step_ms'] / o['step_ms']:.2f}x" if q else "-"
-            mem = f"{o['peak_gib'] / q['peak_gib']:.2f}" if q and "peak_gib" in o else "-"
-            lines.append(f"| {name} | {what} | {o['step_ms']:.0f} ms | {q['step_ms']:.0f} ms | {sp} | "
-                         f"{o.get('peak_gib', 0):.1f} GiB | {q.get('peak_gib', 0):.1f} GiB | {mem} |" if q else
-                         f"| {name} | {what} | {o['step_ms']:.0f} ms | - | - | {o.get('peak_gib', 0):.1f} GiB | - | - |")
+            for side, x in (("fp8moe", o), ("peer", q)):
+                if x and "error" in x:
+                    failures.append(f"- {name} {side} ({k}): {x['error']}")
+            step = lambda x: f"{x['step_ms']:.0f} ms" if _ok(x) else ("failed" if x else "-")  # noqa: E731
+            peak = lambda x: f"{x['peak_gib']:.1f} GiB" if _ok(x) and "peak_gib" in x else "-"  # noqa: E731
+            both = _ok(o) and _ok(q)
+            sp = f"{q['step_ms'] / o['step_ms']:.2f}x" if both else "-"
+            mem = f"{o['peak_gib'] / q['peak_gib']:.2f}" if both and "peak_gib" in o and "peak_gib" in q else "-"
+            lines.append(f"| {name} | {what} | {step(o)} | {step(q)} | {sp} | {peak(o)} | {peak(q)} | {mem} |")
+    if failures:
+        lines += ["", "Failed (measured nothing):", ""] + failures
     q = res["models"].get("qwen3", {})
-    if q.get("peer_a") and q.get("peer_b"):
+    if all(_ok(q.get(x)) for x in ("fp8moe_a", "fp8moe_b", "peer_a", "peer_b")):
         a, b, pa, pb = q["fp8moe_a"], q["fp8moe_b"], q["peer_a"], q["peer_b"]
         rows = [("(b) >= 2.5x faster than the peer", f"{pb['step_ms'] / b['step_ms']:.2f}x",
                  pb["step_ms"] / b["step_ms"] >= 2.5),
@@ -320,7 +373,7 @@ def markdown(res: dict) -> str:
         lines += ["", "Targets (issue 11, Qwen3-30B-A3B):", "", "| target | measured | status |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'met' if ok else 'missed'} |" for t, m, ok in rows]
     for name, r in res["models"].items():
-        pr = r.get("fp8moe_b", {}).get("profile")
+        pr = (r.get("fp8moe_b") or {}).get("profile")
         if pr:
             # GPU activity well below the step time: the GPU waited for the host (launch-bound).
             lines.append(f"\n{name} (b), one profiled step (torch.profiler): {pr['gpu_ms']:.0f} ms of GPU activity "

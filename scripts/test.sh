@@ -15,4 +15,4 @@ ctest --test-dir build --output-on-failure -j"$(nproc)" "${labels[@]}"
 # shellcheck source=scripts/python_env.sh
 source scripts/python_env.sh
 fp8moe_python_install
-python3 -m pytest -q -p no:cacheprovider tests/python
+python3 -m pytest -q -p no:cacheprovider tests/python tests/bench

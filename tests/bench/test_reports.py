@@ -1,0 +1,65 @@
+"""The benchmark report writers (bench/md_sections.py, bench/model_bench.py's tables): each command
+rewrites only its own BENCHMARKS.md sections, a side that failed is reported as failed (never as a
+number), and runs on different cards never share a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+import md_sections  # noqa: E402
+import model_bench  # noqa: E402
+
+
+def _run(card="NVIDIA H200", variant="", **models):
+    return {"card": card, "date": "2026-12-06 02:17 UTC", "seq": 2048, "torch": "2.11", "variant": variant,
+            "command": "bench/model_bench.py --models " + ",".join(models), "models": models}
+
+
+def _side(step, peak, grads=(576, 576)):
+    return {"step_ms": step, "peak_gib": peak, "lora_with_grad": grads[0], "lora_tensors": grads[1]}
+
+
+def test_replace_section_keeps_variants_and_foreign_sections(tmp_path):
+    md = str(tmp_path / "B.md")
+    with open(md, "w") as f:
+        f.write("# B\n\n## Convert throughput\n\nkeep me\n\n## Full-size fine-tuning - W8A8\n\nvariant\n")
+    md_sections.replace_section(md, "Full-size fine-tuning", "## Full-size fine-tuning\n\nnew\n")
+    md_sections.replace_section(md, "Full-size fine-tuning", "## Full-size fine-tuning\n\nnewer\n")
+    text = open(md).read()
+    assert "keep me" in text and "variant" in text and "newer" in text and "\nnew\n" not in text
+    assert text.count("## Full-size fine-tuning\n") == 1
+
+
+def test_failed_side_is_reported_not_measured():
+    res = _run(qwen3={"fp8moe_b": _side(470.0, 41.1), "peer_b": {"error": "CheckpointError: recomputed values"}})
+    md = model_bench.markdown(res)
+    row = next(line for line in md.splitlines() if line.startswith("| qwen3 | attention + experts"))
+    assert "470 ms" in row and "failed" in row and "x |" not in row
+    assert "peer (b): CheckpointError" in md
+    assert "Targets" not in md  # no target is judged without both sides of both configurations
+
+
+def test_targets_judged_from_both_sides():
+    res = _run(qwen3={"fp8moe_a": _side(300.0, 31.0, (384, 384)), "peer_a": _side(900.0, 61.0, (384, 384)),
+                      "fp8moe_b": _side(400.0, 37.0), "peer_b": _side(1300.0, 69.0)})
+    md = model_bench.markdown(res)
+    assert "| (b) >= 2.5x faster than the peer | 3.25x | met |" in md
+    assert "| (b) peak <= 0.55x the peer's | 0.54x | met |" in md
+    assert "| (a) peak <= 34 GB | 33.3 GB | met |" in md
+
+
+def test_merge_joins_models_and_refuses_other_cards(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in ("a.json", "b.json", "c.json"))
+    json.dump(_run(qwen3={"fp8moe_a": _side(578.0, 31.2)}), open(a, "w"))
+    json.dump(_run(glm={"fp8moe_a": _side(704.0, 31.0)}), open(b, "w"))
+    json.dump(_run(card="NVIDIA H100 80GB HBM3", glm={"fp8moe_a": _side(700.0, 31.0)}), open(c, "w"))
+    merged = model_bench.merge_results([a, b])
+    assert set(merged["models"]) == {"qwen3", "glm"}
+    assert "--models qwen3" in merged["command"] and "--models glm" in merged["command"]
+    with pytest.raises(SystemExit, match="card"):
+        model_bench.merge_results([a, c])
