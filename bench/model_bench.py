@@ -137,8 +137,9 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
     if compile_layers:  # each decoder layer through torch.compile (one graph serves every layer of a kind)
-        for layer in pm.base_model.model.model.layers:
-            layer.compile(mode=compile_mode)
+        from fp8moe import compile_decoder_layers
+
+        compile_decoder_layers(pm, compile_mode)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     vocab = model.config.vocab_size
@@ -332,7 +333,7 @@ def section_title(res: dict) -> str:
 def markdown(res: dict) -> str:
     lines = [f"## {section_title(res)}", "",
              f"Card: **{res['card']}**; {res['date']}; torch {res['torch']}. Written by `bench/model_bench.py` "
-             f"(`{res['command']}`, run by `STEPS=model scripts/gpu_check.sh`). Random weights at the real "
+             f"(`{res['command']}`; `STEPS=model scripts/gpu_check.sh` runs it). Random weights at the real "
              f"dimensions (Qwen3-30B-A3B: FP8 128x128 blocks; GLM-4.7-Flash: FP8 per channel); sequence "
              f"{res['seq']}, batch 1, gradient checkpointing, AdamW on LoRA r 16. Step: median of CUDA-event "
              "timings after warm-up; peak: torch.cuda.max_memory_allocated. The peer is the same transformers "

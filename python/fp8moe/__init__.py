@@ -17,7 +17,7 @@ from __future__ import annotations
 from ._engine import Fp8MoeError, gemm_precision, set_gemm_precision
 from ._version import __version__
 from . import ops
-from .modeling import Fp8Experts, Fp8Linear
+from .modeling import Fp8Experts, Fp8Linear, compile_decoder_layers
 from .loading import from_pretrained, patch
 from .export import export_merged
 from . import loss
@@ -31,4 +31,4 @@ except ImportError:  # pragma: no cover - PEFT missing or broken: fp8moe still l
     pass
 
 __all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss",
-           "set_gemm_precision", "gemm_precision", "__version__"]
+           "set_gemm_precision", "gemm_precision", "compile_decoder_layers", "__version__"]

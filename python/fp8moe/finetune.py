@@ -118,6 +118,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--packing", action="store_true", help="concatenate examples into full seq-len rows")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder layer (fp8moe.compile_decoder_layers): faster steps after a "
+                        "one-time compile")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the GPU when there is one)")
     p.add_argument("--quantize", default=None, help="quantize a BF16 checkpoint while loading: fp8, fp8-channel")
     p.add_argument("--precision", choices=("w8a16", "w8a8"), default=None,
@@ -139,6 +142,7 @@ def run(a: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from .loading import from_pretrained
+    from .modeling import compile_decoder_layers
 
     if os.path.exists(a.out):
         raise Fp8MoeError(f"--out {a.out} exists; choose a new directory (nothing was overwritten)")
@@ -155,6 +159,8 @@ def run(a: argparse.Namespace) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
+    if a.compile:
+        compile_decoder_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=a.weight_decay)
     tokens_per_epoch = sum(len(e) for e in examples)

@@ -118,3 +118,13 @@ def test_ops_capture_in_a_cuda_graph(gen):
         assert ref.rel_err(static_out, eager_out) < 1e-6
         for a, b in zip(static_grads, eager_grads):
             assert ref.rel_err(a, b) < 1e-6
+
+
+def test_compile_decoder_layers_takes_every_layer_and_refuses_other_models(tmp_path):
+    model = fp8moe.from_pretrained(models.fp8_checkpoint(str(tmp_path), "qwen3_moe", "block"), device="cpu")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    n = len(model.model.layers)
+    assert fp8moe.compile_decoder_layers(wrapped) == n
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    with pytest.raises(fp8moe.Fp8MoeError, match="no `layers` list"):
+        fp8moe.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -83,3 +83,16 @@ def test_trainer_trains_an_fp8moe_peft_model(ckpt, tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
     assert len(changed) == len(before)  # every LoRA tensor trained, the expert adapters included
+
+
+def test_finetune_with_compiled_layers(ckpt, data, tmp_path):
+    out = tmp_path / "compiled"
+    torch._dynamo.reset()
+    rc = finetune.main([ckpt, data, "--out", str(out), "--rank", "4", "--steps", "6", "--lr", "3e-3",
+                        "--seq-len", "32", "--packing", "--gradient-checkpointing", "--compile",
+                        "--device", "cpu", "--seed", "2"])
+    torch._dynamo.reset()
+    assert rc == 0 and (out / "adapter_model.safetensors").exists()
+    losses = [float(r["loss"]) for r in csv.DictReader(open(out / "loss_log.csv"))]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
