@@ -192,6 +192,65 @@ def write_markdown(path, bench, peer, peer_note, commands):
     print(f"wrote {path}")
 
 
+W8A8_SECTION = "W8A8 (FP8 tensor cores) against W8A16, same card"
+
+
+def w8a8_markdown(w16, w8, peer, commands):
+    """Issue 13's tables: the layer and its forward GEMMs under both precisions, the torch peers of
+    the same run beside them, and the issue's targets marked met / missed."""
+    a, b = index_ours(w16), index_ours(w8)
+    dev = w8["device"]
+    ceil = (peer or {}).get("ceilings", {})
+    peer_rows = {(r["case"], r["T"]): r for r in (peer or {}).get("moe", [])}
+    lines = [f"## {W8A8_SECTION}", "",
+             f"Card: **{dev['name']}** ({dev['sms']} SMs). Dates: W8A16 {w16['date']}, W8A8 {w8['date']}. "
+             "Written by `bench/run_bench.py` (`--w8a8`, or `--render-w8a8` from the saved JSON files).", "",
+             "Commands (same machine):", ""] + [f"    {c}" for c in commands] + [
+             "", "W8A8: activations quantized to E4M3 in 1x128 groups, CUTLASS's grouped FP8 GEMM, the epilogue "
+             "in its own pass; the backward GEMMs stay W8A16. µs are medians of CUDA-event timings; speedup = W8A16 "
+             "time / W8A8 time; \"x bf16\" = torch's BF16 path (torch_baselines.py) / ours. Uniform routing.", "",
+             "| shape | T | what | W8A16 µs | W8A8 µs | speedup | W8A8 TFLOP/s | W8A16 x bf16 | W8A8 x bf16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    peer_key = {("layer_fwd", False): "bf16_ms", ("layer_fwd_bwd", False): "bf16_fwdbwd_ms",
+                ("layer_fwd_bwd", True): "bf16_lora_fwdbwd_ms"}
+    whats = [("layer_fwd", False, "layer fwd"), ("layer_fwd_bwd", False, "layer fwd+bwd"),
+             ("layer_fwd", True, "layer fwd, LoRA r16"), ("layer_fwd_bwd", True, "layer fwd+bwd, LoRA r16"),
+             ("gemm1", False, "gemm1 (gate_up)"), ("gemm2", False, "gemm2 (down)")]
+    keys = sorted({(k[0], k[1]) for k in b if k[2] == "uniform"})
+    for shape, T in keys:
+        prow = peer_rows.get((PEER_CASE.get(shape), T), {})
+        for what, lora, label in whats:
+            x, y = a.get((shape, T, "uniform", what, lora)), b.get((shape, T, "uniform", what, lora))
+            if not x or not y:
+                continue
+            pk = peer_key.get((what, lora))
+            pms = prow.get(pk) if pk else None
+            lines.append(f"| {shape} | {T} | {label} | {fmt(x['median_us'])} | {fmt(y['median_us'])} | "
+                         f"{fmt(x['median_us'] / y['median_us'], 2)}x | {fmt(y['tflops'], 0)} | "
+                         f"{fmt(ratio(pms, x['median_us']), 2)} | {fmt(ratio(pms, y['median_us']), 2)} |")
+    lines += ["", "Targets (issue 13), W8A8:", "", "| target | case | measured | status |", "|---|---|---|---|"]
+    dense = ceil.get("fp8_gemm_rowwise_tflops")
+    for shape, T in keys:
+        if T != 16384:
+            continue
+        prow = peer_rows.get((PEER_CASE.get(shape), T), {})
+        for what, lora, goal, name in (("layer_fwd", False, 4.0, "fwd >= 4x torch bf16"),
+                                       ("layer_fwd_bwd", False, 2.5, "fwd+bwd >= 2.5x torch bf16"),
+                                       ("layer_fwd_bwd", True, 2.5, "fwd+bwd LoRA >= 2.5x torch bf16 LoRA")):
+            y = b.get((shape, T, "uniform", what, lora))
+            r = ratio(prow.get(peer_key[(what, lora)]), y and y["median_us"])
+            lines.append(f"| {name} | {shape} T {T} | {fmt(r, 2)}x | "
+                         f"{'not measured' if r is None else ('met' if r >= goal else 'missed')} |")
+        for g in ("gemm1", "gemm2"):
+            y = b.get((shape, T, "uniform", g, False))
+            if y and dense:
+                share = y["tflops"] / dense
+                lines.append(f"| {g} >= 0.75x torch._scaled_mm dense ({dense:.0f} TFLOP/s) | {shape} T {T} "
+                             f"({T * (8 if shape == 'qwen3' else 4) // (128 if shape == 'qwen3' else 64)} rows/expert) | "
+                             f"{share:.2f}x | {'met' if share >= 0.75 else 'missed'} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp8moe", default=os.path.join(ROOT, "build", "fp8moe"), help="the fp8moe CLI")
@@ -199,8 +258,23 @@ def main():
                     help="torch_baselines.py (default: .deps/torch_baselines.py, else ../shared/bench/)")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "out")), help="results folder")
     ap.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"), help="the Markdown report to write")
+    ap.add_argument("--w8a8", action="store_true",
+                    help="also run the bench with --precision w8a8 and write the W8A8 section")
+    ap.add_argument("--render-w8a8", nargs="+", metavar="JSON", default=None,
+                    help="run nothing: W8A16.json W8A8.json [torch_baselines.json] -> the W8A8 section of --md")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then arguments for fp8moe bench")
     a = ap.parse_args()
+    if a.render_w8a8:
+        if len(a.render_w8a8) not in (2, 3):
+            ap.error("--render-w8a8 takes W8A16.json W8A8.json [torch_baselines.json]")
+        w16, w8 = load(a.render_w8a8[0]), load(a.render_w8a8[1])
+        peer = load(a.render_w8a8[2]) if len(a.render_w8a8) == 3 else None
+        if w16["device"]["name"] != w8["device"]["name"]:
+            ap.error(f"--render-w8a8: the runs are on different cards ({w16['device']['name']}, {w8['device']['name']})")
+        cmds = [w16["command"], w8["command"]] + (["OUT=... python3 torch_baselines.py"] if peer else [])
+        md_sections.replace_section(a.md, W8A8_SECTION, w8a8_markdown(w16, w8, peer, cmds))
+        print(f"wrote the W8A8 section of {a.md}")
+        return 0
     bench_args = [x for x in a.bench_args if x != "--"] if a.bench_args else []
     peer_script = a.torch_baselines
     if peer_script is None:
@@ -229,6 +303,12 @@ def main():
         print("run_bench: " + peer_note, file=sys.stderr)
 
     write_markdown(a.md, load(bench_json), peer, peer_note, commands)
+    if a.w8a8:
+        w8_json = os.path.join(a.out, "bench_w8a8.json")
+        w8_cmd = [a.fp8moe, "bench", "--precision", "w8a8", "--json", w8_json] + bench_args
+        run(w8_cmd)
+        md_sections.replace_section(a.md, W8A8_SECTION, w8a8_markdown(
+            load(bench_json), load(w8_json), peer, commands + [" ".join(shlex.quote(c) for c in w8_cmd)]))
     return 0 if peer is not None else 1
 
 

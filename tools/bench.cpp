@@ -22,6 +22,7 @@
 #include <ctime>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -51,7 +52,8 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: fp8moe bench [--shape qwen3|glm|all] [--tokens 256,4096,16384] [--routing uniform|skewed|both]\n"
-    "                    [--json FILE] [--backend cuda] [--reps N] [--warmup N] [--seed S]\n"
+    "                    [--json FILE] [--backend cuda] [--precision w8a16|w8a8] [--reps N] [--warmup N]\n"
+    "                    [--seed S]\n"
     "\n"
     "  Times the FP8 MoE expert layer (forward, forward+backward, with and without LoRA r=16) and\n"
     "  each of its kernels on synthetic FP8 experts of real model shapes:\n"
@@ -59,7 +61,8 @@ constexpr const char* kUsage =
     "    glm    E 64, top-4, H 2048, I 1536, per-channel scales   (GLM-4.7-Flash)\n"
     "  Routing: uniform, or skewed (Zipf-like popularity over a random expert order, s = 1.2).\n"
     "  Prints a table (median of --reps, default 20, after --warmup, default 3); --json writes\n"
-    "  every number with the device and the exact command.\n"
+    "  every number with the device and the exact command. --precision: the forward FP8 GEMMs'\n"
+    "  path (default: FP8MOE_PRECISION, else w8a16; w8a8 needs a Hopper card and a W8A8 build).\n"
     "\n"
     "usage: fp8moe bench --convert [--mib N] [--threads N] [--workdir DIR]\n"
     "\n"
@@ -71,7 +74,7 @@ constexpr const char* kUsage =
     "  removed afterwards).\n";
 
 const std::set<std::string> kOptions = {"shape", "tokens", "routing", "json", "backend", "reps",
-                                        "warmup", "seed", "mib", "threads", "workdir"};
+                                        "warmup", "seed", "mib", "threads", "workdir", "precision"};
 
 #if defined(FP8MOE_HAS_CUDA)
 
@@ -447,6 +450,14 @@ void bench_shape(const ModelShape& m, const Options& opt, Backend& be, cudaStrea
 int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
   for (const char* o : {"mib", "threads", "workdir"})
     FP8MOE_USAGE_CHECK(!args.has(o), "--", o, " applies to bench --convert only");
+  std::optional<GemmPrecision> precision;
+  if (auto p = args.get("precision")) {
+    try {
+      precision = parse_gemm_precision(*p);
+    } catch (const Error& e) {
+      FP8MOE_USAGE_CHECK(false, "--precision: ", e.message());
+    }
+  }
   FP8MOE_USAGE_CHECK(args.get_or("backend", "cuda") == "cuda",
                      "--backend: the benchmark times CUDA kernels with CUDA events; only 'cuda' is supported, found '",
                      args.get_or("backend", "cuda"), "'");
@@ -486,11 +497,15 @@ int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
   BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::vector<Row> rows;
   double copy_bw = 0;
+  std::string precision_name;
   {
     auto be = make_cuda_backend(0, stream);
+    if (precision) be->set_gemm_precision(*precision);
+    precision_name = gemm_precision_name(be->gemm_precision());
     copy_bw = copy_tbps(*be, stream, opt.reps);
-    std::printf("device: %s, %d SMs, L2 %d MiB; copy bandwidth %.2f TB/s (read + write); seed %llu\n", prop.name,
-                prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw, static_cast<unsigned long long>(opt.seed));
+    std::printf("device: %s, %d SMs, L2 %d MiB; copy bandwidth %.2f TB/s (read + write); seed %llu; GEMM precision %s\n",
+                prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw,
+                static_cast<unsigned long long>(opt.seed), precision_name.c_str());
     std::printf("%-6s %6s %-8s %-14s %-4s %10s %9s %9s %9s\n", "shape", "T", "routing", "what", "lora", "us",
                 "TFLOP/s", "GB/s", "peak MiB");
     for (const ModelShape& m : opt.shapes) bench_shape(m, opt, *be, stream, prop.l2CacheSize, rows);
@@ -514,6 +529,7 @@ int run_kernel_bench(const Args& args, const std::vector<std::string>& argv) {
                         {"fp8moe_version", version()},
                         {"date", date},
                         {"seed", opt.seed},
+                        {"precision", precision_name},
                         {"copy_tbps", copy_bw},
                         {"shapes", nlohmann::json::array()},
                         {"results", nlohmann::json::array()}};
