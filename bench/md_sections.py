@@ -40,7 +40,7 @@ def replace_section(path: str, heading: str, body: str) -> None:
             out.append(body)
             done = True
         else:
-            out.append(s)
+            out.append(s.rstrip("\n") + "\n\n")  # the last section may end without its blank line
     if not done:
         out.append(body)
     with open(path, "w", encoding="utf-8") as f:

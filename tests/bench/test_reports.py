@@ -33,6 +33,8 @@ def test_replace_section_keeps_variants_and_foreign_sections(tmp_path):
     text = open(md).read()
     assert "keep me" in text and "variant" in text and "newer" in text and "\nnew\n" not in text
     assert text.count("## Full-size fine-tuning\n") == 1
+    md_sections.replace_section(md, "Appended", "## Appended\n\nlast\n")
+    assert "newer\n\n## Appended\n" in open(md).read() or "variant\n\n## Appended\n" in open(md).read()
 
 
 def test_failed_side_is_reported_not_measured():
