@@ -292,11 +292,12 @@ def main() -> int:
         json.dump(results, f, indent=1)
     md = markdown(results)
     print(md)
-    if not a.tiny:  # the section BENCHMARKS.md takes as it is
-        with open(os.path.join(a.out, f"model_bench{suffix}.md"), "w") as f:
-            f.write(md + "\n")
+    if not a.tiny:  # the section BENCHMARKS.md takes as it is (into --md, else a file of its own)
         if a.md:
             md_sections.replace_section(a.md, section_title(results), md)
+        else:
+            with open(os.path.join(a.out, f"model_bench{suffix}.md"), "w") as f:
+                f.write(md + "\n")
     return 0
 
 

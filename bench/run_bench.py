@@ -261,14 +261,19 @@ def main():
     ap.add_argument("--w8a8", action="store_true",
                     help="also run the bench with --precision w8a8 and write the W8A8 section")
     ap.add_argument("--render-w8a8", nargs="+", metavar="JSON", default=None,
-                    help="run nothing: W8A16.json W8A8.json [torch_baselines.json] -> the W8A8 section of --md")
+                    help="run nothing: W8A16.json W8A8.json [torch_baselines.json] (or a --w8a8 run's bench.json "
+                         "[torch_baselines.json]) -> the W8A8 section of --md")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then arguments for fp8moe bench")
     a = ap.parse_args()
     if a.render_w8a8:
-        if len(a.render_w8a8) not in (2, 3):
-            ap.error("--render-w8a8 takes W8A16.json W8A8.json [torch_baselines.json]")
-        w16, w8 = load(a.render_w8a8[0]), load(a.render_w8a8[1])
-        peer = load(a.render_w8a8[2]) if len(a.render_w8a8) == 3 else None
+        files = [load(f) for f in a.render_w8a8]
+        if files and "w8a8" in files[0]:  # a bench.json of --w8a8, holding both runs
+            files.insert(1, files[0]["w8a8"])
+        if len(files) not in (2, 3):
+            ap.error("--render-w8a8 takes W8A16.json W8A8.json [torch_baselines.json], or bench.json of a --w8a8 "
+                     "run [torch_baselines.json]")
+        w16, w8 = files[0], files[1]
+        peer = files[2] if len(files) == 3 else None
         if w16["device"]["name"] != w8["device"]["name"]:
             ap.error(f"--render-w8a8: the runs are on different cards ({w16['device']['name']}, {w8['device']['name']})")
         cmds = [w16["command"], w8["command"]] + (["OUT=... python3 torch_baselines.py"] if peer else [])
@@ -304,11 +309,17 @@ def main():
 
     write_markdown(a.md, load(bench_json), peer, peer_note, commands)
     if a.w8a8:
+        # The W8A8 run's JSON goes into bench.json (key "w8a8"): the device machine returns few files.
         w8_json = os.path.join(a.out, "bench_w8a8.json")
         w8_cmd = [a.fp8moe, "bench", "--precision", "w8a8", "--json", w8_json] + bench_args
         run(w8_cmd)
+        ours, w8 = load(bench_json), load(w8_json)
+        ours["w8a8"] = w8
+        with open(bench_json, "w") as f:
+            json.dump(ours, f, indent=1)
+        os.remove(w8_json)
         md_sections.replace_section(a.md, W8A8_SECTION, w8a8_markdown(
-            load(bench_json), load(w8_json), peer, commands + [" ".join(shlex.quote(c) for c in w8_cmd)]))
+            ours, w8, peer, commands + [" ".join(shlex.quote(c) for c in w8_cmd)]))
     return 0 if peer is not None else 1
 
 
