@@ -222,7 +222,7 @@ def main() -> int:
                         "model_bench_compiled*.json and a section of their own)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile's mode with --compile (e.g. reduce-overhead: CUDA graphs per layer)")
-    p.add_argument("--precision", choices=("w8a16", "w8a8"), default="w8a16",
+    p.add_argument("--precision", choices=("w8a16", "w8a8", "w8a8-down"), default="w8a16",
                    help="fp8moe's forward FP8 GEMMs (fp8moe.set_gemm_precision); w8a8 needs Hopper")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
     p.add_argument("--out", default="out", help="folder for model_bench*.json and model_bench*.md (suffix: the variant)")
@@ -244,8 +244,8 @@ def main() -> int:
     fp8moe.set_gemm_precision(a.precision, device)
     # Each variant (precision, compiled layers) has its own JSON and BENCHMARKS.md section.
     variant = ([f"compiled layers ({a.compile_mode or 'default'} mode)"] if a.compile else []) + \
-        (["W8A8 forward GEMMs"] if a.precision == "w8a8" else [])
-    suffix = ("_compiled" if a.compile else "") + ("_w8a8" if a.precision == "w8a8" else "")
+        ({"w8a8": ["W8A8 forward GEMMs"], "w8a8-down": ["W8A8 down projection"]}.get(a.precision, []))
+    suffix = ("_compiled" if a.compile else "") + ("" if a.precision == "w8a16" else "_" + a.precision.replace("-", "_"))
 
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

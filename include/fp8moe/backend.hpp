@@ -48,6 +48,15 @@ enum class Epilogue : uint8_t {
                 // out[r, gate_row(j)], out[r, up_row(j)] = dL/dgate, dL/dup  out [M, 2N]
 };
 
+// Which GEMM of the model a grouped GEMM is, for precision policies (GemmPrecision); the math does
+// not depend on it.
+enum class GemmRole : uint8_t {
+  Other,       // backward GEMMs, LoRA projections, anything not below
+  ExpertUp,    // the experts' gate_up projection (GEMM1), forward
+  ExpertDown,  // the experts' down projection (GEMM2), forward
+  Dense,       // a dense FP8 linear (attention and shared projections), forward
+};
+
 // Grouped GEMM, one group per expert:
 //   v[r, n] = row_scale(r) * ( sum_k A[r, k] W_e[n, k]  +  lora_scale * sum_q L[r, q] LB_e[n, q] )
 //             + bias_e[n]
@@ -69,6 +78,7 @@ struct GroupedGemm {
   ActivationSpec act;
   TensorView aux;
   TensorView out;
+  GemmRole role = GemmRole::Other;
 };
 
 // Per-expert reduction over the expert's rows (the LoRA weight gradients):
@@ -101,17 +111,21 @@ struct PairDot {
 };
 
 // Precision of the forward FP8 grouped GEMMs (GEMM1 and GEMM2 of the layer, the dense FP8 linear):
-//   W8A16  FP8 weights dequantized to BF16 inside the kernel, BF16 activations: the precise path,
-//          on every GPU from sm_80 and on the CPU. The default.
-//   W8A8   activations quantized to FP8 E4M3 per row and 128-wide K group, FP8 x FP8 tensor cores
-//          with the weights' block (or channel) scales: the fast path, CUDA backend on Hopper only.
-//          Problems it cannot take (backward GEMMs, other scale schemes, odd shapes) run W8A16, and
-//          the CUDA backend says so once per distinct problem on stderr.
-// The CUDA backend starts from the environment variable FP8MOE_PRECISION (w8a8 | w8a16; unset:
-// w8a16). Asking for W8A8 where it cannot run is an error, never a silent W8A16.
-enum class GemmPrecision : uint8_t { W8A16, W8A8 };
-const char* gemm_precision_name(GemmPrecision p);  // "w8a16", "w8a8"
-// "w8a16" / "w8a8" (case-insensitive); throws naming the accepted values otherwise.
+//   W8A16     FP8 weights dequantized to BF16 inside the kernel, BF16 activations: the precise
+//             path, on every GPU from sm_80 and on the CPU. The default.
+//   W8A8      activations quantized to FP8 E4M3 per row and 128-wide K group, FP8 x FP8 tensor
+//             cores with the weights' block (or channel) scales: the fast path, CUDA backend on
+//             Hopper only. Problems it cannot take (backward GEMMs, other scale schemes, odd
+//             shapes) run W8A16, and the CUDA backend says so once per distinct problem on stderr.
+//   W8A8Down  W8A8 for the experts' down projection only (GemmRole::ExpertDown), W8A16 for the
+//             rest: E4M3 rounds the activations to 3 mantissa bits (~2.6e-2 per GEMM), and two
+//             such GEMMs in a row compound to ~4e-2 at the layer output; one gives ~2.3e-2
+//             (bench/NOTES.md). The down projection is also where W8A8 gains most.
+// The CUDA backend starts from the environment variable FP8MOE_PRECISION (w8a16 | w8a8 |
+// w8a8-down; unset: w8a16). Asking for W8A8 where it cannot run is an error, never a silent W8A16.
+enum class GemmPrecision : uint8_t { W8A16, W8A8, W8A8Down };
+const char* gemm_precision_name(GemmPrecision p);  // "w8a16", "w8a8", "w8a8-down"
+// "w8a16" / "w8a8" / "w8a8-down" (case-insensitive); throws naming the accepted values otherwise.
 GemmPrecision parse_gemm_precision(const std::string& s);
 
 class Backend {

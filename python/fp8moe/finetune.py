@@ -123,8 +123,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "one-time compile")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the GPU when there is one)")
     p.add_argument("--quantize", default=None, help="quantize a BF16 checkpoint while loading: fp8, fp8-channel")
-    p.add_argument("--precision", choices=("w8a16", "w8a8"), default=None,
-                   help="forward FP8 GEMMs: w8a16 (precise, the default) or w8a8 (FP8 tensor cores, Hopper)")
+    p.add_argument("--precision", choices=("w8a16", "w8a8", "w8a8-down"), default=None,
+                   help="forward FP8 GEMMs: w8a16 (precise, the default), w8a8 (FP8 tensor cores, Hopper) or "
+                        "w8a8-down (W8A8 on the experts' down projection only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10, help="print a loss line every N steps when not on a terminal")
     a = p.parse_args(argv)

@@ -17,18 +17,28 @@ Tensor Backend::upload(const TensorView& host) {
   return t;
 }
 
-const char* gemm_precision_name(GemmPrecision p) { return p == GemmPrecision::W8A8 ? "w8a8" : "w8a16"; }
+const char* gemm_precision_name(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::W8A16: return "w8a16";
+    case GemmPrecision::W8A8: return "w8a8";
+    case GemmPrecision::W8A8Down: return "w8a8-down";
+  }
+  return "?";
+}
 
 GemmPrecision parse_gemm_precision(const std::string& s) {
   std::string l = s;
   for (char& c : l) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   if (l == "w8a16") return GemmPrecision::W8A16;
   if (l == "w8a8") return GemmPrecision::W8A8;
-  FP8MOE_FAIL("GEMM precision '", s, "' is not one of: w8a16 (precise, the default), w8a8 (fast, Hopper)");
+  if (l == "w8a8-down") return GemmPrecision::W8A8Down;
+  FP8MOE_FAIL("GEMM precision '", s, "' is not one of: w8a16 (precise, the default), w8a8 (fast, Hopper), ",
+              "w8a8-down (W8A8 on the experts' down projection only)");
 }
 
 void Backend::set_gemm_precision(GemmPrecision p) {
-  FP8MOE_CHECK(p == GemmPrecision::W8A16, "the ", name(), " backend has no W8A8 path (it runs the W8A16 GEMMs only)");
+  FP8MOE_CHECK(p == GemmPrecision::W8A16, "the ", name(), " backend has no W8A8 path (it runs the W8A16 GEMMs only; ",
+               gemm_precision_name(p), " asked)");
 }
 
 void Backend::set_allocator(Allocator* a) {

@@ -93,6 +93,7 @@ void LinearLayer::forward(const TensorView& x, const TensorView& out, LinearSave
   if (lora_.defined()) set_lora(g, u, lora_.B, lora_.scaling);
   g.bias = w_.bias;
   g.out = out;
+  g.role = GemmRole::Dense;
   be.grouped_gemm(g);
 
   if (saved) *saved = LinearSaved{std::move(plan), std::move(u)};

@@ -119,6 +119,7 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
     g.act = w_.act;
     g.aux = h1;
     g.out = act;
+    g.role = GemmRole::ExpertUp;
     be.grouped_gemm(g);
   }
 
@@ -142,6 +143,7 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
     if (lora_.has_down()) set_lora(g, v, lora_.down_B, lora_.scaling);
     g.bias = w_.down_bias;
     g.out = y;
+    g.role = GemmRole::ExpertDown;
     be.grouped_gemm(g);
   }
 

@@ -19,14 +19,15 @@ def test_precision_defaults_to_w8a16_and_names_are_checked():
     assert fp8moe.gemm_precision("cpu") == "w8a16"
     fp8moe.set_gemm_precision("W8A16", "cpu")  # case-insensitive
     assert fp8moe.gemm_precision("cpu") == "w8a16"
-    for bad in ("fp4", "", 8):
-        with pytest.raises(fp8moe.Fp8MoeError, match="not one of: w8a16 .*w8a8"):
+    for bad in ("fp4", "", 8, "w8a8_down"):
+        with pytest.raises(fp8moe.Fp8MoeError, match="not one of: w8a16 .*w8a8 .*w8a8-down"):
             fp8moe.set_gemm_precision(bad, "cpu")
 
 
-def test_w8a8_on_the_cpu_is_refused_naming_why():
-    with pytest.raises(fp8moe.Fp8MoeError, match="cpu backend has no W8A8 path"):
-        fp8moe.set_gemm_precision("w8a8", "cpu")
+@pytest.mark.parametrize("precision", ["w8a8", "W8A8-down"])
+def test_w8a8_on_the_cpu_is_refused_naming_why(precision):
+    with pytest.raises(fp8moe.Fp8MoeError, match=f"cpu backend has no W8A8 path .*{precision.lower()} asked"):
+        fp8moe.set_gemm_precision(precision, "cpu")
     assert fp8moe.gemm_precision("cpu") == "w8a16"
 
 
@@ -44,15 +45,18 @@ def test_loaders_and_finetune_take_the_precision(tmp_path):
         finetune.parse_args([d, "x.jsonl", "--out", "o", "--precision", "fp4"])
 
 
-def _w8a8_or_skip(device: torch.device) -> None:
+def _w8a8_or_skip(device: torch.device, precision: str) -> None:
     try:
-        fp8moe.set_gemm_precision("w8a8", device)
+        fp8moe.set_gemm_precision(precision, device)
     except fp8moe.Fp8MoeError as e:
         pytest.skip(f"W8A8 cannot run here: {e}")
 
 
+# E4M3 activations (3 mantissa bits): ~4e-2 at the output with both GEMMs on W8A8, ~2.3e-2 with the
+# down projection alone (bench/NOTES.md); the bounds are about twice that.
+@pytest.mark.parametrize("precision,bound", [("w8a8", 8e-2), ("w8a8-down", 5e-2)])
 @pytest.mark.skipif(not (torch.cuda.is_available() and fp8moe._C.cuda_available()), reason="needs the CUDA backend")
-def test_w8a8_switches_the_path_and_stays_within_fp8_activation_error(gen):
+def test_w8a8_switches_the_path_and_stays_within_fp8_activation_error(precision, bound, gen):
     device = torch.device("cuda", torch.cuda.current_device())
     # H and I multiples of 128 (Qwen3-like block scales), LoRA on both projections.
     case = ("w8a8_block_lora", 48, 4, 8, 256, 128, "block", 0, 0, False, 4, 1, "uniform")
@@ -68,17 +72,16 @@ def test_w8a8_switches_the_path_and_stays_within_fp8_activation_error(gen):
 
     assert fp8moe.gemm_precision(device) == "w8a16"
     base, base_grad = run()
-    _w8a8_or_skip(device)
+    _w8a8_or_skip(device, precision)
     try:
-        assert fp8moe.gemm_precision(device) == "w8a8"
+        assert fp8moe.gemm_precision(device) == precision
         fast, fast_grad = run()
     finally:
         fp8moe.set_gemm_precision("w8a16", device)
-    assert not torch.equal(fast, base), "w8a8 gave W8A16's bits: the precision did not reach the GEMMs"
+    assert not torch.equal(fast, base), f"{precision} gave W8A16's bits: the precision did not reach the GEMMs"
     xr = a["hidden"].double().cpu()
     want = ref.moe(xr, c["ids"], a["topk_weights"].double().cpu(), ref.dequantize(*c["gu"]), ref.dequantize(*c["dn"]),
                    c["act"], None, None, tuple(t.double().cpu() for t in c["lora_dev"]), 0.5)
     assert ref.rel_err(base, want) < 2.5e-2
-    # E4M3 activations (3 mantissa bits) on both GEMMs: ~4e-2 at the output (bench/NOTES.md).
-    assert ref.rel_err(fast, want) < 8e-2
-    assert torch.isfinite(fast_grad.float()).all() and ref.rel_err(fast_grad, base_grad) < 8e-2
+    assert ref.rel_err(fast, want) < bound
+    assert torch.isfinite(fast_grad.float()).all() and ref.rel_err(fast_grad, base_grad) < bound

@@ -198,10 +198,10 @@ class CudaBackend final : public Backend {
 
   // W8A8 only where the kernel exists and the card runs it: asking for it elsewhere is an error.
   void set_gemm_precision(GemmPrecision p) override {
-    if (p == GemmPrecision::W8A8) {
+    if (p != GemmPrecision::W8A16) {
       DeviceGuard g(device_);
-      FP8MOE_CHECK(cuda::w8a8::available(), "GEMM precision w8a8 (FP8MOE_PRECISION or set_gemm_precision): ",
-                   cuda::w8a8::unavailable_reason(), "; use w8a16");
+      FP8MOE_CHECK(cuda::w8a8::available(), "GEMM precision ", gemm_precision_name(p),
+                   " (FP8MOE_PRECISION or set_gemm_precision): ", cuda::w8a8::unavailable_reason(), "; use w8a16");
     }
     precision_ = p;
   }

@@ -17,17 +17,29 @@ const char* epilogue_name(Epilogue e) {
   }
   return "?";
 }
+const char* role_name(GemmRole r) {
+  switch (r) {
+    case GemmRole::Other: return "";
+    case GemmRole::ExpertUp: return ", experts' gate_up";
+    case GemmRole::ExpertDown: return ", experts' down";
+    case GemmRole::Dense: return ", dense";
+  }
+  return "";
+}
 }  // namespace
 
 bool choose(const GroupedGemm& g, GemmPrecision precision) {
-  if (precision != GemmPrecision::W8A8) return false;
-  const std::string why = fits(g);
+  if (precision == GemmPrecision::W8A16) return false;
+  // w8a8-down takes the experts' down projection only: the others' W8A16 is the policy's choice,
+  // not a W8A8 limit, so it goes to the dispatch log only.
+  const bool by_policy = precision == GemmPrecision::W8A8Down && g.role != GemmRole::ExpertDown;
+  const std::string why = by_policy ? "w8a8-down takes the experts' down projection only" : fits(g);
   // A forward FP8 GEMM that W8A8 declines (a shape or scale scheme it cannot take) is said once
   // per distinct problem, always: the caller asked for W8A8 and this GEMM does not get it. The
   // expected W8A16 GEMMs (backward, plain LoRA weights) and the W8A8 ones go through the dispatch
   // log (FP8MOE_LOG_DISPATCH), as the tile-shape choice does.
   const TensorView& b = g.b.data;
-  const bool expected = g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
+  const bool expected = by_policy || g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
   gemm::log_choice_once(
       [&] {
         // The problem as the decision sees it: W's shape, dtype, scales and orientation, A's dtype,
@@ -36,7 +48,7 @@ bool choose(const GroupedGemm& g, GemmPrecision precision) {
                                 std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") +
                                 ", scales " + g.b.spec.str() + ", A " +
                                 (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-") + ", " +
-                                epilogue_name(g.epilogue) + (g.lora_a.defined() ? ", LoRA" : "");
+                                epilogue_name(g.epilogue) + (g.lora_a.defined() ? ", LoRA" : "") + role_name(g.role);
         return "grouped_gemm (" + key + ") -> " +
                (why.empty() ? std::string("W8A8 (CUTLASS sm90 FP8 x FP8, 1x128 activation scales)")
                             : "W8A16 (W8A8 declined: " + why + ")");

@@ -267,9 +267,9 @@ void match_cpu(const LayerCase& c, GemmPrecision precision, double tol) {
     f32.add(*gpu, run_side(gs, p, DType::F32), ref);
     bf16.add(*gpu, run_side(gs, p, DType::BF16), ref);
   }
-  if (precision == GemmPrecision::W8A8) {  // the accuracy W8A8 costs, for the record
-    f32.print(c.name + " w8a8 F32 outputs");
-    bf16.print(c.name + " w8a8 BF16 outputs");
+  if (precision != GemmPrecision::W8A16) {  // the accuracy W8A8 costs, for the record
+    f32.print(c.name + " " + gemm_precision_name(precision) + " F32 outputs");
+    bf16.print(c.name + " " + gemm_precision_name(precision) + " BF16 outputs");
   }
   {
     SCOPED_TRACE("outputs F32");
@@ -353,6 +353,23 @@ const LayerCase kW8a8Cases[] = {
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaLayerW8a8, ::testing::ValuesIn(kW8a8Cases),
+                         [](const ::testing::TestParamInfo<LayerCase>& i) { return i.param.name; });
+
+// w8a8-down: one E4M3 rounding (GEMM2's input) instead of two. The float model gives 2.3e-2 at
+// the output (bench/NOTES.md, eighth session); the input and LoRA gradients flow through W8A16
+// GEMMs on the precise saved activations, but the routing-weight gradient reads GEMM2's output,
+// and under W8A8 that gradient erred up to 7.9e-2 (GPT-OSS case, ninth session). The bound is
+// about twice what is expected, as for W8A8; the errors are printed against issue 13's 3e-2.
+constexpr double kW8a8DownTolerance = 5e-2;
+
+class CudaLayerW8a8Down : public ::testing::TestWithParam<LayerCase> {};
+
+TEST_P(CudaLayerW8a8Down, ForwardBackwardMatchCpu) {
+  FP8MOE_REQUIRE_W8A8();
+  match_cpu(GetParam(), GemmPrecision::W8A8Down, kW8a8DownTolerance);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CudaLayerW8a8Down, ::testing::ValuesIn(kW8a8Cases),
                          [](const ::testing::TestParamInfo<LayerCase>& i) { return i.param.name; });
 
 // ---- a real model shape, checked on sampled tokens ------------------------------------------------

@@ -343,6 +343,12 @@ TEST(GemmDispatch, W8a8FitsForwardFp8GemmsOnly) {
   EXPECT_EQ(cuda::w8a8::fits(g), "");
   EXPECT_FALSE(cuda::w8a8::choose(g, GemmPrecision::W8A16)) << "W8A16 precision never takes W8A8";
   EXPECT_TRUE(cuda::w8a8::choose(g, GemmPrecision::W8A8));
+  for (GemmRole role : {GemmRole::Other, GemmRole::ExpertUp, GemmRole::ExpertDown, GemmRole::Dense}) {
+    GroupedGemm r = g;  // w8a8-down: the experts' down projection and nothing else
+    r.role = role;
+    EXPECT_EQ(cuda::w8a8::choose(r, GemmPrecision::W8A8Down), role == GemmRole::ExpertDown) << static_cast<int>(role);
+    EXPECT_TRUE(cuda::w8a8::choose(r, GemmPrecision::W8A8)) << "w8a8 takes every role";
+  }
   {  // a partial last activation group (GPT-OSS's H 2880) runs W8A8 too
     GroupedGemm p = g;
     p.a = {view(DType::BF16, {10, 272})};
@@ -396,8 +402,12 @@ TEST(GemmDispatch, GemmPrecisionNamesAndTheCpuBackend) {
   EXPECT_EQ(parse_gemm_precision("W8A16"), GemmPrecision::W8A16);
   EXPECT_THROW(parse_gemm_precision("fp8"), Error);
   EXPECT_STREQ(gemm_precision_name(GemmPrecision::W8A8), "w8a8");
+  for (GemmPrecision p : {GemmPrecision::W8A16, GemmPrecision::W8A8, GemmPrecision::W8A8Down})
+    EXPECT_EQ(parse_gemm_precision(gemm_precision_name(p)), p);
+  EXPECT_EQ(parse_gemm_precision("W8A8-Down"), GemmPrecision::W8A8Down);
   auto cpu = make_cpu_backend();
   EXPECT_THROW(cpu->set_gemm_precision(GemmPrecision::W8A8), Error) << "the oracle has no W8A8";
+  EXPECT_THROW(cpu->set_gemm_precision(GemmPrecision::W8A8Down), Error);
   cpu->set_gemm_precision(GemmPrecision::W8A16);
   EXPECT_EQ(cpu->gemm_precision(), GemmPrecision::W8A16);
 }
