@@ -163,8 +163,8 @@ def run(a: argparse.Namespace) -> dict:
     if a.compile:
         compile_decoder_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # fused on the GPU: one kernel for the whole update, no foreach temporaries the size of every
-    # adapter (hundreds of MiB for expert LoRA at full size).
+    # fused on the GPU: one kernel for the whole update, without the foreach path's temporaries as
+    # large as the adapters (2.3 GiB of F32 expert LoRA at Qwen3-30B-A3B's size, r 16).
     opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=a.weight_decay, fused=device.type == "cuda")
     tokens_per_epoch = sum(len(e) for e in examples)
     per_step = a.batch_size * a.grad_accum * (a.seq_len if a.packing else
