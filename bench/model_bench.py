@@ -141,7 +141,9 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
 
         compile_decoder_layers(pm, compile_mode)
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    # Fused on the GPU, as transformers' Trainer defaults to (adamw_torch_fused) and fp8moe.finetune
+    # uses; the foreach path holds temporaries as large as the adapters at the step.
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -251,6 +253,7 @@ def main() -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seq": a.seq,
                "compiled_layers": a.compile, "compile_mode": a.compile_mode, "precision": a.precision,
+               "optimizer": "fused AdamW" if device.type == "cuda" else "AdamW",
                "variant": ", ".join(variant),
                "torch": torch.__version__, "command": " ".join(sys.argv), "models": {}}
     for name in a.models.split(","):
@@ -310,10 +313,10 @@ def merge_results(paths: list[str]) -> dict:
             runs.append(json.load(f))
     first = runs[0]
     for path, r in zip(paths, runs):
-        for key in ("card", "seq", "torch", "variant"):
+        for key in ("card", "seq", "torch", "variant", "optimizer"):
             if r.get(key) != first.get(key):
                 raise SystemExit(f"--render: {path} has {key} {r.get(key)!r}, {paths[0]} has {first.get(key)!r}; "
-                                 "only runs of the same card, sequence, torch and variant share a table")
+                                 "only runs of the same card, sequence, torch, variant and optimizer share a table")
     merged = dict(first, models={})
     for r in runs:
         for name, entries in r["models"].items():
@@ -336,7 +339,8 @@ def markdown(res: dict) -> str:
              f"Card: **{res['card']}**; {res['date']}; torch {res['torch']}. Written by `bench/model_bench.py` "
              f"(`{res['command']}`; `STEPS=model scripts/gpu_check.sh` runs it). Random weights at the real "
              f"dimensions (Qwen3-30B-A3B: FP8 128x128 blocks; GLM-4.7-Flash: FP8 per channel); sequence "
-             f"{res['seq']}, batch 1, gradient checkpointing, AdamW on LoRA r 16. Step: median of CUDA-event "
+             f"{res['seq']}, batch 1, gradient checkpointing, {res.get('optimizer', 'AdamW (foreach)')} on LoRA r 16. "
+             "Step: median of CUDA-event "
              "timings after warm-up; peak: torch.cuda.max_memory_allocated. The peer is the same transformers "
              "model in BF16 (`grouped_mm` experts) with PEFT and the same LoRA, in the same process. fp8moe's side computes "
              "the loss as `fp8moe.from_pretrained` sets it up (`fp8moe.loss`, chunked: no F32 copy of the logits); the "
