@@ -241,12 +241,13 @@ def w8a8_markdown(w16, w8, peer, commands):
             r = ratio(prow.get(peer_key[(what, lora)]), y and y["median_us"])
             lines.append(f"| {name} | {shape} T {T} | {fmt(r, 2)}x | "
                          f"{'not measured' if r is None else ('met' if r >= goal else 'missed')} |")
+        sh = next((s for s in w8["shapes"] if s["name"] == shape), None)
+        rows = f" ({T * sh['k'] // sh['E']} rows/expert)" if sh else ""
         for g in ("gemm1", "gemm2"):
             y = b.get((shape, T, "uniform", g, False))
             if y and dense:
                 share = y["tflops"] / dense
-                lines.append(f"| {g} >= 0.75x torch._scaled_mm dense ({dense:.0f} TFLOP/s) | {shape} T {T} "
-                             f"({T * (8 if shape == 'qwen3' else 4) // (128 if shape == 'qwen3' else 64)} rows/expert) | "
+                lines.append(f"| {g} >= 0.75x torch._scaled_mm dense ({dense:.0f} TFLOP/s) | {shape} T {T}{rows} | "
                              f"{share:.2f}x | {'met' if share >= 0.75 else 'missed'} |")
     return "\n".join(lines)
 

@@ -52,8 +52,8 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: fp8moe bench [--shape qwen3|glm|all] [--tokens 256,4096,16384] [--routing uniform|skewed|both]\n"
-    "                    [--json FILE] [--backend cuda] [--precision w8a16|w8a8] [--reps N] [--warmup N]\n"
-    "                    [--seed S]\n"
+    "                    [--json FILE] [--backend cuda] [--reps N] [--warmup N] [--seed S]\n"
+    "                    [--precision w8a16|w8a8|w8a8-down]\n"
     "\n"
     "  Times the FP8 MoE expert layer (forward, forward+backward, with and without LoRA r=16) and\n"
     "  each of its kernels on synthetic FP8 experts of real model shapes:\n"
@@ -62,7 +62,7 @@ constexpr const char* kUsage =
     "  Routing: uniform, or skewed (Zipf-like popularity over a random expert order, s = 1.2).\n"
     "  Prints a table (median of --reps, default 20, after --warmup, default 3); --json writes\n"
     "  every number with the device and the exact command. --precision: the forward FP8 GEMMs'\n"
-    "  path (default: FP8MOE_PRECISION, else w8a16; w8a8 needs a Hopper card and a W8A8 build).\n"
+    "  path (default: FP8MOE_PRECISION, else w8a16; the W8A8 ones need a Hopper card and a W8A8 build).\n"
     "\n"
     "usage: fp8moe bench --convert [--mib N] [--threads N] [--workdir DIR]\n"
     "\n"

@@ -490,8 +490,8 @@ NB_MODULE(_C, m) {
       .def_prop_ro("activation_dtype",
                    [](Engine& e) { return std::string(dtype_name(e.backend().activation_dtype())); })
       .def("check", &Engine::check)
-      // The forward FP8 GEMMs' precision, "w8a16" or "w8a8" (backend.hpp: GemmPrecision). Setting
-      // w8a8 where it cannot run raises, naming why.
+      // The forward FP8 GEMMs' precision, "w8a16", "w8a8" or "w8a8-down" (backend.hpp:
+      // GemmPrecision). An unknown name, or W8A8 where it cannot run, raises naming why.
       .def_prop_rw(
           "gemm_precision", [](Engine& e) { return std::string(gemm_precision_name(e.backend().gemm_precision())); },
           [](Engine& e, const std::string& p) { e.backend().set_gemm_precision(parse_gemm_precision(p)); });

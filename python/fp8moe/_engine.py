@@ -56,7 +56,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
-GEMM_PRECISIONS = ("w8a16", "w8a8", "w8a8-down")
+GEMM_PRECISIONS = ("w8a16", "w8a8", "w8a8-down")  # the engine's names (backend.hpp), for option lists
 
 
 def set_gemm_precision(precision: str, device: Union[str, torch.device, None] = None) -> None:
@@ -76,10 +76,8 @@ def set_gemm_precision(precision: str, device: Union[str, torch.device, None] = 
     from the next call on (a CUDA graph keeps the kernels it captured). Raises Fp8MoeError where
     W8A8 cannot run (CPU, a card other than sm_90, a build without the kernel), naming why.
     """
-    if not isinstance(precision, str) or precision.lower() not in GEMM_PRECISIONS:
-        raise Fp8MoeError(f"GEMM precision {precision!r} is not one of: w8a16 (precise, the default), "
-                          f"w8a8 (fast, Hopper), w8a8-down (W8A8 on the experts' down projection only)")
-    engine_for(resolve_device(device)).gemm_precision = precision.lower()
+    # The engine parses the name (any case) and says which ones it takes.
+    engine_for(resolve_device(device)).gemm_precision = str(precision)
 
 
 def gemm_precision(device: Union[str, torch.device, None] = None) -> str:

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ._engine import Fp8MoeError
+from ._engine import GEMM_PRECISIONS, Fp8MoeError
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -123,7 +123,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "one-time compile")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the GPU when there is one)")
     p.add_argument("--quantize", default=None, help="quantize a BF16 checkpoint while loading: fp8, fp8-channel")
-    p.add_argument("--precision", choices=("w8a16", "w8a8", "w8a8-down"), default=None,
+    p.add_argument("--precision", choices=GEMM_PRECISIONS, default=None,
                    help="forward FP8 GEMMs: w8a16 (precise, the default), w8a8 (FP8 tensor cores, Hopper) or "
                         "w8a8-down (W8A8 on the experts' down projection only)")
     p.add_argument("--seed", type=int, default=0)

@@ -183,7 +183,7 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     quantize a BF16 checkpoint's experts and projections while loading. chunked_loss: compute the
     training loss (`labels=`) with `fp8moe.loss.chunked_causal_lm_loss`, which never holds an F32
     copy of the logits (same result as transformers' loss). precision: None (leave the device's
-    setting), "w8a16" or "w8a8": the forward FP8 GEMMs' precision on `device`
+    setting), "w8a16", "w8a8" or "w8a8-down": the forward FP8 GEMMs' precision on `device`
     (fp8moe.set_gemm_precision). Raises Fp8MoeError naming the tensor for anything the checkpoint
     gets wrong.
     """
