@@ -261,7 +261,7 @@ class CudaBackend final : public Backend {
   }
   void grouped_outer(const GroupedOuter& go) override {
     DeviceGuard g(device_);
-    cuda::grouped_outer(go, stream_);
+    cuda::grouped_outer(go, allocator(), stream_);
   }
   void combine(const Combine& c) override {
     DeviceGuard g(device_);

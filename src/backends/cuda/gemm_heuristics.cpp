@@ -99,4 +99,16 @@ OuterKernel choose_outer_kernel(int64_t n, int64_t q) {
   return narrow <= 16 ? OuterKernel::Narrow16 : OuterKernel::Narrow32;
 }
 
+int outer_row_splits(int64_t rows, int64_t experts, int64_t col_blocks) {
+  // A grid of at least ~2 CTAs per SM of an H100/H200 (the kernel runs two per SM); each split
+  // keeps at least 128 rows on average, so that its 8 warps have rows to stream and the extra
+  // pass (the fixed-order sum of the splits' partials) stays small next to the main one.
+  constexpr int64_t kTargetCtas = 256, kMinRowsPerSplit = 128;
+  const int64_t ctas = std::max<int64_t>(1, experts * col_blocks);
+  if (ctas >= kTargetCtas || experts <= 0) return 1;
+  const int64_t by_grid = (kTargetCtas + ctas - 1) / ctas;
+  const int64_t by_rows = rows / (experts * kMinRowsPerSplit);
+  return static_cast<int>(std::clamp<int64_t>(std::min(by_grid, by_rows), 1, kOuterMaxSplits));
+}
+
 }  // namespace fp8moe::cuda::gemm

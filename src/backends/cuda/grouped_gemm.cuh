@@ -26,7 +26,7 @@
 namespace fp8moe::cuda {
 
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream);
-void grouped_outer(const GroupedOuter& g, cudaStream_t stream);
+void grouped_outer(const GroupedOuter& g, Allocator& alloc, cudaStream_t stream);
 
 namespace gemm {
 
@@ -104,6 +104,14 @@ constexpr int64_t kOuterNarrowMax = 32;
 // The one place that picks grouped_outer's kernel, for out [E, N, Q] (pure, host-testable).
 OuterKernel choose_outer_kernel(int64_t n, int64_t q);
 const char* outer_kernel_name(OuterKernel k);
+// How many contiguous row ranges of each expert the narrow-side kernel splits its work into
+// (1: none), for `rows` rows over `experts` experts and `col_blocks` column blocks of the wide
+// side. More than one where the grid would leave most SMs idle: one group (the dense
+// projections' LoRA gradients) has a column block per 128 columns and nothing else to spread
+// over. A function of the problem alone, not of the card, so results are the same bits on
+// every GPU.
+int outer_row_splits(int64_t rows, int64_t experts, int64_t col_blocks);
+constexpr int kOuterMaxSplits = 32;
 
 // With FP8MOE_LOG_DISPATCH set (not "0"), or `always`, writes the line `make_line()` returns to
 // stderr the first time it is seen: the kernel chosen for each distinct problem, once.

@@ -11,13 +11,17 @@
 //               a lane loads its own columns of the wide operand straight from global memory
 //               (one vector load per row, a batch of them in flight), while the narrow side,
 //               times the row scale, sits in shared memory and is read as a broadcast. The wide
-//               operand is read once.
+//               operand is read once. Where experts x column blocks leave most SMs idle (one
+//               group: the dense projections' LoRA gradients), each expert's rows are split
+//               into contiguous ranges (gemm::outer_row_splits), one CTA each, writing F32
+//               partials; a second pass adds them in split order. Still one fixed order.
 //   general     one CTA per [64 x 64] output tile, both operands through shared memory; it
 //               re-reads the wide operand once per 64 columns of the other and wastes 3/4 of its
 //               tile on a 16-wide side (5.4 ms for the four LoRA gradients of GLM at T 16384
 //               on an H100, against ~0.4 ms to read their inputs once).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.cuh"
@@ -142,6 +146,9 @@ struct SmallOuterParams {
   float alpha = 1.0f;
   void* out = nullptr;
   Elem out_type = Elem::F32;
+  int E = 1;
+  int splits = 1;             // row ranges per expert (blockIdx.z); > 1: partials, not out
+  float* partial = nullptr;   // [splits, E, S, W] unscaled sums when splits > 1
 };
 
 // A lane's kC columns of one wide-side row as raw words: BF16 two to a word, F32 one.
@@ -197,7 +204,13 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
   __shared__ alignas(16) float smem[kStageFloats > kRedFloats ? kStageFloats : kRedFloats];
   const int e = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int w = blockIdx.x * kCols + kC * lane;  // this lane's first column
-  const int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
+  // This CTA's rows: split blockIdx.z of the expert's, in whole 32-row steps.
+  int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
+  if (p.splits > 1) {
+    const int per = ((r_end - r_begin + p.splits - 1) / p.splits + kSmallRows - 1) / kSmallRows * kSmallRows;
+    r_begin = min(r_end, r_begin + static_cast<int>(blockIdx.z) * per);
+    r_end = min(r_end, r_begin + per);
+  }
   float(*Sw)[kS] = reinterpret_cast<float(*)[kS]>(smem + warp * kSmallRows * kS);
   constexpr int kBigBytes = kBigF32 ? 4 : 2;
   const char* lane_base = static_cast<const char*>(p.big) + int64_t{w} * kBigBytes;
@@ -317,12 +330,34 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
 #pragma unroll
       for (int c = 0; c < kC; ++c) red[0][s][kC * lane + c] = acc[c][s];
   __syncthreads();
-  // Coalesced stores in the output's own order.
   const int w0 = blockIdx.x * kCols, cols = min(kCols, p.W - w0);
+  if (p.splits > 1) {  // this split's partial sums, [z, e, s, w]: coalesced along w
+    float* part = p.partial + (int64_t{blockIdx.z} * p.E + e) * p.S * p.W;
+    for (int i = tid; i < cols * p.S; i += kThreads) {
+      const int s = i / cols, c = i % cols;
+      part[int64_t{s} * p.W + w0 + c] = red[0][s][c];
+    }
+    return;
+  }
+  // Coalesced stores in the output's own order.
   for (int i = tid; i < cols * p.S; i += kThreads) {
     const int s = p.small_left ? i / cols : i % p.S, c = p.small_left ? i % cols : i / p.S;
     const int64_t at = p.small_left ? (int64_t{e} * p.S + s) * p.W + w0 + c : (int64_t{e} * p.W + w0 + c) * p.S + s;
     gemm::store_elem(p.out, p.out_type, at, p.alpha * red[0][s][c]);
+  }
+}
+
+// out = alpha * (sum of the splits' partials, split 0 first), one thread per output element in
+// the output's order.
+__global__ void __launch_bounds__(kThreads) outer_split_sum_kernel(const SmallOuterParams p) {
+  const int64_t per_expert = int64_t{p.S} * p.W, total = p.E * per_expert;
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kThreads) {
+    const int64_t e = i / per_expert, j = i % per_expert;
+    const int64_t s = p.small_left ? j / p.W : j % p.S, w = p.small_left ? j % p.W : j / p.S;
+    const float* src = p.partial + (e * p.S + s) * p.W + w;
+    float acc = 0.0f;
+    for (int z = 0; z < p.splits; ++z) acc += src[z * p.E * per_expert];
+    gemm::store_elem(p.out, p.out_type, i, p.alpha * acc);
   }
 }
 
@@ -335,7 +370,7 @@ Elem float_elem(const TensorView& t, const char* name) {
 
 }  // namespace
 
-void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
+void grouped_outer(const GroupedOuter& g, Allocator& alloc, cudaStream_t stream) {
   FP8MOE_CHECK(g.plan != nullptr, "grouped_outer: plan is null");
   const RoutingPlan& plan = *g.plan;
   const int64_t M = plan.rows(), E = plan.experts, T = plan.tokens;
@@ -393,11 +428,19 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     sp.alpha = p.alpha;
     sp.out = p.out;
     sp.out_type = p.out_type;
+    sp.E = static_cast<int>(E);
+    Tensor partial;  // the splits' sums; lives until the sum pass below is queued
     const auto launch = [&](auto s_tag, auto f32_tag) {
       constexpr int kS = decltype(s_tag)::value, kC = kLaneCols<kS>;
       constexpr bool kF32 = decltype(f32_tag)::value;
       sp.small_vec = sp.S == kS && reinterpret_cast<uintptr_t>(sp.small) % 16 == 0;
-      const dim3 grid(static_cast<unsigned>((sp.W + 32 * kC - 1) / (32 * kC)), static_cast<unsigned>(E));
+      const int64_t col_blocks = (sp.W + 32 * kC - 1) / (32 * kC);
+      sp.splits = gemm::outer_row_splits(M, E, col_blocks);
+      if (sp.splits > 1) {
+        partial = Tensor(DType::F32, {sp.splits, E, sp.S, sp.W}, alloc);
+        sp.partial = partial.ptr<float>();
+      }
+      const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(E), static_cast<unsigned>(sp.splits));
       // Whole lane runs: W % kC == 0 and the base aligned to a run.
       if (sp.W % kC == 0 && reinterpret_cast<uintptr_t>(sp.big) % (kC * (kF32 ? 4 : 2)) == 0)
         grouped_outer_small_kernel<kS, kF32, true><<<grid, kThreads, 0, stream>>>(sp);
@@ -412,6 +455,11 @@ void grouped_outer(const GroupedOuter& g, cudaStream_t stream) {
     else
       by_f32(std::integral_constant<int, gemm::kOuterNarrowMax>{});
     FP8MOE_CUDA_LAUNCH_CHECK("grouped_outer_small_kernel");
+    if (sp.splits > 1) {
+      const int64_t total = E * sp.S * sp.W, blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4096);
+      outer_split_sum_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(sp);
+      FP8MOE_CUDA_LAUNCH_CHECK("outer_split_sum_kernel");
+    }
     return;
   }
   const int64_t tiles = ((N + kTileN - 1) / kTileN) * ((Q + kTileQ - 1) / kTileQ);

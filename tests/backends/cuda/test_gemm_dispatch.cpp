@@ -186,6 +186,22 @@ TEST(GemmDispatch, OuterKernelChoice) {
   EXPECT_EQ(choose_outer_kernel(64, 64), OuterKernel::General);
 }
 
+// The narrow-side kernel's row splits: one group of 2048 rows (a dense projection's LoRA
+// gradient) splits until the grid fills the card, never below 128 rows a split; 128 experts, or
+// too few rows, do not split.
+TEST(GemmDispatch, OuterRowSplits) {
+  using cuda::gemm::outer_row_splits;
+  EXPECT_EQ(outer_row_splits(2048, 1, 4), 16);    // k_proj / v_proj B: 4 column blocks
+  EXPECT_EQ(outer_row_splits(2048, 1, 16), 16);   // an A gradient, K 2048
+  EXPECT_EQ(outer_row_splits(2048, 1, 32), 8);    // q_proj B, 4096 columns: 8 x 32 = 256 CTAs
+  EXPECT_EQ(outer_row_splits(16384, 128, 6), 1);  // experts: 768 CTAs already
+  EXPECT_EQ(outer_row_splits(2048, 128, 1), 1);   // 16 rows per expert
+  EXPECT_EQ(outer_row_splits(200, 1, 1), 1);      // fewer than 2 x 128 rows
+  EXPECT_EQ(outer_row_splits(0, 1, 1), 1);
+  EXPECT_EQ(outer_row_splits(1 << 20, 1, 1), cuda::gemm::kOuterMaxSplits);
+  EXPECT_EQ(outer_row_splits(4096, 2, 2), 16);
+}
+
 }  // namespace
 }  // namespace fp8moe
 

@@ -55,7 +55,7 @@ void run_outer(const OuterCase& c) {
   if (c.row_scale) g.row_scale = drs;
   g.alpha = 0.75;
   g.out = dout;
-  cuda::grouped_outer(g, nullptr);
+  cuda::grouped_outer(g, test::dev_alloc(), nullptr);
   FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
   const Tensor out = download(dout);
 
@@ -78,7 +78,7 @@ void run_outer(const OuterCase& c) {
   if (M > 0) expect_rows_close(out, rows, want, c.Q, c.out_dtype == DType::F32 ? 1e-5 : 1e-2, "outer");
 
   FP8MOE_CUDA_CHECK(cudaMemset(dout.data(), 0xFF, dout.nbytes()));
-  cuda::grouped_outer(g, nullptr);
+  cuda::grouped_outer(g, test::dev_alloc(), nullptr);
   FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
   const Tensor out2 = download(dout);
   EXPECT_EQ(std::memcmp(out.data(), out2.data(), out.nbytes()), 0) << "two runs differ";
@@ -136,6 +136,32 @@ TEST(GroupedOuter, NarrowSideKernel) {
     SCOPED_TRACE("narrow " + std::to_string(narrow));
     run_outer(c);
   }
+}
+
+// Few groups with many rows (a dense projection's LoRA gradients: E = 1): the narrow-side kernel
+// splits each expert's rows (gemm::outer_row_splits) and sums the partials in a second pass. Split
+// counts that leave the last ranges empty, the narrow side on either operand, both instances,
+// row scales and BF16 output; one expert of two empty.
+TEST(GroupedOuter, RowSplits) {
+  FP8MOE_REQUIRE_GPU();
+  OuterCase a;  // dA of a dense projection: narrow left (16), wide right (700), 1500 rows
+  a.T = 1500, a.k = 1, a.E = 1, a.N = 16, a.Q = 700;
+  ASSERT_GT(cuda::gemm::outer_row_splits(a.T, a.E, 6), 1);
+  run_outer(a);
+  OuterCase b;  // dB: wide left (520) in F32, narrow right (24), row scales, BF16 out
+  b.T = 2100, b.k = 1, b.E = 1, b.N = 520, b.Q = 24;
+  b.left_dtype = DType::F32;
+  b.row_scale = true;
+  b.out_dtype = DType::BF16;
+  run_outer(b);
+  b.E = 2, b.routing = Routing::Hot;  // one expert takes every row, the other none
+  run_outer(b);
+  OuterCase c;  // many splits on one column block, wide operand gathered by token
+  c.T = 1024, c.k = 4, c.E = 1, c.N = 16, c.Q = 100;
+  c.routing = Routing::Hot;  // one expert cannot take k distinct picks of a token
+  c.right_rows = RowSource::Tokens;
+  ASSERT_EQ(cuda::gemm::outer_row_splits(c.T * c.k, c.E, 1), 32);
+  run_outer(c);
 }
 
 TEST(GroupedOuter, RoutingEdgeCases) {
