@@ -242,7 +242,7 @@ int main() {
     const cuda::gemm::GemmProblem gp = cuda::gemm::describe(b.g);
     for (cuda::gemm::TileShape s : cuda::gemm::kTileShapes)
       if (cuda::gemm::tile_shape_fits(s, gp)) report(cuda::gemm::tile_shape_name(s), [&] { cuda::grouped_gemm(b.g, nullptr, s); });
-    report("chosen", [&] { cuda::grouped_gemm(b.g, nullptr); });
+    report("chosen", [&] { cuda::grouped_gemm(b.g, dev, nullptr); });
   }
   return 0;
 }

@@ -257,7 +257,7 @@ class CudaBackend final : public Backend {
     if (cuda::w8a8::choose(gg, precision_))
       cuda::w8a8::grouped_gemm(gg, allocator(), stream_);
     else
-      cuda::grouped_gemm(gg, stream_);
+      cuda::grouped_gemm(gg, allocator(), stream_);
   }
   void grouped_outer(const GroupedOuter& go) override {
     DeviceGuard g(device_);

@@ -83,12 +83,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   const char* b_base = static_cast<const char*>(p.b.ptr) + e * p.b.expert_stride * kBBytes;
   const int nkt = (p.K + kBK - 1) / kBK;                // main K tiles
   const int nlt = p.R > 0 ? (p.R + kBK - 1) / kBK : 0;  // LoRA K tiles
-  const int ntiles = nkt + nlt;
+  // This CTA's tiles [t_begin, t_end): all of them, or with split K (main tiles only, no LoRA)
+  // range blockIdx.z. An empty range still stores its zeros.
+  int t_begin = 0, t_end = nkt + nlt;
+  if (p.k_splits > 1) {
+    const int per = (nkt + p.k_splits - 1) / p.k_splits;
+    t_begin = min(nkt, static_cast<int>(blockIdx.z) * per);
+    t_end = min(nkt, t_begin + per);
+  }
   auto raw_chunk = [&](int stage, int i) { return Braw + ((stage * Cfg::kBChunks + i) * Cfg::kThreads + tid) * kRawChunk; };
 
   // Queues tile t into stage t % kStages.
   auto issue = [&](int t) {
-    if (t >= ntiles) return;
+    if (t >= t_end) return;
     const int stage = t % kStages;
     __nv_bfloat16* a_st = As + stage * BM * kAStride;
 #pragma unroll
@@ -149,18 +156,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   // ---- main loop: kStages-1 tiles in flight; one barrier per tile
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    issue(t);
+    issue(t_begin + t);
     cp_async_commit();
   }
-  cp_async_wait<kStages - 2>();  // this thread's copies of tile 0 have landed
-  if (ntiles > 0) convert_b(0);
+  cp_async_wait<kStages - 2>();  // this thread's copies of the first tile have landed
+  if (t_end > t_begin) convert_b(t_begin);
   __syncthreads();
-  for (int t = 0; t < ntiles; ++t) {
+  for (int t = t_begin; t < t_end; ++t) {
     issue(t + kStages - 1);  // into the stage tile t-1 used: free since the last barrier
     cp_async_commit();
     cp_async_wait<kStages - 2>();  // own copies of tile t+1 have landed
     matmul(t);
-    if (t + 1 < ntiles) convert_b(t + 1);
+    if (t + 1 < t_end) convert_b(t + 1);
     __syncthreads();
   }
   cp_async_wait<0>();

@@ -68,6 +68,9 @@ struct Params {
   void* out = nullptr;  // [M, N], [M, N/2] or [M, 2N]
   Elem out_type = Elem::BF16;
   bool out_vec8 = false, aux_vec8 = false;  // 16-byte 8-element stores allowed (row length % 8 == 0, aligned)
+  // Split K (mma.sync kernel, plain sums only: gemm_k_splits): CTA z of grid.z sums the z-th range
+  // of the main K tiles and stores it, unscaled, into out + z * M * N ([k_splits, M, N] F32).
+  int k_splits = 1;
 };
 
 // ---- activation policies (the CPU backend's act_forward / act_backward are the reference)
@@ -422,7 +425,8 @@ __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, 
     columns(u, n[0], 0);
     values(u, n[0], 0, v[0]);
     if (p.epi == Epilogue::Store) {
-      store8(p.out, p.out_type, r * p.N, n[0], v[0], p.out_vec8);
+      const int64_t split = p.k_splits > 1 ? int64_t{blockIdx.z} * p.M : 0;  // this split's [M, N] slice
+      store8(p.out, p.out_type, (split + r) * p.N, n[0], v[0], p.out_vec8);
       continue;
     }
     columns(u, n[1], 1);  // GLU forward: the up half of the step

@@ -238,7 +238,8 @@ void launch_gemm(const GroupedGemm& g, Params& p, TileShape shape, cudaStream_t 
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
   const int64_t N = p.N, bn = tile_bn(shape);  // GLU forward: bn / 2 gate + bn / 2 up columns
   const int64_t n_tiles = g.epilogue == Epilogue::GluForward ? (N / 2 + bn / 2 - 1) / (bn / 2) : (N + bn - 1) / bn;
-  const dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
+  dim3 grid = grouped_grid(p, tile_bm(shape), n_tiles);
+  grid.z = static_cast<unsigned>(p.k_splits);
   dispatch_storage(a_bytes, b_bytes, g.transpose_b, [&](auto a, auto b, auto tr) {
     constexpr int AB = decltype(a)::value, BB = decltype(b)::value;
     constexpr bool TR = decltype(tr)::value;
@@ -256,11 +257,46 @@ void launch_gemm(const GroupedGemm& g, Params& p, TileShape shape, cudaStream_t 
   });
 }
 
+// out[r, n] = the sum of the split-K partials [splits, M, N] in split order, for the rows the
+// GEMM writes (those of the experts: below offsets[E]; rows past it are left alone, as there).
+__global__ void __launch_bounds__(256) split_k_sum_kernel(const float* partial, int splits, int64_t M, int N,
+                                                          const int32_t* rows_end, void* out, Elem out_type) {
+  const int64_t n = int64_t{*rows_end} * N, slice = M * N;
+  for (int64_t i = blockIdx.x * int64_t{256} + threadIdx.x; i < n; i += int64_t{gridDim.x} * 256) {
+    float acc = 0.0f;
+    for (int z = 0; z < splits; ++z) acc += partial[z * slice + i];
+    store_elem(out, out_type, i, acc);
+  }
+}
+
 }  // namespace
 }  // namespace gemm
 
-void grouped_gemm(const GroupedGemm& g, cudaStream_t stream) {
-  grouped_gemm(g, stream, gemm::choose_tile_shape(gemm::describe(g)));  // describe checks plan and b
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
+  using namespace gemm;
+  const GemmProblem gp = describe(g);  // describe checks plan and b
+  const TileShape shape = choose_tile_shape(gp);
+  const int splits = gemm_k_splits(gp, shape);
+  if (splits == 1) return grouped_gemm(g, stream, shape);
+  log_choice_once([&] {
+    return "grouped_gemm N " + std::to_string(gp.n) + ", K " + std::to_string(gp.k) + ", " + std::to_string(gp.rows) +
+           " rows -> " + tile_shape_name(shape) + ", K split " + std::to_string(splits) + " ways";
+  });
+  const GemmDims d = check_gemm(g);
+  Params p = gemm_params(g, d, shape);
+  if (d.M == 0 || d.N == 0) return;
+  // The partials live until the sum pass is queued; the allocator's frees are stream-ordered.
+  Tensor partial(DType::F32, {splits, d.M, d.N}, alloc);
+  p.k_splits = splits;
+  p.out = partial.data();
+  p.out_type = Elem::F32;
+  p.out_vec8 = d.N % 8 == 0;
+  launch_gemm(g, p, shape, stream);
+  const int64_t blocks = std::min<int64_t>((d.M * d.N + 255) / 256, 4096);
+  split_k_sum_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      partial.ptr<const float>(), splits, d.M, static_cast<int>(d.N), p.offsets + d.E, g.out.data,
+      elem_of(g.out.dtype, "grouped_gemm out"));
+  FP8MOE_CUDA_LAUNCH_CHECK("split_k_sum_kernel");
 }
 
 gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
@@ -271,6 +307,9 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   p.rows = g.plan->rows();
   p.experts = g.plan->experts;
   p.n = g.transpose_b ? bd.size(2) : bd.size(1);
+  p.k = g.transpose_b ? bd.size(1) : bd.size(2);
+  p.plain_sum = !g.b.quantized() && g.epilogue == Epilogue::Store && !g.row_scale.defined() && !g.bias.defined() &&
+                !g.lora_a.defined();
   const ScaleSpec& s = g.b.spec;
   if (g.b.quantized()) {
     // Read transposed, K runs along the stored rows (blocks of block_n within a segment).

@@ -25,7 +25,8 @@
 
 namespace fp8moe::cuda {
 
-void grouped_gemm(const GroupedGemm& g, cudaStream_t stream);
+// The chosen path (tile shape, split K); temporaries from `alloc`, stream-ordered.
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
 void grouped_outer(const GroupedOuter& g, Allocator& alloc, cudaStream_t stream);
 
 namespace gemm {
@@ -86,6 +87,10 @@ struct GemmProblem {
   // tile (or, transposed, a scale per stored row), LoRA only with BF16 L and r % 8 == 0, 16-byte
   // aligned operands; transposed W also needs N % 16 == 0 and no GLU forward.
   bool rega_fits = false;
+  int64_t k = 0;               // the reduction length
+  // Plain W (no scales), Store with no row scale, bias or LoRA: the sum over K is the whole
+  // result, so partial sums over K ranges can be added afterwards (split K).
+  bool plain_sum = false;
 };
 GemmProblem describe(const GroupedGemm& g);
 // Whether shape `s` can run problem `p` on this device (every shape but the Sm90RegA ones takes any
@@ -95,6 +100,12 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p);
 // that can (`sm90`) or cannot run the wgmma kernels.
 TileShape choose_tile_shape(const GemmProblem& p);
 TileShape choose_tile_shape(const GemmProblem& p, bool sm90);
+// How many K ranges the chosen launch splits the reduction into (1: none), each a CTA writing F32
+// partial sums that a second pass adds in split order (deterministic). Only for plain sums on the
+// narrow tile: the rank-r projections of a dense layer's LoRA (one group, 2048 rows: 16 CTAs
+// of a 2048- or 4096-long K each). A function of the problem alone, the same on every card.
+int gemm_k_splits(const GemmProblem& p, TileShape s);
+constexpr int kMaxKSplits = 16;
 
 // grouped_outer's kernels (grouped_outer.cu says how each works): the narrow-side kernel,
 // instantiated for a narrow side of up to 16 and up to kOuterNarrowMax columns, and the general

@@ -186,6 +186,29 @@ TEST(GemmDispatch, OuterKernelChoice) {
   EXPECT_EQ(choose_outer_kernel(64, 64), OuterKernel::General);
 }
 
+// Split K on the narrow tile: plain sums only, where the row tiles leave the card idle, never
+// below 256 of K a split.
+TEST(GemmDispatch, KSplits) {
+  using cuda::gemm::gemm_k_splits;
+  using cuda::gemm::GemmProblem;
+  using cuda::gemm::TileShape;
+  GemmProblem p;
+  p.rows = 2048, p.experts = 1, p.n = 16, p.k = 2048, p.plain_sum = true;  // q/k/v LoRA U = X A^T
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 8);                      // 17 CTAs -> 8 x 256 of K
+  p.k = 4096;                                                                // the B-side dgrad of q_proj
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 16);
+  p.k = 300;
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);  // one 256-long range only
+  p.k = 4096, p.plain_sum = false;                     // an epilogue, a row scale, LoRA, FP8 W
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);
+  p.plain_sum = true;
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M64N128), 1);  // only the narrow tile splits
+  p.rows = 32768, p.experts = 128;                     // experts at 256 rows each: 384 CTAs
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);
+  p.rows = 0;
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);
+}
+
 // The narrow-side kernel's row splits: one group of 2048 rows (a dense projection's LoRA
 // gradient) splits until the grid fills the card, never below 128 rows a split; 128 experts, or
 // too few rows, do not split.
