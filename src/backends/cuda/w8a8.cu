@@ -95,16 +95,7 @@ struct EpilogueParams {
   const int32_t* sorted_pairs = nullptr;  // [M]
   const __nv_bfloat16* d = nullptr;       // [M, N] the FP8 GEMM's result
   const float* chan = nullptr;            // [E, N] per-channel weight scales (else null)
-  // LoRA: + lora_scale * sum_q L[l(r), q] LB[e, n, q], the rank-r product formed here (r FMAs per
-  // output; LB_e stays in L1/L2) rather than as a GEMM with K = r into an F32 [M, N] temporary,
-  // which cost more than the FP8 GEMM itself (bench/NOTES.md, tenth session).
-  const void* lora_l = nullptr;  // [M or T, rank]; l(r) = r, or the pair's token with lora_tokens
-  Elem l_type = Elem::BF16;
-  bool lora_tokens = false;
-  int top_k = 1;
-  const void* lora_b = nullptr;  // [E, N, rank]
-  Elem lb_type = Elem::F32;
-  int rank = 0;
+  const float* delta = nullptr;           // [M, N] L LB^T (LoRA), or null
   float lora_scale = 0.0f;
   const void* row_scale = nullptr;        // [T * k] by pair
   Elem rs_type = Elem::F32;
@@ -133,22 +124,14 @@ __device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t 
 // v[j] for columns n[j] of row r (n < 0: 0): GroupedGemm's v = rs * (A W^T + s L LB^T) + bias.
 __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, float rs, const int (&n)[8], float (&v)[8]) {
   gemm::load8(p.d, Elem::BF16, r * p.N, n, v, true);
-  float dl[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  if (p.lora_l) {
-    const int64_t lr = (p.lora_tokens ? p.sorted_pairs[r] / p.top_k : r) * p.rank;
-    for (int q = 0; q < p.rank; ++q) {
-      const float l = gemm::load_elem(p.lora_l, p.l_type, lr + q);
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (n[j] >= 0) dl[j] += l * gemm::load_elem(p.lora_b, p.lb_type, (static_cast<int64_t>(e) * p.N + n[j]) * p.rank + q);
-    }
-  }
+  float dl[8];
+  if (p.delta) gemm::load8(p.delta, Elem::F32, r * p.N, n, dl, true);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (n[j] < 0) continue;
     float x = v[j];
     if (p.chan) x *= p.chan[static_cast<int64_t>(e) * p.N + n[j]];
-    if (p.lora_l) x += p.lora_scale * dl[j];
+    if (p.delta) x += p.lora_scale * dl[j];
     x *= rs;
     if (p.bias) x += gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + n[j]);
     v[j] = x;
@@ -299,14 +282,6 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   if (g.row_scale.defined()) check_view(g.row_scale, "W8A8 grouped GEMM row_scale", {M});
   if (g.bias.defined()) check_view(g.bias, "W8A8 grouped GEMM bias", {E, N});
   FP8MOE_CHECK(g.lora_a.defined() == g.lora_b.defined(), "W8A8 grouped GEMM: lora_a and lora_b must be given together");
-  int64_t rank = 0;
-  if (g.lora_a.defined()) {
-    rank = g.lora_b.rank() == 3 ? g.lora_b.size(2) : -1;
-    FP8MOE_CHECK(rank >= 1 && rank <= 65536, "W8A8 grouped GEMM: lora_b must be [E, N, r], found ", g.lora_b.str());
-    check_view(g.lora_b, "W8A8 grouped GEMM lora_b [E, N, r]", {E, N, rank});
-    check_view(g.lora_a.src, "W8A8 grouped GEMM lora_a [rows, r]",
-               {g.lora_a.rows == RowSource::Tokens ? plan.tokens : M, rank});
-  }
   if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
 
   // 1. A -> FP8 codes and 1x128 scales, gathered through the plan.
@@ -314,7 +289,19 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   Tensor codes(DType::F8_E4M3, {M, K}, alloc), scales(DType::F32, {M, groups}, alloc);
   quantize_rows(g.a, plan, codes, scales, stream);
 
-  // 2. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
+  // 2. The LoRA product L LB^T on the W8A16 family (rank r: a small GEMM with K = r).
+  Tensor delta;
+  if (g.lora_a.defined()) {
+    delta = Tensor(DType::F32, {M, N}, alloc);
+    GroupedGemm lg;
+    lg.plan = g.plan;
+    lg.a = g.lora_a;
+    lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
+    lg.out = delta;
+    cuda::grouped_gemm(lg, stream);
+  }
+
+  // 3. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
   //    for GluForward, out for Store; the epilogue then rewrites each element in place, read
   //    before written by the same thread), else a temporary.
   Tensor d_tmp;
@@ -344,7 +331,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   sm90_fp8_grouped(p, scratch.data(), stream);
 #endif
 
-  // 3. The epilogue policies on D, the LoRA delta among them.
+  // 4. The epilogue policies on D.
   EpilogueParams ep;
   ep.M = M;
   ep.N = static_cast<int>(N);
@@ -353,15 +340,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   ep.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
   ep.d = static_cast<const __nv_bfloat16*>(d);
   ep.chan = channel ? static_cast<const float*>(g.b.scale.data) : nullptr;  // [E, N, 1]
-  if (rank > 0) {
-    ep.lora_l = g.lora_a.src.data;
-    ep.l_type = elem_of(g.lora_a.src.dtype, "lora_a");
-    ep.lora_tokens = g.lora_a.rows == RowSource::Tokens;
-    ep.top_k = static_cast<int>(plan.top_k);
-    ep.lora_b = g.lora_b.data;
-    ep.lb_type = elem_of(g.lora_b.dtype, "lora_b");
-    ep.rank = static_cast<int>(rank);
-  }
+  ep.delta = delta.defined() ? static_cast<const float*>(delta.data()) : nullptr;
   ep.lora_scale = static_cast<float>(g.lora_scale);
   if (g.row_scale.defined()) ep.row_scale = g.row_scale.data, ep.rs_type = elem_of(g.row_scale.dtype, "row_scale");
   if (g.bias.defined()) ep.bias = g.bias.data, ep.bias_type = elem_of(g.bias.dtype, "bias");
@@ -376,7 +355,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   ep.out_type = elem_of(g.out.dtype, "out");
   ep.out_vec8 = out_cols % 8 == 0 && aligned16(ep.out);
   // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done.
-  if (!glu && d == g.out.data && !ep.chan && !ep.lora_l && !ep.row_scale && !ep.bias) return;
+  if (!glu && d == g.out.data && !ep.chan && !ep.delta && !ep.row_scale && !ep.bias) return;
   const int64_t items = M * ((out_cols + 7) / 8);
   constexpr int kThreads = 256;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t{1} << 20));

@@ -14,8 +14,8 @@
 //             the mainloop with unit block scales and are applied in the epilogue phase (free
 //             there; bench/fp8_lab measured a 15-20% loss when they sit in the mainloop).
 //   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T (the
-//             rank-r product formed per output, r FMAs, L and LB_e read in place), row scale,
-//             bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
+//             rank-r product comes from the W8A16 grouped GEMM on the plain LoRA weights), row
+//             scale, bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
 //             D is the BF16 output itself where there is one (out of a Store, aux of a GLU), the
 //             epilogue rewriting it in place; a Store with nothing to apply skips this phase.
 //
