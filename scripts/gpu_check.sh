@@ -188,7 +188,11 @@ if has_step pysanitize; then
   record pymemcheck "$STATUS" "$SECS" "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
 fi
 
-if has_step bench; then
+if has_step bench && [ ! -x "$BUILD_DIR/fp8moe" ]; then
+  # The build step builds only what its own call's steps run: a later call with bench alone
+  # finds no CLI.
+  record bench FAIL 0 "$BUILD_DIR/fp8moe missing: run the bench step with the build step"
+elif has_step bench; then
   peer_note="peer $TORCH_BASELINES"
   [ -f "$TORCH_BASELINES" ] || peer_note="peer script missing ($TORCH_BASELINES): ours only"
   # shellcheck disable=SC2086

@@ -298,7 +298,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
     lg.a = g.lora_a;
     lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
     lg.out = delta;
-    cuda::grouped_gemm(lg, stream);
+    cuda::grouped_gemm(lg, alloc, stream);
   }
 
   // 3. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
