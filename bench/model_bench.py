@@ -226,6 +226,8 @@ def main() -> int:
                    help="torch.compile's mode with --compile (e.g. reduce-overhead: CUDA graphs per layer)")
     p.add_argument("--precision", choices=("w8a16", "w8a8", "w8a8-down"), default="w8a16",
                    help="fp8moe's forward FP8 GEMMs (fp8moe.set_gemm_precision); w8a8 needs Hopper")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step of every fp8moe configuration run (default: (b) in eager runs only)")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
     p.add_argument("--out", default="out", help="folder for model_bench*.json and model_bench*.md (suffix: the variant)")
     p.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
@@ -275,7 +277,7 @@ def main() -> int:
                     continue
                 try:
                     res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
-                                  profile=(impl == "fp8moe" and k == "b" and not a.compile),
+                                  profile=impl == "fp8moe" and (a.profile or (k == "b" and not a.compile)),
                                   compile_layers=a.compile, compile_mode=a.compile_mode)
                 except Exception as e:  # a side that fails is a result too (say, the peer under torch.compile)
                     failed = k
@@ -378,12 +380,12 @@ def markdown(res: dict) -> str:
                  b["lora_with_grad"] == b["lora_tensors"])]
         lines += ["", "Targets (issue 11, Qwen3-30B-A3B):", "", "| target | measured | status |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {'met' if ok else 'missed'} |" for t, m, ok in rows]
-    for name, r in res["models"].items():
-        pr = (r.get("fp8moe_b") or {}).get("profile")
+    for (name, r), cfg in ((m, c) for m in res["models"].items() for c in ("a", "b")):
+        pr = (r.get(f"fp8moe_{cfg}") or {}).get("profile")
         if pr:
             # GPU activity well below the step time: the GPU waited for the host (launch-bound).
-            lines.append(f"\n{name} (b), one profiled step (torch.profiler): {pr['gpu_ms']:.0f} ms of GPU activity "
-                         f"in a {r['fp8moe_b']['step_ms']:.0f} ms step, "
+            lines.append(f"\n{name} ({cfg}), one profiled step (torch.profiler): {pr['gpu_ms']:.0f} ms of GPU activity "
+                         f"in a {r[f'fp8moe_{cfg}']['step_ms']:.0f} ms step, "
                          f"{pr['fp8moe_kernels_ms']:.0f} ms ({pr['fp8moe_share']:.0%}) in fp8moe's kernels (MoE layers and "
                          "FP8 projections). Largest:\n")
             lines += [f"- {ms:.1f} ms `{k}`" for k, ms in pr["top"][:8]]
