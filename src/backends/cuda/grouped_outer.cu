@@ -206,10 +206,11 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
   const int w = blockIdx.x * kCols + kC * lane;  // this lane's first column
   // This CTA's rows: split blockIdx.z of the expert's, in whole 32-row steps.
   int r_begin = p.offsets[e], r_end = p.offsets[e + 1];
-  if (p.splits > 1) {
-    const int per = ((r_end - r_begin + p.splits - 1) / p.splits + kSmallRows - 1) / kSmallRows * kSmallRows;
-    r_begin = min(r_end, r_begin + static_cast<int>(blockIdx.z) * per);
-    r_end = min(r_end, r_begin + per);
+  if (p.splits > 1) {  // in 64 bits: near 2^31 rows, r_begin + z * per would overflow an int
+    const int64_t per = ((int64_t{r_end} - r_begin + p.splits - 1) / p.splits + kSmallRows - 1) / kSmallRows * kSmallRows;
+    const int64_t begin = std::min<int64_t>(r_end, r_begin + blockIdx.z * per);
+    r_end = static_cast<int>(std::min<int64_t>(r_end, begin + per));
+    r_begin = static_cast<int>(begin);
   }
   float(*Sw)[kS] = reinterpret_cast<float(*)[kS]>(smem + warp * kSmallRows * kS);
   constexpr int kBigBytes = kBigF32 ? 4 : 2;
