@@ -49,7 +49,8 @@ struct Problem {
   std::string name;
   int64_t T, k, E, N, K;  // N, K of v = A W^T
   bool tokens, trans, channel, glu, row_scale;
-  int segments;  // W's stacked halves (gate and up: 2)
+  int segments;        // W's stacked halves (gate and up: 2)
+  bool plain = false;  // W in plain BF16, no scales (the LoRA factors used as W)
 };
 
 struct Built {
@@ -92,24 +93,29 @@ Built build(const Problem& pb, std::mt19937_64& rng) {
   std::normal_distribution<double> nd;
   b.a = Tensor(DType::BF16, {pb.tokens ? pb.T : M, pb.K});
   for (int64_t i = 0; i < b.a.numel(); ++i) store_from_double(b.a.data(), DType::BF16, i, nd(rng));
-  // Random E4M3 codes (no NaN), scales around 1/sqrt(K).
-  b.w = Tensor(DType::F8_E4M3, {pb.E, SR, SC});
-  uint64_t x = rng() | 1;
-  for (int64_t i = 0; i < b.w.numel(); ++i) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    b.w.ptr<uint8_t>()[i] = static_cast<uint8_t>(x >> 40) & 0xBF;
+  if (pb.plain) {  // BF16 values around 1/sqrt(K)
+    b.w = Tensor(DType::BF16, {pb.E, SR, SC});
+    for (int64_t i = 0; i < b.w.numel(); ++i) store_from_double(b.w.data(), DType::BF16, i, nd(rng) / std::sqrt(double(pb.K)));
+    b.spec = ScaleSpec::none(SR, SC);
+  } else {  // random E4M3 codes (no NaN), scales around 1/sqrt(K)
+    b.w = Tensor(DType::F8_E4M3, {pb.E, SR, SC});
+    uint64_t x = rng() | 1;
+    for (int64_t i = 0; i < b.w.numel(); ++i) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      b.w.ptr<uint8_t>()[i] = static_cast<uint8_t>(x >> 40) & 0xBF;
+    }
+    b.spec = pb.channel ? ScaleSpec::channel(SR, SC) : ScaleSpec::block(SR, SC, 128, 128, pb.segments);
+    b.ws = Tensor(DType::F32, {pb.E, b.spec.scale_rows(), b.spec.grid_k()});
+    for (int64_t i = 0; i < b.ws.numel(); ++i)
+      b.ws.ptr<float>()[i] = static_cast<float>((0.5 + (rng() % 1000) / 1000.0) / std::sqrt(double(pb.K)));
+    b.d_ws = upload(b.ws);
   }
-  b.spec = pb.channel ? ScaleSpec::channel(SR, SC) : ScaleSpec::block(SR, SC, 128, 128, pb.segments);
-  b.ws = Tensor(DType::F32, {pb.E, b.spec.scale_rows(), b.spec.grid_k()});
-  for (int64_t i = 0; i < b.ws.numel(); ++i)
-    b.ws.ptr<float>()[i] = static_cast<float>((0.5 + (rng() % 1000) / 1000.0) / std::sqrt(double(pb.K)));
   b.d_a = upload(b.a);
   b.d_w = upload(b.w);
-  b.d_ws = upload(b.ws);
   GroupedGemm& g = b.g;
   g.plan = &b.plan;
   g.a = {b.d_a, pb.tokens ? RowSource::Tokens : RowSource::Rows};
-  g.b = {b.d_w, b.d_ws, b.spec};
+  g.b = {b.d_w, b.d_ws.defined() ? b.d_ws.view() : TensorView(), b.spec};
   g.transpose_b = pb.trans;
   if (pb.row_scale) {
     b.rs = Tensor(DType::F32, {M});
@@ -213,6 +219,14 @@ int main() {
       problems.push_back({std::string(m.name) + " dgrad2" + t, T, m.k, m.E, I, H, false, true, m.channel, false, false, 1});
       problems.push_back({std::string(m.name) + " dgrad1" + t, T, m.k, m.E, H, 2 * I, false, true, m.channel, false, false, 2});
     }
+  // The rank-r LoRA projections, plain BF16 W with N = r = 16: a dense projection's at 2048 tokens
+  // (one group: U = X A^T with K 2048 and 4096, the backward's Q = G B reading B transposed), and
+  // the experts' U at 256 tokens. "chosen" may split K (gemm_k_splits); the m128n32k32 line is the
+  // same kernel unsplit, so the two give the split's gain on the card.
+  for (int64_t K : {int64_t{2048}, int64_t{4096}})
+    problems.push_back({"dense lora_u K" + std::to_string(K), 2048, 1, 1, 16, K, false, false, false, false, false, 1, true});
+  problems.push_back({"dense lora_q K4096", 2048, 1, 1, 16, 4096, false, true, false, false, false, 1, true});
+  problems.push_back({"qwen3 lora_u T256", 256, 8, 128, 16, 2048, true, false, false, false, false, 1, true});
   // LAB_ONLY: comma-separated substrings of the problem names to run (ncu runs, quick checks).
   std::vector<std::string> only;
   if (const char* env = std::getenv("LAB_ONLY")) {
