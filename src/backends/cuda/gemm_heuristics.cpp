@@ -92,6 +92,17 @@ int gemm_k_splits(const GemmProblem& p, TileShape s) {
   return static_cast<int>(std::clamp<int64_t>(std::min(by_grid, by_k), 1, kMaxKSplits));
 }
 
+int choose_k_splits(const GemmProblem& p, TileShape s) {
+  const int splits = gemm_k_splits(p, s);
+  if (splits > 1)
+    log_choice_once([&] {
+      return "grouped_gemm N " + std::to_string(p.n) + ", K " + std::to_string(p.k) + ", " +
+             std::to_string(p.experts) + " experts, ~" + std::to_string(rows_bucket(p.rows, p.experts)) +
+             " rows each -> " + tile_shape_name(s) + ", K split " + std::to_string(splits) + " ways";
+    });
+  return splits;
+}
+
 const char* outer_kernel_name(OuterKernel k) {
   switch (k) {
     case OuterKernel::Narrow16: return "outer_narrow16";

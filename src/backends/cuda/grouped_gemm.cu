@@ -276,12 +276,8 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   using namespace gemm;
   const GemmProblem gp = describe(g);  // describe checks plan and b
   const TileShape shape = choose_tile_shape(gp);
-  const int splits = gemm_k_splits(gp, shape);
+  const int splits = choose_k_splits(gp, shape);
   if (splits == 1) return grouped_gemm(g, stream, shape);
-  log_choice_once([&] {
-    return "grouped_gemm N " + std::to_string(gp.n) + ", K " + std::to_string(gp.k) + ", " + std::to_string(gp.rows) +
-           " rows -> " + tile_shape_name(shape) + ", K split " + std::to_string(splits) + " ways";
-  });
   const GemmDims d = check_gemm(g);
   Params p = gemm_params(g, d, shape);
   if (d.M == 0 || d.N == 0) return;
@@ -314,8 +310,7 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   if (g.b.quantized()) {
     // Read transposed, K runs along the stored rows (blocks of block_n within a segment).
     p.fine_k_scale = g.transpose_b ? s.block_n < 64 && s.block_n < s.seg_rows() : s.block_k < 64 && s.block_k < s.cols;
-    // Transposed, K runs along the stored rows, segment by segment; N along the stored columns.
-    const int64_t K = g.transpose_b ? bd.size(1) : bd.size(2), N = g.transpose_b ? bd.size(2) : bd.size(1);
+    const int64_t K = p.k, N = p.n;  // transposed, K runs along the stored rows, segment by segment
     const bool uniform = k_tile_uniform(s, g.transpose_b, K, 64);
     const bool row_scales = g.transpose_b && !uniform && k_row_scale(s);
     const TensorView& la = g.lora_a.src;

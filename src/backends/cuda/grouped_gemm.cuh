@@ -105,6 +105,8 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90);
 // narrow tile: the rank-r projections of a dense layer's LoRA (one group, 2048 rows: 16 CTAs
 // of a 2048- or 4096-long K each). A function of the problem alone, the same on every card.
 int gemm_k_splits(const GemmProblem& p, TileShape s);
+// gemm_k_splits, logged once per distinct problem (as choose_tile_shape) where it splits.
+int choose_k_splits(const GemmProblem& p, TileShape s);
 constexpr int kMaxKSplits = 16;
 
 // grouped_outer's kernels (grouped_outer.cu says how each works): the narrow-side kernel,
