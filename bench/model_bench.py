@@ -128,6 +128,39 @@ def build_peer(cfg, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
+def host_profile(p) -> dict:
+    """The host side of a profiled step: the time inside fp8moe's calls (the ranges ops.py labels
+    fp8moe.*, Python glue included) and what they launch and allocate, beside the whole step's
+    kernel launches and its largest CPU operators by self time."""
+    launches = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+    def in_ours(e) -> bool:
+        while e is not None:
+            if e.name.startswith("fp8moe."):
+                return True
+            e = e.cpu_parent
+        return False
+
+    calls: dict[str, list] = {}
+    launch_all = launch_ours = empty_ours = 0
+    for e in p.events():
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        if e.name.startswith("fp8moe."):
+            c = calls.setdefault(e.name, [0, 0.0])
+            c[0] += 1
+            c[1] += e.cpu_time_total / 1e3
+        elif e.name in launches:
+            launch_all += 1
+            launch_ours += in_ours(e)
+        elif e.name == "aten::empty" and in_ours(e):
+            empty_ours += 1
+    avg = sorted(p.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]
+    return {"calls": {k: {"count": n, "cpu_ms": ms} for k, (n, ms) in sorted(calls.items())},
+            "launches": launch_all, "launches_in_fp8moe": launch_ours, "empty_in_fp8moe": empty_ours,
+            "top_self_cpu": [(a.key[:60], a.count, a.self_cpu_time_total / 1e3) for a in avg]}
+
+
 def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
             compile_layers: bool = False, compile_mode: Optional[str] = None) -> dict:
     import peft
@@ -192,7 +225,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         ours = sum(v for k, v in kernels.items() if "fp8moe::cuda" in k)
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
         out["profile"] = {"gpu_ms": total, "fp8moe_kernels_ms": ours, "fp8moe_share": ours / max(total, 1e-9),
-                          "top": [(k[:90], v) for k, v in top]}
+                          "top": [(k[:90], v) for k, v in top], "host": host_profile(p)}
     with torch.no_grad():
         pm.zero_grad(set_to_none=True)
     # every LoRA tensor gets a gradient (checked once, on the last step's graph)
@@ -389,6 +422,15 @@ def markdown(res: dict) -> str:
                          f"{pr['fp8moe_kernels_ms']:.0f} ms ({pr['fp8moe_share']:.0%}) in fp8moe's kernels (MoE layers and "
                          "FP8 projections). Largest:\n")
             lines += [f"- {ms:.1f} ms `{k}`" for k, ms in pr["top"][:8]]
+            h = pr.get("host")
+            if h:
+                ours = sum(c["cpu_ms"] for c in h["calls"].values())
+                per = ", ".join(f"{k[7:]} {c['count']}x {c['cpu_ms']:.0f} ms" for k, c in h["calls"].items())
+                lines.append(f"\nHost side of that step (under the profiler, which slows it): {ours:.0f} ms in fp8moe's "
+                             f"calls ({per}); "
+                             f"{h['launches']} kernel launches, {h['launches_in_fp8moe']} of them fp8moe's; "
+                             f"{h['empty_in_fp8moe']} torch allocations inside fp8moe's calls. Largest CPU self times:\n")
+                lines += [f"- {ms:.1f} ms `{k}` ({n}x)" for k, n, ms in h["top_self_cpu"][:8]]
     return "\n".join(lines)
 
 

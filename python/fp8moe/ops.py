@@ -117,10 +117,10 @@ def _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down,
 def _moe_forward(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale, gate_up_bias, down_bias,
                  gate_up_A, gate_up_B, down_A, down_B, specs, act, scaling, save) -> list[Tensor]:
     """The forward's engine call: [out [T, H], *saved] (saved: empty unless `save`)."""
-    outputs = _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
-    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
-                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
-    with Call(hidden.device) as c:
+    with Call(hidden.device, "fp8moe.moe_forward") as c:
+        outputs = _moe_outputs(hidden, topk_ids, gate_up, gate_up_A, down_A, save)
+        inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                               gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
         _C.moe_forward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling, dl(outputs[0]),
                        [dl(t) for t in outputs[1:]] if save else None)
     return outputs
@@ -148,10 +148,10 @@ def _moe_backward_grads(grad_out, hidden, topk_ids, topk_weights, gate_up, gate_
                         needs) -> list[Tensor]:
     """The backward's engine call: the gradient slots of (hidden, topk_weights, gate_up_A,
     gate_up_B, down_A, down_B); a slot not in `needs` is an empty tensor."""
-    grads = _grad_slots((hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B), needs, hidden)
-    inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
-                                           gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
-    with Call(hidden.device) as c:
+    with Call(hidden.device, "fp8moe.moe_backward") as c:
+        grads = _grad_slots((hidden, topk_weights, gate_up_A, gate_up_B, down_A, down_B), needs, hidden)
+        inputs, experts, lora = _moe_call_args(hidden, topk_ids, topk_weights, gate_up, gate_up_scale, down, down_scale,
+                                               gate_up_bias, down_bias, gate_up_A, gate_up_B, down_A, down_B)
         _C.moe_backward(c.engine, c.stream, c.alloc, inputs, experts, specs, act, lora, scaling,
                         [dl(s) for s in saved], dl(grad_out), tuple(dl(g) if n else None for g, n in zip(grads, needs)))
     return grads
@@ -238,8 +238,8 @@ def _one(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _linear_forward(x, weight, weight_scale, bias, lora_A, lora_B, spec, scaling, save) -> list[Tensor]:
     """The forward's engine call: [out [T, N], *saved]."""
-    outputs = _linear_outputs(x, weight, lora_A, save)
-    with Call(x.device) as c:
+    with Call(x.device, "fp8moe.linear_forward") as c:
+        outputs = _linear_outputs(x, weight, lora_A, save)
         _C.linear_forward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
                           (_one(lora_A), _one(lora_B)), scaling, dl(outputs[0]),
                           [dl(t) for t in outputs[1:]] if save else None)
@@ -262,8 +262,8 @@ def _fp8_linear_fake(x, weight, weight_scale, bias, lora_A, lora_B, spec, scalin
 def _linear_backward_grads(grad_out, x, weight, weight_scale, bias, lora_A, lora_B, saved, spec, scaling,
                            needs) -> list[Tensor]:
     """The backward's engine call: the gradient slots of (x, lora_A, lora_B)."""
-    grads = _grad_slots((x, lora_A, lora_B), needs, x)
-    with Call(x.device) as c:
+    with Call(x.device, "fp8moe.linear_backward") as c:
+        grads = _grad_slots((x, lora_A, lora_B), needs, x)
         _C.linear_backward(c.engine, c.stream, c.alloc, dl(x), (_one(weight), _one(weight_scale), _one(bias)), spec,
                            (_one(lora_A), _one(lora_B)), scaling, [dl(s) for s in saved], dl(grad_out),
                            (dl(grads[0]) if needs[0] else None, _one(grads[1]) if needs[1] else None,

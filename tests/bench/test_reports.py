@@ -65,3 +65,27 @@ def test_merge_joins_models_and_refuses_other_cards(tmp_path):
     assert "--models qwen3" in merged["command"] and "--models glm" in merged["command"]
     with pytest.raises(SystemExit, match="card"):
         model_bench.merge_results([a, c])
+
+
+def test_host_profile_counts_fp8moe_calls():
+    """model_bench's host breakdown reads the ranges ops.py labels under the profiler (CPU backend)."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    from fp8moe import ops
+
+    import reference as ref  # tests/python, on the test command's path
+
+    gen = torch.Generator().manual_seed(1)
+    codes, scale, spec, code = ref.random_stack(1, 24, 40, "channel", gen)
+    codes, scale, spec = codes[0], scale[0], [*spec, code]
+    x = torch.randn(5, 40, generator=gen, requires_grad=True)
+    A = torch.randn(4, 40, generator=gen, requires_grad=True)
+    B = torch.randn(24, 4, generator=gen, requires_grad=True)
+    ops.fp8_linear(x, codes, scale, spec, None, A, B, 0.5).sum().backward()  # outside the profiler: no label
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        ops.fp8_linear(x, codes, scale, spec, None, A, B, 0.5).sum().backward()
+    h = model_bench.host_profile(p)
+    assert {k: c["count"] for k, c in h["calls"].items()} == {"fp8moe.linear_backward": 1, "fp8moe.linear_forward": 1}
+    assert all(c["cpu_ms"] > 0 for c in h["calls"].values())
+    assert h["launches"] == 0 and h["top_self_cpu"]
