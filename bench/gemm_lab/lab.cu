@@ -8,9 +8,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <random>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "backends/cuda/cuda_check.cuh"
@@ -22,15 +24,35 @@ using namespace fp8moe;
 
 namespace {
 
+// Freed blocks are kept by size and handed out again, as torch's caching allocator does for the
+// engine in the Python path: a variant that allocates temporaries (the split-K partials) is then
+// timed without a cudaMalloc and a synchronising cudaFree per call.
 class DeviceAllocator : public Allocator {
  public:
   void* allocate(size_t bytes) override {
+    auto& free = free_[bytes];
+    if (!free.empty()) {
+      void* p = free.back();
+      free.pop_back();
+      sizes_[p] = bytes;
+      return p;
+    }
     void* p = nullptr;
     FP8MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+    sizes_[p] = bytes;
     return p;
   }
-  void deallocate(void* p) override { cudaFree(p); }
+  void deallocate(void* p) override {
+    auto it = sizes_.find(p);
+    if (it == sizes_.end()) return;
+    free_[it->second].push_back(p);
+    sizes_.erase(it);
+  }
   Device device() const override { return Device::CUDA; }
+
+ private:
+  std::map<size_t, std::vector<void*>> free_;
+  std::unordered_map<void*, size_t> sizes_;
 };
 DeviceAllocator dev;
 
@@ -209,7 +231,7 @@ int main() {
     bool channel;
   };
   std::vector<Problem> problems;
-  for (int64_t T : {int64_t{256}, int64_t{1024}, int64_t{4096}, int64_t{16384}})
+  for (int64_t T : {int64_t{256}, int64_t{1024}, int64_t{2048}, int64_t{4096}, int64_t{16384}})
     for (const Model& m : {Model{"qwen3", 128, 8, 2048, 768, false}, Model{"glm", 64, 4, 2048, 1536, true}}) {
       const std::string t = " T" + std::to_string(T);
       const int64_t H = m.H, I = m.I;
