@@ -66,9 +66,12 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   //   (16-1024 rows per expert): 1.5x the first wgmma kernel, 1.5-1.7x mma.sync at 16 rows; its
   //   256-token tile is another 1.15-1.3x from 256 rows per expert on (all eight GEMMs); its
   //   64-token tile is 5-15% faster than the 128-token one at 16 rows per expert and 15-20%
-  //   slower at 64 (fifth session).
+  //   slower at 64 (fifth session). At 128 rows per expert (a full-size model's 2048-token
+  //   sequence, uniform routing) the 256-token tile still beats the 128-token one on all eight,
+  //   by 4-10% (H100, twelfth session): one tile takes an expert of 129-256 rows that the
+  //   128-token tile needs two for.
   if (sm90 && p.rega_fits) {
-    if (rows >= 256 * experts) return TileShape::Sm90RegAT256;
+    if (rows >= 128 * experts) return TileShape::Sm90RegAT256;
     return rows >= 64 * experts ? TileShape::Sm90RegA : TileShape::Sm90RegAT64;
   }
   // - N no wider than 32 (the LoRA rank-r projections, plain BF16 weights): every 128-wide tile
