@@ -6,8 +6,8 @@
 // Memory rule (docs/python.md): torch owns every buffer of the binding path. Buffers that outlive a
 // call (what forward saves for backward) are allocated by the caller from the layout the
 // *_saved_layout queries describe and passed in; temporaries inside a call come from `alloc`, a
-// Python callable returning a torch uint8 tensor of the requested size from torch's caching
-// allocator. Work is queued on the caller's stream; nothing synchronises with the host.
+// pair of Python callables over torch's caching allocator (PyAllocator below). Work is queued on
+// the caller's stream; nothing synchronises with the host.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -20,7 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
-#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "fp8moe/backend.hpp"
@@ -165,28 +165,47 @@ QuantTensor quant_of(nb::handle codes, nb::handle scale, const std::vector<int64
   return q;
 }
 
-// ---- memory: temporaries from a Python allocator (torch's caching allocator)
+// ---- memory: temporaries from torch's caching allocator
 
-// Each allocation is a Python object (a torch uint8 tensor) kept alive until the engine frees the
-// block; torch's allocator then recycles it in stream order. Called with the GIL held (the engine
-// runs inside the binding call).
+// `alloc` is a pair (allocate(nbytes, stream) -> address, free(address)): torch's raw caching
+// allocator entry points where this torch has them (no tensor object per block), else a Python
+// stand-in over torch.empty (_engine.py). Blocks belong to the call's stream, so a block freed
+// mid-call is reused in stream order. Called with the GIL held (the engine runs inside the
+// binding call); whatever the engine has not freed when the call ends (an error part way) is
+// freed then.
 class PyAllocator final : public Allocator {
  public:
-  PyAllocator(nb::callable fn, Device device) : fn_(std::move(fn)), device_(device) {}
+  PyAllocator(const nb::tuple& fns, uintptr_t stream, Device device)
+      : alloc_(nb::borrow<nb::callable>(fns[0])), free_(nb::borrow<nb::callable>(fns[1])), stream_(stream),
+        device_(device) {}
+  PyAllocator(const PyAllocator&) = delete;
+  PyAllocator& operator=(const PyAllocator&) = delete;
+  ~PyAllocator() override {
+    for (void* p : live_) release(p);
+  }
   void* allocate(size_t bytes) override {
-    nb::object t = fn_(bytes);
-    void* p = reinterpret_cast<void*>(nb::cast<uintptr_t>(t.attr("data_ptr")()));
-    FP8MOE_CHECK(p != nullptr || bytes == 0, "allocator returned a null block for ", bytes, " bytes");
-    live_.emplace(p, std::move(t));
+    if (bytes == 0) return nullptr;  // no block: the engine never dereferences an empty tensor
+    void* p = reinterpret_cast<void*>(nb::cast<uintptr_t>(alloc_(bytes, stream_)));
+    FP8MOE_CHECK(p != nullptr, "allocator returned a null block for ", bytes, " bytes");
+    live_.insert(p);
     return p;
   }
-  void deallocate(void* p) noexcept override { live_.erase(p); }
+  void deallocate(void* p) noexcept override {
+    if (p != nullptr && live_.erase(p) != 0) release(p);
+  }
   Device device() const override { return device_; }
 
  private:
-  nb::callable fn_;
+  void release(void* p) noexcept {
+    try {
+      free_(reinterpret_cast<uintptr_t>(p));
+    } catch (...) {  // cannot throw from a free: the block stays with torch's allocator
+    }
+  }
+  nb::callable alloc_, free_;
+  uintptr_t stream_;
   Device device_;
-  std::unordered_map<void*, nb::object> live_;
+  std::unordered_set<void*> live_;
 };
 
 // One backend per device. The CUDA backend's stream and allocator are set per call.
@@ -211,11 +230,19 @@ class Engine {
 
 // Stream and allocator of one call. On the CPU the backend's own host allocator serves.
 class CallScope {
+  static nb::tuple checked_pair(nb::handle alloc) {
+    FP8MOE_CHECK(nb::isinstance<nb::tuple>(alloc) && nb::len(alloc) == 2 && PyCallable_Check(alloc[0].ptr()) &&
+                     PyCallable_Check(alloc[1].ptr()),
+                 "alloc: expected a pair (allocate(nbytes, stream) -> address, free(address)), found ",
+                 nb::str(nb::type_name(alloc.type())).c_str());
+    return nb::borrow<nb::tuple>(alloc);
+  }
+
  public:
   CallScope(Engine& e, uintptr_t stream, nb::handle alloc)
       : alloc_(alloc.is_none() || e.backend().device() == Device::CPU
                    ? nullptr
-                   : std::make_unique<PyAllocator>(nb::borrow<nb::callable>(alloc), e.backend().device())),
+                   : std::make_unique<PyAllocator>(checked_pair(alloc), stream, e.backend().device())),
         scope_(e.backend(), reinterpret_cast<void*>(stream), alloc_.get()) {}
 
  private:

@@ -107,16 +107,36 @@ def dl(t: Optional[torch.Tensor]):
     return None if t is None else _to_dlpack(t)
 
 
-_allocators: dict[torch.device, Callable] = {}
+def _torch_allocator() -> tuple[Callable[[int, int], int], Callable[[int], None]]:
+    """The binding's allocator for temporaries: (allocate(nbytes, stream) -> address, free(address))
+    on the current CUDA device. torch's raw caching-allocator entry points, where this torch has
+    them, give a block without making a tensor object for it (several per engine call, hundreds
+    of calls per step); otherwise each block is a torch uint8 tensor held until its free. Either
+    way the blocks come from torch's caching allocator, on the call's stream (and from a CUDA
+    graph's pool under capture)."""
+    raw_alloc = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", None)
+    raw_delete = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete", None)
+    if callable(raw_alloc) and callable(raw_delete):
+        return raw_alloc, raw_delete
+    return _tensor_allocator()
 
 
-def _allocator(device: torch.device) -> Callable:
-    alloc = _allocators.get(device)
-    if alloc is None:
-        def alloc(nbytes: int, _device=device) -> torch.Tensor:
-            return torch.empty(int(nbytes), dtype=torch.uint8, device=_device)
-        _allocators[device] = alloc
-    return alloc
+def _tensor_allocator() -> tuple[Callable[[int, int], int], Callable[[int], None]]:
+    """The stand-in over torch.empty: the call's stream is torch's current stream (Call)."""
+    live: dict[int, torch.Tensor] = {}
+
+    def alloc(nbytes: int, stream: int) -> int:
+        t = torch.empty(int(nbytes), dtype=torch.uint8, device="cuda")
+        live[t.data_ptr()] = t
+        return t.data_ptr()
+
+    def free(address: int) -> None:
+        live.pop(address, None)
+
+    return alloc, free
+
+
+_ALLOCATOR: Optional[tuple[Callable[[int, int], int], Callable[[int], None]]] = None
 
 
 class Call:
@@ -132,8 +152,9 @@ class Call:
         self.guard = None
         self.label = torch.autograd.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else None
         if device.type == "cuda":
+            global _ALLOCATOR
             self.stream = torch.cuda.current_stream(device).cuda_stream
-            self.alloc = _allocator(device)
+            self.alloc = _ALLOCATOR or (_ALLOCATOR := _torch_allocator())
             if device.index is not None and device.index != torch.cuda.current_device():
                 self.guard = torch.cuda.device(device)  # DLPack export needs the tensor's device current
         else:

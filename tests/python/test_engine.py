@@ -85,3 +85,42 @@ def test_w8a8_switches_the_path_and_stays_within_fp8_activation_error(precision,
     assert ref.rel_err(base, want) < 2.5e-2
     assert ref.rel_err(fast, want) < bound
     assert torch.isfinite(fast_grad.float()).all() and ref.rel_err(fast_grad, base_grad) < bound
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8moe._C.cuda_available()), reason="needs the CUDA backend")
+def test_both_allocators_give_the_same_bits_and_free_every_block(gen, monkeypatch):
+    """The engine's temporaries: torch's raw caching-allocator entry points, and the torch.empty
+    stand-in used where a torch lacks them, give bitwise the same results and hand every block back
+    (no growth of torch's allocated bytes beyond the outputs)."""
+    from fp8moe import _engine
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    case = ("alloc_block_lora", 37, 4, 8, 256, 128, "block", 0, 0, False, 4, 1, "uniform")
+    c = make_case(case, device, gen, torch.bfloat16)
+    a = c["args"]
+    lora = tuple(t.requires_grad_(True) for t in c["lora_dev"])
+
+    def run():
+        hidden = a["hidden"].clone().requires_grad_(True)
+        out = ops.moe_experts(hidden, a["topk_ids"], a["topk_weights"], a["gate_up"], a["gate_up_scale"], a["down"],
+                              a["down_scale"], a["specs"], a["act"], None, None, lora, 0.5)
+        grads = torch.autograd.grad(out, (hidden, *lora), torch.ones_like(out))
+        return [out.detach(), *grads]
+
+    raw = _engine._torch_allocator()
+    assert raw[0] is torch._C._cuda_cudaCachingAllocator_raw_alloc  # this torch has the raw entry points
+    results = {}
+    for name, alloc in (("raw", raw), ("tensor", _engine._tensor_allocator())):
+        monkeypatch.setattr(_engine, "_ALLOCATOR", alloc)
+        run()  # warm torch's cache
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        results[name] = run()
+        torch.cuda.synchronize()
+        kept = sum((t.numel() * t.element_size() + 511) // 512 * 512 for t in results[name])  # torch's rounding
+        assert torch.cuda.memory_allocated(device) - before <= kept, f"{name}: temporaries were not freed"
+    for got, want in zip(results["tensor"], results["raw"]):
+        assert torch.equal(got, want)
+    with pytest.raises(fp8moe.Fp8MoeError, match="alloc: expected a pair"):
+        monkeypatch.setattr(_engine, "_ALLOCATOR", lambda n: None)
+        run()
