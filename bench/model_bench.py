@@ -218,8 +218,9 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
             torch.cuda.synchronize()
         # GPU activity only (kernels, copies, memsets), each counted once, by name.
         kernels: dict[str, float] = {}
-        for e in p.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
+        for e in p.events():  # the GPU-side spans of record_function labels are not GPU work
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
+                    and not e.name.startswith("fp8moe."):
                 kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
         total = sum(kernels.values())
         ours = sum(v for k, v in kernels.items() if "fp8moe::cuda" in k)
@@ -420,7 +421,7 @@ def markdown(res: dict) -> str:
             lines.append(f"\n{name} ({cfg}), one profiled step (torch.profiler): {pr['gpu_ms']:.0f} ms of GPU activity "
                          f"in a {r[f'fp8moe_{cfg}']['step_ms']:.0f} ms step, "
                          f"{pr['fp8moe_kernels_ms']:.0f} ms ({pr['fp8moe_share']:.0%}) in fp8moe's kernels (MoE layers and "
-                         "FP8 projections). Largest:\n")
+                         "FP8 projections)" + (f" [{pr['corrected']}]" if pr.get("corrected") else "") + ". Largest:\n")
             lines += [f"- {ms:.1f} ms `{k}`" for k, ms in pr["top"][:8]]
             h = pr.get("host")
             if h:
