@@ -122,7 +122,13 @@ def test_loss_parity_over_100_steps(root, device, gen):
     """100 LoRA steps (attention + experts) on fp8moe and on transformers + PEFT over the same
     dequantized values: same data, seed, adapter initialisation and optimizer; the loss curves stay
     within 2% of each other (in 10-step means, so that a single near-tie routing flip in BF16 on the
-    GPU does not decide it)."""
+    GPU does not decide it).
+
+    16 sequences, each seen six or seven times: with 4 seen 25 times each, the run memorised them
+    (loss 5.8 -> 1.9) and amplified rounding alone to the 2% bound (2.5% on an H100 for one seed).
+    The proxy measured on the CPU for this choice, the peer in BF16 against fp8moe in F32: 4
+    sequences gap 0.7-2.1% (8 seeds), 16 sequences 0.2-0.6% (20 seeds); with the expert adapters
+    left untrained on fp8moe's side, 16 sequences gap 16-18% (4 seeds)."""
     fp8 = models.fp8_checkpoint(root, "qwen3_moe", "block")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     cfg = peft.LoraConfig(r=4, lora_alpha=8, **TARGETS)
@@ -130,7 +136,7 @@ def test_loss_parity_over_100_steps(root, device, gen):
     ours = peft.get_peft_model(fp8moe.from_pretrained(fp8, device=device, dtype=dtype), cfg)
     peer = peft.get_peft_model(models.exact_peer(fp8, dtype=dtype).to(device), cfg)
     peft.set_peft_model_state_dict(peer, peft.get_peft_model_state_dict(ours))
-    data = torch.randint(0, 256, (4, 2, 24), generator=gen).to(device)
+    data = torch.randint(0, 256, (16, 2, 24), generator=gen).to(device)
     curves = []
     for model in (ours, peer):
         model.train()
@@ -145,5 +151,5 @@ def test_loss_parity_over_100_steps(root, device, gen):
             losses.append(float(loss.detach()))
         curves.append(torch.tensor(losses))
     a, b = (c.reshape(10, 10).mean(dim=1) for c in curves)
-    assert curves[0][-10:].mean() < 0.8 * curves[0][:10].mean()  # it learns
+    assert curves[0][-10:].mean() < 0.85 * curves[0][:10].mean()  # it learns (~0.75x on the CPU)
     assert ((a - b).abs() / b).max() < 0.02, (a, b)
