@@ -151,5 +151,5 @@ def test_loss_parity_over_100_steps(root, device, gen):
             losses.append(float(loss.detach()))
         curves.append(torch.tensor(losses))
     a, b = (c.reshape(10, 10).mean(dim=1) for c in curves)
-    assert curves[0][-10:].mean() < 0.85 * curves[0][:10].mean()  # it learns (~0.75x on the CPU)
+    assert curves[0][-10:].mean() < 0.8 * curves[0][:10].mean()  # it learns (0.74-0.77x on the CPU, 20 seeds)
     assert ((a - b).abs() / b).max() < 0.02, (a, b)
