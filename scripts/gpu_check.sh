@@ -27,6 +27,10 @@
 #   MODEL_BENCH_MODELS, MODEL_BENCH_ARGS  the model step's models (default qwen3,glm) and extra arguments
 #                    of bench/model_bench.py (e.g. "--compile --configs b")
 #   STEP_TIMEOUT     seconds after which a step is killed and marked FAIL (default 900)
+#   CALL_BUDGET      seconds this whole run may take (default: no limit). Set it below the device
+#                    call's limit (e.g. 570 of 600): a step is then cut short at the budget and the
+#                    later ones are marked "cut", so that the summary and the logs still come back
+#                    instead of the call being killed with nothing printed.
 #   TORCH_BASELINES  the shared peer script torch_baselines.py. It lives at ../shared/bench/ on
 #                    developer machines but does not travel to the device machine: copy it into
 #                    .deps/ before a run (cp ../shared/bench/torch_baselines.py .deps/). Default:
@@ -60,10 +64,19 @@ record() {  # step status seconds note
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 run_timed() {  # name logfile command...: appends to the log, sets STATUS and SECS
   local name=$1 log=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS limit=$STEP_TIMEOUT
+  if [ -n "${CALL_BUDGET:-}" ]; then  # what is left of the run's budget, if less
+    local left=$((CALL_BUDGET - SECONDS))
+    if [ "$left" -lt 5 ]; then
+      echo "==== $name: cut, the call budget ($CALL_BUDGET s) is spent" >>"$log"
+      STATUS=cut SECS=0
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "==== $name: $*" >>"$log"
   # A hung kernel must not eat the whole device call: each step is killed after STEP_TIMEOUT s.
-  if timeout --signal=KILL "$STEP_TIMEOUT" "$@" >>"$log" 2>&1; then STATUS=ok; else STATUS=FAIL; fi
+  if timeout --signal=KILL "$limit" "$@" >>"$log" 2>&1; then STATUS=ok; else STATUS=FAIL; fi
   SECS=$((SECONDS - t0))
 }
 gtest_counts() {  # summarises a gtest log: "N passed, M failed, S skipped"
