@@ -128,6 +128,20 @@ def build_peer(cfg, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
+def gpu_work(p) -> dict[str, float]:
+    """A profile's GPU activity (kernels, copies, memsets) in ms by name. The GPU-side spans of
+    record_function labels (fp8moe's calls, Optimizer.step, ...) are not work: they are dropped by
+    their flag, and by name where a label's CPU event names them."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = list(p.events())
+    labels = {e.name for e in events if e.device_type == cpu and e.is_user_annotation}
+    work: dict[str, float] = {}
+    for e in events:
+        if e.device_type == cuda and not e.is_user_annotation and e.name not in labels:
+            work[e.name] = work.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return work
+
+
 def host_profile(p) -> dict:
     """The host side of a profiled step: the time inside fp8moe's calls (the ranges ops.py labels
     fp8moe.*, Python glue included) and what they launch and allocate, beside the whole step's
@@ -216,12 +230,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
             step()
             torch.cuda.synchronize()
-        # GPU activity only (kernels, copies, memsets), each counted once, by name.
-        kernels: dict[str, float] = {}
-        for e in p.events():  # the GPU-side spans of record_function labels are not GPU work
-            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False) \
-                    and not e.name.startswith("fp8moe."):
-                kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+        kernels = gpu_work(p)
         total = sum(kernels.values())
         ours = sum(v for k, v in kernels.items() if "fp8moe::cuda" in k)
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]

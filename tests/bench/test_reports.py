@@ -89,3 +89,19 @@ def test_host_profile_counts_fp8moe_calls():
     assert {k: c["count"] for k, c in h["calls"].items()} == {"fp8moe.linear_backward": 1, "fp8moe.linear_forward": 1}
     assert all(c["cpu_ms"] > 0 for c in h["calls"].values())
     assert h["launches"] == 0 and h["top_self_cpu"]
+
+
+def test_gpu_work_drops_label_spans():
+    """Label spans on the GPU side (flagged, or named like a CPU label) are not counted as work."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace as NS
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, dev, label, us):
+        return NS(name=name, device_type=dev, is_user_annotation=label, time_range=NS(elapsed_us=lambda: us))
+
+    events = [ev("fp8moe.moe_forward", cpu, True, 900), ev("fp8moe.moe_forward", cuda, False, 800),
+              ev("Optimizer.step#AdamW.step", cuda, True, 500), ev("gemm_kernel", cuda, False, 300),
+              ev("gemm_kernel", cuda, False, 200), ev("aten::mm", cpu, False, 50)]
+    assert model_bench.gpu_work(NS(events=lambda: events)) == {"gemm_kernel": 0.5}
