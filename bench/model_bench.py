@@ -69,12 +69,27 @@ def _scales(rows: int, cols: int, E: int, scheme: str, device, std: float) -> tu
     return torch.full(shape, std / 2.0, device=device, dtype=torch.float32), spec
 
 
+def build_experts(E: int, H: int, I: int, scheme: str, device: torch.device, gen) -> nn.Module:
+    """An fp8moe experts module with random FP8 weights [E, 2I, H] / [E, H, I], SiLU-GLU (gate and up
+    halves), made on `device`: 128x128 block scales ("block", gate and up on separate grids as the
+    loader stacks them) or per-channel scales ("channel")."""
+    from fp8moe.modeling import Fp8Experts, QuantStack
+
+    gsc, gspec = _scales(2 * I, H, E, scheme, device, H ** -0.5)
+    dsc, dspec = _scales(H, I, E, scheme, device, I ** -0.5)
+    if scheme == "block":
+        gspec[3] = 2
+        gsc = gsc.new_full((E, 2 * -(-I // 128), -(-H // 128)), float(gsc.flatten()[0]))
+    return Fp8Experts(QuantStack(_fp8_codes((E, 2 * I, H), device, gen), gsc, gspec, 1),
+                      QuantStack(_fp8_codes((E, H, I), device, gen), dsc, dspec, 1), [0.0, 0.0, 1.702, 7.0])
+
+
 def build_fp8moe(cfg, scheme: str, device: torch.device, seed: int) -> nn.Module:
     """The transformers model with fp8moe modules holding random FP8 weights, made on the GPU."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from fp8moe.modeling import Fp8Experts, Fp8Linear, QuantStack
+    from fp8moe.modeling import Fp8Linear, QuantStack
 
     gen = torch.Generator(device=device).manual_seed(seed)
     with init_empty_weights(include_buffers=False):
@@ -84,14 +99,7 @@ def build_fp8moe(cfg, scheme: str, device: torch.device, seed: int) -> nn.Module
         parent = model.get_submodule(parent_name) if parent_name else model
         if hasattr(mod, "gate_up_proj") and attr == "experts":
             E, two_i, H = mod.gate_up_proj.shape
-            gsc, gspec = _scales(two_i, H, E, scheme, device, H ** -0.5)
-            dsc, dspec = _scales(H, two_i // 2, E, scheme, device, (two_i // 2) ** -0.5)
-            if scheme == "block":
-                gspec[3] = 2  # gate and up on separate grids, as the loader stacks them
-                gsc = gsc.new_full((E, 2 * -(-(two_i // 2) // 128), -(-H // 128)), float(gsc.flatten()[0]))
-            setattr(parent, attr, Fp8Experts(QuantStack(_fp8_codes((E, two_i, H), device, gen), gsc, gspec, 1),
-                                             QuantStack(_fp8_codes((E, H, two_i // 2), device, gen), dsc, dspec, 1),
-                                             [0.0, 0.0, 1.702, 7.0]))
+            setattr(parent, attr, build_experts(E, H, two_i // 2, scheme, device, gen))
         elif isinstance(mod, nn.Linear) and attr != "lm_head" and not attr.startswith("gate"):
             N, K = mod.weight.shape
             sc, spec = _scales(N, K, 1, scheme, device, K ** -0.5)

@@ -1,0 +1,123 @@
+"""Where one MoE expert layer's GPU time goes: every kernel of a forward and a backward, by name, for
+each GEMM precision, from torch.profiler (CUDA activity only, so no replay and no counters).
+
+The layer is fp8moe's experts module at a model's real dimensions with random FP8 weights made on
+the GPU (bench/model_bench.py's builder), uniform top-k routing, BF16 activations:
+  qwen3  E 128, top-8, H 2048, I 768, 128x128 block scales
+  glm    E 64, top-4, H 2048, I 1536, per-channel scales
+
+    python3 bench/layer_profile.py --models qwen3,glm --tokens 16384 --precisions w8a16,w8a8 [--lora 16]
+        [--json out/layer_profile.json]
+
+Prints, per (model, tokens, precision, LoRA rank), the total kernel time of a forward and of a
+backward, then each kernel's share (median over --reps profiled iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_bench import build_experts, gpu_work  # noqa: E402  (bench/, beside this script)
+
+SHAPES = {"qwen3": dict(E=128, k=8, H=2048, I=768, scheme="block"),
+          "glm": dict(E=64, k=4, H=2048, I=1536, scheme="channel")}
+
+
+def short(name: str) -> str:
+    """A kernel's name without namespaces and template arguments (the CUTLASS kernel's are pages)."""
+    base = name.split("<", 1)[0].split("(", 1)[0]
+    return base.rsplit("::", 1)[-1][:60] or name[:60]
+
+
+def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int, device: torch.device) -> dict:
+    import fp8moe
+
+    s = SHAPES[model]
+    gen = torch.Generator(device=device).manual_seed(0)
+    experts = build_experts(s["E"], s["H"], s["I"], s["scheme"], device, gen)
+    fp8moe.set_gemm_precision(precision, device)
+    x = torch.randn(tokens, s["H"], device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    ids = torch.rand(tokens, s["E"], device=device, generator=gen).topk(s["k"], dim=1).indices.to(torch.int32)
+    w = torch.softmax(torch.randn(tokens, s["k"], device=device, generator=gen), dim=1).requires_grad_()
+    lora = None
+    if rank:
+        E, H, I = s["E"], s["H"], s["I"]
+
+        def p(*shape):
+            return (torch.randn(*shape, device=device, generator=gen) * 0.02).requires_grad_()
+
+        lora = {"gate_up_proj": (p(E, rank, H), p(E, 2 * I, rank), 2.0), "down_proj": (p(E, rank, I), p(E, H, rank), 2.0)}
+    grad = torch.randn(tokens, s["H"], device=device, dtype=torch.bfloat16, generator=gen)
+
+    def fwd():
+        return experts(x, ids, w, lora)
+
+    for _ in range(2):  # warm-up: tile choices, caching allocator
+        fwd().backward(grad)
+    torch.cuda.synchronize(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    phases: dict[str, list[dict]] = {"forward": [], "backward": []}
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pf:
+            out = fwd()
+            torch.cuda.synchronize(device)
+        phases["forward"].append(gpu_work(pf))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pb:
+            out.backward(grad)
+            torch.cuda.synchronize(device)
+        phases["backward"].append(gpu_work(pb))
+    res: dict = {"model": model, "tokens": tokens, "precision": precision, "lora_rank": rank}
+    for phase, runs in phases.items():
+        names = sorted({n for r in runs for n in r})
+        per = {short(n): 0.0 for n in names}
+        for n in names:  # kernels that share a short name (template instances) add up
+            per[short(n)] += statistics.median(r.get(n, 0.0) for r in runs)
+        res[phase] = {"total_ms": sum(per.values()),
+                      "kernels": sorted(([k, v] for k, v in per.items()), key=lambda kv: -kv[1])}
+    fp8moe.set_gemm_precision("w8a16", device)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="qwen3,glm")
+    ap.add_argument("--tokens", default="16384")
+    ap.add_argument("--precisions", default="w8a16,w8a8")
+    ap.add_argument("--lora", default="0", help="LoRA ranks on both expert projections (0: none), comma-separated")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("layer_profile: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"layer_profile on {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    results = []
+    for model in a.models.split(","):
+        for tokens in (int(t) for t in a.tokens.split(",")):
+            for rank in (int(r) for r in a.lora.split(",")):
+                for precision in a.precisions.split(","):
+                    r = profile_layer(model, tokens, precision, rank, a.reps, device)
+                    results.append(r)
+                    print(f"\n{model} T {tokens} {precision} LoRA r {rank}: forward {r['forward']['total_ms']:.3f} ms, "
+                          f"backward {r['backward']['total_ms']:.3f} ms of kernels")
+                    for phase in ("forward", "backward"):
+                        for name, ms in r[phase]["kernels"]:
+                            print(f"  {phase[:3]}  {ms * 1e3:9.1f} us  {ms / r[phase]['total_ms'] * 100:5.1f}%  {name}")
+                    torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
