@@ -24,6 +24,8 @@
 #   GPU_FILTER       gtest filter for the GPU tests (default: all)
 #   SANITIZE_FILTER  gtest filter for compute-sanitizer (default: below, small shapes)
 #   BENCH_ARGS       arguments for `fp8moe bench` (default: --shape all --tokens 256,4096,16384 --routing both)
+#   LAYERPROF_ARGS   arguments of bench/layer_profile.py for the layerprof step (per-kernel GPU time of
+#                    one MoE layer, forward and backward, per precision; default: its own defaults)
 #   MODEL_BENCH_MODELS, MODEL_BENCH_ARGS  the model step's models (default qwen3,glm) and extra arguments
 #                    of bench/model_bench.py (e.g. "--compile --configs b")
 #   STEP_TIMEOUT     seconds after which a step is killed and marked FAIL (default 900)
@@ -45,7 +47,7 @@ STEPS=${STEPS:-"build sass cpu gpu python sanitize pysanitize bench model"}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 JOBS=${JOBS:-16}
 GPU_FILTER=${GPU_FILTER:-*}
-SANITIZE_FILTER=${SANITIZE_FILTER:-"GroupedGemm.TransposedWeights:GroupedGemm.NarrowNProjections:GroupedGemm.SplitKNarrowProjections:GroupedGemm.LoraDelta:GroupedOuter.*:GroupedGemm.RegAPipelineWrapsAndEdges:Cases/CudaLayer.ForwardBackwardMatchCpu/wgmma_rows_gptoss_channel_bias:CudaBackendPlan.*:CudaBackendCombine.*:CudaBackendPairDot.*:CudaBackendRouter.TiesGoToLowerIndex:CudaBackendFill.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/gptoss_interleaved_channel_bias:Cases/CudaLayer.ForwardBackwardMatchCpu/odd_dims_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/tokens0:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts:W8a8Quantize.*:Cases/W8a8Gemm.MatchesCpu/channel_gptoss_interleaved_bias_lora_f32:Cases/W8a8Gemm.MatchesCpu/empty_experts:Cases/CudaLayerW8a8.ForwardBackwardMatchCpu/block_lora:Cases/CudaLayerW8a8.ForwardBackwardMatchCpu/tokens0:Cases/CudaLayerW8a8Down.ForwardBackwardMatchCpu/channel"}
+SANITIZE_FILTER=${SANITIZE_FILTER:-"GroupedGemm.TransposedWeights:GroupedGemm.NarrowNProjections:GroupedGemm.SplitKNarrowProjections:GroupedGemm.LoraDelta:GroupedOuter.*:GroupedGemm.RegAPipelineWrapsAndEdges:Cases/CudaLayer.ForwardBackwardMatchCpu/wgmma_rows_gptoss_channel_bias:CudaBackendPlan.*:CudaBackendCombine.*:CudaBackendPairDot.*:CudaBackendRouter.TiesGoToLowerIndex:CudaBackendFill.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/gptoss_interleaved_channel_bias:Cases/CudaLayer.ForwardBackwardMatchCpu/odd_dims_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/tokens0:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts:W8a8Quantize.*:Cases/W8a8Gemm.MatchesCpu/channel_gptoss_interleaved_bias_lora_f32:Cases/W8a8Gemm.MatchesCpu/empty_experts:Cases/W8a8Gemm.MatchesCpu/block_store_bf16_lora16_in_place:Cases/W8a8Gemm.MatchesCpu/channel_glu_halves_in_place:Cases/CudaLayerW8a8.ForwardBackwardMatchCpu/block_lora:Cases/CudaLayerW8a8.ForwardBackwardMatchCpu/tokens0:Cases/CudaLayerW8a8Down.ForwardBackwardMatchCpu/channel"}
 RACECHECK_FILTER=${RACECHECK_FILTER:-"GroupedGemm.LoraDelta:GroupedGemm.NarrowNProjections:GroupedOuter.*:GroupedGemm.RegAPipelineWrapsAndEdges:CudaBackendPlan.ZeroTokens:CudaBackendPlan.OutOfRangeIdsAreExcludedAndReported:CudaBackendCombine.*:Cases/CudaLayer.ForwardBackwardMatchCpu/silu_halves_block_lora:Cases/CudaLayer.ForwardBackwardMatchCpu/empty_experts:W8a8Quantize.*:Cases/W8a8Gemm.MatchesCpu/block_glu_halves_lora"}
 BENCH_ARGS=${BENCH_ARGS:-"--shape all --tokens 256,4096,16384 --routing both"}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
@@ -106,7 +108,7 @@ if has_step build; then
   if has_step cpu; then TARGETS="fp8moe_tests"; fi
   if has_step gpu || has_step sanitize || has_step sm80; then TARGETS="$TARGETS fp8moe_gpu_tests"; fi
   if has_step bench; then TARGETS="$TARGETS fp8moe_cli"; fi
-  if has_step python || has_step model || has_step pysanitize; then TARGETS="$TARGETS fp8moe_python"; fi
+  if has_step python || has_step model || has_step pysanitize || has_step layerprof; then TARGETS="$TARGETS fp8moe_python"; fi
   run_timed build "$OUT/build.log" bash -c "cmake -S . -B '$BUILD_DIR' -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DFP8MOE_CUDA=ON -DFP8MOE_CUDA_ARCHS=90a-real -DFP8MOE_W8A8=ON -DFP8MOE_PYTHON=ON -DPython_EXECUTABLE=$(command -v python3) \
       && ninja -C '$BUILD_DIR' -j$JOBS $TARGETS"
@@ -160,7 +162,7 @@ fi
 
 # The Python package runs from the source tree with the extension of this build (a pip install
 # would compile every kernel a second time).
-if has_step python || has_step model || has_step pysanitize; then
+if has_step python || has_step model || has_step pysanitize || has_step layerprof; then
   ln -sf "$(pwd)/$BUILD_DIR/python/fp8moe/"_C*.so python/fp8moe/
   export PYTHONPATH="$(pwd)/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -170,6 +172,11 @@ if has_step python; then
   record python "$STATUS" "$SECS" "$(grep -E '(passed|failed)' "$part" | tail -1)"
   cat "$part" >>"$OUT/tests.log"
   rm -f "$part"
+fi
+
+if has_step layerprof; then  # every kernel of one layer's forward and backward, per precision (bench.log)
+  run_timed layerprof "$OUT/bench.log" python3 bench/layer_profile.py ${LAYERPROF_ARGS:-}
+  record layerprof "$STATUS" "$SECS" "log bench.log"
 fi
 
 if has_step sm80; then
