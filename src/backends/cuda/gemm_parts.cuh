@@ -71,6 +71,12 @@ struct Params {
   // Split K (mma.sync kernel, plain sums only: gemm_k_splits): CTA z of grid.z sums the z-th range
   // of the main K tiles and stores it, unscaled, into out + z * M * N ([k_splits, M, N] F32).
   int k_splits = 1;
+  // A product computed elsewhere (grouped_gemm with a GemmAddend): before the row scale, the sum
+  // becomes acc_scale * sum + addend[r, n] * addend_chan[e, n] (addend_chan null: 1).
+  const void* addend = nullptr;        // BF16 [M, N]
+  const float* addend_chan = nullptr;  // [E, N]
+  float acc_scale = 1.0f;
+  bool addend_vec8 = false, addend_chan_vec8 = false;
 };
 
 // ---- activation policies (the CPU backend's act_forward / act_backward are the reference)
@@ -360,6 +366,15 @@ __device__ __forceinline__ void load8(const void* p, Elem t, int64_t row, const 
   for (int j = 0; j < 8; ++j) v[j] = n[j] >= 0 ? load_elem(p, t, row + n[j]) : 0.0f;
 }
 
+// f[j] (the sum for columns n[j] of row r of expert e) -> acc_scale * f[j] + addend * chan (Params).
+__device__ __forceinline__ void add_addend(const Params& p, int64_t r, int64_t e, const int (&n)[8], float (&f)[8]) {
+  float ad[8], ch[8];
+  load8(p.addend, Elem::BF16, r * p.N, n, ad, p.addend_vec8);
+  if (p.addend_chan) load8(p.addend_chan, Elem::F32, e * p.N, n, ch, p.addend_chan_vec8);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) f[j] = p.acc_scale * f[j] + (p.addend_chan ? ad[j] * ch[j] : ad[j]);
+}
+
 // The epilogue over the staged tile `st` (all threads of the CTA, after a barrier). A step covers
 // 8 columns of one row, or for GLU forward one 16-column group (8 gate columns, then their 8 up
 // columns: TileMaps) and its 8 outputs. kLd: the tile's row stride (floats, a multiple of 4).
@@ -378,13 +393,15 @@ __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, 
     const int4 ca = cm[0], cb = cm[1];
     n[0] = ca.x, n[1] = ca.y, n[2] = ca.z, n[3] = ca.w, n[4] = cb.x, n[5] = cb.y, n[6] = cb.z, n[7] = cb.w;
   };
-  // v = rs * staged + bias for half h (the up columns of a GLU-forward step: h = 1).
+  // v = rs * staged + bias for half h (the up columns of a GLU-forward step: h = 1), the staged sum
+  // first combined with the addend where there is one.
   auto values = [&](int u, const int (&n)[8], int h, float (&v)[8]) {
     const int lr = u / steps_per_row, c0 = (u % steps_per_row) * step_cols;
     const float rs = m.rs[lr];
     const float4* s = reinterpret_cast<const float4*>(st + lr * kLd + c0 + 8 * h);
     const float4 a = s[0], b = s[1];
-    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    if (p.addend) add_addend(p, rt.row0 + lr, e, n, f);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       v[j] = f[j] * rs;

@@ -323,6 +323,26 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
   return p;
 }
 
+void grouped_gemm(const GroupedGemm& g, const GemmAddend& addend, cudaStream_t stream) {
+  using namespace gemm;
+  GemmProblem gp = describe(g);
+  gp.plain_sum = false;  // the sum is not the whole result: no split K
+  const TileShape shape = choose_tile_shape(gp);
+  const GemmDims d = check_gemm(g);
+  check_view(addend.d, "grouped_gemm addend", {d.M, d.N}, {DType::BF16});
+  Params p = gemm_params(g, d, shape);
+  p.addend = addend.d.data;
+  p.addend_vec8 = d.N % 8 == 0 && aligned16(p.addend);
+  if (addend.chan.defined()) {
+    check_view(addend.chan, "grouped_gemm addend channel factors", {d.E, d.N, 1}, {DType::F32});
+    p.addend_chan = addend.chan.ptr<const float>();
+    p.addend_chan_vec8 = d.N % 8 == 0 && aligned16(p.addend_chan);
+  }
+  p.acc_scale = static_cast<float>(addend.acc_scale);
+  if (d.M == 0 || d.N == 0) return;
+  launch_gemm(g, p, shape, stream);
+}
+
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape) {
   using namespace gemm;
   const GemmDims d = check_gemm(g);

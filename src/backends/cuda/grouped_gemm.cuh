@@ -27,6 +27,19 @@ namespace fp8moe::cuda {
 
 // The chosen path (tile shape, split K); temporaries from `alloc`, stream-ordered.
 void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
+
+// A product computed elsewhere, folded into g's epilogue: g's sum over K becomes
+//   acc_scale * sum + d[r, n] * chan_e[n]
+// before g's row scale, bias and epilogue policy. The W8A8 path (w8a8.cu) runs its LoRA delta this
+// way: the rank-r GEMM (K = r) takes CUTLASS's FP8 product as d, so that GroupedGemm's whole
+// epilogue runs once, in this family's kernels, and the delta is never stored. d may be g.out or
+// g.aux itself (each element is read and then written by one thread).
+struct GemmAddend {
+  TensorView d;     // BF16 [M, N]
+  TensorView chan;  // per-channel factors, F32 [E, N, 1] (the FP8 weights' channel scales); optional
+  double acc_scale = 1.0;
+};
+void grouped_gemm(const GroupedGemm& g, const GemmAddend& addend, cudaStream_t stream);
 void grouped_outer(const GroupedOuter& g, Allocator& alloc, cudaStream_t stream);
 
 namespace gemm {

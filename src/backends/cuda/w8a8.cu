@@ -26,7 +26,7 @@ struct QuantizeParams {
   const void* src = nullptr;  // [rows, K] BF16 / F32 (rows = M, or T when read by token)
   Elem type = Elem::BF16;
   bool tokens = false;  // row r is src[sorted_pairs[r] / top_k]
-  bool vec = false;     // 4-element loads (K % 4 == 0, 16-byte aligned source)
+  bool vec = false;     // 8-element vector loads (quantize_rows sets when the rows allow them)
   const int32_t* sorted_pairs = nullptr;
   int top_k = 1;
   int64_t M = 0;
@@ -36,55 +36,64 @@ struct QuantizeParams {
 };
 
 // v[j] = A[i + j] for j < rem (rem: the row's columns left from i, <= 0 past its end), else 0.
-__device__ __forceinline__ void load4(const QuantizeParams& q, int64_t i, int rem, float (&v)[4]) {
-  if (q.vec && rem >= 4) {
+__device__ __forceinline__ void load8(const QuantizeParams& q, int64_t i, int rem, float (&v)[8]) {
+  if (q.vec && rem >= 8) {
     if (q.type == Elem::BF16) {
-      const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(q.src) + i);
-      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-      v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+      const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(q.src) + i);
+      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+        v[2 * j] = f.x, v[2 * j + 1] = f.y;
+      }
     } else {
-      const float4 f = *reinterpret_cast<const float4*>(static_cast<const float*>(q.src) + i);
-      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+      const float4* f = reinterpret_cast<const float4*>(static_cast<const float*>(q.src) + i);
+      const float4 a = f[0], b = f[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
     return;
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) v[j] = j < rem ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
+  for (int j = 0; j < 8; ++j) v[j] = j < rem ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
 }
 
-// One warp per (row, 128-wide group), 4 elements per lane: a warp max gives the group's scale,
-// then every lane encodes its 4 codes (saturating round-to-nearest-even, as the host's
-// quantize_activations, so both give the same bits) and stores them as one 32-bit word.
+// Half a warp per (row, 128-wide group), 8 elements (one 16-byte BF16 load) per lane: a max over
+// the 16 lanes gives the group's scale, then every lane encodes its 8 codes (saturating
+// round-to-nearest-even of v / scale, as the host's quantize_activations, so both give the same
+// bits) and stores them as one 8-byte word.
 __global__ void quantize_rows_kernel(QuantizeParams q) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= q.M * q.groups) return;
-  const int64_t r = warp / q.groups;
-  const int g = static_cast<int>(warp % q.groups);
+  const int64_t half = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 16;
+  const int lane = threadIdx.x % 16;
+  // Both halves of a warp take part in the shuffles; a half past the end works on nothing.
+  const bool live = half < q.M * q.groups;
+  const int64_t r = live ? half / q.groups : 0;
+  const int g = live ? static_cast<int>(half % q.groups) : 0;
   const int64_t src_row = q.tokens ? q.sorted_pairs[r] / q.top_k : r;
-  // The columns left from k, compared as they are: no max(0, min(4, rem)). ptxas (CUDA 12.0-13.3)
-  // fused that clamp and the `== 4` test into one VIMNMX.RELU whose predicate it gets wrong on
+  // The columns left from k, compared as they are: no max(0, min(8, rem)). ptxas (CUDA 12.0-13.3)
+  // fused such a clamp and the `== 8` test into one VIMNMX.RELU whose predicate it gets wrong on
   // sm_90 (NVIDIA/cccl#11306): lanes past a partial last group then took the vector load.
-  const int k = g * kGroup + 4 * lane, rem = q.K - k;
-  float v[4];
-  load4(q, src_row * q.K + k, rem, v);
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  const int k = g * kGroup + 8 * lane, rem = live ? q.K - k : 0;
+  float v[8];
+  load8(q, src_row * q.K + k, rem, v);
+  float amax = 0.0f;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (!live) return;
   // An all-zero group: the smallest normal scale and zero codes (0 / FLT_MIN = 0), never 0 / 0.
   const float scale = fmaxf(amax / kE4m3Max, FLT_MIN);
   if (lane == 0) q.scales[r * q.groups + g] = scale;
   if (rem <= 0) return;
-  uint32_t word = 0;
+  uint32_t word[2] = {0, 0};
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
-    word |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
+  for (int j = 0; j < 8; ++j)
+    word[j / 4] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * (j % 4));
   uint8_t* out = q.codes + r * q.K + k;
-  if (rem >= 4 && q.K % 4 == 0) {
-    *reinterpret_cast<uint32_t*>(out) = word;
+  if (rem >= 8 && q.K % 8 == 0) {
+    *reinterpret_cast<uint2*>(out) = make_uint2(word[0], word[1]);
   } else {
-    for (int j = 0; j < 4 && j < rem; ++j) out[j] = static_cast<uint8_t>(word >> (8 * j));
+    for (int j = 0; j < 8 && j < rem; ++j) out[j] = static_cast<uint8_t>(word[j / 4] >> (8 * (j % 4)));
   }
 }
 
@@ -95,8 +104,6 @@ struct EpilogueParams {
   const int32_t* sorted_pairs = nullptr;  // [M]
   const __nv_bfloat16* d = nullptr;       // [M, N] the FP8 GEMM's result
   const float* chan = nullptr;            // [E, N] per-channel weight scales (else null)
-  const float* delta = nullptr;           // [M, N] L LB^T (LoRA), or null
-  float lora_scale = 0.0f;
   const void* row_scale = nullptr;        // [T * k] by pair
   Elem rs_type = Elem::F32;
   const void* bias = nullptr;             // [E, N]
@@ -105,15 +112,16 @@ struct EpilogueParams {
   ActivationSpec act;
   void* aux = nullptr;  // GluForward: [M, N] pre-activation (optional; may alias d)
   Elem aux_type = Elem::BF16;
-  void* out = nullptr;  // [M, N] or [M, N / 2]
+  bool aux_store = false;  // aux is written: it is not D itself holding v already
+  void* out = nullptr;     // [M, N] or [M, N / 2]
   Elem out_type = Elem::BF16;
-  bool out_vec8 = false, aux_vec8 = false;
+  bool out_vec8 = false, aux_vec8 = false, chan_vec8 = false;
+  int rows_per_block = 1;
 };
 
-// Expert of row r: the largest e with offsets[e] <= r; E when r lies past every expert's rows
-// (pairs whose id was out of range), which nothing writes.
+// Expert of row r: the largest e with offsets[e] <= r (offsets[0] = 0 <= r).
 __device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t r) {
-  int lo = 0, hi = E;
+  int lo = 0, hi = E - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
     if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
@@ -121,35 +129,45 @@ __device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t 
   return lo;
 }
 
-// v[j] for columns n[j] of row r (n < 0: 0): GroupedGemm's v = rs * (A W^T + s L LB^T) + bias.
+// v[j] for columns n[j] of row r (n < 0: 0): GroupedGemm's v = rs * A W^T + bias (no LoRA: a
+// LoRA delta takes the addend path instead, grouped_gemm below). The 8 values of D and the channel
+// scales come as vector loads where n is a run of 8 (the halves layout, or a Store); e is only
+// read when there are channel scales or a bias.
 __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, float rs, const int (&n)[8], float (&v)[8]) {
   gemm::load8(p.d, Elem::BF16, r * p.N, n, v, true);
-  float dl[8];
-  if (p.delta) gemm::load8(p.delta, Elem::F32, r * p.N, n, dl, true);
+  float ch[8];
+  if (p.chan) gemm::load8(p.chan, Elem::F32, static_cast<int64_t>(e) * p.N, n, ch, p.chan_vec8);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (n[j] < 0) continue;
     float x = v[j];
-    if (p.chan) x *= p.chan[static_cast<int64_t>(e) * p.N + n[j]];
-    if (p.delta) x += p.lora_scale * dl[j];
+    if (p.chan) x *= ch[j];
     x *= rs;
     if (p.bias) x += gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + n[j]);
     v[j] = x;
   }
 }
 
-// One thread per 8 output columns of one row (grid-stride): Store writes v; GluForward reads the
-// 8 gate and 8 up columns of its 8 outputs, keeps them in aux and writes act(gate, up).
+// A block covers kRowsPerBlock-sized runs of rows (EpilogueParams::rows_per_block), one thread per
+// 8 output columns of a row at a time. Rows ascend within a thread, so its expert is found once by
+// a binary search and then advanced, not searched per item. Store writes v; GluForward reads the
+// 8 gate and 8 up columns of its 8 outputs, keeps them in aux (unless aux is D itself and v = D)
+// and writes act(gate, up). Rows at or past offsets[E] (pairs whose id was out of range) hold no
+// product and are not written, as in GroupedGemm.
 __global__ void epilogue_kernel(EpilogueParams p) {
   const bool glu = p.epi == Epilogue::GluForward;
   const int cols = glu ? p.N / 2 : p.N, chunks = (cols + 7) / 8;
-  const int64_t items = p.M * chunks;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / chunks;
-    const int c0 = static_cast<int>(i % chunks) * 8;
-    const int e = expert_of(p.offsets, p.E, r);
-    if (e >= p.E) continue;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
+  const int64_t r_end = min(static_cast<int64_t>(p.offsets[p.E]), min(p.M, r0 + p.rows_per_block));
+  if (r0 >= r_end) return;
+  const int items = static_cast<int>(r_end - r0) * chunks;
+  const bool need_e = p.chan || p.bias;
+  int e = need_e ? expert_of(p.offsets, p.E, r0 + threadIdx.x / chunks) : 0;
+  for (int i = threadIdx.x; i < items; i += blockDim.x) {
+    const int64_t r = r0 + i / chunks;
+    const int c0 = (i % chunks) * 8;
+    if (need_e)
+      while (p.offsets[e + 1] <= r) ++e;
     const float rs = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r]) : 1.0f;
     int n[8];
 #pragma unroll
@@ -170,7 +188,7 @@ __global__ void epilogue_kernel(EpilogueParams p) {
     float g[8], u[8], o[8];
     v8(p, r, e, rs, gn, g);
     v8(p, r, e, rs, un, u);
-    if (p.aux) {
+    if (p.aux_store) {
       gemm::store8(p.aux, p.aux_type, r * p.N, gn, g, p.aux_vec8);
       gemm::store8(p.aux, p.aux_type, r * p.N, un, u, p.aux_vec8);
     }
@@ -247,7 +265,8 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   q.src = a.src.data;
   q.type = elem_of(a.src.dtype, "A");
   q.tokens = a.rows == RowSource::Tokens;
-  q.vec = K % 4 == 0 && aligned16(a.src.data);
+  // 16-byte loads of 8 BF16 or two of 4 F32 from 8-element-aligned columns.
+  q.vec = (q.type == Elem::BF16 ? K % 8 == 0 : K % 4 == 0) && aligned16(a.src.data);
   q.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
   q.top_k = static_cast<int>(plan.top_k);
   q.M = M;
@@ -256,7 +275,8 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   q.codes = static_cast<uint8_t*>(codes.data);
   q.scales = static_cast<float*>(scales.data);
   constexpr int kThreads = 256;
-  quantize_rows_kernel<<<grid_blocks(M * groups * 32, kThreads), kThreads, 0, stream>>>(q);
+  FP8MOE_CHECK(M * groups <= (int64_t{1} << 35), "W8A8 quantize: ", M, " rows x ", groups, " groups too many for one grid");
+  quantize_rows_kernel<<<grid_blocks(M * groups * 16, kThreads), kThreads, 0, stream>>>(q);
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
 }
 
@@ -289,19 +309,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   Tensor codes(DType::F8_E4M3, {M, K}, alloc), scales(DType::F32, {M, groups}, alloc);
   quantize_rows(g.a, plan, codes, scales, stream);
 
-  // 2. The LoRA product L LB^T on the W8A16 family (rank r: a small GEMM with K = r).
-  Tensor delta;
-  if (g.lora_a.defined()) {
-    delta = Tensor(DType::F32, {M, N}, alloc);
-    GroupedGemm lg;
-    lg.plan = g.plan;
-    lg.a = g.lora_a;
-    lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
-    lg.out = delta;
-    cuda::grouped_gemm(lg, alloc, stream);
-  }
-
-  // 3. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
+  // 2. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
   //    for GluForward, out for Store; the epilogue then rewrites each element in place, read
   //    before written by the same thread), else a temporary.
   Tensor d_tmp;
@@ -331,7 +339,25 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   sm90_fp8_grouped(p, scratch.data(), stream);
 #endif
 
-  // 4. The epilogue policies on D.
+  // 3. The epilogue policies on D. With a LoRA delta: the W8A16 family's rank-r GEMM (K = r, the
+  //    LoRA factors as its operands) with D as its addend, so that the whole epilogue (channel
+  //    scales, the delta, row scale, bias, GLU) runs in that kernel's and the delta [M, N] is never
+  //    stored. Otherwise this file's epilogue pass.
+  if (g.lora_a.defined()) {
+    GroupedGemm lg = g;
+    lg.a = g.lora_a;
+    lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
+    lg.lora_a = {};
+    lg.lora_b = {};
+    lg.lora_scale = 0.0;
+    lg.role = GemmRole::Other;
+    GemmAddend add;
+    add.d = TensorView(d, DType::BF16, {M, N}, Device::CUDA);
+    if (channel) add.chan = g.b.scale;
+    add.acc_scale = g.lora_scale;
+    cuda::grouped_gemm(lg, add, stream);
+    return;
+  }
   EpilogueParams ep;
   ep.M = M;
   ep.N = static_cast<int>(N);
@@ -340,26 +366,31 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   ep.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
   ep.d = static_cast<const __nv_bfloat16*>(d);
   ep.chan = channel ? static_cast<const float*>(g.b.scale.data) : nullptr;  // [E, N, 1]
-  ep.delta = delta.defined() ? static_cast<const float*>(delta.data()) : nullptr;
-  ep.lora_scale = static_cast<float>(g.lora_scale);
   if (g.row_scale.defined()) ep.row_scale = g.row_scale.data, ep.rs_type = elem_of(g.row_scale.dtype, "row_scale");
   if (g.bias.defined()) ep.bias = g.bias.data, ep.bias_type = elem_of(g.bias.dtype, "bias");
   ep.epi = g.epilogue;
   ep.act = g.act;
+  ep.chan_vec8 = aligned16(ep.chan);  // rows of N % 8 == 0 (fits) floats
+  const bool nothing_to_apply = !ep.chan && !ep.row_scale && !ep.bias;
   if (g.aux.defined()) {
     ep.aux = g.aux.data;
     ep.aux_type = elem_of(g.aux.dtype, "aux");
     ep.aux_vec8 = aligned16(ep.aux);  // N % 8 == 0 (fits)
+    // D is aux and already holds v: rewriting it would cost a full write of [M, N] for nothing.
+    ep.aux_store = !(nothing_to_apply && d == g.aux.data);
   }
   ep.out = g.out.data;
   ep.out_type = elem_of(g.out.dtype, "out");
   ep.out_vec8 = out_cols % 8 == 0 && aligned16(ep.out);
   // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done.
-  if (!glu && d == g.out.data && !ep.chan && !ep.delta && !ep.row_scale && !ep.bias) return;
-  const int64_t items = M * ((out_cols + 7) / 8);
+  if (!glu && d == g.out.data && nothing_to_apply) return;
+  // ~8 items (8 outputs each) per thread in a block: enough to amortise a block's expert search.
   constexpr int kThreads = 256;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t{1} << 20));
-  epilogue_kernel<<<blocks, kThreads, 0, stream>>>(ep);
+  const int64_t chunks = (out_cols + 7) / 8;
+  ep.rows_per_block = static_cast<int>(std::max<int64_t>(1, 8 * kThreads / chunks));
+  const int64_t blocks = (M + ep.rows_per_block - 1) / ep.rows_per_block;
+  FP8MOE_CHECK(blocks <= INT32_MAX, "W8A8 epilogue: M = ", M, " too large");
+  epilogue_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(ep);
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 epilogue_kernel");
 }
 

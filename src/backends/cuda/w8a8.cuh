@@ -13,11 +13,13 @@
 //             in FP32 per 128-wide K block, stored as BF16 [M, N]. Per-channel weight scales run
 //             the mainloop with unit block scales and are applied in the epilogue phase (free
 //             there; bench/fp8_lab measured a 15-20% loss when they sit in the mainloop).
-//   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T (the
-//             rank-r product comes from the W8A16 grouped GEMM on the plain LoRA weights), row
+//   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T, row
 //             scale, bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
 //             D is the BF16 output itself where there is one (out of a Store, aux of a GLU), the
-//             epilogue rewriting it in place; a Store with nothing to apply skips this phase.
+//             epilogue rewriting it in place. With LoRA, the epilogue is the W8A16 family's own:
+//             its rank-r GEMM (K = r) on the LoRA factors, with D as an addend (grouped_gemm.cuh:
+//             GemmAddend), so that the delta is never stored. Without, a pass of this path's,
+//             which a Store with nothing to apply skips and a GLU whose D is aux does not rewrite.
 //
 // What it takes (w8a8_fits says which condition failed): b F8_E4M3 with 128x128 block scales
 // (one grid, or two segments each a multiple of 128 rows: then the grid is the plain one) or

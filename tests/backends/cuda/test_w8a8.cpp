@@ -207,6 +207,13 @@ const W8Case kCases[] = {
      GateUpLayout::Halves, 4, true},
     {"tokens1_k1", 1, 1, 4, 256, 256, ScaleKind::Channel, Epilogue::Store},
     {"tokens0", 0, 2, 4, 256, 256, ScaleKind::Block, Epilogue::GluForward},
+    // The layer's GEMM2 with LoRA: D is the BF16 output itself, read as the LoRA GEMM's addend and
+    // rewritten in place by it (rank 16: the vectorised LoRA loads).
+    {"block_store_bf16_lora16_in_place", 160, 4, 8, 512, 384, ScaleKind::Block, Epilogue::Store, Activation::SiluGlu,
+     GateUpLayout::Halves, 16, false, true, RowSource::Rows},
+    // GLM's GEMM1 without LoRA: per-channel scales in the epilogue pass, aux (D itself) rewritten.
+    {"channel_glu_halves_in_place", 140, 4, 8, 768, 256, ScaleKind::Channel, Epilogue::GluForward, Activation::SiluGlu,
+     GateUpLayout::Halves},
     {"skewed_k8_many_tiles", 256, 8, 16, 768, 1024, ScaleKind::Block, Epilogue::Store, Activation::SiluGlu,
      GateUpLayout::Halves, 0, false, true, RowSource::Rows, DType::BF16, DType::BF16, 2, 0.8},
 };
