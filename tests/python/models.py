@@ -90,11 +90,11 @@ def _quantize_fused_experts(path: str, scheme: str) -> None:
     save_file(t, f, metadata={"format": "pt"})
 
 
-def fp8_checkpoint(root: str, family: str, scheme: str = "block") -> str:
-    """The BF16 checkpoint converted to FP8 by fp8moe (block: fine-grained 128x128 `fp8`;
-    channel: compressed-tensors FP8_DYNAMIC)."""
-    src = bf16_checkpoint(root, family)
-    dst = os.path.join(root, f"{family}-fp8-{scheme}")
+def fp8_checkpoint(root: str, family: str, scheme: str = "block", name: str = "bf16", **overrides) -> str:
+    """The BF16 checkpoint (`bf16_checkpoint(root, family, name=name, **overrides)`) converted to FP8
+    by fp8moe (block: fine-grained 128x128 `fp8`; channel: compressed-tensors FP8_DYNAMIC)."""
+    src = bf16_checkpoint(root, family, name=name, **overrides)
+    dst = os.path.join(root, f"{family}-fp8-{scheme}" + ("" if name == "bf16" else f"-{name}"))
     if not os.path.exists(dst):
         _C.convert_checkpoint(src, dst, "fp8", scheme, 128)
         if family == "gpt_oss":
