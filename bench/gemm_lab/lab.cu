@@ -73,6 +73,9 @@ struct Problem {
   bool tokens, trans, channel, glu, row_scale;
   int segments;        // W's stacked halves (gate and up: 2)
   bool plain = false;  // W in plain BF16, no scales (the LoRA factors used as W)
+  // The W8A8 path's LoRA GEMM: W plain F32 (PEFT's LB, [E, N, r]), and a BF16 [M, N] addend (the
+  // FP8 product) folded into the epilogue: v = rs * (2 * A W^T + D).
+  bool addend = false;
 };
 
 struct Built {
@@ -80,6 +83,8 @@ struct Built {
   std::vector<int32_t> offsets, sorted;
   Tensor a, w, ws, rs;                              // host
   Tensor d_off, d_sorted, d_a, d_w, d_ws, d_rs, d_aux, d_out;
+  Tensor add, d_add;                                // the addend D [M, N] (Problem::addend)
+  cuda::GemmAddend addend;
   RoutingPlan plan;
   GroupedGemm g;
   ScaleSpec spec;
@@ -115,9 +120,10 @@ Built build(const Problem& pb, std::mt19937_64& rng) {
   std::normal_distribution<double> nd;
   b.a = Tensor(DType::BF16, {pb.tokens ? pb.T : M, pb.K});
   for (int64_t i = 0; i < b.a.numel(); ++i) store_from_double(b.a.data(), DType::BF16, i, nd(rng));
-  if (pb.plain) {  // BF16 values around 1/sqrt(K)
-    b.w = Tensor(DType::BF16, {pb.E, SR, SC});
-    for (int64_t i = 0; i < b.w.numel(); ++i) store_from_double(b.w.data(), DType::BF16, i, nd(rng) / std::sqrt(double(pb.K)));
+  if (pb.plain) {  // BF16 (F32 for an addend problem) values around 1/sqrt(K)
+    const DType wt = pb.addend ? DType::F32 : DType::BF16;
+    b.w = Tensor(wt, {pb.E, SR, SC});
+    for (int64_t i = 0; i < b.w.numel(); ++i) store_from_double(b.w.data(), wt, i, nd(rng) / std::sqrt(double(pb.K)));
     b.spec = ScaleSpec::none(SR, SC);
   } else {  // random E4M3 codes (no NaN), scales around 1/sqrt(K)
     b.w = Tensor(DType::F8_E4M3, {pb.E, SR, SC});
@@ -152,6 +158,13 @@ Built build(const Problem& pb, std::mt19937_64& rng) {
   }
   b.d_out = Tensor(DType::BF16, {M, pb.glu ? pb.N / 2 : pb.N}, dev);
   g.out = b.d_out;
+  if (pb.addend) {
+    b.add = Tensor(DType::BF16, {M, pb.N});
+    for (int64_t i = 0; i < b.add.numel(); ++i) store_from_double(b.add.data(), DType::BF16, i, nd(rng));
+    b.d_add = upload(b.add);
+    b.addend.d = b.d_add;
+    b.addend.acc_scale = 2.0;
+  }
   return b;
 }
 
@@ -176,6 +189,7 @@ Reference reference(const Built& b, std::mt19937_64& rng) {
       double acc = 0;
       for (int64_t kk = 0; kk < pb.K; ++kk)
         acc += load_as_double(b.a.data(), DType::BF16, src * pb.K + kk) * (pb.trans ? q.at(e, kk, n) : q.at(e, n, kk));
+      if (pb.addend) acc = b.addend.acc_scale * acc + load_as_double(b.add.data(), DType::BF16, r * pb.N + n);
       ref.v.push_back(rs * acc);
     }
   }
@@ -249,6 +263,14 @@ int main() {
     problems.push_back({"dense lora_u K" + std::to_string(K), 2048, 1, 1, 16, K, false, false, false, false, false, 1, true});
   problems.push_back({"dense lora_q K4096", 2048, 1, 1, 16, 4096, false, true, false, false, false, 1, true});
   problems.push_back({"qwen3 lora_u T256", 256, 8, 128, 16, 2048, true, false, false, false, false, 1, true});
+  // The W8A8 path's LoRA GEMMs (K = r = 16, CUTLASS's product as the addend): its GEMM1 (GLU, aux
+  // kept) and GEMM2, where the addend GEMM took 3.6 ms at 16384 Qwen3 tokens (bench/NOTES.md,
+  // thirteenth session). LAB_ONLY=addend.
+  for (int64_t T : {int64_t{2048}, int64_t{16384}}) {
+    const std::string t = " T" + std::to_string(T);
+    problems.push_back({"qwen3 addend gemm1" + t, T, 8, 128, 1536, 16, false, false, false, true, false, 1, true, true});
+    problems.push_back({"qwen3 addend gemm2" + t, T, 8, 128, 2048, 16, false, false, false, false, false, 1, true, true});
+  }
   // LAB_ONLY: comma-separated substrings of the problem names to run (ncu runs, quick checks).
   std::vector<std::string> only;
   if (const char* env = std::getenv("LAB_ONLY")) {
@@ -277,8 +299,19 @@ int main() {
     };
     const cuda::gemm::GemmProblem gp = cuda::gemm::describe(b.g);
     for (cuda::gemm::TileShape s : cuda::gemm::kTileShapes)
-      if (cuda::gemm::tile_shape_fits(s, gp)) report(cuda::gemm::tile_shape_name(s), [&] { cuda::grouped_gemm(b.g, nullptr, s); });
-    report("chosen", [&] { cuda::grouped_gemm(b.g, dev, nullptr); });
+      if (cuda::gemm::tile_shape_fits(s, gp))
+        report(cuda::gemm::tile_shape_name(s), [&] {
+          if (pb.addend)
+            cuda::grouped_gemm(b.g, b.addend, nullptr, s);
+          else
+            cuda::grouped_gemm(b.g, nullptr, s);
+        });
+    report("chosen", [&] {
+      if (pb.addend)
+        cuda::grouped_gemm(b.g, b.addend, nullptr);
+      else
+        cuda::grouped_gemm(b.g, dev, nullptr);
+    });
   }
   return 0;
 }

@@ -324,10 +324,13 @@ gemm::GemmProblem gemm::describe(const GroupedGemm& g) {
 }
 
 void grouped_gemm(const GroupedGemm& g, const GemmAddend& addend, cudaStream_t stream) {
-  using namespace gemm;
-  GemmProblem gp = describe(g);
+  gemm::GemmProblem gp = gemm::describe(g);
   gp.plain_sum = false;  // the sum is not the whole result: no split K
-  const TileShape shape = choose_tile_shape(gp);
+  grouped_gemm(g, addend, stream, gemm::choose_tile_shape(gp));
+}
+
+void grouped_gemm(const GroupedGemm& g, const GemmAddend& addend, cudaStream_t stream, gemm::TileShape shape) {
+  using namespace gemm;
   const GemmDims d = check_gemm(g);
   check_view(addend.d, "grouped_gemm addend", {d.M, d.N}, {DType::BF16});
   Params p = gemm_params(g, d, shape);

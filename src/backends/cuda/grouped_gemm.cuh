@@ -155,5 +155,6 @@ void log_choice_once(MakeLine&& make_line, bool always = false) {
 // grouped_gemm with an explicit tile shape instead of choose_tile_shape's (benchmarks and tests
 // run every shape; the result is the same up to fp32 summation order).
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape);
+void grouped_gemm(const GroupedGemm& g, const GemmAddend& addend, cudaStream_t stream, gemm::TileShape shape);
 
 }  // namespace fp8moe::cuda
