@@ -148,8 +148,8 @@ __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, fl
   }
 }
 
-// A block covers kRowsPerBlock-sized runs of rows (EpilogueParams::rows_per_block), one thread per
-// 8 output columns of a row at a time. Rows ascend within a thread, so its expert is found once by
+// A block covers a run of EpilogueParams::rows_per_block rows, one thread per 8 output columns of a
+// row at a time. Rows ascend within a thread, so its expert is found once by
 // a binary search and then advanced, not searched per item. Store writes v; GluForward reads the
 // 8 gate and 8 up columns of its 8 outputs, keeps them in aux (unless aux is D itself and v = D)
 // and writes act(gate, up). Rows at or past offsets[E] (pairs whose id was out of range) hold no
