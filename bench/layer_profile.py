@@ -7,15 +7,17 @@ the GPU (bench/model_bench.py's builder), uniform top-k routing, BF16 activation
   glm    E 64, top-4, H 2048, I 1536, per-channel scales
 
     python3 bench/layer_profile.py --models qwen3,glm --tokens 16384 --precisions w8a16,w8a8 [--lora 16]
-        [--json out/layer_profile.json]
+        [--json out/layer_profile.json] [--md BENCHMARKS.md]
 
 Prints, per (model, tokens, precision, LoRA rank), the total kernel time of a forward and of a
-backward, then each kernel's share (median over --reps profiled iterations).
+backward, then each kernel's share (median over --reps profiled iterations); --md writes a table
+of them, the forward split by kernel family, into BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -24,16 +26,57 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_bench import build_experts, gpu_work  # noqa: E402  (bench/, beside this script)
+import md_sections  # noqa: E402  (bench/, beside this script)
+from model_bench import build_experts, gpu_work  # noqa: E402
+
+SECTION = "One MoE layer, kernel by kernel (layer_profile.py)"
+# The kernel families a layer's time is reported in (BENCHMARKS.md), by the kernel's short name.
+CATEGORIES = (("W8A16 GEMM", ("grouped_gemm",)), ("CUTLASS FP8 GEMM", ("cutlass", "_ZN7cutlass")),
+              ("W8A8 quantize", ("quantize_rows",)), ("W8A8 epilogue", ("epilogue_kernel",)),
+              ("LoRA outer", ("grouped_outer", "outer_split")), ("combine", ("combine",)), ("plan", ("plan_",)))
 
 SHAPES = {"qwen3": dict(E=128, k=8, H=2048, I=768, scheme="block"),
           "glm": dict(E=64, k=4, H=2048, I=1536, scheme="channel")}
 
 
 def short(name: str) -> str:
-    """A kernel's name without namespaces and template arguments (the CUTLASS kernel's are pages)."""
-    base = name.split("<", 1)[0].split("(", 1)[0]
+    """A kernel's name without return type, namespaces, template arguments and parameters (the
+    CUTLASS kernel's run to pages); mangled names are cut to 60 characters."""
+    base = name.replace("(anonymous namespace)::", "")
+    base = base.split("<", 1)[0].split("(", 1)[0].strip()
+    base = base.rsplit(" ", 1)[-1]  # "void f" -> "f"
     return base.rsplit("::", 1)[-1][:60] or name[:60]
+
+
+def category(short_name: str) -> str:
+    """The kernel family of a kernel's short name (CATEGORIES), "other" for the rest."""
+    for cat, keys in CATEGORIES:
+        if any(k in short_name for k in keys):
+            return cat
+    return "other"
+
+
+def markdown(results: list[dict], device: str, command: str, date: str) -> str:
+    """BENCHMARKS.md's section: per (model, tokens, precision, LoRA rank), the forward's and the
+    backward's kernel time and the forward's split by kernel family."""
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    lines = [f"## {SECTION}", "",
+             f"Card: **{device}**; {date}. Written by `bench/layer_profile.py` (`{command}`; "
+             "`STEPS=layerprof scripts/gpu_check.sh` runs it). The experts module with random FP8 weights at the "
+             "model's dimensions (qwen3: E 128, top-8, H 2048, I 768, 128x128 blocks; glm: E 64, top-4, H 2048, "
+             "I 1536, per channel), uniform routing, BF16 activations, LoRA on both expert projections where the rank "
+             "is not 0. Kernel time from torch.profiler's CUDA activity (medians over the profiled iterations), not "
+             "wall time: launch gaps are not counted.", "",
+             "| model | T | precision | LoRA r | forward ms | backward ms | " + " | ".join(f"fwd: {c} µs" for c in cats)
+             + " |", "|---|---|---|---|---|---|" + "---|" * len(cats)]
+    for r in results:
+        split = {c: 0.0 for c in cats}
+        for name, ms in r["forward"]["kernels"]:
+            split[category(name)] += ms
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['lora_rank']} | "
+                     f"{r['forward']['total_ms']:.3f} | {r['backward']['total_ms']:.3f} | "
+                     + " | ".join(f"{split[c] * 1e3:.0f}" if split[c] else "-" for c in cats) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int, device: torch.device) -> dict:
@@ -94,6 +137,7 @@ def main() -> int:
     ap.add_argument("--lora", default="0", help="LoRA ranks on both expert projections (0: none), comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("layer_profile: needs a CUDA GPU", file=sys.stderr)
@@ -113,9 +157,14 @@ def main() -> int:
                         for name, ms in r[phase]["kernels"]:
                             print(f"  {phase[:3]}  {ms * 1e3:9.1f} us  {ms / r[phase]['total_ms'] * 100:5.1f}%  {name}")
                     torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(device)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(device), "results": results}, f, indent=1)
+            json.dump({"device": name, "results": results}, f, indent=1)
+    if a.md:
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        command = "bench/layer_profile.py " + " ".join(sys.argv[1:])
+        md_sections.replace_section(a.md, SECTION, markdown(results, name, command, date))
     return 0
 
 

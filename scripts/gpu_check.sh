@@ -175,8 +175,9 @@ if has_step python; then
 fi
 
 if has_step layerprof; then  # every kernel of one layer's forward and backward, per precision (bench.log)
-  run_timed layerprof "$OUT/bench.log" python3 bench/layer_profile.py ${LAYERPROF_ARGS:-}
-  record layerprof "$STATUS" "$SECS" "log bench.log"
+  # shellcheck disable=SC2086
+  run_timed layerprof "$OUT/bench.log" python3 bench/layer_profile.py --md "$OUT/BENCHMARKS.md" ${LAYERPROF_ARGS:-}
+  record layerprof "$STATUS" "$SECS" "its section of BENCHMARKS.md; every kernel in bench.log"
 fi
 
 if has_step sm80; then
