@@ -34,3 +34,22 @@ def gen(request) -> torch.Generator:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     return g
+
+
+@pytest.fixture
+def use_precision():
+    """use(precision, device): sets the device engine's forward GEMM precision for this test, or
+    skips the test where that precision cannot run (W8A8 outside Hopper builds with its kernel);
+    every engine it touched is back on w8a16 when the test ends, passed or not."""
+    touched: list[torch.device] = []
+
+    def use(precision: str, device: torch.device) -> None:
+        try:
+            fp8moe.set_gemm_precision(precision, device)
+        except fp8moe.Fp8MoeError as e:
+            pytest.skip(f"{precision} cannot run here: {e}")
+        touched.append(device)
+
+    yield use
+    for d in touched:
+        fp8moe.set_gemm_precision("w8a16", d)

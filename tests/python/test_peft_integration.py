@@ -119,16 +119,11 @@ def test_merging_into_fp8_weights_is_refused(root):
 
 
 @pytest.fixture(params=["w8a16", "w8a8-down"])
-def precision(request, device):
-    """The forward FP8 GEMMs' precision of the device's engine for one test, restored afterwards.
-    W8A8 runs only on Hopper builds with the CUTLASS kernel: elsewhere its case is skipped."""
-    if request.param != "w8a16":
-        try:
-            fp8moe.set_gemm_precision(request.param, device)
-        except fp8moe.Fp8MoeError as e:
-            pytest.skip(f"{request.param} cannot run here: {e}")
-    yield request.param
-    fp8moe.set_gemm_precision("w8a16", device)
+def precision(request, device, use_precision):
+    """The forward FP8 GEMMs' precision of the device's engine for one test (conftest's
+    use_precision: skipped where W8A8 cannot run, w8a16 again afterwards)."""
+    use_precision(request.param, device)
+    return request.param
 
 
 def test_loss_parity_over_100_steps(root, device, gen, precision):
