@@ -25,11 +25,8 @@ def peft_models(tmp_path_factory):
 
     def get(device: str):
         if device not in made:
-            # F32 on the CPU: in BF16, inductor's fused router math may flip a top-k near-tie that
-            # eager does not, and one token's experts differ (seen: 10% error on one seed in six).
-            dtype = torch.float32 if device == "cpu" else torch.bfloat16
             model = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe", "block"), device=device,
-                                           dtype=dtype)
+                                           dtype=torch.bfloat16)
             cfg = peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "o_proj"],
                                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
             made[device] = peft.get_peft_model(model, cfg)
@@ -46,12 +43,39 @@ def _layer_inputs(model, T, gen):
     return inner, x, pos, inner.rotary_emb(x, pos)
 
 
+def _router_near_ties(layer, run) -> tuple[object, torch.Tensor]:
+    """(run()'s output, [T] bool): marks the tokens whose k-th and (k+1)-th router logits, as eager `run()` computes them, lie
+    within 2^-4 of the k-th's magnitude (8-16 BF16 ulps). Inductor's fused router math rounds
+    differently from eager, and so does the attention before it, so such a token may get another
+    expert set in the compiled graph: seen on the CPU in BF16, a token at 1.5 ulps taking a different
+    expert in 4 seeds of 30, up to 77% error on that token. Every other token must match."""
+    gate, seen = layer.mlp.gate, []
+
+    def keep_input(module, args):  # returns None: the router's input stays as it is
+        seen.append(args[0].detach())
+
+    hook = gate.register_forward_pre_hook(keep_input)
+    try:
+        out = run()
+    finally:
+        hook.remove()
+    logits = torch.nn.functional.linear(seen[0].reshape(-1, gate.weight.shape[1]), gate.weight).float()
+    top = logits.topk(gate.top_k + 1, dim=-1).values
+    kth = top[:, gate.top_k - 1]
+    return out, (kth - top[:, gate.top_k]) <= 2.0 ** -4 * kth.abs()
+
+
 def test_decoder_layer_compiles_fullgraph(peft_models, device, gen):
     inner, x, pos, pe = _layer_inputs(peft_models(device.type), 24, gen)
     layer = inner.layers[1]
-    eager = layer(x, position_embeddings=pe, position_ids=pos, attention_mask=None)
+    eager, ties = _router_near_ties(layer, lambda: layer(x, position_embeddings=pe, position_ids=pos,
+                                                          attention_mask=None))
     eager = eager[0] if isinstance(eager, tuple) else eager
-    g = torch.randn_like(eager)
+    assert int(ties.sum()) <= 6, "too many router near-ties to compare the rest (random router weights?)"
+    # A near-tie token is left out of the comparison and, by a zero output gradient, out of the
+    # backward: its expert output reaches no other token (the MLP comes after the attention).
+    keep = ~ties.to(eager.device)
+    g = torch.randn_like(eager) * keep[None, :, None]
     params = [p for p in layer.parameters() if p.requires_grad]
     grads_e = torch.autograd.grad(eager, [x, *params], g)
 
@@ -60,7 +84,7 @@ def test_decoder_layer_compiles_fullgraph(peft_models, device, gen):
     out = compiled(x, position_embeddings=pe, position_ids=pos, attention_mask=None)
     out = out[0] if isinstance(out, tuple) else out
     grads_c = torch.autograd.grad(out, [x, *params], g)
-    assert ref.rel_err(out, eager) < 1e-2
+    assert ref.rel_err(out[:, keep], eager[:, keep]) < 1e-2
     for a, b in zip(grads_c, grads_e):
         assert ref.rel_err(a, b) < 2e-2
 
