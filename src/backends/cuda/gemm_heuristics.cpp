@@ -79,6 +79,12 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   //   projections of Qwen3's LoRA at T 16384: 3.84 ms on the 128-wide wgmma tile, 1.22 ms on
   //   this one (sixth session).
   if (p.n <= kNarrowN) return TileShape::M128N32;
+  // - K no longer than one mma.sync K step (W8A8's LoRA GEMM, K = r, adding CUTLASS's product
+  //   in its epilogue): the epilogue's loads and stores are the work, and the mma.sync tiles fit
+  //   more CTAs per SM than the wgmma one. Qwen3's pair at 16384 tokens: 1.08 + 1.15 ms on the
+  //   64-row tile, 1.75 + 1.87 ms on the 128 x 128 wgmma tile; at 2048 tokens (128 rows per
+  //   expert) 0.17 + 0.18 against 0.29 + 0.30 (H100, fourteenth session).
+  if (p.k <= kShortK) return rows <= 32 * experts ? TileShape::M32N128 : TileShape::M64N128;
   if (sm90 && (rows >= 128 * experts || p.fine_k_scale)) return TileShape::Sm90M128N128;
   if (rows <= 32 * experts) return TileShape::M32N128;
   return TileShape::M64N128;

@@ -86,6 +86,8 @@ constexpr bool tile_takes_storage(TileShape s, int a_bytes, int b_bytes) {
 }
 // The widest N that choose_tile_shape gives the narrow tile.
 constexpr int64_t kNarrowN = 32;
+// The longest reduction that choose_tile_shape treats as one K step (the epilogue is the work).
+constexpr int64_t kShortK = 32;
 // Whether `s` can run on the current device (tests and benchmarks skip the others).
 bool tile_shape_supported(TileShape s);
 // Whether this process can run the wgmma kernels on the current device: the card is sm_90 and

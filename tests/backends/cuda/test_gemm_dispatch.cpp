@@ -124,10 +124,11 @@ TEST(GemmDispatch, LoraOnlyWithWholeBf16Chunks) {
 // The thresholds of choose_tile_shape (measured in bench/NOTES.md), on both kinds of device.
 TEST(GemmDispatch, TileShapeChoice) {
   using cuda::gemm::TileShape;
-  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90, int64_t n = 2048) {
+  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90, int64_t n = 2048, int64_t k = 2048) {
     cuda::gemm::GemmProblem p;
     p.experts = 128;
     p.n = n;
+    p.k = k;
     p.rows = rows_per_expert * p.experts;
     p.rega_fits = rega;
     p.fine_k_scale = fine_k;
@@ -158,6 +159,14 @@ TEST(GemmDispatch, TileShapeChoice) {
     EXPECT_NE(choose(1024, false, false, sm90, 33), TileShape::M128N32);
   }
   EXPECT_EQ(choose(1024, true, false, true, 16), TileShape::Sm90RegAT256);
+  // K of one mma.sync step (W8A8's rank-r GEMM with its addend): an mma.sync tile at every size.
+  for (const bool sm90 : {false, true}) {
+    EXPECT_EQ(choose(1024, false, false, sm90, 2048, 16), TileShape::M64N128);
+    EXPECT_EQ(choose(128, false, true, sm90, 1536, cuda::gemm::kShortK), TileShape::M64N128);
+    EXPECT_EQ(choose(16, false, false, sm90, 2048, 16), TileShape::M32N128);
+    EXPECT_EQ(choose(1024, false, false, sm90, 16, 16), TileShape::M128N32);  // narrow N first
+  }
+  EXPECT_EQ(choose(1024, false, false, true, 2048, cuda::gemm::kShortK + 1), TileShape::Sm90M128N128);
 }
 
 // The traits the build and the dispatch read from tile_shapes.def, where the kernels assume them.
