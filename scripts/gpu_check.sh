@@ -25,7 +25,8 @@
 #   SANITIZE_FILTER  gtest filter for compute-sanitizer (default: below, small shapes)
 #   BENCH_ARGS       arguments for `fp8moe bench` (default: --shape all --tokens 256,4096,16384 --routing both)
 #   LAYERPROF_ARGS   arguments of bench/layer_profile.py for the layerprof step (per-kernel GPU time of
-#                    one MoE layer, forward and backward, per precision; default: its own defaults)
+#                    one MoE layer, forward and backward; default: Qwen3 and GLM at 16384 tokens, every
+#                    precision, without LoRA and with rank 16 on both expert projections; ~40 s)
 #   MODEL_BENCH_MODELS, MODEL_BENCH_ARGS  the model step's models (default qwen3,glm) and extra arguments
 #                    of bench/model_bench.py (e.g. "--compile --configs b")
 #   STEP_TIMEOUT     seconds after which a step is killed and marked FAIL (default 900)
@@ -176,7 +177,8 @@ fi
 
 if has_step layerprof; then  # every kernel of one layer's forward and backward, per precision (bench.log)
   # shellcheck disable=SC2086
-  run_timed layerprof "$OUT/bench.log" python3 bench/layer_profile.py --md "$OUT/BENCHMARKS.md" ${LAYERPROF_ARGS:-}
+  run_timed layerprof "$OUT/bench.log" python3 bench/layer_profile.py --md "$OUT/BENCHMARKS.md" \
+    ${LAYERPROF_ARGS:---precisions w8a16,w8a8,w8a8-down --lora 0,16}
   record layerprof "$STATUS" "$SECS" "its section of BENCHMARKS.md; every kernel in bench.log"
 fi
 
