@@ -9,7 +9,8 @@
 The engine (kernels, checkpoint loader) is C++ (fp8moe._C); this package is the PyTorch /
 transformers / PEFT glue: custom ops (fp8moe.ops), modules (fp8moe.modeling), loading
 (fp8moe.loading), the PEFT hookup (fp8moe.peft_integration), merged export (fp8moe.export) and
-the fine-tuning command (python -m fp8moe.finetune) and the chunked causal-LM loss (fp8moe.loss).
+the fine-tuning command (python -m fp8moe.finetune), the chunked causal-LM loss (fp8moe.loss) and
+the optimizer stepped from backward (fp8moe.optim).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .modeling import Fp8Experts, Fp8Linear, compile_decoder_layers
 from .loading import from_pretrained, patch
 from .export import export_merged
 from . import loss
+from . import optim
 
 try:
     from . import peft_integration as _peft_integration
@@ -30,5 +32,5 @@ try:
 except ImportError:  # pragma: no cover - PEFT missing or broken: fp8moe still loads and trains
     pass
 
-__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss",
+__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss", "optim",
            "set_gemm_precision", "gemm_precision", "compile_decoder_layers", "__version__"]
