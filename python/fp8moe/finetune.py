@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ._engine import GEMM_PRECISIONS, Fp8MoeError
+from .optim import StepInBackward
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -118,6 +119,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--packing", action="store_true", help="concatenate examples into full seq-len rows")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="step the optimizer per decoder layer while backward runs and free each layer's "
+                        "gradients at once (fp8moe.optim.StepInBackward): the same update, without holding every "
+                        "adapter gradient at the step's peak; not with --grad-accum above 1")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every decoder layer (fp8moe.compile_decoder_layers): faster steps after a "
                         "one-time compile")
@@ -133,6 +138,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--rank, --lr, --batch-size and --grad-accum must be positive and --seq-len at least 2")
     if (a.steps is not None and a.steps < 1) or (a.epochs is not None and a.epochs <= 0):
         p.error("--steps / --epochs must be positive")
+    if a.step_in_backward and a.grad_accum > 1:
+        p.error("--step-in-backward uses each gradient as soon as backward completes it, so it cannot accumulate "
+                "gradients over micro-batches: drop it or use --grad-accum 1")
     return a
 
 
@@ -163,14 +171,20 @@ def run(a: argparse.Namespace) -> dict:
     if a.compile:
         compile_decoder_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+
     # fused on the GPU: one kernel for the whole update, without the foreach path's temporaries as
     # large as the adapters (2.3 GiB of F32 expert LoRA at Qwen3-30B-A3B's size, r 16).
-    opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=a.weight_decay, fused=device.type == "cuda")
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, fused=device.type == "cuda")
+
+    stepper = StepInBackward(model, adamw) if a.step_in_backward else None
+    optimizers = stepper.optimizers if stepper else [adamw(trainable)]
     tokens_per_epoch = sum(len(e) for e in examples)
     per_step = a.batch_size * a.grad_accum * (a.seq_len if a.packing else
                                                max(1, tokens_per_epoch // len(examples)))
     steps = a.steps or max(1, math.ceil((a.epochs or 1.0) * tokens_per_epoch / per_step))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a.warmup_steps)))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, a.warmup_steps)))
+              for o in optimizers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     data = batches(examples, a.seq_len, a.batch_size, a.packing, pad, torch.Generator().manual_seed(a.seed))
 
@@ -193,15 +207,19 @@ def run(a: argparse.Namespace) -> dict:
                     ids, labels = next(data)
                     ids, labels = ids.to(device), labels.to(device)
                     loss = model(input_ids=ids, labels=labels).loss / a.grad_accum
-                    loss.backward()
+                    loss.backward()  # with a stepper, this steps the optimizers too
                     total += float(loss.detach())
                     seen += int((labels != -100).sum())
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                if stepper:
+                    stepper.finish()
+                else:
+                    optimizers[0].step()
+                    optimizers[0].zero_grad(set_to_none=True)
+                for sched in scheds:
+                    sched.step()
                 losses.append(total)
                 elapsed = time.time() - t0
-                log.writerow([step, f"{total:.6f}", f"{sched.get_last_lr()[0]:.3e}", seen, f"{elapsed:.2f}"])
+                log.writerow([step, f"{total:.6f}", f"{scheds[0].get_last_lr()[0]:.3e}", seen, f"{elapsed:.2f}"])
                 logf.flush()
                 bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{seen / max(elapsed, 1e-9):.0f}")
                 bar.update(1)

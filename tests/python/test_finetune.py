@@ -96,3 +96,21 @@ def test_finetune_with_compiled_layers(ckpt, data, tmp_path):
     losses = [float(r["loss"]) for r in csv.DictReader(open(out / "loss_log.csv"))]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_step_in_backward_writes_the_same_adapter(ckpt, data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = [ckpt, data, "--rank", "4", "--steps", "4", "--lr", "3e-3", "--seq-len", "48", "--packing",
+              "--gradient-checkpointing", "--warmup-steps", "2", "--device", "cpu", "--seed", "3"]
+    assert finetune.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert finetune.main([*common, "--out", str(tmp_path / "staged"), "--step-in-backward"]) == 0
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    staged = load_file(str(tmp_path / "staged" / "adapter_model.safetensors"))
+    assert plain.keys() == staged.keys() and plain
+    assert all(torch.equal(plain[k], staged[k]) for k in plain)
+    rows = [list(csv.DictReader(open(tmp_path / d / "loss_log.csv"))) for d in ("plain", "staged")]
+    assert [(r["loss"], r["lr"]) for r in rows[0]] == [(r["loss"], r["lr"]) for r in rows[1]]
+    with pytest.raises(SystemExit):
+        finetune.parse_args([*common, "--out", str(tmp_path / "x"), "--step-in-backward", "--grad-accum", "2"])
+    assert "--grad-accum" in capsys.readouterr().err
