@@ -184,8 +184,9 @@ def host_profile(p) -> dict:
 
 
 def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
-            compile_layers: bool = False, compile_mode: Optional[str] = None) -> dict:
+            compile_layers: bool = False, compile_mode: Optional[str] = None, step_in_backward: bool = False) -> dict:
     import peft
+    from fp8moe.optim import StepInBackward
 
     model.config.use_cache = False
     pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, **targets))
@@ -198,7 +199,13 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     params = [p for p in pm.parameters() if p.requires_grad]
     # Fused on the GPU, as transformers' Trainer defaults to (adamw_torch_fused) and fp8moe.finetune
     # uses; the foreach path holds temporaries as large as the adapters at the step.
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    def adamw(ps):
+        return torch.optim.AdamW(ps, lr=1e-5, fused=device.type == "cuda")
+
+    # --step-in-backward: each decoder layer's adapters step as soon as backward has their gradients
+    # (fp8moe.optim), so the step's peak does not hold every adapter gradient.
+    stepper = StepInBackward(pm, adamw) if step_in_backward else None
+    opt = None if stepper else adamw(params)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -206,8 +213,11 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         ids = torch.randint(0, vocab, (1, seq), device=device, generator=gen)
         loss = pm(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if stepper:
+            stepper.finish()
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     for _ in range(warmup):
@@ -244,6 +254,8 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
         out["profile"] = {"gpu_ms": total, "fp8moe_kernels_ms": ours, "fp8moe_share": ours / max(total, 1e-9),
                           "top": [(k[:90], v) for k, v in top], "host": host_profile(p)}
+    if stepper:
+        stepper.remove()  # the check below keeps its gradients
     with torch.no_grad():
         pm.zero_grad(set_to_none=True)
     # every LoRA tensor gets a gradient (checked once, on the last step's graph)
@@ -251,7 +263,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     pm(input_ids=ids, labels=ids).loss.backward()
     out["lora_with_grad"] = sum(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
     pm.zero_grad(set_to_none=True)
-    del opt
+    del opt, stepper
     pm.unload()
     return out
 
@@ -277,6 +289,9 @@ def main() -> int:
                    help="torch.compile's mode with --compile (e.g. reduce-overhead: CUDA graphs per layer)")
     p.add_argument("--precision", choices=("w8a16", "w8a8", "w8a8-down"), default="w8a16",
                    help="fp8moe's forward FP8 GEMMs (fp8moe.set_gemm_precision); w8a8 needs Hopper")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="fp8moe steps AdamW per decoder layer during backward (fp8moe.optim.StepInBackward, "
+                        "`fp8moe finetune --step-in-backward`); the peer steps after backward as usual")
     p.add_argument("--profile", action="store_true",
                    help="profile one step of every fp8moe configuration run (default: (b) in eager runs only)")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
@@ -299,8 +314,10 @@ def main() -> int:
     fp8moe.set_gemm_precision(a.precision, device)
     # Each variant (precision, compiled layers) has its own JSON and BENCHMARKS.md section.
     variant = ([f"compiled layers ({a.compile_mode or 'default'} mode)"] if a.compile else []) + \
-        ({"w8a8": ["W8A8 forward GEMMs"], "w8a8-down": ["W8A8 down projection"]}.get(a.precision, []))
-    suffix = ("_compiled" if a.compile else "") + ("" if a.precision == "w8a16" else "_" + a.precision.replace("-", "_"))
+        ({"w8a8": ["W8A8 forward GEMMs"], "w8a8-down": ["W8A8 down projection"]}.get(a.precision, [])) + \
+        (["fp8moe steps in backward"] if a.step_in_backward else [])
+    suffix = ("_compiled" if a.compile else "") + ("" if a.precision == "w8a16" else "_" + a.precision.replace("-", "_")) + \
+        ("_step_in_backward" if a.step_in_backward else "")
 
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -329,7 +346,8 @@ def main() -> int:
                 try:
                     res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
                                   profile=impl == "fp8moe" and (a.profile or (k == "b" and not a.compile)),
-                                  compile_layers=a.compile, compile_mode=a.compile_mode)
+                                  compile_layers=a.compile, compile_mode=a.compile_mode,
+                                  step_in_backward=a.step_in_backward and impl == "fp8moe")
                 except Exception as e:  # a side that fails is a result too (say, the peer under torch.compile)
                     failed = k
                     res = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
