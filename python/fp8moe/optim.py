@@ -9,7 +9,7 @@ their gradients and frees them: the step's peak holds one layer's gradients inst
 The update is the optimizer's own, on the same gradients: the same result as `loss.backward();
 opt.step(); opt.zero_grad()`, one optimizer per group. It cannot serve gradient accumulation (a
 gradient is used as soon as it is complete) nor clipping by the global norm (no step sees all
-gradients); the fine-tuning command refuses those combinations.
+gradients); the fine-tuning command refuses it with `--grad-accum` above 1 (it has no clipping).
 
     stepper = StepInBackward(model, lambda params: torch.optim.AdamW(params, lr=2e-4, fused=True))
     for batch in data:
@@ -78,10 +78,9 @@ class StepInBackward:
         self._ready[i] = 0
 
     def finish(self) -> None:
-        """After backward: steps every group that got some but not all of its gradients (a
-        parameter that took no part in the step, such as an unused expert's adapter where PEFT
-        leaves it out of the graph). A group that got none is not stepped, as a plain step would
-        skip parameters without a gradient."""
+        """After backward: steps every group that got some but not all of its gradients (some of
+        its parameters took no part in this backward). Parameters without a gradient are left
+        alone, as a plain step leaves them; a group that got none is not stepped."""
         for i, n in enumerate(self._ready):
             if n:
                 self._step(i)
