@@ -186,7 +186,7 @@ def host_profile(p) -> dict:
 def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
             compile_layers: bool = False, compile_mode: Optional[str] = None, step_in_backward: bool = False) -> dict:
     import peft
-    from fp8moe.optim import StepInBackward
+    from fp8moe.optim import StepAfterBackward, StepInBackward
 
     model.config.use_cache = False
     pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, **targets))
@@ -204,8 +204,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
 
     # --step-in-backward: each decoder layer's adapters step as soon as backward has their gradients
     # (fp8moe.optim), so the step's peak does not hold every adapter gradient.
-    stepper = StepInBackward(pm, adamw) if step_in_backward else None
-    opt = None if stepper else adamw(params)
+    stepper = (StepInBackward if step_in_backward else StepAfterBackward)(pm, adamw)
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -213,11 +212,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         ids = torch.randint(0, vocab, (1, seq), device=device, generator=gen)
         loss = pm(input_ids=ids, labels=ids).loss
         loss.backward()
-        if stepper:
-            stepper.finish()
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        stepper.finish()
         return loss
 
     for _ in range(warmup):
@@ -254,8 +249,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
         out["profile"] = {"gpu_ms": total, "fp8moe_kernels_ms": ours, "fp8moe_share": ours / max(total, 1e-9),
                           "top": [(k[:90], v) for k, v in top], "host": host_profile(p)}
-    if stepper:
-        stepper.remove()  # the check below keeps its gradients
+    stepper.remove()  # the check below keeps its gradients
     with torch.no_grad():
         pm.zero_grad(set_to_none=True)
     # every LoRA tensor gets a gradient (checked once, on the last step's graph)
@@ -263,7 +257,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     pm(input_ids=ids, labels=ids).loss.backward()
     out["lora_with_grad"] = sum(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
     pm.zero_grad(set_to_none=True)
-    del opt, stepper
+    del stepper
     pm.unload()
     return out
 

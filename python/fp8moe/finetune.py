@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ._engine import GEMM_PRECISIONS, Fp8MoeError
-from .optim import StepInBackward
+from .optim import StepAfterBackward, StepInBackward
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -170,21 +170,18 @@ def run(a: argparse.Namespace) -> dict:
     model.train()
     if a.compile:
         compile_decoder_layers(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
     # fused on the GPU: one kernel for the whole update, without the foreach path's temporaries as
     # large as the adapters (2.3 GiB of F32 expert LoRA at Qwen3-30B-A3B's size, r 16).
     def adamw(params):
         return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, fused=device.type == "cuda")
 
-    stepper = StepInBackward(model, adamw) if a.step_in_backward else None
-    optimizers = stepper.optimizers if stepper else [adamw(trainable)]
+    stepper = (StepInBackward if a.step_in_backward else StepAfterBackward)(model, adamw)
     tokens_per_epoch = sum(len(e) for e in examples)
     per_step = a.batch_size * a.grad_accum * (a.seq_len if a.packing else
                                                max(1, tokens_per_epoch // len(examples)))
     steps = a.steps or max(1, math.ceil((a.epochs or 1.0) * tokens_per_epoch / per_step))
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, a.warmup_steps)))
-              for o in optimizers]
+              for o in stepper.optimizers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     data = batches(examples, a.seq_len, a.batch_size, a.packing, pad, torch.Generator().manual_seed(a.seed))
 
@@ -207,14 +204,10 @@ def run(a: argparse.Namespace) -> dict:
                     ids, labels = next(data)
                     ids, labels = ids.to(device), labels.to(device)
                     loss = model(input_ids=ids, labels=labels).loss / a.grad_accum
-                    loss.backward()  # with a stepper, this steps the optimizers too
+                    loss.backward()  # StepInBackward steps the optimizers in here
                     total += float(loss.detach())
                     seen += int((labels != -100).sum())
-                if stepper:
-                    stepper.finish()
-                else:
-                    optimizers[0].step()
-                    optimizers[0].zero_grad(set_to_none=True)
+                stepper.finish()
                 for sched in scheds:
                     sched.step()
                 losses.append(total)

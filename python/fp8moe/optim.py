@@ -16,6 +16,9 @@ gradients); the fine-tuning command refuses it with `--grad-accum` above 1 (it h
         model(**batch).loss.backward()
         stepper.finish()          # steps any group backward left incomplete
     stepper.remove()              # detaches the hooks (e.g. before an evaluation backward)
+
+`StepAfterBackward` has the same face for the plain step (one optimizer, stepped by `finish()`), so
+a training loop takes either without a branch of its own.
 """
 
 from __future__ import annotations
@@ -90,3 +93,21 @@ class StepInBackward:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class StepAfterBackward:
+    """The plain step behind StepInBackward's face: one optimizer over every trainable parameter,
+    stepped (and its gradients freed) by `finish()` after backward."""
+
+    def __init__(self, model: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise Fp8MoeError("StepAfterBackward: the model has no trainable parameters")
+        self.optimizers = [make_optimizer(params)]
+
+    def finish(self) -> None:
+        self.optimizers[0].step()
+        self.optimizers[0].zero_grad(set_to_none=True)
+
+    def remove(self) -> None:
+        """Nothing to detach (the same face as StepInBackward.remove)."""

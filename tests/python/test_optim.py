@@ -1,4 +1,4 @@
-"""StepInBackward: the optimizer stepped per decoder layer from backward gives the same parameters
+"""StepInBackward (and the plain StepAfterBackward): the optimizer stepped per decoder layer from backward gives the same parameters
 as the plain loop (loss.backward(); opt.step(); opt.zero_grad()), bit for bit, on an fp8moe model
 with PEFT LoRA on attention and experts and gradient checkpointing; no gradient outlives its
 layer's step."""
@@ -93,3 +93,18 @@ def test_refuses_nothing_to_train_and_shared_parameters():
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(fp8moe.Fp8MoeError, match="two groups"):
         StepInBackward(torch.nn.Module(), _adamw, groups=[[p], [p]])
+
+
+def test_step_after_backward_is_the_plain_step():
+    from fp8moe.optim import StepAfterBackward
+
+    model = torch.nn.Linear(3, 2)
+    stepper = StepAfterBackward(model, lambda ps: torch.optim.SGD(ps, lr=0.5))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 3)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    stepper.finish()
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert p.grad is None and torch.equal(p.detach(), b - 0.5 * g)
+    with pytest.raises(fp8moe.Fp8MoeError, match="no trainable parameters"):
+        StepAfterBackward(torch.nn.Linear(2, 2).requires_grad_(False), _adamw)
