@@ -1,7 +1,7 @@
-"""StepInBackward (and the plain StepAfterBackward): the optimizer stepped per decoder layer from backward gives the same parameters
+"""StepInBackward: the optimizer stepped per decoder layer from backward gives the same parameters
 as the plain loop (loss.backward(); opt.step(); opt.zero_grad()), bit for bit, on an fp8moe model
 with PEFT LoRA on attention and experts and gradient checkpointing; no gradient outlives its
-layer's step."""
+layer's step. StepAfterBackward, the plain step behind the same face, is that loop."""
 
 from __future__ import annotations
 
