@@ -9,8 +9,9 @@
 The engine (kernels, checkpoint loader) is C++ (fp8moe._C); this package is the PyTorch /
 transformers / PEFT glue: custom ops (fp8moe.ops), modules (fp8moe.modeling), loading
 (fp8moe.loading), the PEFT hookup (fp8moe.peft_integration), merged export (fp8moe.export) and
-the fine-tuning command (python -m fp8moe.finetune), the chunked causal-LM loss (fp8moe.loss) and
-the optimizer stepped from backward (fp8moe.optim).
+the fine-tuning command (python -m fp8moe.finetune), the chunked causal-LM loss (fp8moe.loss),
+the optimizer stepped from backward (fp8moe.optim) and the training step as one CUDA graph
+(fp8moe.graphs).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .loading import from_pretrained, patch
 from .export import export_merged
 from . import loss
 from . import optim
+from . import graphs
+from .graphs import CudaGraphStep
 
 try:
     from . import peft_integration as _peft_integration
@@ -32,5 +35,5 @@ try:
 except ImportError:  # pragma: no cover - PEFT missing or broken: fp8moe still loads and trains
     pass
 
-__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss", "optim",
+__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss", "optim", "graphs", "CudaGraphStep",
            "set_gemm_precision", "gemm_precision", "compile_decoder_layers", "__version__"]

@@ -1,0 +1,197 @@
+"""The whole training step as one CUDA graph: forward, loss, backward and optimizer step replayed
+with no Python in between.
+
+At fine-tuning sizes (2048 tokens, batch 1) a step of an FP8 MoE model is host-bound: every
+decoder layer runs its Python twice under gradient checkpointing, and transformers, PEFT and the
+engine's op calls launch thousands of short kernels, so the GPU waits for the host for a large
+part of the step. fp8moe's ops never synchronise with the host (the routing plan is built on the
+device), so the step can be captured once and replayed: the step then costs its GPU time.
+
+    opt = lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(2e-4, device="cuda"), fused=True, capturable=True)
+    step = CudaGraphStep(model, StepAfterBackward(model, opt))    # or StepInBackward
+    for batch in data:                                            # same shapes every step
+        loss = step(input_ids=batch["input_ids"], labels=batch["labels"])
+
+This is torch's whole-network capture, packaged for a transformers/PEFT model:
+- the first `warmup_steps` calls are ordinary eager steps (on a side stream, as torch asks), which
+  also create the optimizer state; the next call captures the step and replays it; later calls copy
+  the batch into the captured inputs and replay;
+- every call must pass tensors of the first call's names, shapes and dtypes;
+- optimizers must be `capturable`; a hyperparameter that is a Python number is part of the graph,
+  so it may not change after capture (a clear error says so): give the learning rate as a tensor
+  on the device, and LR schedulers update it in place;
+- under gradient checkpointing the recomputation may not restore RNG state (it cannot be read
+  during capture), so checkpointing is switched to `preserve_rng_state=False`, and a model with
+  active dropout is refused (its recomputation would draw other masks).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._engine import Fp8MoeError
+
+
+def _active_dropout(model: nn.Module) -> Optional[str]:
+    """The first module that would draw random numbers in training, as 'name: what'."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name or type(m).__name__}: {type(m).__name__}(p={m.p})"
+        p = getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and p > 0:  # transformers' attention modules apply it in training
+            return f"{name}: attention_dropout={p}"
+    return None
+
+
+def _checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)]
+
+
+def _refuse_dropout_under_checkpointing(model: nn.Module) -> None:
+    dropout = _active_dropout(model) if _checkpointing_modules(model) else None
+    if dropout is not None:
+        raise Fp8MoeError(
+            f"CudaGraphStep: gradient checkpointing recomputes the forward, and with dropout ({dropout}) the "
+            "recomputation must replay the same masks, which needs the CUDA RNG state saved; that state cannot "
+            "be read while a graph is captured. Set the dropout to 0 or turn off gradient checkpointing")
+
+
+def _graph_safe_checkpointing(model: nn.Module) -> int:
+    """Turns off RNG-state preservation in transformers' gradient checkpointing (torch cannot read a
+    CUDA generator's state during capture; without dropout there is nothing to preserve). Returns
+    how many modules checkpoint."""
+    modules = _checkpointing_modules(model)
+    for m in modules:
+        f = m._gradient_checkpointing_func
+        if isinstance(f, functools.partial):
+            m._gradient_checkpointing_func = functools.partial(f.func, *f.args,
+                                                               **{**f.keywords, "preserve_rng_state": False})
+        elif f is torch.utils.checkpoint.checkpoint:
+            m._gradient_checkpointing_func = functools.partial(f, preserve_rng_state=False)
+        else:
+            raise Fp8MoeError(f"CudaGraphStep: {type(m).__name__} checkpoints through {f!r}, which this step cannot "
+                              "make capture-safe; use transformers' gradient_checkpointing_enable")
+    return len(modules)
+
+
+def _fixed_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
+    """Each group's hyperparameters that a captured step bakes in (the Python numbers)."""
+    return [[{k: v for k, v in g.items() if k not in ("params", "initial_lr") and not torch.is_tensor(v)}
+             for g in opt.param_groups] for opt in optimizers]
+
+
+class CudaGraphStep:
+    """Calls `model(**batch).loss.backward()` and `stepper.finish()` (a StepAfterBackward or
+    StepInBackward from fp8moe.optim) as one CUDA graph after `warmup_steps` eager steps. Each call
+    is one training step and returns its loss (a detached 0-dim tensor on the device)."""
+
+    def __init__(self, model: nn.Module, stepper, warmup_steps: int = 3):
+        if warmup_steps < 1:
+            raise Fp8MoeError(f"CudaGraphStep: warmup_steps must be at least 1 (the eager steps create the optimizer "
+                              f"state that the graph updates), found {warmup_steps}")
+        for i, opt in enumerate(stepper.optimizers):
+            for j, g in enumerate(opt.param_groups):
+                if not g.get("capturable", False):
+                    raise Fp8MoeError(f"CudaGraphStep: optimizer {i} ({type(opt).__name__}) group {j} is not "
+                                      "capturable; construct it with capturable=True (fused AdamW and Adam support it)")
+        _refuse_dropout_under_checkpointing(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise Fp8MoeError("CudaGraphStep: the model has no trainable parameters")
+        if any(p.device.type != "cuda" for p in params):
+            found = sorted({str(p.device) for p in params})
+            raise Fp8MoeError(f"CudaGraphStep: CUDA graphs need the trainable parameters on a CUDA device, found {found}")
+        _graph_safe_checkpointing(model)
+        self.model, self.stepper, self.warmup_steps = model, stepper, warmup_steps
+        self.device = params[0].device
+        self.steps = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._inputs: dict[str, Tensor] = {}
+        self._loss: Optional[Tensor] = None
+        self._hyper: list[list[dict[str, Any]]] = []
+        self._side = torch.cuda.Stream(self.device)
+
+    def _step(self, batch: dict[str, Tensor]) -> Tensor:
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.stepper.finish()
+        return loss.detach()
+
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        for k, v in batch.items():
+            if not torch.is_tensor(v):
+                raise Fp8MoeError(f"CudaGraphStep: argument {k!r} must be a tensor (a captured step replays fixed "
+                                  f"inputs), found {type(v).__name__}")
+        if not self._inputs:
+            return
+        if set(batch) != set(self._inputs):
+            raise Fp8MoeError(f"CudaGraphStep: the step was captured with arguments {sorted(self._inputs)}, "
+                              f"found {sorted(batch)}")
+        for k, v in batch.items():
+            s = self._inputs[k]
+            if v.shape != s.shape or v.dtype != s.dtype:
+                raise Fp8MoeError(f"CudaGraphStep: {k!r} was captured as {s.dtype} {tuple(s.shape)}, found {v.dtype} "
+                                  f"{tuple(v.shape)}; pad batches to one shape (a new shape needs a new CudaGraphStep)")
+
+    def _check_hyperparameters(self) -> None:
+        now = _fixed_hyperparameters(self.stepper.optimizers)
+        for i, (was_groups, now_groups) in enumerate(zip(self._hyper, now)):
+            for j, (was, cur) in enumerate(zip(was_groups, now_groups)):
+                for k in was:
+                    if cur.get(k) != was[k]:
+                        raise Fp8MoeError(
+                            f"CudaGraphStep: optimizer {i} group {j}: {k!r} changed from {was[k]!r} to {cur.get(k)!r} "
+                            "after the step was captured, and the graph replays the captured value; give it as a "
+                            "tensor on the device (e.g. lr=torch.tensor(2e-4, device='cuda')), which a scheduler "
+                            "updates in place")
+
+    def __call__(self, **batch: Tensor) -> Tensor:
+        self._check_batch(batch)
+        if self.graph is None and self.steps < self.warmup_steps:
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side):
+                loss = self._step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+            if not self._inputs:  # fixes the names, shapes and dtypes every later call must match
+                self._inputs = {k: torch.empty_like(v, device=self.device) for k, v in batch.items()}
+            self.steps += 1
+            return loss
+        for k, v in batch.items():
+            self._inputs[k].copy_(v, non_blocking=True)
+        if self.graph is None:
+            self._capture()
+        else:
+            self._check_hyperparameters()
+        self.graph.replay()
+        self.steps += 1
+        return self._loss.clone()
+
+    def _capture(self) -> None:
+        for opt in self.stepper.optimizers:  # the graph allocates the gradients it writes
+            opt.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's pool is separate
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._loss = self._step(self._inputs)
+        except Fp8MoeError:
+            raise
+        except Exception as e:
+            raise Fp8MoeError(f"CudaGraphStep: the training step could not be captured as a CUDA graph: "
+                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        self._hyper = _fixed_hyperparameters(self.stepper.optimizers)
+        self.graph = graph
+
+    def close(self) -> None:
+        """Releases the graph and its memory pool (the model and optimizers stay as trained)."""
+        self.graph, self._loss, self._inputs = None, None, {}
+        gc.collect()
+        torch.cuda.empty_cache()
