@@ -184,8 +184,10 @@ def host_profile(p) -> dict:
 
 
 def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
-            compile_layers: bool = False, compile_mode: Optional[str] = None, step_in_backward: bool = False) -> dict:
+            compile_layers: bool = False, compile_mode: Optional[str] = None, step_in_backward: bool = False,
+            cuda_graph: bool = False) -> dict:
     import peft
+    from fp8moe.graphs import CudaGraphStep
     from fp8moe.optim import StepAfterBackward, StepInBackward
 
     model.config.use_cache = False
@@ -200,16 +202,21 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     # Fused on the GPU, as transformers' Trainer defaults to (adamw_torch_fused) and fp8moe.finetune
     # uses; the foreach path holds temporaries as large as the adapters at the step.
     def adamw(ps):
-        return torch.optim.AdamW(ps, lr=1e-5, fused=device.type == "cuda")
+        return torch.optim.AdamW(ps, lr=1e-5, fused=device.type == "cuda", capturable=cuda_graph)
 
     # --step-in-backward: each decoder layer's adapters step as soon as backward has their gradients
     # (fp8moe.optim), so the step's peak does not hold every adapter gradient.
     stepper = (StepInBackward if step_in_backward else StepAfterBackward)(pm, adamw)
+    # --cuda-graph: the whole step (forward, loss, backward, AdamW) captured once after `warmup`
+    # eager steps and replayed (fp8moe.graphs.CudaGraphStep).
+    graphed = CudaGraphStep(pm, stepper, warmup_steps=max(1, warmup)) if cuda_graph else None
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step():
         ids = torch.randint(0, vocab, (1, seq), device=device, generator=gen)
+        if graphed is not None:
+            return graphed(input_ids=ids, labels=ids)
         loss = pm(input_ids=ids, labels=ids).loss
         loss.backward()
         stepper.finish()
@@ -220,6 +227,8 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     torch.cuda.synchronize() if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if graphed is not None:  # the capture: the graph's memory is what it allocates here, so the peak counts it
+        step()
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -237,6 +246,7 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
            "lora_tensors": len(params), "lora_with_grad": None}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -249,6 +259,8 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
         out["profile"] = {"gpu_ms": total, "fp8moe_kernels_ms": ours, "fp8moe_share": ours / max(total, 1e-9),
                           "top": [(k[:90], v) for k, v in top], "host": host_profile(p)}
+    if graphed is not None:
+        graphed.close()  # its memory pool, before the eager check below
     stepper.remove()  # the check below keeps its gradients
     with torch.no_grad():
         pm.zero_grad(set_to_none=True)
@@ -286,6 +298,9 @@ def main() -> int:
     p.add_argument("--step-in-backward", action="store_true",
                    help="fp8moe steps AdamW per decoder layer during backward (fp8moe.optim.StepInBackward, "
                         "`fp8moe finetune --step-in-backward`); the peer steps after backward as usual")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each side's whole training step in one CUDA graph after the warm-up steps and "
+                        "replay it (fp8moe.graphs.CudaGraphStep; the peer too, a failure to capture is reported)")
     p.add_argument("--profile", action="store_true",
                    help="profile one step of every fp8moe configuration run (default: (b) in eager runs only)")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
@@ -309,14 +324,16 @@ def main() -> int:
     # Each variant (precision, compiled layers) has its own JSON and BENCHMARKS.md section.
     variant = ([f"compiled layers ({a.compile_mode or 'default'} mode)"] if a.compile else []) + \
         ({"w8a8": ["W8A8 forward GEMMs"], "w8a8-down": ["W8A8 down projection"]}.get(a.precision, [])) + \
-        (["fp8moe steps in backward"] if a.step_in_backward else [])
+        (["fp8moe steps in backward"] if a.step_in_backward else []) + \
+        (["whole step in a CUDA graph"] if a.cuda_graph else [])
     suffix = ("_compiled" if a.compile else "") + ("" if a.precision == "w8a16" else "_" + a.precision.replace("-", "_")) + \
-        ("_step_in_backward" if a.step_in_backward else "")
+        ("_step_in_backward" if a.step_in_backward else "") + ("_cuda_graph" if a.cuda_graph else "")
 
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"card": card, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seq": a.seq,
                "compiled_layers": a.compile, "compile_mode": a.compile_mode, "precision": a.precision,
+               "cuda_graph": a.cuda_graph,
                "optimizer": "fused AdamW" if device.type == "cuda" else "AdamW",
                "variant": ", ".join(variant),
                "torch": torch.__version__, "command": " ".join(sys.argv), "models": {}}
@@ -341,7 +358,8 @@ def main() -> int:
                     res = measure(model, targets[k], a.seq, a.steps, a.warmup, device,
                                   profile=impl == "fp8moe" and (a.profile or (k == "b" and not a.compile)),
                                   compile_layers=a.compile, compile_mode=a.compile_mode,
-                                  step_in_backward=a.step_in_backward and impl == "fp8moe")
+                                  step_in_backward=a.step_in_backward and impl == "fp8moe",
+                                  cuda_graph=a.cuda_graph)
                 except Exception as e:  # a side that fails is a result too (say, the peer under torch.compile)
                     failed = k
                     res = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
@@ -409,7 +427,10 @@ def markdown(res: dict) -> str:
              "timings after warm-up; peak: torch.cuda.max_memory_allocated. The peer is the same transformers "
              "model in BF16 (`grouped_mm` experts) with PEFT and the same LoRA, in the same process. fp8moe's side computes "
              "the loss as `fp8moe.from_pretrained` sets it up (`fp8moe.loss`, chunked: no F32 copy of the logits); the "
-             "peer's is transformers' own.", "",
+             "peer's is transformers' own." + (
+                 " Both sides' whole step (forward, loss, backward, AdamW) is captured in one CUDA graph after the "
+                 "warm-up and replayed (`fp8moe.graphs.CudaGraphStep`); the peak counts the capture's allocations, "
+                 "which the replays reuse." if res.get("cuda_graph") else ""), "",
              "| model | LoRA on | fp8moe step | peer step | speedup | fp8moe peak | peer peak | memory ratio |",
              "|---|---|---|---|---|---|---|---|"]
     failures = []
