@@ -62,8 +62,9 @@ def read_examples(path: str, tokenizer, seq_len: int) -> list[list[int]]:
 
 
 def batches(examples: list[list[int]], seq_len: int, batch_size: int, packing: bool, pad_id: int,
-            gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled (input_ids, labels) batches; labels of padding are -100."""
+            gen: torch.Generator, pad_to_seq_len: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled (input_ids, labels) batches; labels of padding are -100. Rows are padded
+    to the batch's longest, or with `pad_to_seq_len` to seq_len (one shape for every batch)."""
     while True:
         order = torch.randperm(len(examples), generator=gen).tolist()
         if packing:
@@ -73,7 +74,7 @@ def batches(examples: list[list[int]], seq_len: int, batch_size: int, packing: b
             rows = [examples[i] for i in order]
         for i in range(0, len(rows) - batch_size + 1, batch_size):
             chunk = rows[i:i + batch_size]
-            width = max(len(r) for r in chunk)
+            width = seq_len if pad_to_seq_len else max(len(r) for r in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             labels = torch.full((len(chunk), width), -100, dtype=torch.long)
             for j, r in enumerate(chunk):
@@ -126,6 +127,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every decoder layer (fp8moe.compile_decoder_layers): faster steps after a "
                         "one-time compile")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole step (forward, backward, optimizer) in one CUDA graph after 3 eager steps "
+                        "and replay it (fp8moe.graphs.CudaGraphStep): no host overhead per step; batches are padded "
+                        "to --seq-len; needs a GPU, no dropout with --gradient-checkpointing, --grad-accum 1")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the GPU when there is one)")
     p.add_argument("--quantize", default=None, help="quantize a BF16 checkpoint while loading: fp8, fp8-channel")
     p.add_argument("--precision", choices=GEMM_PRECISIONS, default=None,
@@ -138,6 +143,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--rank, --lr, --batch-size and --grad-accum must be positive and --seq-len at least 2")
     if (a.steps is not None and a.steps < 1) or (a.epochs is not None and a.epochs <= 0):
         p.error("--steps / --epochs must be positive")
+    if a.cuda_graph and a.grad_accum > 1:
+        p.error("--cuda-graph replays one whole step (forward, backward and the optimizer step), so it cannot "
+                "accumulate gradients over micro-batches: drop it or use --grad-accum 1")
     if a.step_in_backward and a.grad_accum > 1:
         p.error("--step-in-backward uses each gradient as soon as backward completes it, so it cannot accumulate "
                 "gradients over micro-batches: drop it or use --grad-accum 1")
@@ -150,6 +158,7 @@ def run(a: argparse.Namespace) -> dict:
     import peft
     from transformers import AutoTokenizer
 
+    from .graphs import CudaGraphStep
     from .loading import from_pretrained
     from .modeling import compile_decoder_layers
 
@@ -171,11 +180,16 @@ def run(a: argparse.Namespace) -> dict:
     if a.compile:
         compile_decoder_layers(model)
     # fused on the GPU: one kernel for the whole update, without the foreach path's temporaries as
-    # large as the adapters (2.3 GiB of F32 expert LoRA at Qwen3-30B-A3B's size, r 16).
+    # large as the adapters (2.3 GiB of F32 expert LoRA at Qwen3-30B-A3B's size, r 16). A graphed
+    # step replays the optimizer too: capturable, with the learning rate a tensor that the
+    # scheduler sets in place.
     def adamw(params):
-        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, fused=device.type == "cuda")
+        lr = torch.tensor(a.lr, device=device) if a.cuda_graph else a.lr
+        return torch.optim.AdamW(params, lr=lr, weight_decay=a.weight_decay, fused=device.type == "cuda",
+                                 capturable=a.cuda_graph)
 
     stepper = (StepInBackward if a.step_in_backward else StepAfterBackward)(model, adamw)
+    graphed = CudaGraphStep(model, stepper) if a.cuda_graph else None
     tokens_per_epoch = sum(len(e) for e in examples)
     per_step = a.batch_size * a.grad_accum * (a.seq_len if a.packing else
                                                max(1, tokens_per_epoch // len(examples)))
@@ -183,7 +197,8 @@ def run(a: argparse.Namespace) -> dict:
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / max(1, a.warmup_steps)))
               for o in stepper.optimizers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data = batches(examples, a.seq_len, a.batch_size, a.packing, pad, torch.Generator().manual_seed(a.seed))
+    data = batches(examples, a.seq_len, a.batch_size, a.packing, pad, torch.Generator().manual_seed(a.seed),
+                   pad_to_seq_len=a.cuda_graph)
 
     stage = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(a.out)) + ".partial-",
                              dir=os.path.dirname(os.path.abspath(a.out)) or ".")
@@ -203,11 +218,15 @@ def run(a: argparse.Namespace) -> dict:
                 for _ in range(a.grad_accum):
                     ids, labels = next(data)
                     ids, labels = ids.to(device), labels.to(device)
-                    loss = model(input_ids=ids, labels=labels).loss / a.grad_accum
-                    loss.backward()  # StepInBackward steps the optimizers in here
+                    if graphed is not None:  # forward, backward and the optimizer step
+                        loss = graphed(input_ids=ids, labels=labels)
+                    else:
+                        loss = model(input_ids=ids, labels=labels).loss / a.grad_accum
+                        loss.backward()  # StepInBackward steps the optimizers in here
                     total += float(loss.detach())
                     seen += int((labels != -100).sum())
-                stepper.finish()
+                if graphed is None:
+                    stepper.finish()
                 for sched in scheds:
                     sched.step()
                 losses.append(total)
