@@ -28,7 +28,9 @@
 #                    one MoE layer, forward and backward; default: Qwen3 and GLM at 16384 tokens, every
 #                    precision, without LoRA and with rank 16 on both expert projections; ~40 s)
 #   MODEL_BENCH_MODELS, MODEL_BENCH_ARGS  the model step's models (default qwen3,glm) and extra arguments
-#                    of bench/model_bench.py (e.g. "--compile --configs b")
+#                    of bench/model_bench.py (e.g. "--compile --configs b"); argument sets separated by
+#                    ';' run one after the other on the same machine (e.g. ";--cuda-graph" for an eager
+#                    and a graphed run)
 #   STEP_TIMEOUT     seconds after which a step is killed and marked FAIL (default 900)
 #   CALL_BUDGET      seconds this whole run may take (default: no limit). Set it below the device
 #                    call's limit (e.g. 570 of 600): a step is then cut short at the budget and the
@@ -227,10 +229,15 @@ elif has_step bench; then
   record bench "$STATUS" "$SECS" "$peer_note; BENCHMARKS.md, bench.json${w8a8_flag:+ (W8A8 too)}"
 fi
 
-if has_step model; then
-  run_timed model "$OUT/bench.log" python3 bench/model_bench.py --models "${MODEL_BENCH_MODELS:-qwen3,glm}" \
-    --out "$OUT" --md "$OUT/BENCHMARKS.md" ${MODEL_BENCH_ARGS:-}
-  record model "$STATUS" "$SECS" "full-size fine-tuning vs transformers + PEFT BF16: model_bench.json, bench.log"
+if has_step model; then  # one run per ';'-separated argument set, in one process each
+  IFS=';' read -ra model_runs <<<"${MODEL_BENCH_ARGS:-}"
+  [ "${#model_runs[@]}" -gt 0 ] || model_runs=("")
+  for model_args in "${model_runs[@]}"; do
+    # shellcheck disable=SC2086
+    run_timed model "$OUT/bench.log" python3 bench/model_bench.py --models "${MODEL_BENCH_MODELS:-qwen3,glm}" \
+      --out "$OUT" --md "$OUT/BENCHMARKS.md" $model_args
+    record model "$STATUS" "$SECS" "full-size fine-tuning vs transformers + PEFT BF16 (${model_args:-defaults}): model_bench*.json, bench.log"
+  done
 fi
 
 {
