@@ -17,6 +17,8 @@
 #                    graphs included, against the extension of this build; sass: the library's
 #                    disassembly (FP8 wgmma in the W8A8 kernel, no miscompile-prone VIMNMX.RELU); model: the full-size
 #                    fine-tuning benchmark (bench/model_bench.py) beside transformers + PEFT BF16.
+#   PYTHON_TESTS     what the python step passes to pytest (default tests/python; e.g.
+#                    "tests/python/test_graphs.py" for one file)
 #   WHEELS           a folder of Python wheels to install first (default .whl; PEFT, pytest and
 #                    nanobind travel this way to a machine without a network)
 #   BUILD_DIR        build folder (default build-gpu)
@@ -171,7 +173,8 @@ if has_step python || has_step model || has_step pysanitize || has_step layerpro
 fi
 if has_step python; then
   part=$(mktemp)
-  run_timed python "$part" python3 -m pytest -q -p no:cacheprovider -rs tests/python
+  # shellcheck disable=SC2086
+  run_timed python "$part" python3 -m pytest -q -p no:cacheprovider -rs ${PYTHON_TESTS:-tests/python}
   record python "$STATUS" "$SECS" "$(grep -E '(passed|failed)' "$part" | tail -1)"
   cat "$part" >>"$OUT/tests.log"
   rm -f "$part"
