@@ -191,7 +191,8 @@ class CudaGraphStep:
         self.graph = graph
 
     def close(self) -> None:
-        """Releases the graph and its memory pool (the model and optimizers stay as trained)."""
-        self.graph, self._loss, self._inputs = None, None, {}
+        """Releases the graph and its memory pool (the model and optimizers stay as trained). A
+        later call starts over: warm-up steps, then a new capture (of any shape)."""
+        self.graph, self._loss, self._inputs, self.steps = None, None, {}, 0
         gc.collect()
         torch.cuda.empty_cache()
