@@ -109,6 +109,9 @@ def test_refuses_what_a_replay_would_get_wrong(ckpt, gen):
     stepper.optimizers[0].param_groups[0]["lr"] = 5e-4  # a float lr is baked into the graph
     with pytest.raises(fp8moe.Fp8MoeError, match="'lr' changed from 0.001 to 0.0005 after the step was captured"):
         step(input_ids=ids, labels=ids)
+    step.close()  # released: the next call starts over, with any shape
+    step(input_ids=longer, labels=longer)
+    assert step.graph is None and step.steps == 1
 
 
 def test_refuses_a_cpu_model_a_non_capturable_optimizer_and_dropout_under_checkpointing(ckpt):
