@@ -35,5 +35,6 @@ try:
 except ImportError:  # pragma: no cover - PEFT missing or broken: fp8moe still loads and trains
     pass
 
-__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss", "optim", "graphs", "CudaGraphStep",
+__all__ = ["Fp8MoeError", "Fp8Experts", "Fp8Linear", "from_pretrained", "patch", "export_merged", "ops", "loss", "optim",
+           "graphs", "CudaGraphStep",
            "set_gemm_precision", "gemm_precision", "compile_decoder_layers", "__version__"]

@@ -106,7 +106,8 @@ class CudaGraphStep:
             raise Fp8MoeError("CudaGraphStep: the model has no trainable parameters")
         if any(p.device.type != "cuda" for p in params):
             found = sorted({str(p.device) for p in params})
-            raise Fp8MoeError(f"CudaGraphStep: CUDA graphs need the trainable parameters on a CUDA device, found {found}")
+            raise Fp8MoeError("CudaGraphStep: CUDA graphs need the trainable parameters on a CUDA device, "
+                              f"found {found}")
         _graph_safe_checkpointing(model)
         self.model, self.stepper, self.warmup_steps = model, stepper, warmup_steps
         self.device = params[0].device
