@@ -116,7 +116,18 @@ struct EpilogueParams {
   void* out = nullptr;     // [M, N] or [M, N / 2]
   Elem out_type = Elem::BF16;
   bool out_vec8 = false, aux_vec8 = false, chan_vec8 = false;
+  bool out_pair = false, aux_pair = false;  // 2-element stores allowed (lora_epilogue_kernel)
   int rows_per_block = 1;
+  // LoRA delta (lora_epilogue_kernel only): + lora_scale * sum_q L[row, q] LB_e[n, q], before the
+  // row scale, as GroupedGemm's v.
+  const void* l = nullptr;  // [M, R], or [T, R] read through the plan (l_tokens)
+  Elem l_type = Elem::BF16;
+  bool l_tokens = false;
+  int top_k = 1;
+  const void* lb = nullptr;  // [E, N, R]
+  Elem lb_type = Elem::F32;
+  int R = 0;
+  float lora_scale = 0.0f;
 };
 
 // Expert of row r: the largest e with offsets[e] <= r (offsets[0] = 0 <= r).
@@ -195,6 +206,116 @@ __global__ void epilogue_kernel(EpilogueParams p) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) o[j] = gemm::act_forward(p.act, g[j], u[j]);
     gemm::store8(p.out, p.out_type, r * I, n, o, p.out_vec8);
+  }
+}
+
+// The same pass with the LoRA delta (LoraPath::Pass). An addend GEMM of K = r spends its time
+// in a strided epilogue; here the delta is r FMAs per element of a coalesced pass. A thread owns
+// two columns of v (a Store: two adjacent outputs; a GLU: the gate and up columns of one output)
+// and keeps LB_e's rows for them in registers, reloaded when its rows reach the next expert, while
+// it walks the block's run of rows (blockIdx.x; blockIdx.y: the column slice). The block stages
+// the run's L rows and row scales in shared memory first, and a thread loads D for kBatch rows
+// before using any, to keep enough DRAM reads in flight. kR: the rank rounded up (LB and L are
+// zero past R).
+constexpr int kLoraThreads = 256, kLoraRows = 64, kLoraBatch = 8;
+
+// v[i] into row[n[i]] (n < 0: nothing); both in one store where `pair` (n[1] = n[0] + 1, n[0]
+// even, the array aligned to two elements).
+__device__ __forceinline__ void store2(void* p, Elem t, int64_t row, const int (&n)[2], const float (&v)[2], bool pair) {
+  if (pair && t == Elem::BF16) {
+    *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p) + row + n[0]) = gemm::pack_bf16x2(v[0], v[1]);
+  } else if (pair) {
+    *reinterpret_cast<float2*>(static_cast<float*>(p) + row + n[0]) = make_float2(v[0], v[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (n[i] >= 0) gemm::store_elem(p, t, row + n[i], v[i]);
+  }
+}
+
+template <int kR>
+__global__ void __launch_bounds__(kLoraThreads) lora_epilogue_kernel(EpilogueParams p) {
+  __shared__ float ls[kLoraRows][kR];
+  __shared__ float rss[kLoraRows];
+  const bool glu = p.epi == Epilogue::GluForward;
+  const int cols = glu ? p.N / 2 : p.N;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kLoraRows;
+  const int64_t r_end = min(static_cast<int64_t>(p.offsets[p.E]), min(p.M, r0 + kLoraRows));
+  if (r0 >= r_end) return;  // the whole block: no barrier is skipped by part of it
+  const int rows = static_cast<int>(r_end - r0);
+  for (int i = threadIdx.x; i < rows * kR; i += blockDim.x) {
+    const int lr = i / kR, q = i % kR;
+    const int64_t r = r0 + lr;
+    const int64_t src = p.l_tokens ? p.sorted_pairs[r] / p.top_k : r;
+    ls[lr][q] = q < p.R ? gemm::load_elem(p.l, p.l_type, src * p.R + q) : 0.0f;
+  }
+  for (int lr = threadIdx.x; lr < rows; lr += blockDim.x)
+    rss[lr] = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r0 + lr]) : 1.0f;
+  __syncthreads();
+
+  const int c = (static_cast<int>(blockIdx.y) * kLoraThreads + static_cast<int>(threadIdx.x)) * (glu ? 1 : 2);
+  if (c >= cols) return;  // after the barrier
+  int vn[2];
+  if (glu) {
+    vn[0] = static_cast<int>(p.act.gate_row(c, cols));
+    vn[1] = static_cast<int>(p.act.up_row(c, cols));
+  } else {
+    vn[0] = c;
+    vn[1] = c + 1 < cols ? c + 1 : -1;
+  }
+  float lb[2][kR], ch[2] = {1.0f, 1.0f}, bs[2] = {0.0f, 0.0f};
+  int e = expert_of(p.offsets, p.E, r0), loaded = -1;
+  const unsigned short* d = reinterpret_cast<const unsigned short*>(p.d);
+  const bool pair = vn[1] == vn[0] + 1;  // a Store's two columns, or GPT-OSS's interleaved gate and up
+  for (int b0 = 0; b0 < rows; b0 += kLoraBatch) {
+    uint32_t raw[kLoraBatch][2];  // BF16 bits
+#pragma unroll
+    for (int u = 0; u < kLoraBatch; ++u) {
+      const int64_t row = (r0 + b0 + u) * p.N;
+      if (b0 + u >= rows) {
+        raw[u][0] = raw[u][1] = 0;
+      } else if (pair) {  // one 4-byte load of both (vn[0] even, rows of even length, D 4-byte aligned)
+        const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(d + row + vn[0]));
+        raw[u][0] = w & 0xFFFFu, raw[u][1] = w >> 16;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) raw[u][i] = vn[i] >= 0 ? __ldg(d + row + vn[i]) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLoraBatch; ++u) {
+      const int lr = b0 + u;
+      if (lr >= rows) break;
+      const int64_t r = r0 + lr;
+      while (p.offsets[e + 1] <= r) ++e;
+      if (e != loaded) {  // LB_e, the channel scales and the bias of this thread's columns
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int64_t base = (static_cast<int64_t>(e) * p.N + vn[i]) * p.R;
+#pragma unroll
+          for (int q = 0; q < kR; ++q) lb[i][q] = vn[i] >= 0 && q < p.R ? gemm::load_elem(p.lb, p.lb_type, base + q) : 0.0f;
+          if (vn[i] < 0) continue;
+          if (p.chan) ch[i] = p.chan[static_cast<int64_t>(e) * p.N + vn[i]];
+          if (p.bias) bs[i] = gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + vn[i]);
+        }
+        loaded = e;
+      }
+      float v[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float delta = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kR; ++q) delta = fmaf(ls[lr][q], lb[i][q], delta);
+        const float x = __uint_as_float(raw[u][i] << 16) * ch[i] + p.lora_scale * delta;
+        v[i] = x * rss[lr] + bs[i];
+      }
+      if (!glu) {
+        store2(p.out, p.out_type, r * p.N, vn, v, pair && p.out_pair);
+        continue;
+      }
+      if (p.aux_store) store2(p.aux, p.aux_type, r * p.N, vn, v, pair && p.aux_pair);
+      gemm::store_elem(p.out, p.out_type, r * cols + c, gemm::act_forward(p.act, v[0], v[1]));
+    }
   }
 }
 
@@ -280,7 +401,16 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
 }
 
-void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
+const char* lora_path_name(LoraPath p) {
+  switch (p) {
+    case LoraPath::Auto: return "auto";
+    case LoraPath::AddendGemm: return "addend-gemm";
+    case LoraPath::Pass: return "pass";
+  }
+  return "?";
+}
+
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, LoraPath lora) {
   FP8MOE_CHECK(available(), "W8A8 grouped GEMM: ", unavailable_reason());
   const std::string why = fits(g);
   FP8MOE_CHECK(why.empty(), "W8A8 grouped GEMM cannot take this problem: ", why);
@@ -302,6 +432,16 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   if (g.row_scale.defined()) check_view(g.row_scale, "W8A8 grouped GEMM row_scale", {M});
   if (g.bias.defined()) check_view(g.bias, "W8A8 grouped GEMM bias", {E, N});
   FP8MOE_CHECK(g.lora_a.defined() == g.lora_b.defined(), "W8A8 grouped GEMM: lora_a and lora_b must be given together");
+  int64_t R = 0;
+  if (g.lora_a.defined()) {
+    if (lora == LoraPath::Auto) lora = choose_lora_path(g);
+    FP8MOE_CHECK(g.lora_a.src.rank() == 2, "W8A8 grouped GEMM lora_a: expected [*, r], found ", g.lora_a.src.str());
+    R = g.lora_a.src.size(1);
+    check_view(g.lora_a.src, "W8A8 grouped GEMM lora_a", {g.lora_a.rows == RowSource::Tokens ? plan.tokens : M, R});
+    check_view(g.lora_b, "W8A8 grouped GEMM lora_b [E, N, r]", {E, N, R});
+    FP8MOE_CHECK(lora != LoraPath::Pass || (R >= 1 && R <= kMaxPassRank), "W8A8 grouped GEMM: the LoRA pass takes rank ",
+                 "1 to ", kMaxPassRank, ", found r = ", R, " (the addend GEMM takes any)");
+  }
   if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
 
   // 1. A -> FP8 codes and 1x128 scales, gathered through the plan.
@@ -343,7 +483,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   //    LoRA factors as its operands) with D as its addend, so that the whole epilogue (channel
   //    scales, the delta, row scale, bias, GLU) runs in that kernel's and the delta [M, N] is never
   //    stored. Otherwise this file's epilogue pass.
-  if (g.lora_a.defined()) {
+  if (g.lora_a.defined() && lora == LoraPath::AddendGemm) {
     GroupedGemm lg = g;
     lg.a = g.lora_a;
     lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
@@ -382,6 +522,35 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   ep.out = g.out.data;
   ep.out_type = elem_of(g.out.dtype, "out");
   ep.out_vec8 = out_cols % 8 == 0 && aligned16(ep.out);
+  if (R > 0) {  // LoraPath::Pass
+    ep.l = g.lora_a.src.data;
+    ep.l_type = elem_of(g.lora_a.src.dtype, "lora_a");
+    ep.l_tokens = g.lora_a.rows == RowSource::Tokens;
+    ep.top_k = static_cast<int>(plan.top_k);
+    ep.lb = g.lora_b.data;
+    ep.lb_type = elem_of(g.lora_b.dtype, "lora_b");
+    ep.R = static_cast<int>(R);
+    ep.lora_scale = static_cast<float>(g.lora_scale);
+    if (g.aux.defined()) ep.aux_store = true;  // the delta changes v, D included
+    const auto aligned_pair = [](const void* ptr, Elem t) {
+      return reinterpret_cast<uintptr_t>(ptr) % (t == Elem::BF16 ? 4 : 8) == 0;
+    };
+    ep.out_pair = aligned_pair(ep.out, ep.out_type);
+    ep.aux_pair = ep.aux && aligned_pair(ep.aux, ep.aux_type);
+    const int64_t per_thread = glu ? 1 : 2;  // output columns
+    const int64_t slices = (out_cols + per_thread * kLoraThreads - 1) / (per_thread * kLoraThreads);
+    const int64_t row_runs = (M + kLoraRows - 1) / kLoraRows;
+    FP8MOE_CHECK(slices <= 65535 && row_runs <= INT32_MAX, "W8A8 LoRA pass: M = ", M, ", N = ", N, " too large");
+    const dim3 grid(static_cast<unsigned>(row_runs), static_cast<unsigned>(slices));
+    if (R <= 8)
+      lora_epilogue_kernel<8><<<grid, kLoraThreads, 0, stream>>>(ep);
+    else if (R <= 16)
+      lora_epilogue_kernel<16><<<grid, kLoraThreads, 0, stream>>>(ep);
+    else
+      lora_epilogue_kernel<32><<<grid, kLoraThreads, 0, stream>>>(ep);
+    FP8MOE_CUDA_LAUNCH_CHECK("w8a8 lora_epilogue_kernel");
+    return;
+  }
   // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done.
   if (!glu && d == g.out.data && nothing_to_apply) return;
   // ~8 items (8 outputs each) per thread in a block: enough to amortise a block's expert search.

@@ -16,10 +16,11 @@
 //   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T, row
 //             scale, bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
 //             D is the BF16 output itself where there is one (out of a Store, aux of a GLU), the
-//             epilogue rewriting it in place. With LoRA, the epilogue is the W8A16 family's own:
-//             its rank-r GEMM (K = r) on the LoRA factors, with D as an addend (grouped_gemm.cuh:
-//             GemmAddend), so that the delta is never stored. Without, a pass of this path's,
-//             which a Store with nothing to apply skips and a GLU whose D is aux does not rewrite.
+//             epilogue rewriting it in place. Without LoRA, a pass of this path's, which a Store
+//             with nothing to apply skips and a GLU whose D is aux does not rewrite. With LoRA
+//             (LoraPath), either the W8A16 family's rank-r GEMM (K = r) on the LoRA factors with D
+//             as an addend (grouped_gemm.cuh: GemmAddend), or this path's pass with the rank-r
+//             product computed in it (r <= kMaxPassRank). Neither stores the delta.
 //
 // What it takes (w8a8_fits says which condition failed): b F8_E4M3 with 128x128 block scales
 // (one grid, or two segments each a multiple of 128 rows: then the grid is the plain one) or
@@ -50,9 +51,21 @@ bool choose(const GroupedGemm& g, GemmPrecision precision);
 // Empty when the W8A8 path takes `g`; else the first condition it fails, in words.
 std::string fits(const GroupedGemm& g);
 
+// Where the LoRA delta of a W8A8 GEMM is added to the FP8 product D:
+//   AddendGemm  the W8A16 family's rank-r GEMM (K = r, an mma.sync tile) with D as its addend;
+//   Pass        this path's epilogue pass: each thread keeps LB_e for its columns in registers and
+//               walks a run of rows, r FMAs per element (r <= kMaxPassRank);
+//   Auto        choose_lora_path.
+enum class LoraPath : uint8_t { Auto, AddendGemm, Pass };
+inline constexpr int kMaxPassRank = 32;
+const char* lora_path_name(LoraPath p);
+// The heuristic (w8a8_dispatch.cpp): Pass where the rank allows it, else AddendGemm.
+LoraPath choose_lora_path(const GroupedGemm& g);
+
 // Runs `g` on the W8A8 path (fits(g) must be empty and available() true; both are checked).
 // Temporaries (codes, scales, D, the CUTLASS argument arrays) come from `alloc`, stream-ordered.
-void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
+// `lora` picks where a LoRA delta is added (Pass with r > kMaxPassRank is refused).
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, LoraPath lora = LoraPath::Auto);
 
 // ---- the phases, exposed for tests and benchmarks
 

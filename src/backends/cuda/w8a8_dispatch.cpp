@@ -1,6 +1,8 @@
 // Which engine runs a grouped GEMM under the CUDA backend's precision policy (backend.hpp:
 // GemmPrecision): the W8A8 path (w8a8.cuh) or the W8A16 family (grouped_gemm.cuh, whose tile
 // shape gemm_heuristics.cpp picks). Kept apart from the kernels.
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "backends/cuda/grouped_gemm.cuh"
@@ -55,6 +57,26 @@ bool choose(const GroupedGemm& g, GemmPrecision precision) {
       },
       /*always=*/!why.empty() && !expected);
   return why.empty();
+}
+
+LoraPath choose_lora_path(const GroupedGemm& g) {
+  // FP8MOE_W8A8_LORA (pass | addend-gemm) overrides the choice, for measuring one against the other
+  // in a whole layer (bench/layer_profile.py); anything else is an error, not a silent default.
+  static const LoraPath forced = [] {
+    const char* v = std::getenv("FP8MOE_W8A8_LORA");
+    if (v == nullptr || *v == '\0') return LoraPath::Auto;
+    if (std::strcmp(v, "pass") == 0) return LoraPath::Pass;
+    if (std::strcmp(v, "addend-gemm") == 0) return LoraPath::AddendGemm;
+    FP8MOE_FAIL("FP8MOE_W8A8_LORA='", v, "' is not one of: pass, addend-gemm (unset: chosen by rank)");
+  }();
+  const int64_t R = g.lora_a.defined() && g.lora_a.src.rank() == 2 ? g.lora_a.src.size(1) : 0;
+  LoraPath path = LoraPath::AddendGemm;
+  if (forced == LoraPath::Pass && R <= kMaxPassRank) path = LoraPath::Pass;
+  gemm::log_choice_once([&] {
+    return "W8A8 LoRA delta (r " + std::to_string(R) + ", N " + std::to_string(g.b.data.rank() == 3 ? g.b.data.size(1) : 0) +
+           ") -> " + lora_path_name(path) + (forced != LoraPath::Auto ? " (FP8MOE_W8A8_LORA)" : "");
+  });
+  return path;
 }
 
 }  // namespace fp8moe::cuda::w8a8

@@ -73,7 +73,7 @@ HostGemm make_host(const W8Case& c, std::mt19937_64& rng) {
   if (c.row_scale) h.rs = random_host(DType::F32, {M}, rng, 0.3, 1.0);
   if (c.bias) h.bias = random_host(DType::F32, {c.E, c.N}, rng, 0.2);
   if (c.rank > 0) {
-    h.la = random_host(DType::BF16, {rows, c.rank}, rng);
+    h.la = random_host(c.a_dtype, {rows, c.rank}, rng);
     h.lb = random_host(DType::F32, {c.E, c.N, c.rank}, rng, 1.0 / std::sqrt(static_cast<double>(c.rank)));
   }
   return h;
@@ -130,9 +130,9 @@ Outs cpu_gemm(Backend& cpu, const W8Case& c, const HostGemm& h, const RoutingPla
   return o;
 }
 
-void run_case(const W8Case& c) {
+void run_case(const W8Case& c, cuda::w8a8::LoraPath lora) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed) + " case " + c.name);
+  SCOPED_TRACE("seed " + std::to_string(seed) + " case " + c.name + " LoRA path " + cuda::w8a8::lora_path_name(lora));
   std::mt19937_64 rng(seed);
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
@@ -167,7 +167,7 @@ void run_case(const W8Case& c) {
   g.aux = aux;
   g.out = out;
   ASSERT_EQ(cuda::w8a8::fits(g), "");
-  cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()));
+  cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), lora);
   gpu->synchronize();
   if (M == 0) return;
 
@@ -185,9 +185,12 @@ void run_case(const W8Case& c) {
 
 class W8a8Gemm : public ::testing::TestWithParam<W8Case> {};
 
+// A LoRA case runs both places the delta can be added (w8a8.cuh: LoraPath).
 TEST_P(W8a8Gemm, MatchesCpu) {
   FP8MOE_REQUIRE_W8A8();
-  run_case(GetParam());
+  const W8Case& c = GetParam();
+  run_case(c, cuda::w8a8::LoraPath::AddendGemm);
+  if (c.rank > 0) run_case(c, cuda::w8a8::LoraPath::Pass);
 }
 
 const W8Case kCases[] = {
@@ -216,6 +219,13 @@ const W8Case kCases[] = {
      GateUpLayout::Halves},
     {"skewed_k8_many_tiles", 256, 8, 16, 768, 1024, ScaleKind::Block, Epilogue::Store, Activation::SiluGlu,
      GateUpLayout::Halves, 0, false, true, RowSource::Rows, DType::BF16, DType::BF16, 2, 0.8},
+    // The LoRA pass's largest rank bucket (17-32) over two column slices of a GLU, aux in place,
+    // and a Store wider than one slice with a partial last 128-block, F32 out (no paired stores
+    // past the row's end), one expert taking most rows (blocks that cross experts and stay on one).
+    {"channel_glu_halves_lora24_in_place", 140, 4, 8, 768, 256, ScaleKind::Channel, Epilogue::GluForward,
+     Activation::SiluGlu, GateUpLayout::Halves, 24, false, true},
+    {"block_store_lora16_wide_f32_out_hot", 64, 2, 3, 1032, 384, ScaleKind::Block, Epilogue::Store, Activation::SiluGlu,
+     GateUpLayout::Halves, 16, true, false, RowSource::Tokens, DType::BF16, DType::F32, 1, 0.7},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, W8a8Gemm, ::testing::ValuesIn(kCases),
@@ -402,6 +412,56 @@ TEST(GemmDispatch, W8a8FitsForwardFp8GemmsOnly) {
   t = g;
   t.b = {view(DType::BF16, {E, N, K}), TensorView(), ScaleSpec::none(N, K)};
   EXPECT_NE(cuda::w8a8::fits(t), "") << "plain weights (the LoRA projections)";
+}
+
+// Where the LoRA delta goes (host only): the pass takes ranks up to kMaxPassRank, a larger rank
+// always the addend GEMM.
+TEST(GemmDispatch, W8a8LoraPathByRank) {
+  alignas(16) static unsigned char fake[64];
+  auto view = [](DType t, Shape s) { return TensorView(fake, t, s, Device::CUDA); };
+  const int64_t E = 4, N = 256, K = 512;
+  GroupedGemm g;
+  g.a = {view(DType::BF16, {10, K})};
+  g.b = {view(DType::F8_E4M3, {E, N, K}), view(DType::F32, {E, 2, 4}), ScaleSpec::block(N, K, 128, 128)};
+  g.lora_a = {view(DType::BF16, {10, 16})};
+  g.lora_b = view(DType::F32, {E, N, 16});
+  EXPECT_EQ(cuda::w8a8::choose_lora_path(g), cuda::w8a8::LoraPath::AddendGemm);
+  const int64_t big = cuda::w8a8::kMaxPassRank + 8;
+  g.lora_a = {view(DType::BF16, {10, big})};
+  g.lora_b = view(DType::F32, {E, N, big});
+  EXPECT_EQ(cuda::w8a8::choose_lora_path(g), cuda::w8a8::LoraPath::AddendGemm);
+}
+
+// Asked for the pass with a rank it cannot hold in registers: an error that names the rank.
+TEST(W8a8Policy, LoraPassRefusesALargeRank) {
+  FP8MOE_REQUIRE_W8A8();
+  auto gpu = make_cuda_backend();
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t T = 8, E = 2, N = 256, K = 256, R = cuda::w8a8::kMaxPassRank + 8;
+  const QuantWeights w = quantize(random_host(DType::F32, {E, N, K}, rng), ScaleSpec::block(N, K, 128, 128));
+  const Tensor wd = gpu->upload(w.data), ws = gpu->upload(w.scale), x = gpu->upload(random_host(DType::BF16, {T, K}, rng));
+  const Tensor ids = gpu->upload(random_ids(DType::I32, T, 1, E, rng));
+  RoutingPlan plan;
+  gpu->build_plan(ids, E, plan);
+  const Tensor la = gpu->upload(random_host(DType::BF16, {T, R}, rng)), lb = gpu->upload(random_host(DType::F32, {E, N, R}, rng));
+  const Tensor out = poisoned(*gpu, DType::BF16, {T, N});
+  GroupedGemm g;
+  g.plan = &plan;
+  g.a = {x, RowSource::Tokens};
+  g.b = {wd, ws, w.spec};
+  g.lora_a = {la, RowSource::Tokens};
+  g.lora_b = lb;
+  g.lora_scale = 1.0;
+  g.out = out;
+  try {
+    cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), cuda::w8a8::LoraPath::Pass);
+    ADD_FAILURE() << "the pass took rank " << R;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("r = " + std::to_string(R)), std::string::npos) << e.what();
+  }
+  // Left to choose, the same problem runs (on the addend GEMM).
+  cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()));
+  gpu->synchronize();
 }
 
 TEST(GemmDispatch, GemmPrecisionNamesAndTheCpuBackend) {
