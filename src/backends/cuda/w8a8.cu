@@ -140,10 +140,15 @@ __device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t 
   return lo;
 }
 
-// v[j] for columns n[j] of row r (n < 0: 0): GroupedGemm's v = rs * A W^T + bias (no LoRA: a
-// LoRA delta takes the addend path instead, grouped_gemm below). The 8 values of D and the channel
-// scales come as vector loads where n is a run of 8 (the halves layout, or a Store); e is only
-// read when there are channel scales or a bias.
+// GroupedGemm's v from D = the FP8 product: ch, the channel scale (1 without); delta, the scaled
+// LoRA term (0 without); rs, the row scale; bias (0 without). Both passes below apply it.
+__device__ __forceinline__ float epilogue_value(float d, float ch, float delta, float rs, float bias) {
+  return (d * ch + delta) * rs + bias;
+}
+
+// v[j] for columns n[j] of row r (n < 0: 0), without LoRA (lora_epilogue_kernel adds it). The 8
+// values of D and the channel scales come as vector loads where n is a run of 8 (the halves
+// layout, or a Store); e is only read when there are channel scales or a bias.
 __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, float rs, const int (&n)[8], float (&v)[8]) {
   gemm::load8(p.d, Elem::BF16, r * p.N, n, v, true);
   float ch[8];
@@ -151,11 +156,8 @@ __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, fl
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     if (n[j] < 0) continue;
-    float x = v[j];
-    if (p.chan) x *= ch[j];
-    x *= rs;
-    if (p.bias) x += gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + n[j]);
-    v[j] = x;
+    const float bias = p.bias ? gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + n[j]) : 0.0f;
+    v[j] = epilogue_value(v[j], p.chan ? ch[j] : 1.0f, 0.0f, rs, bias);
   }
 }
 
@@ -306,8 +308,7 @@ __global__ void __launch_bounds__(kLoraThreads) lora_epilogue_kernel(EpiloguePar
         float delta = 0.0f;
 #pragma unroll
         for (int q = 0; q < kR; ++q) delta = fmaf(ls[lr][q], lb[i][q], delta);
-        const float x = __uint_as_float(raw[u][i] << 16) * ch[i] + p.lora_scale * delta;
-        v[i] = x * rss[lr] + bs[i];
+        v[i] = epilogue_value(__uint_as_float(raw[u][i] << 16), ch[i], p.lora_scale * delta, rss[lr], bs[i]);
       }
       if (!glu) {
         store2(p.out, p.out_type, r * p.N, vn, v, pair && p.out_pair);
