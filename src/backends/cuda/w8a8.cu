@@ -480,10 +480,11 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, L
   sm90_fp8_grouped(p, scratch.data(), stream);
 #endif
 
-  // 3. The epilogue policies on D. With a LoRA delta: the W8A16 family's rank-r GEMM (K = r, the
-  //    LoRA factors as its operands) with D as its addend, so that the whole epilogue (channel
-  //    scales, the delta, row scale, bias, GLU) runs in that kernel's and the delta [M, N] is never
-  //    stored. Otherwise this file's epilogue pass.
+  // 3. The epilogue policies on D. With a LoRA delta on LoraPath::AddendGemm: the W8A16 family's
+  //    rank-r GEMM (K = r, the LoRA factors as its operands) with D as its addend, so that the
+  //    whole epilogue (channel scales, the delta, row scale, bias, GLU) runs in that kernel's and
+  //    the delta [M, N] is never stored. Otherwise one of this file's passes: lora_epilogue_kernel
+  //    with a delta (LoraPath::Pass), epilogue_kernel without.
   if (g.lora_a.defined() && lora == LoraPath::AddendGemm) {
     GroupedGemm lg = g;
     lg.a = g.lora_a;

@@ -59,7 +59,9 @@ std::string fits(const GroupedGemm& g);
 enum class LoraPath : uint8_t { Auto, AddendGemm, Pass };
 inline constexpr int kMaxPassRank = 32;
 const char* lora_path_name(LoraPath p);
-// The heuristic (w8a8_dispatch.cpp): Pass where the rank allows it, else AddendGemm.
+// The choice (w8a8_dispatch.cpp): AddendGemm, the measured one, until a GPU run measures the pass
+// (bench/NOTES.md, sixteenth session). FP8MOE_W8A8_LORA=pass | addend-gemm forces one (the pass
+// only where r <= kMaxPassRank), for timing both in a whole layer.
 LoraPath choose_lora_path(const GroupedGemm& g);
 
 // Runs `g` on the W8A8 path (fits(g) must be empty and available() true; both are checked).

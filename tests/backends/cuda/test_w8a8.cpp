@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -414,9 +415,11 @@ TEST(GemmDispatch, W8a8FitsForwardFp8GemmsOnly) {
   EXPECT_NE(cuda::w8a8::fits(t), "") << "plain weights (the LoRA projections)";
 }
 
-// Where the LoRA delta goes (host only): the pass takes ranks up to kMaxPassRank, a larger rank
-// always the addend GEMM.
+// Where the LoRA delta goes (host only): the addend GEMM unless FP8MOE_W8A8_LORA=pass asks for
+// the pass (gpu_check runs the suite both ways), and a rank above kMaxPassRank always the addend GEMM.
 TEST(GemmDispatch, W8a8LoraPathByRank) {
+  const char* forced = std::getenv("FP8MOE_W8A8_LORA");
+  const bool pass = forced != nullptr && std::string(forced) == "pass";
   alignas(16) static unsigned char fake[64];
   auto view = [](DType t, Shape s) { return TensorView(fake, t, s, Device::CUDA); };
   const int64_t E = 4, N = 256, K = 512;
@@ -425,7 +428,7 @@ TEST(GemmDispatch, W8a8LoraPathByRank) {
   g.b = {view(DType::F8_E4M3, {E, N, K}), view(DType::F32, {E, 2, 4}), ScaleSpec::block(N, K, 128, 128)};
   g.lora_a = {view(DType::BF16, {10, 16})};
   g.lora_b = view(DType::F32, {E, N, 16});
-  EXPECT_EQ(cuda::w8a8::choose_lora_path(g), cuda::w8a8::LoraPath::AddendGemm);
+  EXPECT_EQ(cuda::w8a8::choose_lora_path(g), pass ? cuda::w8a8::LoraPath::Pass : cuda::w8a8::LoraPath::AddendGemm);
   const int64_t big = cuda::w8a8::kMaxPassRank + 8;
   g.lora_a = {view(DType::BF16, {10, big})};
   g.lora_b = view(DType::F32, {E, N, big});
