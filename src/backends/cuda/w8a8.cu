@@ -25,11 +25,13 @@ constexpr float kE4m3Max = 448.0f;
 struct QuantizeParams {
   const void* src = nullptr;  // [rows, K] BF16 / F32 (rows = M, or T when read by token)
   Elem type = Elem::BF16;
-  bool tokens = false;  // row r is src[sorted_pairs[r] / top_k]
-  bool vec = false;     // 8-element vector loads (quantize_rows sets when the rows allow them)
-  const int32_t* sorted_pairs = nullptr;
+  // Tokens: src row t fills rows row_of_pair[t * top_k + j], j < top_k (read once, written k
+  // times; each row is one pair's, so every row is written once). Rows: src row r fills row r.
+  bool tokens = false;
+  bool vec = false;  // 8-element vector loads (quantize_rows sets when the rows allow them)
+  const int32_t* row_of_pair = nullptr;
   int top_k = 1;
-  int64_t M = 0;
+  int64_t src_rows = 0;  // T (tokens) or M
   int K = 0, groups = 0;
   uint8_t* codes = nullptr;  // [M, K]
   float* scales = nullptr;   // [M, groups]
@@ -57,18 +59,19 @@ __device__ __forceinline__ void load8(const QuantizeParams& q, int64_t i, int re
   for (int j = 0; j < 8; ++j) v[j] = j < rem ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
 }
 
-// Half a warp per (row, 128-wide group), 8 elements (one 16-byte BF16 load) per lane: a max over
-// the 16 lanes gives the group's scale, then every lane encodes its 8 codes (saturating
+// Half a warp per (source row, 128-wide group), 8 elements (one 16-byte BF16 load) per lane: a
+// max over the 16 lanes gives the group's scale, then every lane encodes its 8 codes (saturating
 // round-to-nearest-even of v / scale, as the host's quantize_activations, so both give the same
-// bits) and stores them as one 8-byte word.
+// bits) and stores them as one 8-byte word into each row the source row fills. Reading a token
+// once rather than once per row it fills cuts GEMM1's input traffic from k reads of [T, K] to one
+// (the gathered reads of 2-4 KB rows missed L2 at full-size token counts: bench/NOTES.md).
 __global__ void quantize_rows_kernel(QuantizeParams q) {
   const int64_t half = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 16;
   const int lane = threadIdx.x % 16;
   // Both halves of a warp take part in the shuffles; a half past the end works on nothing.
-  const bool live = half < q.M * q.groups;
-  const int64_t r = live ? half / q.groups : 0;
+  const bool live = half < q.src_rows * q.groups;
+  const int64_t src_row = live ? half / q.groups : 0;
   const int g = live ? static_cast<int>(half % q.groups) : 0;
-  const int64_t src_row = q.tokens ? q.sorted_pairs[r] / q.top_k : r;
   // The columns left from k, compared as they are: no max(0, min(8, rem)). ptxas (CUDA 12.0-13.3)
   // fused such a clamp and the `== 8` test into one VIMNMX.RELU whose predicate it gets wrong on
   // sm_90 (NVIDIA/cccl#11306): lanes past a partial last group then took the vector load.
@@ -83,17 +86,21 @@ __global__ void quantize_rows_kernel(QuantizeParams q) {
   if (!live) return;
   // An all-zero group: the smallest normal scale and zero codes (0 / FLT_MIN = 0), never 0 / 0.
   const float scale = fmaxf(amax / kE4m3Max, FLT_MIN);
-  if (lane == 0) q.scales[r * q.groups + g] = scale;
-  if (rem <= 0) return;
   uint32_t word[2] = {0, 0};
 #pragma unroll
   for (int j = 0; j < 8; ++j)
     word[j / 4] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * (j % 4));
-  uint8_t* out = q.codes + r * q.K + k;
-  if (rem >= 8 && q.K % 8 == 0) {
-    *reinterpret_cast<uint2*>(out) = make_uint2(word[0], word[1]);
-  } else {
-    for (int j = 0; j < 8 && j < rem; ++j) out[j] = static_cast<uint8_t>(word[j / 4] >> (8 * (j % 4)));
+  const int copies = q.tokens ? q.top_k : 1;
+  for (int c = 0; c < copies; ++c) {
+    const int64_t r = q.tokens ? q.row_of_pair[src_row * q.top_k + c] : src_row;
+    if (lane == 0) q.scales[r * q.groups + g] = scale;
+    if (rem <= 0) continue;
+    uint8_t* out = q.codes + r * q.K + k;
+    if (rem >= 8 && q.K % 8 == 0) {
+      *reinterpret_cast<uint2*>(out) = make_uint2(word[0], word[1]);
+    } else {
+      for (int j = 0; j < 8 && j < rem; ++j) out[j] = static_cast<uint8_t>(word[j / 4] >> (8 * (j % 4)));
+    }
   }
 }
 
@@ -389,16 +396,18 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   q.tokens = a.rows == RowSource::Tokens;
   // 16-byte loads of 8 BF16 or two of 4 F32 from 8-element-aligned columns.
   q.vec = (q.type == Elem::BF16 ? K % 8 == 0 : K % 4 == 0) && aligned16(a.src.data);
-  q.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
+  q.row_of_pair = static_cast<const int32_t*>(plan.row_of_pair.data());
   q.top_k = static_cast<int>(plan.top_k);
-  q.M = M;
+  q.src_rows = src_rows;
   q.K = static_cast<int>(K);
   q.groups = static_cast<int>(groups);
   q.codes = static_cast<uint8_t*>(codes.data);
   q.scales = static_cast<float*>(scales.data);
+  FP8MOE_CHECK(!q.tokens || q.row_of_pair, "W8A8 quantize: the plan has no row_of_pair");
   constexpr int kThreads = 256;
-  FP8MOE_CHECK(M * groups <= (int64_t{1} << 35), "W8A8 quantize: ", M, " rows x ", groups, " groups too many for one grid");
-  quantize_rows_kernel<<<grid_blocks(M * groups * 16, kThreads), kThreads, 0, stream>>>(q);
+  FP8MOE_CHECK(src_rows * groups <= (int64_t{1} << 35), "W8A8 quantize: ", src_rows, " rows x ", groups,
+               " groups too many for one grid");
+  quantize_rows_kernel<<<grid_blocks(src_rows * groups * 16, kThreads), kThreads, 0, stream>>>(q);
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
 }
 
