@@ -63,6 +63,9 @@ const char* lora_path_name(LoraPath p);
 // (bench/NOTES.md, sixteenth session). FP8MOE_W8A8_LORA=pass | addend-gemm forces one (the pass
 // only where r <= kMaxPassRank), for timing both in a whole layer.
 LoraPath choose_lora_path(const GroupedGemm& g);
+// FP8MOE_W8A8_LORA's value: null or "" -> Auto, "pass", "addend-gemm"; anything else throws, naming
+// the value and the accepted ones (never a silent default).
+LoraPath parse_lora_path_env(const char* value);
 
 // Runs `g` on the W8A8 path (fits(g) must be empty and available() true; both are checked).
 // Temporaries (codes, scales, D, the CUTLASS argument arrays) come from `alloc`, stream-ordered.

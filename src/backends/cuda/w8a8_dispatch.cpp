@@ -59,16 +59,17 @@ bool choose(const GroupedGemm& g, GemmPrecision precision) {
   return why.empty();
 }
 
+LoraPath parse_lora_path_env(const char* v) {
+  if (v == nullptr || *v == '\0') return LoraPath::Auto;
+  if (std::strcmp(v, "pass") == 0) return LoraPath::Pass;
+  if (std::strcmp(v, "addend-gemm") == 0) return LoraPath::AddendGemm;
+  FP8MOE_FAIL("FP8MOE_W8A8_LORA='", v, "' is not one of: pass, addend-gemm (unset: chosen by rank)");
+}
+
 LoraPath choose_lora_path(const GroupedGemm& g) {
-  // FP8MOE_W8A8_LORA (pass | addend-gemm) overrides the choice, for measuring one against the other
-  // in a whole layer (bench/layer_profile.py); anything else is an error, not a silent default.
-  static const LoraPath forced = [] {
-    const char* v = std::getenv("FP8MOE_W8A8_LORA");
-    if (v == nullptr || *v == '\0') return LoraPath::Auto;
-    if (std::strcmp(v, "pass") == 0) return LoraPath::Pass;
-    if (std::strcmp(v, "addend-gemm") == 0) return LoraPath::AddendGemm;
-    FP8MOE_FAIL("FP8MOE_W8A8_LORA='", v, "' is not one of: pass, addend-gemm (unset: chosen by rank)");
-  }();
+  // FP8MOE_W8A8_LORA overrides the choice, for measuring one path against the other in a whole
+  // layer (bench/layer_profile.py). Read once per process.
+  static const LoraPath forced = parse_lora_path_env(std::getenv("FP8MOE_W8A8_LORA"));
   const int64_t R = g.lora_a.defined() && g.lora_a.src.rank() == 2 ? g.lora_a.src.size(1) : 0;
   LoraPath path = LoraPath::AddendGemm;
   if (forced == LoraPath::Pass && R <= kMaxPassRank) path = LoraPath::Pass;

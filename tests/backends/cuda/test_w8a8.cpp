@@ -435,6 +435,26 @@ TEST(GemmDispatch, W8a8LoraPathByRank) {
   EXPECT_EQ(cuda::w8a8::choose_lora_path(g), cuda::w8a8::LoraPath::AddendGemm);
 }
 
+// FP8MOE_W8A8_LORA's parser (host only): the two names, unset or empty for the choice by rank, and
+// an error that names a bad value and the accepted ones.
+TEST(GemmDispatch, W8a8LoraEnvParsing) {
+  using cuda::w8a8::LoraPath;
+  EXPECT_EQ(cuda::w8a8::parse_lora_path_env(nullptr), LoraPath::Auto);
+  EXPECT_EQ(cuda::w8a8::parse_lora_path_env(""), LoraPath::Auto);
+  EXPECT_EQ(cuda::w8a8::parse_lora_path_env("pass"), LoraPath::Pass);
+  EXPECT_EQ(cuda::w8a8::parse_lora_path_env("addend-gemm"), LoraPath::AddendGemm);
+  for (const char* bad : {"Pass", "addend", "gemm", " pass"}) {
+    try {
+      cuda::w8a8::parse_lora_path_env(bad);
+      ADD_FAILURE() << "'" << bad << "' was accepted";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(std::string("'") + bad + "'"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("pass, addend-gemm"), std::string::npos) << msg;
+    }
+  }
+}
+
 // Asked for the pass with a rank it cannot hold in registers: an error that names the rank.
 TEST(W8a8Policy, LoraPassRefusesALargeRank) {
   FP8MOE_REQUIRE_W8A8();
