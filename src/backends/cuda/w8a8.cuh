@@ -4,8 +4,8 @@
 // (grouped_gemm.cuh: FP8 W dequantized to BF16 in the kernel), the precise option.
 //
 // One call runs three phases, all queued on the stream, nothing read back by the host:
-//   quantize  A rows (expert order, or tokens gathered through the plan) -> e4m3 codes [M, K] and
-//             one F32 scale per row and 128-wide K group, sa [M, ceil(K/128)]
+//   quantize  A rows (expert order, or each token once, stored into the k rows the plan gives it) ->
+//             e4m3 codes [M, K] and one F32 scale per row and 128-wide K group, sa [M, ceil(K/128)]
 //             (scale = max(amax / 448, FLT_MIN), as quantize_activations on the host: an all-zero
 //             group gives zero codes, never NaN)
 //   gemm      CUTLASS 4.2's Hopper grouped GEMM with blockwise scales (w8a8_sm90.cu):
