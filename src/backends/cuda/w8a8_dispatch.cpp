@@ -63,7 +63,7 @@ LoraPath parse_lora_path_env(const char* v) {
   if (v == nullptr || *v == '\0') return LoraPath::Auto;
   if (std::strcmp(v, "pass") == 0) return LoraPath::Pass;
   if (std::strcmp(v, "addend-gemm") == 0) return LoraPath::AddendGemm;
-  FP8MOE_FAIL("FP8MOE_W8A8_LORA='", v, "' is not one of: pass, addend-gemm (unset: chosen by rank)");
+  FP8MOE_FAIL("FP8MOE_W8A8_LORA='", v, "' is not one of: pass, addend-gemm (unset: the library's choice, choose_lora_path)");
 }
 
 LoraPath choose_lora_path(const GroupedGemm& g) {

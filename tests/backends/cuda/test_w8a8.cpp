@@ -435,7 +435,7 @@ TEST(GemmDispatch, W8a8LoraPathByRank) {
   EXPECT_EQ(cuda::w8a8::choose_lora_path(g), cuda::w8a8::LoraPath::AddendGemm);
 }
 
-// FP8MOE_W8A8_LORA's parser (host only): the two names, unset or empty for the choice by rank, and
+// FP8MOE_W8A8_LORA's parser (host only): the two names, unset or empty for the library's choice, and
 // an error that names a bad value and the accepted ones.
 TEST(GemmDispatch, W8a8LoraEnvParsing) {
   using cuda::w8a8::LoraPath;
