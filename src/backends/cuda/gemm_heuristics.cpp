@@ -29,15 +29,11 @@ void log_line_once(const std::string& line) {
   if (seen.insert(line).second) std::fprintf(stderr, "fp8moe: %s\n", line.c_str());
 }
 
-namespace {
-// Rows per expert as the heuristics see it, rounded down to a power of two: a distinct problem
-// for the log, not every token count of a training run.
 int64_t rows_bucket(int64_t rows, int64_t experts) {
   int64_t per = experts > 0 ? rows / experts : rows, b = 1;
   while (b * 2 <= per) b *= 2;
   return per == 0 ? 0 : b;
 }
-}  // namespace
 
 bool tile_shape_supported(TileShape s) { return is_sm90(s) ? sm90_kernels_available() : true; }
 

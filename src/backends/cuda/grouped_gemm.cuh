@@ -146,6 +146,9 @@ constexpr int kOuterMaxSplits = 32;
 // choose_tile_shape(p) logs through it. The line is built only when it may be written: the
 // choices run on every GEMM call, and a training step makes thousands.
 bool dispatch_log_enabled();
+// Rows per expert as the heuristics see it, rounded down to a power of two: a distinct problem
+// for the log, not every token count of a training run.
+int64_t rows_bucket(int64_t rows, int64_t experts);
 void log_line_once(const std::string& line);
 template <class MakeLine>
 void log_choice_once(MakeLine&& make_line, bool always = false) {

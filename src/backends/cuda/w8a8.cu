@@ -411,6 +411,15 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
 }
 
+const char* sm90_tile_name(Sm90Tile t) {
+  switch (t) {
+    case Sm90Tile::Auto: return "auto";
+    case Sm90Tile::M128: return "m128";
+    case Sm90Tile::M64: return "m64";
+  }
+  return "?";
+}
+
 const char* lora_path_name(LoraPath p) {
   switch (p) {
     case LoraPath::Auto: return "auto";
@@ -420,7 +429,8 @@ const char* lora_path_name(LoraPath p) {
   return "?";
 }
 
-void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, LoraPath lora) {
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, const Options& options) {
+  LoraPath lora = options.lora;
   FP8MOE_CHECK(available(), "W8A8 grouped GEMM: ", unavailable_reason());
   const std::string why = fits(g);
   FP8MOE_CHECK(why.empty(), "W8A8 grouped GEMM cannot take this problem: ", why);
@@ -484,6 +494,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, L
   p.b = static_cast<const uint8_t*>(g.b.data.data);
   p.sb = channel ? nullptr : static_cast<const float*>(g.b.scale.data);
   p.d = d;
+  p.tile = options.tile == Sm90Tile::Auto ? choose_sm90_tile(M, E, N, K) : options.tile;
 #if FP8MOE_HAS_W8A8
   Tensor scratch(DType::U8, {static_cast<int64_t>(sm90_fp8_grouped_scratch(p))}, alloc);
   sm90_fp8_grouped(p, scratch.data(), stream);

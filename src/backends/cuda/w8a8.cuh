@@ -67,10 +67,30 @@ LoraPath choose_lora_path(const GroupedGemm& g);
 // the value and the accepted ones (never a silent default).
 LoraPath parse_lora_path_env(const char* value);
 
+// The CUTLASS kernel's tile (cutlass/fp8_grouped_sm90.cu):
+//   M128  cooperative 128 x 128 x 128, both consumer warpgroups on one tile (the measured one);
+//   M64   ping-pong 64 x 128 x 128, a tile per consumer warpgroup: half the padded MMA work where
+//         experts hold few rows (16 per expert at 256 Qwen3 tokens);
+//   Auto  choose_sm90_tile.
+enum class Sm90Tile : uint8_t { Auto, M128, M64 };
+const char* sm90_tile_name(Sm90Tile t);
+// The choice (w8a8_dispatch.cpp) from the rows and experts the host knows (the rows per expert
+// stay on the device): M128 everywhere until a GPU run measures M64 (bench/NOTES.md, eighteenth
+// session). FP8MOE_W8A8_TILE=m64 | m128 forces one, for timing both in a whole layer.
+Sm90Tile choose_sm90_tile(int64_t rows, int64_t experts, int64_t n, int64_t k);
+// FP8MOE_W8A8_TILE's value: null or "" -> Auto, "m64", "m128"; anything else throws, naming the
+// value and the accepted ones.
+Sm90Tile parse_tile_env(const char* value);
+
+// How one call runs; Auto leaves a choice to the functions above.
+struct Options {
+  LoraPath lora = LoraPath::Auto;  // where a LoRA delta is added (Pass with r > kMaxPassRank is refused)
+  Sm90Tile tile = Sm90Tile::Auto;  // the CUTLASS kernel's tile
+};
+
 // Runs `g` on the W8A8 path (fits(g) must be empty and available() true; both are checked).
 // Temporaries (codes, scales, D, the CUTLASS argument arrays) come from `alloc`, stream-ordered.
-// `lora` picks where a LoRA delta is added (Pass with r > kMaxPassRank is refused).
-void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, LoraPath lora = LoraPath::Auto);
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, const Options& options = {});
 
 // ---- the phases, exposed for tests and benchmarks
 
@@ -89,6 +109,7 @@ struct Sm90Fp8Grouped {
   const uint8_t* b = nullptr;        // [E, N, K] e4m3
   const float* sb = nullptr;         // [E, ceil(N/128), ceil(K/128)]; null: unit scales (channel scales later)
   void* d = nullptr;                 // [M, N] BF16
+  Sm90Tile tile = Sm90Tile::M128;    // M128 or M64 (Auto is refused: the caller chooses)
 };
 // Device bytes of the scratch sm90_fp8_grouped needs for `p` (argument arrays, unit scales,
 // CUTLASS's workspace), 256-byte aligned.

@@ -80,4 +80,24 @@ LoraPath choose_lora_path(const GroupedGemm& g) {
   return path;
 }
 
+Sm90Tile parse_tile_env(const char* v) {
+  if (v == nullptr || *v == '\0') return Sm90Tile::Auto;
+  if (std::strcmp(v, "m64") == 0) return Sm90Tile::M64;
+  if (std::strcmp(v, "m128") == 0) return Sm90Tile::M128;
+  FP8MOE_FAIL("FP8MOE_W8A8_TILE='", v, "' is not one of: m64, m128 (unset: the library's choice, choose_sm90_tile)");
+}
+
+Sm90Tile choose_sm90_tile(int64_t rows, int64_t experts, int64_t n, int64_t k) {
+  // FP8MOE_W8A8_TILE overrides the choice, for measuring one tile against the other in a whole
+  // layer (bench/layer_profile.py). Read once per process.
+  static const Sm90Tile forced = parse_tile_env(std::getenv("FP8MOE_W8A8_TILE"));
+  const Sm90Tile tile = forced == Sm90Tile::Auto ? Sm90Tile::M128 : forced;
+  // Logged by the average rows per expert (what a rule can use without reading the offsets back).
+  gemm::log_choice_once([&] {
+    return "W8A8 CUTLASS tile (N " + std::to_string(n) + ", K " + std::to_string(k) + ", ~" +
+           std::to_string(gemm::rows_bucket(rows, experts)) + " rows per expert) -> " + sm90_tile_name(tile) + (forced != Sm90Tile::Auto ? " (FP8MOE_W8A8_TILE)" : "");
+  });
+  return tile;
+}
+
 }  // namespace fp8moe::cuda::w8a8

@@ -131,9 +131,10 @@ Outs cpu_gemm(Backend& cpu, const W8Case& c, const HostGemm& h, const RoutingPla
   return o;
 }
 
-void run_case(const W8Case& c, cuda::w8a8::LoraPath lora) {
+void run_case(const W8Case& c, const cuda::w8a8::Options& options) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed) + " case " + c.name + " LoRA path " + cuda::w8a8::lora_path_name(lora));
+  SCOPED_TRACE("seed " + std::to_string(seed) + " case " + c.name + " LoRA path " +
+               cuda::w8a8::lora_path_name(options.lora) + ", tile " + cuda::w8a8::sm90_tile_name(options.tile));
   std::mt19937_64 rng(seed);
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
@@ -168,7 +169,7 @@ void run_case(const W8Case& c, cuda::w8a8::LoraPath lora) {
   g.aux = aux;
   g.out = out;
   ASSERT_EQ(cuda::w8a8::fits(g), "");
-  cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), lora);
+  cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), options);
   gpu->synchronize();
   if (M == 0) return;
 
@@ -186,12 +187,15 @@ void run_case(const W8Case& c, cuda::w8a8::LoraPath lora) {
 
 class W8a8Gemm : public ::testing::TestWithParam<W8Case> {};
 
-// A LoRA case runs both places the delta can be added (w8a8.cuh: LoraPath).
+// Every case runs both CUTLASS tiles, and a LoRA case both places the delta can be added
+// (w8a8.cuh: Sm90Tile, LoraPath; independent of each other, D being what passes between them).
 TEST_P(W8a8Gemm, MatchesCpu) {
   FP8MOE_REQUIRE_W8A8();
+  using cuda::w8a8::LoraPath;
+  using cuda::w8a8::Sm90Tile;
   const W8Case& c = GetParam();
-  run_case(c, cuda::w8a8::LoraPath::AddendGemm);
-  if (c.rank > 0) run_case(c, cuda::w8a8::LoraPath::Pass);
+  run_case(c, {LoraPath::AddendGemm, Sm90Tile::M128});
+  run_case(c, {c.rank > 0 ? LoraPath::Pass : LoraPath::AddendGemm, Sm90Tile::M64});
 }
 
 const W8Case kCases[] = {
@@ -455,6 +459,31 @@ TEST(GemmDispatch, W8a8LoraEnvParsing) {
   }
 }
 
+// The CUTLASS tile (host only): the cooperative 128-row tile unless FP8MOE_W8A8_TILE forces one
+// (gpu_check can time both), at few rows per expert as at many; the parser takes the two names.
+TEST(GemmDispatch, W8a8TileChoiceAndEnvParsing) {
+  using cuda::w8a8::Sm90Tile;
+  const char* forced_env = std::getenv("FP8MOE_W8A8_TILE");
+  const Sm90Tile forced = cuda::w8a8::parse_tile_env(forced_env);
+  for (int64_t rows : {int64_t{0}, int64_t{2048}, int64_t{131072}})
+    EXPECT_EQ(cuda::w8a8::choose_sm90_tile(rows, 128, 1536, 2048), forced == Sm90Tile::Auto ? Sm90Tile::M128 : forced)
+        << rows << " rows";
+  EXPECT_EQ(cuda::w8a8::parse_tile_env(nullptr), Sm90Tile::Auto);
+  EXPECT_EQ(cuda::w8a8::parse_tile_env(""), Sm90Tile::Auto);
+  EXPECT_EQ(cuda::w8a8::parse_tile_env("m64"), Sm90Tile::M64);
+  EXPECT_EQ(cuda::w8a8::parse_tile_env("m128"), Sm90Tile::M128);
+  for (const char* bad : {"M64", "64", "m256", "auto"}) {
+    try {
+      cuda::w8a8::parse_tile_env(bad);
+      ADD_FAILURE() << "'" << bad << "' was accepted";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(std::string("'") + bad + "'"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("m64, m128"), std::string::npos) << msg;
+    }
+  }
+}
+
 // Asked for the pass with a rank it cannot hold in registers: an error that names the rank.
 TEST(W8a8Policy, LoraPassRefusesALargeRank) {
   FP8MOE_REQUIRE_W8A8();
@@ -477,7 +506,8 @@ TEST(W8a8Policy, LoraPassRefusesALargeRank) {
   g.lora_scale = 1.0;
   g.out = out;
   try {
-    cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), cuda::w8a8::LoraPath::Pass);
+    cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()),
+                             {cuda::w8a8::LoraPath::Pass});
     ADD_FAILURE() << "the pass took rank " << R;
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("r = " + std::to_string(R)), std::string::npos) << e.what();
