@@ -439,6 +439,19 @@ TEST(GemmDispatch, W8a8LoraPathByRank) {
   EXPECT_EQ(cuda::w8a8::choose_lora_path(g), cuda::w8a8::LoraPath::AddendGemm);
 }
 
+// An environment parser refuses `bad` with an error naming it and the accepted values.
+template <class Parse>
+void expect_env_refused(Parse parse, const char* bad, const std::string& accepted) {
+  try {
+    parse(bad);
+    ADD_FAILURE() << "'" << bad << "' was accepted";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(std::string("'") + bad + "'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(accepted), std::string::npos) << msg;
+  }
+}
+
 // FP8MOE_W8A8_LORA's parser (host only): the two names, unset or empty for the library's choice, and
 // an error that names a bad value and the accepted ones.
 TEST(GemmDispatch, W8a8LoraEnvParsing) {
@@ -447,16 +460,8 @@ TEST(GemmDispatch, W8a8LoraEnvParsing) {
   EXPECT_EQ(cuda::w8a8::parse_lora_path_env(""), LoraPath::Auto);
   EXPECT_EQ(cuda::w8a8::parse_lora_path_env("pass"), LoraPath::Pass);
   EXPECT_EQ(cuda::w8a8::parse_lora_path_env("addend-gemm"), LoraPath::AddendGemm);
-  for (const char* bad : {"Pass", "addend", "gemm", " pass"}) {
-    try {
-      cuda::w8a8::parse_lora_path_env(bad);
-      ADD_FAILURE() << "'" << bad << "' was accepted";
-    } catch (const Error& e) {
-      const std::string msg = e.what();
-      EXPECT_NE(msg.find(std::string("'") + bad + "'"), std::string::npos) << msg;
-      EXPECT_NE(msg.find("pass, addend-gemm"), std::string::npos) << msg;
-    }
-  }
+  for (const char* bad : {"Pass", "addend", "gemm", " pass"})
+    expect_env_refused(cuda::w8a8::parse_lora_path_env, bad, "pass, addend-gemm");
 }
 
 // The CUTLASS tile (host only): the cooperative 128-row tile unless FP8MOE_W8A8_TILE forces one
@@ -472,16 +477,7 @@ TEST(GemmDispatch, W8a8TileChoiceAndEnvParsing) {
   EXPECT_EQ(cuda::w8a8::parse_tile_env(""), Sm90Tile::Auto);
   EXPECT_EQ(cuda::w8a8::parse_tile_env("m64"), Sm90Tile::M64);
   EXPECT_EQ(cuda::w8a8::parse_tile_env("m128"), Sm90Tile::M128);
-  for (const char* bad : {"M64", "64", "m256", "auto"}) {
-    try {
-      cuda::w8a8::parse_tile_env(bad);
-      ADD_FAILURE() << "'" << bad << "' was accepted";
-    } catch (const Error& e) {
-      const std::string msg = e.what();
-      EXPECT_NE(msg.find(std::string("'") + bad + "'"), std::string::npos) << msg;
-      EXPECT_NE(msg.find("m64, m128"), std::string::npos) << msg;
-    }
-  }
+  for (const char* bad : {"M64", "64", "m256", "auto"}) expect_env_refused(cuda::w8a8::parse_tile_env, bad, "m64, m128");
 }
 
 // Asked for the pass with a rank it cannot hold in registers: an error that names the rank.
