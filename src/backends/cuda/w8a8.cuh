@@ -59,24 +59,25 @@ std::string fits(const GroupedGemm& g);
 enum class LoraPath : uint8_t { Auto, AddendGemm, Pass };
 inline constexpr int kMaxPassRank = 32;
 const char* lora_path_name(LoraPath p);
-// The choice (w8a8_dispatch.cpp): AddendGemm, the measured one, until a GPU run measures the pass
-// (bench/NOTES.md, sixteenth session). FP8MOE_W8A8_LORA=pass | addend-gemm forces one (the pass
-// only where r <= kMaxPassRank), for timing both in a whole layer.
+// The choice (w8a8_dispatch.cpp): AddendGemm, which takes any rank. The pass measured the same
+// (~2.2 ms for both projections at 16384 Qwen3 tokens, H100: bench/NOTES.md, eighteenth session),
+// so it is not the default. FP8MOE_W8A8_LORA=pass | addend-gemm forces one (the pass only where
+// r <= kMaxPassRank), for timing both in a whole layer.
 LoraPath choose_lora_path(const GroupedGemm& g);
 // FP8MOE_W8A8_LORA's value: null or "" -> Auto, "pass", "addend-gemm"; anything else throws, naming
 // the value and the accepted ones (never a silent default).
 LoraPath parse_lora_path_env(const char* value);
 
 // The CUTLASS kernel's tile (cutlass/fp8_grouped_sm90.cu):
-//   M128  cooperative 128 x 128 x 128, both consumer warpgroups on one tile (the measured one);
+//   M128  cooperative 128 x 128 x 128, both consumer warpgroups on one tile;
 //   M64   ping-pong 64 x 128 x 128, a tile per consumer warpgroup: half the padded MMA work where
 //         experts hold few rows (16 per expert at 256 Qwen3 tokens);
 //   Auto  choose_sm90_tile.
 enum class Sm90Tile : uint8_t { Auto, M128, M64 };
 const char* sm90_tile_name(Sm90Tile t);
 // The choice (w8a8_dispatch.cpp) from the rows and experts the host knows (the rows per expert
-// stay on the device): M128 everywhere until a GPU run measures M64 (bench/NOTES.md, eighteenth
-// session). FP8MOE_W8A8_TILE=m64 | m128 forces one, for timing both in a whole layer.
+// stay on the device): M64 at 32 rows per expert or fewer on average, else M128.
+// FP8MOE_W8A8_TILE=m64 | m128 forces one, for timing both in a whole layer.
 Sm90Tile choose_sm90_tile(int64_t rows, int64_t experts, int64_t n, int64_t k);
 // FP8MOE_W8A8_TILE's value: null or "" -> Auto, "m64", "m128"; anything else throws, naming the
 // value and the accepted ones.

@@ -464,15 +464,21 @@ TEST(GemmDispatch, W8a8LoraEnvParsing) {
     expect_env_refused(cuda::w8a8::parse_lora_path_env, bad, "pass, addend-gemm");
 }
 
-// The CUTLASS tile (host only): the cooperative 128-row tile unless FP8MOE_W8A8_TILE forces one
-// (gpu_check can time both), at few rows per expert as at many; the parser takes the two names.
+// The CUTLASS tile (host only): the 64-row tile at 32 rows per expert or fewer on average, the
+// 128-row one above, unless FP8MOE_W8A8_TILE forces one (gpu_check can time both); the parser takes
+// the two names.
 TEST(GemmDispatch, W8a8TileChoiceAndEnvParsing) {
   using cuda::w8a8::Sm90Tile;
-  const char* forced_env = std::getenv("FP8MOE_W8A8_TILE");
-  const Sm90Tile forced = cuda::w8a8::parse_tile_env(forced_env);
-  for (int64_t rows : {int64_t{0}, int64_t{2048}, int64_t{131072}})
-    EXPECT_EQ(cuda::w8a8::choose_sm90_tile(rows, 128, 1536, 2048), forced == Sm90Tile::Auto ? Sm90Tile::M128 : forced)
-        << rows << " rows";
+  const Sm90Tile forced = cuda::w8a8::parse_tile_env(std::getenv("FP8MOE_W8A8_TILE"));
+  const struct {
+    int64_t rows, experts;
+    Sm90Tile tile;
+  } cases[] = {{0, 128, Sm90Tile::M64},         {2048, 128, Sm90Tile::M64},  {4096, 128, Sm90Tile::M64},
+               {4097, 128, Sm90Tile::M128},     {16384, 64, Sm90Tile::M128}, {131072, 128, Sm90Tile::M128},
+               {20, 0, Sm90Tile::M64}};
+  for (const auto& c : cases)
+    EXPECT_EQ(cuda::w8a8::choose_sm90_tile(c.rows, c.experts, 1536, 2048), forced == Sm90Tile::Auto ? c.tile : forced)
+        << c.rows << " rows, " << c.experts << " experts";
   EXPECT_EQ(cuda::w8a8::parse_tile_env(nullptr), Sm90Tile::Auto);
   EXPECT_EQ(cuda::w8a8::parse_tile_env(""), Sm90Tile::Auto);
   EXPECT_EQ(cuda::w8a8::parse_tile_env("m64"), Sm90Tile::M64);
