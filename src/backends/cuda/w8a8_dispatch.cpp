@@ -101,7 +101,8 @@ Sm90Tile choose_sm90_tile(int64_t rows, int64_t experts, int64_t n, int64_t k) {
   // Logged by the average rows per expert (what a rule can use without reading the offsets back).
   gemm::log_choice_once([&] {
     return "W8A8 CUTLASS tile (N " + std::to_string(n) + ", K " + std::to_string(k) + ", ~" +
-           std::to_string(gemm::rows_bucket(rows, experts)) + " rows per expert) -> " + sm90_tile_name(tile) + (forced != Sm90Tile::Auto ? " (FP8MOE_W8A8_TILE)" : "");
+           std::to_string(gemm::rows_bucket(rows, experts)) + " rows per expert) -> " + sm90_tile_name(tile) +
+           (forced != Sm90Tile::Auto ? " (FP8MOE_W8A8_TILE)" : "");
   });
   return tile;
 }
