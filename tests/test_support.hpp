@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -15,7 +16,9 @@
 
 namespace fp8moe::test {
 
+// FP8MOE_TEST_SEED replays a seed a failure printed.
 inline uint64_t fresh_seed() {
+  if (const char* s = std::getenv("FP8MOE_TEST_SEED"); s != nullptr && *s != '\0') return std::strtoull(s, nullptr, 10);
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd();
 }

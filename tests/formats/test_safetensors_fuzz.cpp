@@ -47,7 +47,8 @@ using testing::write_file;
 using Clock = std::chrono::steady_clock;
 
 // Bounded time per test: the mutants stop at the iteration count or the time budget, whichever
-// comes first, and at least the minimum count must have run for the test to mean something.
+// comes first; but the minimum count, and at least one accepted and one rejected mutant, always
+// run whatever the clock says, so a slow or loaded machine makes the test longer, never failed.
 constexpr auto kFileBudget = std::chrono::milliseconds(2500);
 constexpr auto kStoreBudget = std::chrono::milliseconds(1500);
 constexpr int kFileIters = 6000, kFileMinIters = 300;  // about 1 s and 0.5 s on an idle machine
@@ -424,6 +425,12 @@ void expect_views_inside(const SafetensorsFile& f, const std::string& image, con
 
 struct Tally {
   int accepted = 0, rejected = 0, iterations = 0;
+
+  // Whether to draw another mutant (see the budgets above).
+  bool more(int max_iters, int min_iters, Clock::time_point start, Clock::duration budget) const {
+    if (iterations >= max_iters) return false;
+    return iterations < min_iters || accepted == 0 || rejected == 0 || Clock::now() - start < budget;
+  }
 };
 
 // Opens `path` holding `image`; records the outcome, fails on anything but success or Error.
@@ -459,7 +466,7 @@ TEST(SafetensorsFuzz, MutatedFilesOpenCleanlyOrThrowError) {
 
   t = {};
   const auto start = Clock::now();
-  for (int i = 0; i < kFileIters && Clock::now() - start < kFileBudget; ++i) {
+  for (int i = 0; t.more(kFileIters, kFileMinIters, start, kFileBudget); ++i) {
     const size_t which = rng.below(valid.size());
     std::string what;
     std::string image = mutate(valid[which], rng, what);
@@ -477,7 +484,7 @@ TEST(SafetensorsFuzz, MutatedFilesOpenCleanlyOrThrowError) {
     if (::testing::Test::HasFatalFailure()) return;
   }
   std::printf("SafetensorsFuzz files: %d mutants, %d accepted, %d rejected\n", t.iterations, t.accepted, t.rejected);
-  EXPECT_GE(t.iterations, kFileMinIters) << "too few mutants within the time budget to mean anything";
+  EXPECT_GE(t.iterations, kFileMinIters);
   // Both outcomes occur: mutations inside the data buffer are harmless, most others are not.
   EXPECT_GT(t.accepted, 0);
   EXPECT_GT(t.rejected, t.iterations / 2);
@@ -691,7 +698,7 @@ TEST(SafetensorsFuzz, MutatedShardedCheckpointsOpenCleanlyOrThrowError) {
 
   Tally t;
   const auto start = Clock::now();
-  for (int i = 0; i < kStoreIters && Clock::now() - start < kStoreBudget; ++i) {
+  for (int i = 0; t.more(kStoreIters, kStoreMinIters, start, kStoreBudget); ++i) {
     const fs::path ckpt = dir.path() / ("ckpt" + std::to_string(i));
     std::string how;
     fx.lay_out(ckpt, mutate_checkpoint(fx, ckpt, rng, how));
@@ -712,7 +719,7 @@ TEST(SafetensorsFuzz, MutatedShardedCheckpointsOpenCleanlyOrThrowError) {
     if (::testing::Test::HasFatalFailure()) return;
   }
   std::printf("SafetensorsFuzz stores: %d mutants, %d accepted, %d rejected\n", t.iterations, t.accepted, t.rejected);
-  EXPECT_GE(t.iterations, kStoreMinIters) << "too few mutants within the time budget to mean anything";
+  EXPECT_GE(t.iterations, kStoreMinIters);
   EXPECT_GT(t.accepted, 0);
   EXPECT_GT(t.rejected, 0);
 }
