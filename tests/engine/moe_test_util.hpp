@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -185,5 +186,38 @@ inline Problem make_problem(const Config& c, const Dims& d, std::mt19937_64& gen
   p.weights = uniform(DType::F64, {d.T, d.k}, gen, 0.1, 1.0);
   return p;
 }
+
+// A backend that computes on the CPU oracle; tests derive from it to watch or steer what the
+// engine hands a backend (every operation is virtual: override the ones a test looks at).
+class CpuDelegate : public Backend {
+ public:
+  CpuDelegate() : inner_(make_cpu_backend()) {}
+
+  const char* name() const override { return "cpu-delegate"; }
+  Device device() const override { return Device::CPU; }
+  DType activation_dtype() const override { return inner_->activation_dtype(); }
+  Allocator& own_allocator() override { return inner_->allocator(); }
+  void copy(const TensorView& dst, const TensorView& src) override { inner_->copy(dst, src); }
+  void fill(const TensorView& t, double value) override { inner_->fill(t, value); }
+  void synchronize() override {}
+  void build_plan(const TensorView& ids, int64_t experts, RoutingPlan& plan) override {
+    inner_->build_plan(ids, experts, plan);
+  }
+  void identity_plan(int64_t rows, RoutingPlan& plan) override { inner_->identity_plan(rows, plan); }
+  void grouped_gemm(const GroupedGemm& g) override { inner_->grouped_gemm(g); }
+  void grouped_outer(const GroupedOuter& g) override { inner_->grouped_outer(g); }
+  void combine(const Combine& c) override { inner_->combine(c); }
+  void pair_dot(const PairDot& d) override { inner_->pair_dot(d); }
+  void route(const RouterSpec& r, const TensorView& logits, const TensorView& ids, const TensorView& w) override {
+    inner_->route(r, logits, ids, w);
+  }
+  void route_backward(const RouterSpec& r, const TensorView& logits, const TensorView& ids, const TensorView& gw,
+                      const TensorView& gl) override {
+    inner_->route_backward(r, logits, ids, gw, gl);
+  }
+
+ private:
+  std::unique_ptr<Backend> inner_;
+};
 
 }  // namespace fp8moe::moetest

@@ -44,54 +44,37 @@ std::vector<int32_t> ids_of(const Tensor& ids) {
 
 // ---- a backend that computes on the CPU oracle, records the dtype of every intermediate the
 // engine hands it, and reports a chosen activation dtype (BF16 makes it allocate like CUDA).
-class RecordingBackend final : public Backend {
+class RecordingBackend final : public CpuDelegate {
  public:
-  explicit RecordingBackend(DType activation) : inner_(make_cpu_backend()), activation_(activation) {}
+  explicit RecordingBackend(DType activation) : activation_(activation) {}
 
   std::vector<std::string> log;  // "<op> <operand> <dtype>" for every engine-allocated operand
 
   const char* name() const override { return "recording-cpu"; }
-  Device device() const override { return Device::CPU; }
   DType activation_dtype() const override { return activation_; }
-  Allocator& own_allocator() override { return inner_->allocator(); }
-  void copy(const TensorView& dst, const TensorView& src) override { inner_->copy(dst, src); }
-  void fill(const TensorView& t, double value) override { inner_->fill(t, value); }
-  void synchronize() override {}
-  void build_plan(const TensorView& ids, int64_t experts, RoutingPlan& plan) override {
-    inner_->build_plan(ids, experts, plan);
-  }
-  void identity_plan(int64_t rows, RoutingPlan& plan) override { inner_->identity_plan(rows, plan); }
   void grouped_gemm(const GroupedGemm& g) override {
     if (g.a.rows == RowSource::Rows) note("gemm a", g.a.src);
     if (g.lora_a.defined() && g.lora_a.rows == RowSource::Rows) note("gemm lora_a", g.lora_a.src);
     if (g.aux.defined()) note("gemm aux", g.aux);
     note("gemm out", g.out);
-    inner_->grouped_gemm(g);
+    CpuDelegate::grouped_gemm(g);
   }
   void grouped_outer(const GroupedOuter& g) override {
     if (g.left.rows == RowSource::Rows) note("outer left", g.left.src);
     if (g.right.rows == RowSource::Rows) note("outer right", g.right.src);
-    inner_->grouped_outer(g);
+    CpuDelegate::grouped_outer(g);
   }
   void combine(const Combine& c) override {
     note("combine rows", c.rows);
-    inner_->combine(c);
+    CpuDelegate::combine(c);
   }
   void pair_dot(const PairDot& d) override {
     note("pair_dot rows", d.rows);
-    inner_->pair_dot(d);
-  }
-  void route(const RouterSpec& r, const TensorView& logits, const TensorView& ids, const TensorView& w) override {
-    inner_->route(r, logits, ids, w);
-  }
-  void route_backward(const RouterSpec& r, const TensorView& logits, const TensorView& ids, const TensorView& gw,
-                      const TensorView& gl) override {
-    inner_->route_backward(r, logits, ids, gw, gl);
+    CpuDelegate::pair_dot(d);
   }
 
  private:
   void note(const char* what, const TensorView& t) { log.push_back(std::string(what) + " " + std::string(dtype_name(t.dtype))); }
-  std::unique_ptr<Backend> inner_;
   DType activation_;
 };
 
