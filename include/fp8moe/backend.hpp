@@ -33,9 +33,24 @@ enum class RowSource : uint8_t {
   Tokens,  // row r of the operand is src[pair(r) / k]  (src [T, K], token order)
 };
 
+// Rows quantized to FP8 E4M3 as an FP8 GEMM reads its activations: codes [M, K] F8_E4M3 and one
+// F32 scale per row and 128-wide K group, scales [M, ceil(K/128)], scale = max(amax / 448,
+// FLT_MIN) (quantize_activations with group 128: an all-zero group gives zero codes).
+struct Fp8Rows {
+  TensorView codes, scales;
+  bool defined() const { return codes.defined(); }
+};
+inline constexpr int64_t kFp8RowGroup = 128;
+// Throws unless `f` holds [rows, cols] contiguous codes and [rows, ceil(cols / 128)] contiguous
+// scales on `dev`, naming `what` and the tensor.
+void check_fp8_rows(const Fp8Rows& f, const std::string& what, int64_t rows, int64_t cols, Device dev);
+
 struct GemmOperand {
   TensorView src;
   RowSource rows = RowSource::Rows;
+  // Optional, Rows only: src's Fp8Rows, already made (by the GEMM that wrote src, GroupedGemm::
+  // out_fp8). A path on FP8 activations reads these instead of quantizing src; the others read src.
+  Fp8Rows fp8 = {};
   bool defined() const { return src.defined(); }
 };
 
@@ -78,6 +93,10 @@ struct GroupedGemm {
   ActivationSpec act;
   TensorView aux;
   TensorView out;
+  // Optional: also write out's Fp8Rows (as stored: the BF16 values on CUDA), for a next GEMM on
+  // FP8 activations that reads out (the layer's GEMM2 reads GEMM1's activation). A kernel whose
+  // epilogue holds the values writes them there; otherwise a quantize pass follows.
+  Fp8Rows out_fp8 = {};
   GemmRole role = GemmRole::Other;
 };
 
@@ -166,6 +185,9 @@ class Backend {
   // permutations the identity). Same in-place rule as build_plan.
   virtual void identity_plan(int64_t rows, RoutingPlan& plan) = 0;
   virtual void grouped_gemm(const GroupedGemm& g) = 0;
+  // Whether grouped_gemm(g) would run on FP8 activations (the W8A8 path): the engine then has the
+  // GEMM that writes g's input hand it over quantized (GroupedGemm::out_fp8, GemmOperand::fp8).
+  virtual bool takes_fp8_rows(const GroupedGemm& g) const { (void)g; return false; }
   virtual void grouped_outer(const GroupedOuter& g) = 0;
   virtual void combine(const Combine& c) = 0;
   virtual void pair_dot(const PairDot& d) = 0;

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <mutex>
 
+#include "engine/layer_parts.hpp"
 #include "fp8moe/error.hpp"
 
 namespace fp8moe {
@@ -34,6 +35,20 @@ GemmPrecision parse_gemm_precision(const std::string& s) {
   if (l == "w8a8-down") return GemmPrecision::W8A8Down;
   FP8MOE_FAIL("GEMM precision '", s, "' is not one of: w8a16 (precise, the default), w8a8 (fast, Hopper), ",
               "w8a8-down (W8A8 on the experts' down projection only)");
+}
+
+void check_fp8_rows(const Fp8Rows& f, const std::string& what, int64_t rows, int64_t cols, Device dev) {
+  const std::pair<const TensorView*, const char*> parts[] = {{&f.codes, " codes"}, {&f.scales, " scales"}};
+  for (const auto& [t, part] : parts) {
+    const std::string name = what + part;
+    FP8MOE_CHECK(t->defined(), "tensor ", name, ": missing (codes and scales go together)");
+    FP8MOE_CHECK(t->device == dev, "tensor ", name, ": expected it on the device ", engine::device_name(dev), ", found ", t->str());
+    check_contiguous(*t, name.c_str());
+  }
+  check_dtype(f.codes, (what + " codes").c_str(), {DType::F8_E4M3});
+  check_shape(f.codes, (what + " codes").c_str(), {rows, cols});
+  check_dtype(f.scales, (what + " scales").c_str(), {DType::F32});
+  check_shape(f.scales, (what + " scales").c_str(), {rows, (cols + kFp8RowGroup - 1) / kFp8RowGroup});
 }
 
 void Backend::set_gemm_precision(GemmPrecision p) {

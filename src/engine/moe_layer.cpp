@@ -4,7 +4,8 @@
 //   plan  = build_plan(ids)
 //   U     = Xp A_gu^T                                   [M, r]   (LoRA on gate_up)
 //   H1    = Xp Wgu^T + s U B_gu^T + b_gu                [M, 2I]  (GEMM1, kept as aux)
-//   Act   = act(H1)                                     [M, I]   (GEMM1's GLU epilogue)
+//   Act   = act(H1)                                     [M, I]   (GEMM1's GLU epilogue; where
+//                                                                 GEMM2 runs W8A8, also its FP8 codes)
 //   V     = Act A_d^T                                   [M, r]   (LoRA on down)
 //   Y     = Act Wd^T + s V B_d^T + b_d                  [M, H]   (GEMM2, unweighted)
 //   out_t = sum_j w_tj Y_row(t,j)                       [T, H]   (combine)
@@ -108,6 +109,26 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
 
   Tensor h1 = saved ? keep(&MoeSaved::h1, "saved h1", {M, 2 * d.I}) : Tensor();  // [M, 2I] pre-activation, for backward only
   Tensor act = keep(&MoeSaved::act, "saved act", {M, d.I});                       // [M, I]
+  Tensor v = lora_.has_down() ? keep(&MoeSaved::v, "saved v", {M, lora_.down_A.size(1)}) : Tensor();  // [M, r] V = Act A_d^T
+  Tensor y = keep(&MoeSaved::y, "saved y", {M, d.H});                             // [M, H] unweighted expert outputs
+
+  GroupedGemm g2;  // GEMM2 + LoRA + bias, run after V
+  g2.plan = plan.get();
+  g2.a = {act};
+  g2.b = w_.down;
+  if (lora_.has_down()) set_lora(g2, v, lora_.down_B, lora_.scaling);
+  g2.bias = w_.down_bias;
+  g2.out = y;
+  g2.role = GemmRole::ExpertDown;
+  // Where GEMM2 runs on FP8 activations, GEMM1 writes them next to Act (its epilogue holds the
+  // values), which saves GEMM2 a quantize pass over Act.
+  Tensor act_codes, act_scales;
+  if (be.takes_fp8_rows(g2)) {
+    act_codes = be.empty(DType::F8_E4M3, {M, d.I});
+    act_scales = be.empty(DType::F32, {M, (d.I + kFp8RowGroup - 1) / kFp8RowGroup});
+    g2.a.fp8 = {act_codes, act_scales};
+  }
+
   {
     GroupedGemm g;  // GEMM1 + LoRA + bias + activation
     g.plan = plan.get();
@@ -119,13 +140,12 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
     g.act = w_.act;
     g.aux = h1;
     g.out = act;
+    g.out_fp8 = g2.a.fp8;
     g.role = GemmRole::ExpertUp;
     be.grouped_gemm(g);
   }
 
-  Tensor v;  // [M, r] V = Act A_d^T
   if (lora_.has_down()) {
-    v = keep(&MoeSaved::v, "saved v", {M, lora_.down_A.size(1)});
     GroupedGemm g;
     g.plan = plan.get();
     g.a = {act};
@@ -133,19 +153,7 @@ void MoeLayer::forward(const MoeInputs& in, const TensorView& out, MoeSaved* sav
     g.out = v;
     be.grouped_gemm(g);
   }
-
-  Tensor y = keep(&MoeSaved::y, "saved y", {M, d.H});  // [M, H] unweighted expert outputs
-  {
-    GroupedGemm g;  // GEMM2 + LoRA + bias
-    g.plan = plan.get();
-    g.a = {act};
-    g.b = w_.down;
-    if (lora_.has_down()) set_lora(g, v, lora_.down_B, lora_.scaling);
-    g.bias = w_.down_bias;
-    g.out = y;
-    g.role = GemmRole::ExpertDown;
-    be.grouped_gemm(g);
-  }
+  be.grouped_gemm(g2);
 
   Combine c;
   c.plan = plan.get();

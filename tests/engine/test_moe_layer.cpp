@@ -13,6 +13,7 @@
 #include "engine/naive_moe.hpp"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/moe.hpp"
+#include "fp8moe/quant.hpp"
 
 namespace fp8moe {
 namespace {
@@ -419,6 +420,77 @@ TEST_F(EngineEdge, BackwardRejectsSavedStateOfAnotherBatch) {
   g.hidden = gh;
   EXPECT_THROW(layer.backward(p.inputs(), saved, gh, g), Error);
   EXPECT_THROW(layer.backward(p.inputs(), MoeSaved{}, gh, g), Error);
+}
+
+// ---- the FP8 handoff from GEMM1 to GEMM2 ---------------------------------------------------------
+
+// A backend whose GEMM2 runs on FP8 activations (takes_fp8_rows for the experts' down projection,
+// as the CUDA backend's under W8A8) and that checks, at GEMM2, what the engine handed it: GEMM1 was
+// asked for out_fp8, GEMM2 gets those same buffers as a.fp8 for its A = GEMM1's out, and they hold
+// A's E4M3 rows (quantize_activations of A as stored). No other GEMM sees Fp8Rows.
+class Fp8HandoffBackend final : public CpuDelegate {
+ public:
+  explicit Fp8HandoffBackend(bool takes) : takes_(takes) {}
+  bool takes_fp8_rows(const GroupedGemm& g) const override { return takes_ && g.role == GemmRole::ExpertDown; }
+
+  int handoffs = 0, stray = 0;
+  Fp8Rows up_fp8;
+  void* up_out = nullptr;
+
+  void grouped_gemm(const GroupedGemm& g) override {
+    if (g.role == GemmRole::ExpertUp) {
+      up_fp8 = g.out_fp8, up_out = g.out.data;
+    } else if (g.role == GemmRole::ExpertDown && g.a.fp8.defined()) {
+      ++handoffs;
+      EXPECT_EQ(g.a.fp8.codes.data, up_fp8.codes.data) << "GEMM2's codes are not the ones GEMM1 wrote";
+      EXPECT_EQ(g.a.fp8.scales.data, up_fp8.scales.data);
+      EXPECT_EQ(g.a.src.data, up_out) << "GEMM2's A is not GEMM1's out";
+      EXPECT_EQ(g.a.rows, RowSource::Rows);
+      const int64_t M = g.a.src.size(0), I = g.a.src.size(1);
+      Tensor codes(DType::F8_E4M3, {M, I}), scales(DType::F32, {M, (I + 127) / 128});
+      quantize_activations(g.a.src, 128, codes, scales);
+      EXPECT_EQ(to_vec(g.a.fp8.scales), to_vec(scales));
+      int64_t differ = 0, nonzero = 0;
+      for (int64_t i = 0; i < M * I; ++i) {
+        differ += static_cast<const uint8_t*>(g.a.fp8.codes.data)[i] != codes.ptr<uint8_t>()[i];
+        nonzero += codes.ptr<uint8_t>()[i] != 0;
+      }
+      EXPECT_EQ(differ, 0) << "codes differing from A's quantization";
+      EXPECT_TRUE(M == 0 || nonzero > 0);
+    } else if (g.a.fp8.defined() || g.out_fp8.defined()) {
+      ++stray;
+    }
+    if (g.role == GemmRole::ExpertDown) EXPECT_EQ(g.a.fp8.defined(), takes_);
+    CpuDelegate::grouped_gemm(g);
+  }
+
+ private:
+  bool takes_;
+};
+
+TEST_F(EngineEdge, Fp8HandoffFromGemm1ToGemm2) {
+  SCOPED_TRACE(seed_trace(seed_));
+  for (const Config& c : {full_, Config{Scheme::Channel, Activation::GptOssGlu, false, false, false}}) {
+    for (const int64_t T : {int64_t{0}, int64_t{1}, int64_t{7}}) {
+      SCOPED_TRACE(c.name() + ", T " + std::to_string(T));
+      Dims d;
+      d.T = T;
+      d.I = 136;  // two 128-wide groups, the second partial
+      const Problem p = make_problem(c, d, gen_);
+      Tensor plain = nan_tensor(DType::F64, {T, d.H});
+      MoeLayer(*be_, p.w, p.lora).forward(p.inputs(), plain);
+      for (const bool takes : {true, false}) {
+        Fp8HandoffBackend be(takes);
+        Tensor out = nan_tensor(DType::F64, {T, d.H});
+        MoeSaved saved;
+        MoeLayer(be, p.w, p.lora).forward(p.inputs(), out, &saved);
+        EXPECT_EQ(be.handoffs, takes ? 1 : 0);
+        EXPECT_EQ(be.up_fp8.defined(), takes);
+        EXPECT_EQ(be.stray, 0);
+        EXPECT_EQ(to_vec(out), to_vec(plain)) << "the handoff changed the layer's output";
+      }
+    }
+  }
 }
 
 }  // namespace

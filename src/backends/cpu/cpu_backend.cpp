@@ -267,6 +267,16 @@ class CpuBackend final : public Backend {
         break;
     }
 
+    // a.fp8 is for FP8 paths (this oracle reads A itself); out_fp8 is written from out at the end.
+    if (g.a.fp8.defined()) {
+      FP8MOE_CHECK(g.a.rows == RowSource::Rows, "grouped_gemm a.fp8: given for an operand read by token");
+      check_fp8_rows(g.a.fp8, "grouped_gemm a.fp8", M, K, Device::CPU);
+    }
+    if (g.out_fp8.defined()) {
+      check_fp8_rows(g.out_fp8, "grouped_gemm out_fp8", M, g.out.size(1), Device::CPU);
+      check_contiguous(g.out, "grouped_gemm out (with out_fp8)");
+    }
+
     std::vector<double> w(static_cast<size_t>(N * K));   // [N, K] W_e
     std::vector<double> lb(static_cast<size_t>(N * R));  // [N, r] LB_e
     std::vector<double> v(static_cast<size_t>(N));       // [N] pre-epilogue row
@@ -292,6 +302,11 @@ class CpuBackend final : public Backend {
         }
         epilogue(g, r, N, v);
       }
+    }
+    if (g.out_fp8.defined()) {  // the rows that hold a product (past offsets[E]: pairs of out-of-range ids)
+      const int64_t rows = pv.offsets[E];
+      const auto head = [rows](const TensorView& t) { return TensorView(t.data, t.dtype, {rows, t.size(1)}, t.device); };
+      quantize_activations(head(g.out), kFp8RowGroup, head(g.out_fp8.codes), head(g.out_fp8.scales));
     }
   }
 

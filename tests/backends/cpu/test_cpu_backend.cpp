@@ -13,6 +13,7 @@
 #include "engine/moe_test_util.hpp"
 #include "engine/naive_moe.hpp"
 #include "fp8moe/backend.hpp"
+#include "fp8moe/quant.hpp"
 
 namespace fp8moe {
 namespace {
@@ -211,6 +212,61 @@ TEST_F(CpuBackendTest, GroupedGemmRejectsMismatchedOperands) {
   EXPECT_THROW(be_->grouped_gemm(g), Error);
   g.plan = nullptr;
   EXPECT_THROW(be_->grouped_gemm(g), Error);
+}
+
+// out_fp8: out's E4M3 rows as quantize_activations makes them (K = 200: a partial second group),
+// for both forward epilogues; a.fp8 is read by FP8 paths only, so the oracle's result is the same
+// with and without it, and both are checked for shape, dtype and row source, naming the tensor.
+TEST_F(CpuBackendTest, GroupedGemmWritesAndChecksFp8Rows) {
+  SCOPED_TRACE(seed_trace(seed_));
+  const int64_t T = 9, k = 2, E = 3, K = 40, N = 400, M = T * k;
+  RoutingPlan plan;
+  be_->build_plan(random_ids_any(T, k, E), E, plan);
+  const QuantWeights b = quantize(randn(DType::F32, {E, N, K}, gen_), ScaleSpec::block(N, K, 128, 128));
+  const Tensor x = randn(DType::F64, {T, K}, gen_);
+  for (const Epilogue epi : {Epilogue::Store, Epilogue::GluForward}) {
+    const int64_t cols = epi == Epilogue::Store ? N : N / 2, groups = (cols + 127) / 128;
+    SCOPED_TRACE(epi == Epilogue::Store ? "Store" : "GluForward");
+    Tensor out = nan_tensor(DType::F64, {M, cols});
+    Tensor codes(DType::F8_E4M3, {M, cols}), scales = nan_tensor(DType::F32, {M, groups});
+    GroupedGemm g;
+    g.plan = &plan;
+    g.a = {x, RowSource::Tokens};
+    g.b = b.view();
+    g.epilogue = epi;
+    g.out = out;
+    g.out_fp8 = {codes, scales};
+    be_->grouped_gemm(g);
+    Tensor want_codes(DType::F8_E4M3, {M, cols}), want_scales(DType::F32, {M, groups});
+    quantize_activations(out, 128, want_codes, want_scales);
+    EXPECT_EQ(to_vec(scales), to_vec(want_scales));
+    for (int64_t i = 0; i < M * cols; ++i)
+      ASSERT_EQ(codes.ptr<uint8_t>()[i], want_codes.ptr<uint8_t>()[i]) << "code " << i;
+
+    // The same problem read by rows, with those codes as a.fp8: the oracle reads A itself.
+    if (epi == Epilogue::Store) continue;
+    const QuantWeights b2 = quantize(randn(DType::F32, {E, 16, cols}, gen_), ScaleSpec::channel(16, cols));
+    GroupedGemm g2;
+    g2.plan = &plan;
+    g2.a = {out};
+    g2.b = b2.view();
+    Tensor y1 = nan_tensor(DType::F64, {M, 16}), y2 = nan_tensor(DType::F64, {M, 16});
+    g2.out = y1;
+    be_->grouped_gemm(g2);
+    g2.a.fp8 = {codes, scales};
+    g2.out = y2;
+    be_->grouped_gemm(g2);
+    EXPECT_EQ(to_vec(y1), to_vec(y2));
+
+    g2.a.rows = RowSource::Tokens;  // Fp8Rows are rows in expert order
+    g2.a.src = Tensor(DType::F64, {T, cols});
+    test::expect_error([&] { be_->grouped_gemm(g2); }, {"a.fp8", "by token"});
+    g2.a = {out};
+    g2.a.fp8 = {codes, Tensor(DType::F32, {M, groups + 1})};
+    test::expect_error([&] { be_->grouped_gemm(g2); }, {"a.fp8 scales", std::to_string(groups + 1)});
+    g.out_fp8 = {Tensor(DType::F32, {M, cols}), scales};
+    test::expect_error([&] { be_->grouped_gemm(g); }, {"out_fp8 codes", "F32"});
+  }
 }
 
 // GLU epilogues through an identity weight (v = a), so that out is the activation itself.
