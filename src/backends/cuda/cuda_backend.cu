@@ -252,12 +252,21 @@ class CudaBackend final : public Backend {
     DeviceGuard g(device_);
     cuda::identity_plan(rows, plan, allocator(), stream_);
   }
+  bool takes_fp8_rows(const GroupedGemm& gg) const override { return cuda::w8a8::choose(gg, precision_); }
   void grouped_gemm(const GroupedGemm& gg) override {
     DeviceGuard g(device_);
-    if (cuda::w8a8::choose(gg, precision_))
-      cuda::w8a8::grouped_gemm(gg, allocator(), stream_);
-    else
-      cuda::grouped_gemm(gg, allocator(), stream_);
+    if (cuda::w8a8::choose(gg, precision_)) {
+      cuda::w8a8::grouped_gemm(gg, allocator(), stream_);  // a.fp8 and out_fp8 included
+      return;
+    }
+    // The W8A16 kernels read A itself (a.fp8 is for FP8 paths); out's codes take a pass of their own.
+    if (gg.out_fp8.defined()) {
+      FP8MOE_CHECK(gg.plan && gg.out.rank() == 2, "grouped_gemm out_fp8: needs a plan and out [M, N], found ",
+                   gg.out.str());
+      check_fp8_rows(gg.out_fp8, "grouped_gemm out_fp8", gg.plan->rows(), gg.out.size(1), Device::CUDA);
+    }
+    cuda::grouped_gemm(gg, allocator(), stream_);
+    if (gg.out_fp8.defined()) cuda::w8a8::quantize_rows({gg.out}, *gg.plan, gg.out_fp8.codes, gg.out_fp8.scales, stream_);
   }
   void grouped_outer(const GroupedOuter& go) override {
     DeviceGuard g(device_);

@@ -59,10 +59,42 @@ __device__ __forceinline__ void load8(const QuantizeParams& q, int64_t i, int re
   for (int j = 0; j < 8; ++j) v[j] = j < rem ? gemm::load_elem(q.src, q.type, i + j) : 0.0f;
 }
 
+// The group's scale from its amax: the smallest normal for an all-zero group, whose codes are then
+// zero (0 / FLT_MIN = 0), never 0 / 0.
+__device__ __forceinline__ float group_scale(float amax) { return fmaxf(amax / kE4m3Max, FLT_MIN); }
+
+// amax of v over the 16 lanes of this half warp (every lane of the warp must call it).
+__device__ __forceinline__ float half_warp_amax(const float (&v)[8]) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  return amax;
+}
+
+// The 8 codes of v / scale (saturating round-to-nearest-even, as the host's quantize_activations,
+// so both give the same bits), little-endian in two words.
+__device__ __forceinline__ void encode8(const float (&v)[8], float scale, uint32_t (&word)[2]) {
+  word[0] = word[1] = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    word[j / 4] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * (j % 4));
+}
+
+// The first min(8, rem) codes to out (rem > 0): one 8-byte store where the row allows (`vec`: rows
+// of a multiple of 8 codes, so out is 8-byte aligned).
+__device__ __forceinline__ void store_codes8(uint8_t* out, const uint32_t (&word)[2], int rem, bool vec) {
+  if (rem >= 8 && vec) {
+    *reinterpret_cast<uint2*>(out) = make_uint2(word[0], word[1]);
+  } else {
+    for (int j = 0; j < 8 && j < rem; ++j) out[j] = static_cast<uint8_t>(word[j / 4] >> (8 * (j % 4)));
+  }
+}
+
 // Half a warp per (source row, 128-wide group), 8 elements (one 16-byte BF16 load) per lane: a
-// max over the 16 lanes gives the group's scale, then every lane encodes its 8 codes (saturating
-// round-to-nearest-even of v / scale, as the host's quantize_activations, so both give the same
-// bits) and stores them as one 8-byte word into each row the source row fills. Reading a token
+// max over the 16 lanes gives the group's scale, then every lane encodes its 8 codes (encode8) and
+// stores them as one 8-byte word into each row the source row fills. Reading a token
 // once rather than once per row it fills cuts GEMM1's input traffic from k reads of [T, K] to one
 // (the gathered reads of 2-4 KB rows missed L2 at full-size token counts: bench/NOTES.md).
 __global__ void quantize_rows_kernel(QuantizeParams q) {
@@ -78,29 +110,16 @@ __global__ void quantize_rows_kernel(QuantizeParams q) {
   const int k = g * kGroup + 8 * lane, rem = live ? q.K - k : 0;
   float v[8];
   load8(q, src_row * q.K + k, rem, v);
-  float amax = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float amax = half_warp_amax(v);
   if (!live) return;
-  // An all-zero group: the smallest normal scale and zero codes (0 / FLT_MIN = 0), never 0 / 0.
-  const float scale = fmaxf(amax / kE4m3Max, FLT_MIN);
-  uint32_t word[2] = {0, 0};
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-    word[j / 4] |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / scale, __NV_SATFINITE, __NV_E4M3)) << (8 * (j % 4));
+  const float scale = group_scale(amax);
+  uint32_t word[2];
+  encode8(v, scale, word);
   const int copies = q.tokens ? q.top_k : 1;
   for (int c = 0; c < copies; ++c) {
     const int64_t r = q.tokens ? q.row_of_pair[src_row * q.top_k + c] : src_row;
     if (lane == 0) q.scales[r * q.groups + g] = scale;
-    if (rem <= 0) continue;
-    uint8_t* out = q.codes + r * q.K + k;
-    if (rem >= 8 && q.K % 8 == 0) {
-      *reinterpret_cast<uint2*>(out) = make_uint2(word[0], word[1]);
-    } else {
-      for (int j = 0; j < 8 && j < rem; ++j) out[j] = static_cast<uint8_t>(word[j / 4] >> (8 * (j % 4)));
-    }
+    if (rem > 0) store_codes8(q.codes + r * q.K + k, word, rem, q.K % 8 == 0);
   }
 }
 
@@ -125,6 +144,9 @@ struct EpilogueParams {
   bool out_vec8 = false, aux_vec8 = false, chan_vec8 = false;
   bool out_pair = false, aux_pair = false;  // 2-element stores allowed (lora_epilogue_kernel)
   int rows_per_block = 1;
+  // out's Fp8Rows, written from the values as stored (epilogue_kernel only; else null).
+  uint8_t* q_codes = nullptr;  // [M, cols]
+  float* q_scales = nullptr;   // [M, ceil(cols / 128)]
   // LoRA delta (lora_epilogue_kernel only): + lora_scale * sum_q L[row, q] LB_e[n, q], before the
   // row scale, as GroupedGemm's v.
   const void* l = nullptr;  // [M, R], or [T, R] read through the plan (l_tokens)
@@ -169,52 +191,74 @@ __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, fl
 }
 
 // A block covers a run of EpilogueParams::rows_per_block rows, one thread per 8 output columns of a
-// row at a time. Rows ascend within a thread, so its expert is found once by
-// a binary search and then advanced, not searched per item. Store writes v; GluForward reads the
-// 8 gate and 8 up columns of its 8 outputs, keeps them in aux (unless aux is D itself and v = D)
-// and writes act(gate, up). Rows at or past offsets[E] (pairs whose id was out of range) hold no
-// product and are not written, as in GroupedGemm.
+// row at a time. Rows ascend within a thread, so its expert is found once by a binary search and
+// then advanced, not searched per item. Store writes v; GluForward reads the 8 gate and 8 up
+// columns of its 8 outputs, keeps them in aux (unless aux is D itself and v = D) and writes
+// act(gate, up). Rows at or past offsets[E] (pairs whose id was out of range) hold no product and
+// are not written, as in GroupedGemm.
+// With q_codes, the outputs are also quantized as the next GEMM reads them (GroupedGemm::out_fp8),
+// which saves that GEMM a pass over them: a row's chunks are padded to a multiple of 16, so each
+// half warp holds one row's 128-wide group (blockDim and the warps' first items are multiples of
+// 32) and takes its amax with shuffles, as quantize_rows_kernel does.
 __global__ void epilogue_kernel(EpilogueParams p) {
   const bool glu = p.epi == Epilogue::GluForward;
   const int cols = glu ? p.N / 2 : p.N, chunks = (cols + 7) / 8;
+  const int stride = p.q_codes ? (chunks + 15) / 16 * 16 : chunks;  // items per row
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
   const int64_t r_end = min(static_cast<int64_t>(p.offsets[p.E]), min(p.M, r0 + p.rows_per_block));
   if (r0 >= r_end) return;
-  const int items = static_cast<int>(r_end - r0) * chunks;
+  const int items = static_cast<int>(r_end - r0) * stride;
   const bool need_e = p.chan || p.bias;
-  int e = need_e ? expert_of(p.offsets, p.E, r0 + threadIdx.x / chunks) : 0;
-  for (int i = threadIdx.x; i < items; i += blockDim.x) {
-    const int64_t r = r0 + i / chunks;
-    const int c0 = (i % chunks) * 8;
-    if (need_e)
-      while (p.offsets[e + 1] <= r) ++e;
-    const float rs = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r]) : 1.0f;
+  const int lane = threadIdx.x % 32;
+  int e = need_e ? expert_of(p.offsets, p.E, r0 + threadIdx.x / stride) : 0;
+  // Whole warps iterate together (the shuffles need every lane); a lane past the items idles.
+  for (int base = threadIdx.x - lane; base < items; base += blockDim.x) {
+    const int i = base + lane;
+    const bool live = i < items;
+    const int64_t r = r0 + (live ? i / stride : 0);
+    const int c0 = (i % stride) * 8;
     int n[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) n[j] = c0 + j < cols ? c0 + j : -1;
-    if (!glu) {
-      float v[8];
-      v8(p, r, e, rs, n, v);
-      gemm::store8(p.out, p.out_type, r * p.N, n, v, p.out_vec8);
-      continue;
-    }
-    const int I = cols;
-    int gn[8], un[8];
+    for (int j = 0; j < 8; ++j) n[j] = live && c0 + j < cols ? c0 + j : -1;
+    float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (n[0] >= 0) {
+      if (need_e)
+        while (p.offsets[e + 1] <= r) ++e;
+      const float rs = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r]) : 1.0f;
+      if (!glu) {
+        v8(p, r, e, rs, n, o);
+      } else {
+        int gn[8], un[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      gn[j] = n[j] >= 0 ? static_cast<int>(p.act.gate_row(n[j], I)) : -1;
-      un[j] = n[j] >= 0 ? static_cast<int>(p.act.up_row(n[j], I)) : -1;
-    }
-    float g[8], u[8], o[8];
-    v8(p, r, e, rs, gn, g);
-    v8(p, r, e, rs, un, u);
-    if (p.aux_store) {
-      gemm::store8(p.aux, p.aux_type, r * p.N, gn, g, p.aux_vec8);
-      gemm::store8(p.aux, p.aux_type, r * p.N, un, u, p.aux_vec8);
-    }
+        for (int j = 0; j < 8; ++j) {
+          gn[j] = n[j] >= 0 ? static_cast<int>(p.act.gate_row(n[j], cols)) : -1;
+          un[j] = n[j] >= 0 ? static_cast<int>(p.act.up_row(n[j], cols)) : -1;
+        }
+        float g[8], u[8];
+        v8(p, r, e, rs, gn, g);
+        v8(p, r, e, rs, un, u);
+        if (p.aux_store) {
+          gemm::store8(p.aux, p.aux_type, r * p.N, gn, g, p.aux_vec8);
+          gemm::store8(p.aux, p.aux_type, r * p.N, un, u, p.aux_vec8);
+        }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) o[j] = gemm::act_forward(p.act, g[j], u[j]);
-    gemm::store8(p.out, p.out_type, r * I, n, o, p.out_vec8);
+        for (int j = 0; j < 8; ++j) o[j] = n[j] >= 0 ? gemm::act_forward(p.act, g[j], u[j]) : 0.0f;
+      }
+      gemm::store8(p.out, p.out_type, r * cols, n, o, p.out_vec8);
+    }
+    if (!p.q_codes) continue;
+    // The values as stored (the next GEMM's quantize pass would read those), then their codes.
+    if (p.out_type == Elem::BF16) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = __bfloat162float(__float2bfloat16_rn(o[j]));
+    }
+    const float amax = half_warp_amax(o);
+    if (n[0] < 0) continue;  // padding past the row's end, or past the items
+    const float scale = group_scale(amax);
+    if (c0 % kGroup == 0) p.q_scales[r * ((cols + kGroup - 1) / kGroup) + c0 / kGroup] = scale;
+    uint32_t word[2];
+    encode8(o, scale, word);
+    store_codes8(p.q_codes + r * cols + c0, word, cols - c0, cols % 8 == 0);
   }
 }
 
@@ -462,12 +506,29 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     FP8MOE_CHECK(lora != LoraPath::Pass || (R >= 1 && R <= kMaxPassRank), "W8A8 grouped GEMM: the LoRA pass takes rank ",
                  "1 to ", kMaxPassRank, ", found r = ", R, " (the addend GEMM takes any)");
   }
+  if (g.a.fp8.defined()) {
+    FP8MOE_CHECK(g.a.rows == RowSource::Rows, "W8A8 grouped GEMM: a.fp8 is given for an operand read by token; it "
+                 "holds the operand's rows in expert order");
+    check_fp8_rows(g.a.fp8, "W8A8 grouped GEMM a.fp8", M, K, Device::CUDA);
+  }
+  if (g.out_fp8.defined()) check_fp8_rows(g.out_fp8, "W8A8 grouped GEMM out_fp8", M, out_cols, Device::CUDA);
   if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
+  // out's Fp8Rows by a pass over out, where no pass of this file holds the values (below).
+  const auto quantize_out = [&] {
+    if (g.out_fp8.defined()) quantize_rows({g.out}, plan, g.out_fp8.codes, g.out_fp8.scales, stream);
+  };
 
-  // 1. A -> FP8 codes and 1x128 scales, gathered through the plan.
+  // 1. A -> FP8 codes and 1x128 scales, gathered through the plan (or as the GEMM that wrote A
+  //    quantized them).
   const int64_t groups = (K + kGroup - 1) / kGroup;
-  Tensor codes(DType::F8_E4M3, {M, K}, alloc), scales(DType::F32, {M, groups}, alloc);
-  quantize_rows(g.a, plan, codes, scales, stream);
+  Tensor codes, scales;
+  if (!g.a.fp8.defined()) {
+    codes = Tensor(DType::F8_E4M3, {M, K}, alloc);
+    scales = Tensor(DType::F32, {M, groups}, alloc);
+    quantize_rows(g.a, plan, codes, scales, stream);
+  }
+  const TensorView a_codes = g.a.fp8.defined() ? g.a.fp8.codes : TensorView(codes);
+  const TensorView a_scales = g.a.fp8.defined() ? g.a.fp8.scales : TensorView(scales);
 
   // 2. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
   //    for GluForward, out for Store; the epilogue then rewrites each element in place, read
@@ -489,8 +550,8 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   p.K = static_cast<int>(K);
   p.M = M;
   p.offsets = static_cast<const int32_t*>(plan.offsets.data());
-  p.a = static_cast<const uint8_t*>(codes.data());
-  p.sa = static_cast<const float*>(scales.data());
+  p.a = static_cast<const uint8_t*>(a_codes.data);
+  p.sa = static_cast<const float*>(a_scales.data);
   p.b = static_cast<const uint8_t*>(g.b.data.data);
   p.sb = channel ? nullptr : static_cast<const float*>(g.b.scale.data);
   p.d = d;
@@ -518,6 +579,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     if (channel) add.chan = g.b.scale;
     add.acc_scale = g.lora_scale;
     cuda::grouped_gemm(lg, add, stream);
+    quantize_out();
     return;
   }
   EpilogueParams ep;
@@ -571,14 +633,24 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     else
       lora_epilogue_kernel<32><<<grid, kLoraThreads, 0, stream>>>(ep);
     FP8MOE_CUDA_LAUNCH_CHECK("w8a8 lora_epilogue_kernel");
+    quantize_out();
     return;
   }
-  // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done.
-  if (!glu && d == g.out.data && nothing_to_apply) return;
+  // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done, but
+  // for out's codes (a read of out, cheaper than the pass's rewrite of it).
+  if (!glu && d == g.out.data && nothing_to_apply) {
+    quantize_out();
+    return;
+  }
+  if (g.out_fp8.defined()) {
+    ep.q_codes = static_cast<uint8_t*>(g.out_fp8.codes.data);
+    ep.q_scales = static_cast<float*>(g.out_fp8.scales.data);
+  }
   // ~8 items (8 outputs each) per thread in a block: enough to amortise a block's expert search.
-  constexpr int kThreads = 256;
-  const int64_t chunks = (out_cols + 7) / 8;
-  ep.rows_per_block = static_cast<int>(std::max<int64_t>(1, 8 * kThreads / chunks));
+  // With codes, a row's items are padded to a multiple of 16 (epilogue_kernel).
+  constexpr int kThreads = 256;  // a multiple of 32: epilogue_kernel's half warps
+  const int64_t chunks = (out_cols + 7) / 8, stride = ep.q_codes ? (chunks + 15) / 16 * 16 : chunks;
+  ep.rows_per_block = static_cast<int>(std::max<int64_t>(1, 8 * kThreads / stride));
   const int64_t blocks = (M + ep.rows_per_block - 1) / ep.rows_per_block;
   FP8MOE_CHECK(blocks <= INT32_MAX, "W8A8 epilogue: M = ", M, " too large");
   epilogue_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(ep);

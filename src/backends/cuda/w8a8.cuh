@@ -7,7 +7,8 @@
 //   quantize  A rows (expert order, or each token once, stored into the k rows the plan gives it) ->
 //             e4m3 codes [M, K] and one F32 scale per row and 128-wide K group, sa [M, ceil(K/128)]
 //             (scale = max(amax / 448, FLT_MIN), as quantize_activations on the host: an all-zero
-//             group gives zero codes, never NaN)
+//             group gives zero codes, never NaN); skipped when A comes quantized (GemmOperand::fp8:
+//             the layer's GEMM2 gets its input from GEMM1's epilogue)
 //   gemm      CUTLASS 4.2's Hopper grouped GEMM with blockwise scales (w8a8_sm90.cu):
 //             D[r, n] = sum_kb sa[r, kb] * sb_e[n/128, kb] * sum_{k in kb} qa[r, k] qb_e[n, k]
 //             in FP32 per 128-wide K block, stored as BF16 [M, N]. Per-channel weight scales run
@@ -21,6 +22,9 @@
 //             (LoraPath), either the W8A16 family's rank-r GEMM (K = r) on the LoRA factors with D
 //             as an addend (grouped_gemm.cuh: GemmAddend), or this path's pass with the rank-r
 //             product computed in it (r <= kMaxPassRank). Neither stores the delta.
+//             GroupedGemm::out_fp8 (out's E4M3 rows for the next GEMM): written by the pass without
+//             LoRA from the values it stores; after the LoRA paths, and where no pass runs, by
+//             quantize_rows over out.
 //
 // What it takes (w8a8_fits says which condition failed): b F8_E4M3 with 128x128 block scales
 // (one grid, or two segments each a multiple of 128 rows: then the grid is the plain one) or

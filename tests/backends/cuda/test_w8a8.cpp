@@ -105,6 +105,25 @@ struct Outs {
   Tensor out, aux;
 };
 
+// Device Fp8Rows (codes, scales) against the host's quantize_activations of `out` (host, as
+// stored): the same bits (GroupedGemm::out_fp8 promises the quantization of out as stored).
+void expect_fp8_rows_of(const Tensor& out, Backend& gpu, const Fp8Rows& f, const char* what) {
+  const int64_t M = out.size(0), cols = out.size(1), groups = (cols + 127) / 128;
+  const Tensor codes = to_host(gpu, f.codes), scales = to_host(gpu, f.scales);
+  Tensor want_codes(DType::F8_E4M3, {M, cols}), want_scales(DType::F32, {M, groups});
+  quantize_activations(out, 128, want_codes, want_scales);
+  int64_t code_diff = 0, scale_diff = 0;
+  for (int64_t i = 0; i < M * cols; ++i) code_diff += codes.ptr<uint8_t>()[i] != want_codes.ptr<uint8_t>()[i];
+  for (int64_t i = 0; i < M * groups; ++i) scale_diff += scales.ptr<float>()[i] != want_scales.ptr<float>()[i];
+  EXPECT_EQ(code_diff, 0) << what << ": codes differing from the host's quantization of out";
+  EXPECT_EQ(scale_diff, 0) << what << ": scales differing from the host's quantization of out";
+}
+
+// Poisoned device Fp8Rows for [rows, cols].
+Fp8Rows poisoned_fp8_rows(Backend& gpu, int64_t rows, int64_t cols) {
+  return {poisoned(gpu, DType::F8_E4M3, {rows, cols}), poisoned(gpu, DType::F32, {rows, (cols + 127) / 128})};
+}
+
 // The CPU backend's GEMM (fp64) with `a` as A.
 Outs cpu_gemm(Backend& cpu, const W8Case& c, const HostGemm& h, const RoutingPlan& plan, const GemmOperand& a) {
   const int64_t M = c.T * c.k;
@@ -168,12 +187,41 @@ void run_case(const W8Case& c, const cuda::w8a8::Options& options) {
   g.act = {c.act, c.layout};
   g.aux = aux;
   g.out = out;
+  // Every case also writes out's Fp8Rows (fused into this file's epilogue pass, or a pass of their
+  // own after the LoRA paths): the next GEMM's FP8 input.
+  const int64_t cols = glu ? c.N / 2 : c.N;
+  const Tensor out_codes = poisoned(*gpu, DType::F8_E4M3, {M, cols});
+  const Tensor out_scales = poisoned(*gpu, DType::F32, {M, (cols + 127) / 128});
+  g.out_fp8 = {out_codes, out_scales};
   ASSERT_EQ(cuda::w8a8::fits(g), "");
-  cuda::w8a8::grouped_gemm(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), options);
+  const auto stream = static_cast<cudaStream_t>(gpu->stream());
+  cuda::w8a8::grouped_gemm(g, gpu->allocator(), stream, options);
   gpu->synchronize();
   if (M == 0) return;
 
   const Tensor got = to_host(*gpu, out), got_aux = glu ? to_host(*gpu, aux) : Tensor();
+  expect_fp8_rows_of(got, *gpu, g.out_fp8, "out_fp8");
+  if (c.src == RowSource::Rows) {
+    // A handed over quantized (GemmOperand::fp8, as GEMM1's out_fp8 reaches GEMM2): the same bits
+    // as quantizing A in the call.
+    const Fp8Rows a8 = poisoned_fp8_rows(*gpu, M, c.K);
+    cuda::w8a8::quantize_rows(g.a, gplan, a8.codes, a8.scales, stream);
+    GroupedGemm g2 = g;
+    g2.a.fp8 = a8;
+    const Tensor out2 = poisoned(*gpu, c.out_dtype, {M, cols}), aux2 = glu ? poisoned(*gpu, c.out_dtype, {M, c.N}) : Tensor();
+    g2.out = out2;
+    g2.aux = aux2;
+    g2.out_fp8 = {};
+    cuda::w8a8::grouped_gemm(g2, gpu->allocator(), stream, options);
+    gpu->synchronize();
+    const Tensor got2 = to_host(*gpu, out2);
+    EXPECT_EQ(std::memcmp(got2.data(), got.data(), static_cast<size_t>(got.nbytes())), 0)
+        << "out with A handed over quantized differs from out with A quantized in the call";
+    if (glu) {
+      const Tensor got2_aux = to_host(*gpu, aux2);
+      EXPECT_EQ(std::memcmp(got2_aux.data(), got_aux.data(), static_cast<size_t>(got_aux.nbytes())), 0) << "aux, the same";
+    }
+  }
   const Tensor xq = quantized_rows(c, h, cplan);
   const Outs kern = cpu_gemm(*cpu, c, h, cplan, {xq, RowSource::Rows});
   const Outs exact = cpu_gemm(*cpu, c, h, cplan, {h.x, c.src});
@@ -322,6 +370,45 @@ TEST(W8a8Quantize, MatchesHostZeroGroupsPartialGroup) {
   }
 }
 
+// GroupedGemm::out_fp8 on the W8A16 kernels (the layer's GEMM1 under w8a8-down): a quantize pass
+// after the GEMM gives the host's quantization of out as stored; the backend does not take FP8
+// rows at W8A16. I = 136: a partial last group; one expert without rows.
+TEST(W8a8Quantize, OutFp8OnTheW8a16Path) {
+  FP8MOE_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int64_t T = 37, k = 3, E = 5, I = 136, N = 2 * I, K = 256, M = T * k;
+  auto gpu = make_cuda_backend();
+  ASSERT_EQ(gpu->gemm_precision(), GemmPrecision::W8A16);
+  const QuantWeights w = quantize(random_host(DType::F32, {E, N, K}, rng, 0.1), ScaleSpec::block(N, K, 128, 128));
+  RoutingPlan plan;
+  gpu->build_plan(gpu->upload(random_ids(DType::I32, T, k, E - 1, rng)), E, plan);
+  const Tensor wd = gpu->upload(w.data), ws = gpu->upload(w.scale), x = gpu->upload(random_host(DType::BF16, {T, K}, rng));
+  const Tensor out = poisoned(*gpu, DType::BF16, {M, I});
+  GroupedGemm g;
+  g.plan = &plan;
+  g.a = {x, RowSource::Tokens};
+  g.b = {wd, ws, w.spec};
+  g.epilogue = Epilogue::GluForward;
+  g.out = out;
+  g.out_fp8 = poisoned_fp8_rows(*gpu, M, I);
+  g.role = GemmRole::ExpertUp;
+  EXPECT_FALSE(gpu->takes_fp8_rows(g));
+  gpu->grouped_gemm(g);
+  gpu->synchronize();
+  expect_fp8_rows_of(to_host(*gpu, out), *gpu, g.out_fp8, "W8A16 out_fp8");
+  g.out_fp8 = poisoned_fp8_rows(*gpu, M, I + 8);
+  try {
+    gpu->grouped_gemm(g);
+    ADD_FAILURE() << "out_fp8 of the wrong width was accepted";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out_fp8 codes"), std::string::npos) << m;
+    EXPECT_NE(m.find(std::to_string(I + 8)), std::string::npos) << m;
+  }
+}
+
 // The precision policy: W8A8 is refused with the reason where it cannot run, and the decision
 // takes only the forward problems it can run.
 TEST(W8a8Policy, RefusesWhereUnavailableAndDeclinesBackward) {
@@ -344,8 +431,10 @@ TEST(W8a8Policy, RefusesWhereUnavailableAndDeclinesBackward) {
   EXPECT_EQ(cuda::w8a8::fits(g), "");
   EXPECT_TRUE(cuda::w8a8::choose(g, GemmPrecision::W8A8));
   EXPECT_FALSE(cuda::w8a8::choose(g, GemmPrecision::W8A16));
+  EXPECT_TRUE(gpu->takes_fp8_rows(g)) << "the engine's question is the backend's choice";
   g.transpose_b = true;
   EXPECT_NE(cuda::w8a8::fits(g), "");
+  EXPECT_FALSE(gpu->takes_fp8_rows(g));
   g.transpose_b = false;
   const QuantWeights w64 = quantize(random_host(DType::F32, {2, 256, 256}, rng), ScaleSpec::block(256, 256, 64, 64));
   const Tensor wd64 = gpu->upload(w64.data), ws64 = gpu->upload(w64.scale);
