@@ -646,11 +646,10 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     ep.q_codes = static_cast<uint8_t*>(g.out_fp8.codes.data);
     ep.q_scales = static_cast<float*>(g.out_fp8.scales.data);
   }
-  // ~8 items (8 outputs each) per thread in a block: enough to amortise a block's expert search.
-  // With codes, a row's items are padded to a multiple of 16 (epilogue_kernel).
+  // Items of 8 outputs; with codes, a row's items are padded to a multiple of 16 (epilogue_kernel).
   constexpr int kThreads = 256;  // a multiple of 32: epilogue_kernel's half warps
   const int64_t chunks = (out_cols + 7) / 8, stride = ep.q_codes ? (chunks + 15) / 16 * 16 : chunks;
-  ep.rows_per_block = static_cast<int>(std::max<int64_t>(1, 8 * kThreads / stride));
+  ep.rows_per_block = epilogue_rows_per_block(M, stride, kThreads);
   const int64_t blocks = (M + ep.rows_per_block - 1) / ep.rows_per_block;
   FP8MOE_CHECK(blocks <= INT32_MAX, "W8A8 epilogue: M = ", M, " too large");
   epilogue_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(ep);

@@ -87,6 +87,11 @@ Sm90Tile choose_sm90_tile(int64_t rows, int64_t experts, int64_t n, int64_t k);
 // value and the accepted ones.
 Sm90Tile parse_tile_env(const char* value);
 
+// Rows per block of the epilogue pass without LoRA (w8a8_dispatch.cpp): `items_per_row` chunks of 8
+// outputs per row, `threads` per block. About 8 items per thread, but at least ~512 blocks where
+// `rows` allows (a small batch would otherwise leave SMs idle and threads walking items serially).
+int epilogue_rows_per_block(int64_t rows, int64_t items_per_row, int threads);
+
 // How one call runs; Auto leaves a choice to the functions above.
 struct Options {
   LoraPath lora = LoraPath::Auto;  // where a LoRA delta is added (Pass with r > kMaxPassRank is refused)

@@ -107,4 +107,15 @@ Sm90Tile choose_sm90_tile(int64_t rows, int64_t experts, int64_t n, int64_t k) {
   return tile;
 }
 
+int epilogue_rows_per_block(int64_t rows, int64_t items_per_row, int threads) {
+  // ~8 items per thread amortise a block's expert search at large M. At small M that alone gave
+  // fewer blocks than SMs, each thread walking 8 items one after another: at 256 Qwen3 tokens
+  // (2048 rows) 98 blocks took 23 us for 9 MB (bench/NOTES.md, eighteenth session). So the grid
+  // keeps at least kTargetBlocks (~4 per SM of an H100/H200) where the rows allow.
+  constexpr int64_t kItemsPerThread = 8, kTargetBlocks = 512;
+  const int64_t amortised = std::max<int64_t>(1, kItemsPerThread * threads / std::max<int64_t>(items_per_row, 1));
+  const int64_t filling = std::max<int64_t>(1, rows / kTargetBlocks);
+  return static_cast<int>(std::min(amortised, filling));
+}
+
 }  // namespace fp8moe::cuda::w8a8

@@ -575,6 +575,29 @@ TEST(GemmDispatch, W8a8TileChoiceAndEnvParsing) {
   for (const char* bad : {"M64", "64", "m256", "auto"}) expect_env_refused(cuda::w8a8::parse_tile_env, bad, "m64, m128");
 }
 
+// The epilogue pass's rows per block: ~8 items per thread at full-size batches, but a grid of at
+// least ~512 blocks where the rows allow (at 256 Qwen3 tokens the old rule gave 98 blocks).
+TEST(GemmDispatch, W8a8EpilogueRowsPerBlock) {
+  const struct {
+    int64_t rows, items;
+    int want;
+  } cases[] = {
+      {131072, 96, 21},  // Qwen3 GLU at 16384 tokens: 8 items per thread (8 * 256 / 96)
+      {2048, 96, 4},     // Qwen3 GLU at 256 tokens: 512 blocks of 4 rows
+      {2048, 256, 4},    // a Store of 2048 columns
+      {10752, 96, 21},   // where both rules meet
+      {300, 96, 1},      {0, 96, 1},   {1, 1, 1},
+      {1 << 20, 4096, 1},  // rows wider than a block's threads
+      {1 << 20, 1, 2048},  // 8 items per thread of one-item rows
+  };
+  for (const auto& c : cases) {
+    const int got = cuda::w8a8::epilogue_rows_per_block(c.rows, c.items, 256);
+    EXPECT_EQ(got, c.want) << c.rows << " rows of " << c.items << " items";
+    EXPECT_GE(got, 1);
+    if (c.rows >= 512) EXPECT_GE((c.rows + got - 1) / got, 512) << "a grid below 512 blocks at " << c.rows << " rows";
+  }
+}
+
 // Asked for the pass with a rank it cannot hold in registers: an error that names the rank.
 TEST(W8a8Policy, LoraPassRefusesALargeRank) {
   FP8MOE_REQUIRE_W8A8();
