@@ -266,7 +266,7 @@ class CudaBackend final : public Backend {
       check_fp8_rows(gg.out_fp8, "grouped_gemm out_fp8", gg.plan->rows(), gg.out.size(1), Device::CUDA);
     }
     cuda::grouped_gemm(gg, allocator(), stream_);
-    if (gg.out_fp8.defined()) cuda::w8a8::quantize_rows({gg.out}, *gg.plan, gg.out_fp8.codes, gg.out_fp8.scales, stream_);
+    cuda::w8a8::quantize_out(gg, stream_);
   }
   void grouped_outer(const GroupedOuter& go) override {
     DeviceGuard g(device_);

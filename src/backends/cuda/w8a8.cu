@@ -17,7 +17,7 @@ namespace {
 
 using gemm::Elem;
 
-constexpr int kGroup = 128;        // activation scale group along K (CUTLASS's K block)
+constexpr int kGroup = static_cast<int>(kFp8RowGroup);  // activation scale group along K (CUTLASS's K block)
 constexpr float kE4m3Max = 448.0f;
 
 // ---- kernels
@@ -455,6 +455,12 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
 }
 
+void quantize_out(const GroupedGemm& g, cudaStream_t stream) {
+  if (!g.out_fp8.defined()) return;
+  FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm out_fp8: the GEMM has no plan");
+  quantize_rows({g.out}, *g.plan, g.out_fp8.codes, g.out_fp8.scales, stream);
+}
+
 const char* sm90_tile_name(Sm90Tile t) {
   switch (t) {
     case Sm90Tile::Auto: return "auto";
@@ -514,9 +520,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   if (g.out_fp8.defined()) check_fp8_rows(g.out_fp8, "W8A8 grouped GEMM out_fp8", M, out_cols, Device::CUDA);
   if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
   // out's Fp8Rows by a pass over out, where no pass of this file holds the values (below).
-  const auto quantize_out = [&] {
-    if (g.out_fp8.defined()) quantize_rows({g.out}, plan, g.out_fp8.codes, g.out_fp8.scales, stream);
-  };
+  const auto quantize_out = [&] { w8a8::quantize_out(g, stream); };
 
   // 1. A -> FP8 codes and 1x128 scales, gathered through the plan (or as the GEMM that wrote A
   //    quantized them).

@@ -108,6 +108,10 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
 void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
                    cudaStream_t stream);
 
+// g.out_fp8 (when defined) from g.out, by a quantize_rows pass over it: for the GEMMs whose
+// epilogue does not write them (the W8A16 kernels, W8A8 with LoRA).
+void quantize_out(const GroupedGemm& g, cudaStream_t stream);
+
 // The CUTLASS kernel's problem in raw device pointers (w8a8_sm90.cu includes CUTLASS and nothing
 // of the engine's tensor types beyond this).
 struct Sm90Fp8Grouped {
