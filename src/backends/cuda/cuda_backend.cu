@@ -255,6 +255,10 @@ class CudaBackend final : public Backend {
   bool takes_fp8_rows(const GroupedGemm& gg) const override { return cuda::w8a8::choose(gg, precision_); }
   void grouped_gemm(const GroupedGemm& gg) override {
     DeviceGuard g(device_);
+    if (cuda::w8a8::choose_dgrad(gg, precision_)) {  // FP8MOE_W8A8_DGRAD=fp8 under W8A8
+      cuda::w8a8::dgrad(gg, allocator(), stream_);
+      return;
+    }
     if (cuda::w8a8::choose(gg, precision_)) {
       cuda::w8a8::grouped_gemm(gg, allocator(), stream_);  // a.fp8 and out_fp8 included
       return;

@@ -79,6 +79,11 @@ struct Params {
   bool addend_vec8 = false, addend_chan_vec8 = false;
 };
 
+// `g` checked (as grouped_gemm checks it) and described as this family's kernels see it, for a
+// kernel of another path that runs its own main loop over K tiles of `bk` and this family's tile
+// maps and epilogue (build_tile_maps, finish_tile): the W8A8 FP8 dgrad (w8a8_dgrad.cu).
+Params checked_params(const GroupedGemm& g, int64_t bk);
+
 // ---- activation policies (the CPU backend's act_forward / act_backward are the reference)
 
 // ex2.approx and rcp.approx: a few instructions instead of expf's and the IEEE division's ~25

@@ -146,8 +146,9 @@ GemmDims check_gemm(const GroupedGemm& g) {
 }
 
 // The kernels' view of a checked descriptor: pointers, element kinds and the fast-path
-// conditions for `shape` (where one fails, the per-element path: same results, slower).
-Params gemm_params(const GroupedGemm& g, const GemmDims& d, TileShape shape) {
+// conditions for a kernel of K step `kBK` (`rega`: an Sm90RegA kernel) (where one fails, the
+// per-element path: same results, slower).
+Params gemm_params(const GroupedGemm& g, const GemmDims& d, int64_t kBK, bool rega) {
   const RoutingPlan& plan = *g.plan;
   const TensorView& bd = g.b.data;
   const int64_t N = d.N, K = d.K;
@@ -204,7 +205,6 @@ Params gemm_params(const GroupedGemm& g, const GemmDims& d, TileShape shape) {
   // whole chunks load through wide_chunk.
   p.vec_b = chunk_uniform && bd.dtype != DType::F32 && (g.transpose_b ? N : K) % 8 == 0 && aligned16(bd.data);
   // The scale's k-part is constant over each K tile of kBK: tabulate it per CTA.
-  const int64_t kBK = tile_bk(shape);
   if (quant) {
     p.b_tile_uniform = k_tile_uniform(s, g.transpose_b, K, kBK);
     // Linear k-part per chunk: k0 + r lies in scale block (k0 + r) / block, block | kBK, and no
@@ -216,8 +216,11 @@ Params gemm_params(const GroupedGemm& g, const GemmDims& d, TileShape shape) {
         p.b_kpart_step = kBK / s.block_k;
     }
   }
-  p.k_row_scale = is_rega(shape) && g.transpose_b && !p.b_tile_uniform;
+  p.k_row_scale = rega && g.transpose_b && !p.b_tile_uniform;
   return p;
+}
+Params gemm_params(const GroupedGemm& g, const GemmDims& d, TileShape shape) {
+  return gemm_params(g, d, tile_bk(shape), is_rega(shape));
 }
 
 // Checks that `shape` can run `g` on this device, then queues its kernel on `stream`.
@@ -270,6 +273,9 @@ __global__ void __launch_bounds__(256) split_k_sum_kernel(const float* partial, 
 }
 
 }  // namespace
+
+Params checked_params(const GroupedGemm& g, int64_t bk) { return gemm_params(g, check_gemm(g), bk, false); }
+
 }  // namespace gemm
 
 void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {

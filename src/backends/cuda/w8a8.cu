@@ -35,7 +35,24 @@ struct QuantizeParams {
   int K = 0, groups = 0;
   uint8_t* codes = nullptr;  // [M, K]
   float* scales = nullptr;   // [M, groups]
+  // Optional per-expert column factors f [E, K]: row r of expert e is quantized as A[r, k] * f[e, k]
+  // (quantize_rows_scaled). The k rows of a token then differ, so the kernel runs over the M rows
+  // (src_rows = M), each gathered from its token when `tokens` (sorted_pairs[r] / top_k).
+  const float* col_factors = nullptr;
+  const int32_t* offsets = nullptr;       // [E + 1]
+  const int32_t* sorted_pairs = nullptr;  // [M]
+  int E = 0;
 };
+
+// Expert of row r: the largest e with offsets[e] <= r (offsets[0] = 0 <= r).
+__device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t r) {
+  int lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
 
 // v[j] = A[i + j] for j < rem (rem: the row's columns left from i, <= 0 past its end), else 0.
 __device__ __forceinline__ void load8(const QuantizeParams& q, int64_t i, int rem, float (&v)[8]) {
@@ -109,15 +126,26 @@ __global__ void quantize_rows_kernel(QuantizeParams q) {
   // sm_90 (NVIDIA/cccl#11306): lanes past a partial last group then took the vector load.
   const int k = g * kGroup + 8 * lane, rem = live ? q.K - k : 0;
   float v[8];
-  load8(q, src_row * q.K + k, rem, v);
+  // With column factors, src_row is an output row r, read from its token when gathered.
+  const bool scaled = q.col_factors != nullptr;
+  const int64_t read_row = scaled && q.tokens && live ? q.sorted_pairs[src_row] / q.top_k : src_row;
+  load8(q, read_row * q.K + k, rem, v);
+  if (scaled && live) {
+    // Rows at or past offsets[E] (out-of-range ids) belong to no expert: quantized as they are.
+    const bool in_expert = src_row < q.offsets[q.E];
+    const float* f = q.col_factors + static_cast<int64_t>(in_expert ? expert_of(q.offsets, q.E, src_row) : 0) * q.K + k;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (in_expert && j < rem) v[j] *= __ldg(f + j);
+  }
   const float amax = half_warp_amax(v);
   if (!live) return;
   const float scale = group_scale(amax);
   uint32_t word[2];
   encode8(v, scale, word);
-  const int copies = q.tokens ? q.top_k : 1;
+  const int copies = q.tokens && !scaled ? q.top_k : 1;
   for (int c = 0; c < copies; ++c) {
-    const int64_t r = q.tokens ? q.row_of_pair[src_row * q.top_k + c] : src_row;
+    const int64_t r = q.tokens && !scaled ? q.row_of_pair[src_row * q.top_k + c] : src_row;
     if (lane == 0) q.scales[r * q.groups + g] = scale;
     if (rem > 0) store_codes8(q.codes + r * q.K + k, word, rem, q.K % 8 == 0);
   }
@@ -158,16 +186,6 @@ struct EpilogueParams {
   int R = 0;
   float lora_scale = 0.0f;
 };
-
-// Expert of row r: the largest e with offsets[e] <= r (offsets[0] = 0 <= r).
-__device__ __forceinline__ int expert_of(const int32_t* offsets, int E, int64_t r) {
-  int lo = 0, hi = E - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
 
 // GroupedGemm's v from D = the FP8 product: ch, the channel scale (1 without); delta, the scaled
 // LoRA term (0 without); rs, the row scale; bias (0 without). Both passes below apply it.
@@ -423,8 +441,10 @@ std::string fits(const GroupedGemm& g) {
   return "";
 }
 
-void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
-                   cudaStream_t stream) {
+namespace {
+// quantize_rows with optional column factors (quantize_rows_scaled): checks, then one launch.
+void quantize_rows_impl(const GemmOperand& a, const RoutingPlan& plan, const TensorView* col_factors,
+                        const TensorView& codes, const TensorView& scales, cudaStream_t stream) {
   const int64_t M = plan.rows(), K = a.src.rank() == 2 ? a.src.size(1) : 0, groups = (K + kGroup - 1) / kGroup;
   const int64_t src_rows = a.rows == RowSource::Tokens ? plan.tokens : M;
   check_view(a.src, "W8A8 quantize A", {src_rows, K});
@@ -433,6 +453,10 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   check_device_operand(scales, "W8A8 quantize scales", {DType::F32});
   check_shape(scales, "W8A8 quantize scales", {M, groups});
   FP8MOE_CHECK(K <= (int64_t{1} << 30), "W8A8 quantize: K = ", K, " too large");
+  if (col_factors) {
+    check_device_operand(*col_factors, "W8A8 quantize column factors", {DType::F32});
+    check_shape(*col_factors, "W8A8 quantize column factors [E, K]", {plan.experts, K});
+  }
   if (M == 0 || K == 0) return;
   QuantizeParams q;
   q.src = a.src.data;
@@ -447,12 +471,31 @@ void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorVi
   q.groups = static_cast<int>(groups);
   q.codes = static_cast<uint8_t*>(codes.data);
   q.scales = static_cast<float*>(scales.data);
+  if (col_factors) {  // a row's factors are its expert's: the kernel runs over the M rows
+    q.col_factors = static_cast<const float*>(col_factors->data);
+    q.offsets = static_cast<const int32_t*>(plan.offsets.data());
+    q.sorted_pairs = static_cast<const int32_t*>(plan.sorted_pairs.data());
+    q.E = static_cast<int>(plan.experts);
+    q.src_rows = M;
+    FP8MOE_CHECK(q.offsets && (!q.tokens || q.sorted_pairs), "W8A8 quantize: the plan has no offsets or sorted_pairs");
+  }
   FP8MOE_CHECK(!q.tokens || q.row_of_pair, "W8A8 quantize: the plan has no row_of_pair");
   constexpr int kThreads = 256;
-  FP8MOE_CHECK(src_rows * groups <= (int64_t{1} << 35), "W8A8 quantize: ", src_rows, " rows x ", groups,
+  FP8MOE_CHECK(q.src_rows * groups <= (int64_t{1} << 35), "W8A8 quantize: ", q.src_rows, " rows x ", groups,
                " groups too many for one grid");
-  quantize_rows_kernel<<<grid_blocks(src_rows * groups * 16, kThreads), kThreads, 0, stream>>>(q);
+  quantize_rows_kernel<<<grid_blocks(q.src_rows * groups * 16, kThreads), kThreads, 0, stream>>>(q);
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 quantize_rows_kernel");
+}
+}  // namespace
+
+void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
+                   cudaStream_t stream) {
+  quantize_rows_impl(a, plan, nullptr, codes, scales, stream);
+}
+
+void quantize_rows_scaled(const GemmOperand& a, const RoutingPlan& plan, const TensorView& col_factors,
+                          const TensorView& codes, const TensorView& scales, cudaStream_t stream) {
+  quantize_rows_impl(a, plan, &col_factors, codes, scales, stream);
 }
 
 void quantize_out(const GroupedGemm& g, cudaStream_t stream) {

@@ -1,7 +1,8 @@
 // The W8A8 forward path of the grouped GEMM on Hopper (issue #13): FP8 activations x FP8 weights
 // on FP8 tensor cores, for the forward GEMMs of backend.hpp's GroupedGemm
 // (transpose_b = false, Epilogue Store / GluForward). The backward GEMMs stay on the W8A16 kernels
-// (grouped_gemm.cuh: FP8 W dequantized to BF16 in the kernel), the precise option.
+// (grouped_gemm.cuh: FP8 W dequantized to BF16 in the kernel), the precise option, unless the FP8
+// dgrad is asked for (Dgrad, below).
 //
 // One call runs three phases, all queued on the stream, nothing read back by the host:
 //   quantize  A rows (expert order, or each token once, stored into the k rows the plan gives it) ->
@@ -102,11 +103,48 @@ struct Options {
 // Temporaries (codes, scales, D, the CUTLASS argument arrays) come from `alloc`, stream-ordered.
 void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, const Options& options = {});
 
+// ---- the input-gradient GEMMs under W8A8 (issue #13, item 4)
+//
+// The backward's dgrad GEMMs read the forward's FP8 weights transposed (transpose_b: stored [E, K, N],
+// K the reduction). FP8 wgmma takes only K-major operands, so an FP8 dgrad needs W^T tiles: this
+// path transposes each 128 x 128 W tile in shared memory (no transposed copy of the expert stack).
+//   Bf16  the W8A16 kernels: W dequantized to BF16 tiles, the BF16 gradient as it is. The precise
+//         engine and the default.
+//   Fp8   w8a8_dgrad.cu: the gradient quantized to E4M3 in 1 x 128 groups along K (quantize_rows),
+//         W's E4M3 tiles transposed in shared memory, FP8 wgmma (m64n128k32) with each 128-wide K
+//         block's partial sums scaled into FP32 accumulators (activation scale x W block scale),
+//         then this family's epilogue (row scale, bias, Store or GluBackward) from the staged tile.
+//         Per-channel W scales run along the reduction, where an FP8 MMA cannot apply them: they
+//         are folded into the gradient before it is quantized (quantize_rows_scaled). A LoRA delta
+//         goes through the W8A16 family's rank-r GEMM with the FP8 product as its addend.
+// FP8MOE_W8A8_DGRAD=fp8 | bf16 picks one (unset: bf16); only under GemmPrecision::W8A8.
+enum class Dgrad : uint8_t { Bf16, Fp8 };
+const char* dgrad_name(Dgrad d);
+// FP8MOE_W8A8_DGRAD's value: null or "" -> Bf16, "bf16", "fp8"; anything else throws, naming the
+// value and the accepted ones.
+Dgrad parse_dgrad_env(const char* value);
+// The process's setting: FP8MOE_W8A8_DGRAD at the first call, or the last set_dgrad_setting.
+Dgrad dgrad_setting();
+void set_dgrad_setting(Dgrad d);
+// Empty when the FP8 dgrad takes `g`; else the first condition it fails, in words.
+std::string dgrad_fits(const GroupedGemm& g);
+// Whether `g` runs on the FP8 dgrad: precision W8A8, `setting` Fp8, available(), a transposed FP8
+// GEMM that dgrad_fits. Logged as choose() logs (a declined one once on stderr, with the reason).
+bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting = dgrad_setting());
+// Runs `g` on the FP8 dgrad (dgrad_fits(g) must be empty; checked). g.out_fp8 is written by a pass.
+void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
+
 // ---- the phases, exposed for tests and benchmarks
 
 // codes [M, K] F8_E4M3, scales [M, ceil(K/128)] F32 from `a` (BF16 or F32) read through `plan`.
 void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
                    cudaStream_t stream);
+
+// quantize_rows of a[r, k] * col_factors[e, k] for the rows r of expert e (col_factors [E, K] F32):
+// the FP8 dgrad's per-channel weight scales, folded into the gradient. Rows at or past offsets[E]
+// are quantized unscaled. Runs over the M rows (a token's k rows differ), gathered when by token.
+void quantize_rows_scaled(const GemmOperand& a, const RoutingPlan& plan, const TensorView& col_factors,
+                          const TensorView& codes, const TensorView& scales, cudaStream_t stream);
 
 // g.out_fp8 (when defined) from g.out, by a quantize_rows pass over it: for the GEMMs whose
 // epilogue does not write them (the W8A16 kernels, W8A8 with LoRA).

@@ -1,0 +1,380 @@
+// The FP8 dgrad of the W8A8 path (w8a8.cuh: Dgrad): the input-gradient GEMMs of the backward on
+// FP8 tensor cores, reading the forward's stored FP8 weights transposed (no transposed copy).
+//
+// D[r, n] = sum_kb sa[r, kb] * sw_e(kb, n) * sum_{k in kb} qa[r, k] qw_e[k, n]   (W stored [E, K, N])
+//
+//   tile      128 rows x 128 columns x 128 K (one 128-byte row of E4M3 codes), two consumer
+//             warpgroups of m64n128k32 wgmma, every thread also a loader (as the W8A16 sm_90
+//             kernel, gemm_kernel_sm90.cuh, whose helpers this file uses).
+//   fetch     cp.async, 3 tiles ahead: A's codes (the gradient, quantized in expert order by
+//             quantize_rows) straight into the 128-byte-swizzled K-major tile; W's tile [128 K rows
+//             x 128 columns] as raw 8 x 8 byte blocks, one per thread.
+//   transpose FP8 wgmma reads K-major operands only, and W is stored N-major for this product: each
+//             thread transposes its 8 x 8 block in registers (byte permutes) into the K-major tile,
+//             one K tile ahead, while the tensor cores work on the current one.
+//   promote   each K tile's wgmma sums into its own registers, which are then scaled into the FP32
+//             accumulators by the rows' activation scales times the tile's W scale (a 128-wide K
+//             block is one W block row: dgrad_fits). Per-channel W scales were folded into A.
+//   epilogue  the grouped GEMM family's (gemm_parts.cuh): staged through shared memory, then
+//             finish_tile's row scale, bias, Store or GluBackward.
+#include <cuda_fp8.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "backends/cuda/cuda_backend.cuh"
+#include "backends/cuda/gemm_kernel_sm90.cuh"
+#include "backends/cuda/grouped_gemm.cuh"
+#include "backends/cuda/w8a8.cuh"
+
+namespace fp8moe::cuda::w8a8 {
+// The kernel's device helpers (named, not anonymous: the sm_80 pass compiles the kernel as a trap
+// and would warn about unreferenced internal functions).
+namespace dgrad_parts {
+
+// D[64 x 128] (= or +=, scale_d) A[64 x 32] B[32 x 128], E4M3 operands K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#if FP8MOE_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]),"+f"(d[1]),"+f"(d[2]),"+f"(d[3]),"+f"(d[4]),"+f"(d[5]),"+f"(d[6]),"+f"(d[7]),"+f"(d[8]),"+f"(d[9]),"+f"(d[10]),"+f"(d[11]),"+f"(d[12]),"+f"(d[13]),"+f"(d[14]),"+f"(d[15]),"+f"(d[16]),"+f"(d[17]),"+f"(d[18]),"+f"(d[19]),"+f"(d[20]),"+f"(d[21]),"+f"(d[22]),"+f"(d[23]),"+f"(d[24]),"+f"(d[25]),"+f"(d[26]),"+f"(d[27]),"+f"(d[28]),"+f"(d[29]),"+f"(d[30]),"+f"(d[31]),"+f"(d[32]),"+f"(d[33]),"+f"(d[34]),"+f"(d[35]),"+f"(d[36]),"+f"(d[37]),"+f"(d[38]),"+f"(d[39]),"+f"(d[40]),"+f"(d[41]),"+f"(d[42]),"+f"(d[43]),"+f"(d[44]),"+f"(d[45]),"+f"(d[46]),"+f"(d[47]),"+f"(d[48]),"+f"(d[49]),"+f"(d[50]),"+f"(d[51]),"+f"(d[52]),"+f"(d[53]),"+f"(d[54]),"+f"(d[55]),"+f"(d[56]),"+f"(d[57]),"+f"(d[58]),"+f"(d[59]),"+f"(d[60]),"+f"(d[61]),"+f"(d[62]),"+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)scale_d;
+  __trap();
+#endif
+}
+
+// 8 bytes global -> shared, zero-filled where src_bytes is 0.
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(gemm::smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// The columns c[j] of an 8 x 8 byte block from its rows r[i] (both as two little-endian words:
+// .x bytes 0-3, .y bytes 4-7): four 4 x 4 transposes of 8 byte permutes each.
+__device__ __forceinline__ void transpose8x8(const uint2 (&r)[8], uint2 (&c)[8]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)      // rows 4h .. 4h+3 -> word h of each column
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {  // columns 4w .. 4w+3 (word w of each row)
+      const uint32_t a0 = w ? r[4 * h].y : r[4 * h].x, a1 = w ? r[4 * h + 1].y : r[4 * h + 1].x;
+      const uint32_t a2 = w ? r[4 * h + 2].y : r[4 * h + 2].x, a3 = w ? r[4 * h + 3].y : r[4 * h + 3].x;
+      const uint32_t t0 = __byte_perm(a0, a1, 0x5140), t1 = __byte_perm(a0, a1, 0x7362);
+      const uint32_t t2 = __byte_perm(a2, a3, 0x5140), t3 = __byte_perm(a2, a3, 0x7362);
+      const uint32_t o[4] = {__byte_perm(t0, t2, 0x5410), __byte_perm(t0, t2, 0x7632), __byte_perm(t1, t3, 0x5410),
+                             __byte_perm(t1, t3, 0x7632)};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) (h ? c[4 * w + j].y : c[4 * w + j].x) = o[j];
+    }
+}
+
+}  // namespace dgrad_parts
+
+namespace {
+
+using gemm::Params;
+using namespace dgrad_parts;
+
+constexpr int kBM = 128, kBN = 128, kBK = 128;
+constexpr int kThreads = 256;                 // two warpgroups
+constexpr int kStages = 4;                    // A and raw W stages: kStages - 1 tiles in flight
+constexpr int kTile = 128 * 128;              // bytes of an A tile, a raw W tile, a transposed W tile
+constexpr int kSmemBytes = (2 * kStages + 2) * kTile + 1024;  // +1024: the swizzle's alignment
+static_assert(gemm::kStageBytes<kBM, kBN> + 1024 <= kSmemBytes, "the staged epilogue tile must fit");
+
+struct DgradArgs {
+  gemm::Params p;                  // the family's view of the GEMM: plan, W (stored [E, K, N]), epilogue
+  const uint8_t* qa = nullptr;  // [M, K] E4M3 codes of A, expert order
+  const float* sa = nullptr;    // [M, groups]
+  int groups = 0;
+  bool w_scaled = true;  // W's block scales apply; false: unit (per-channel scales folded into A)
+};
+
+
+__global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args) {
+#if FP8MOE_SM90A
+  const Params& p = args.p;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (gemm::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint8_t* As = smem;                      // [kStages][128 rows][128 K], swizzled
+  uint8_t* Braw = smem + kStages * kTile;  // [kStages][4][kThreads][16 bytes]: row pairs of each thread's block
+  uint8_t* Bs = Braw + kStages * kTile;    // [2][128 columns][128 K], swizzled
+  __shared__ gemm::TileMaps<kBM, kBN> maps;
+
+  const gemm::RowTile rt = gemm::find_row_tile<kThreads, kBM>(p.offsets, p.E, gemm::grid_tile(p.n_tiles));
+  if (rt.expert < 0) return;  // uniform across the block
+  const int e = rt.expert, tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = tid / 128;
+  gemm::build_tile_maps<kThreads, kBM, kBN, true>(p, rt, kBK, maps);  // row scales and columns for the epilogue
+  __syncthreads();
+
+  const int K = p.K, N = p.N, nkt = (K + kBK - 1) / kBK, n0 = rt.col_tile * kBN;
+  // A: four 16-byte chunks per thread, 8 per 128-byte row; rows past the tile's are zero-filled.
+  const uint8_t* a_src[4];
+  int a_dst[4], a_kc[4];
+  bool a_ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int id = tid + i * kThreads, row = id / 8, kc = (id % 8) * 16;
+    a_ok[i] = row < rt.rows;
+    a_kc[i] = kc;
+    a_src[i] = args.qa + (int64_t{rt.row0} + (a_ok[i] ? row : 0)) * K + kc;
+    a_dst[i] = row * 128 + (((kc >> 4) ^ (row & 7)) << 4);
+  }
+  // W: the 8 x 8 block of K rows 8 kb .. +7 and columns n0 + 8 cb .. +7 of each tile. Consecutive
+  // threads take consecutive K blocks, so a warp's transposed stores cover whole 128-byte rows.
+  const int kb = tid % 16, cb = tid / 16;
+  const bool w_col_ok = n0 + 8 * cb < N;  // N % 8 == 0 (dgrad_fits): a block is whole or outside
+  const uint8_t* w_src = static_cast<const uint8_t*>(p.b.ptr) + e * p.b.expert_stride + int64_t{8 * kb} * N + n0 + 8 * cb;
+
+  auto issue = [&](int t) {
+    if (t >= nkt) return;
+    const int stage = t % kStages, k0 = t * kBK;
+    uint8_t* a_st = As + stage * kTile;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool ok = a_ok[i] && k0 + a_kc[i] < K;  // K % 16 == 0: whole chunks
+      gemm::cp_async16(a_st + a_dst[i], ok ? a_src[i] + k0 : args.qa, ok ? 16 : 0);
+    }
+    uint8_t* raw = Braw + stage * kTile;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool ok = w_col_ok && k0 + 8 * kb + i < K;
+      cp_async8(raw + ((i / 2) * kThreads + tid) * 16 + (i % 2) * 8, ok ? w_src + (int64_t{k0} + i) * N : p.b.ptr, ok ? 8 : 0);
+    }
+  };
+  auto transpose = [&](int t) {
+    const uint4* raw = reinterpret_cast<const uint4*>(Braw + (t % kStages) * kTile);
+    uint2 r[8], c[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint4 v = raw[j * kThreads + tid];
+      r[2 * j] = make_uint2(v.x, v.y);
+      r[2 * j + 1] = make_uint2(v.z, v.w);
+    }
+    transpose8x8(r, c);
+    uint8_t* b = Bs + (t & 1) * kTile;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int n = 8 * cb + j;
+      *reinterpret_cast<uint2*>(b + n * 128 + (((kb >> 1) ^ (n & 7)) << 4) + (kb & 1) * 8) = c[j];
+    }
+  };
+
+  float acc[1][kBN / 8][4];
+  float* d = &acc[0][0][0];
+  float dt[64];  // one K tile's sum, before its scales
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = dt[i] = 0.0f;
+  // This thread's accumulator rows (wgmma's fragment: warp w of the CTA holds rows 16 w .. +15).
+  const int lr0 = warp * 16 + lane / 4, lr1 = lr0 + 8;
+  const float* sa0 = lr0 < rt.rows ? args.sa + (int64_t{rt.row0} + lr0) * args.groups : nullptr;
+  const float* sa1 = lr1 < rt.rows ? args.sa + (int64_t{rt.row0} + lr1) * args.groups : nullptr;
+  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
+
+  const uint64_t desc_a0 = gemm::smem_desc(As + wg * 64 * 128), desc_b0 = gemm::smem_desc(Bs);
+  const uint32_t da_lo = static_cast<uint32_t>(desc_a0), da_hi = static_cast<uint32_t>(desc_a0 >> 32);
+  const uint32_t db_lo = static_cast<uint32_t>(desc_b0), db_hi = static_cast<uint32_t>(desc_b0 >> 32);
+  auto matmul = [&](int t) {
+    const uint32_t a = da_lo + (t % kStages) * (kTile >> 4), b = db_lo + (t & 1) * (kTile >> 4);
+    gemm::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 32; ++kk)  // +32 bytes per K step: 2 in the descriptor's 16-byte units
+      wgmma_m64n128k32_e4m3(dt, (uint64_t{da_hi} << 32) | (a + 2 * kk), (uint64_t{db_hi} << 32) | (b + 2 * kk), kk);
+    gemm::wgmma_commit();
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(i);
+    gemm::cp_async_commit();
+  }
+  gemm::cp_async_wait<kStages - 2>();  // own copies of tile 0 have landed
+  if (nkt > 0) transpose(0);
+  gemm::fence_proxy_async();
+  __syncthreads();
+  for (int t = 0; t < nkt; ++t) {
+    // The scales of tile t, loaded now so that their latency hides behind the MMAs.
+    const float w = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
+    const float s0 = sa0 ? __ldg(sa0 + t) : 0.0f, s1 = sa1 ? __ldg(sa1 + t) : 0.0f;
+    matmul(t);
+    // Into tile t-1's stage: its wgmma completed before the barrier that ended iteration t-1.
+    issue(t + kStages - 1);
+    gemm::cp_async_commit();
+    gemm::cp_async_wait<kStages - 2>();  // own copies of tile t+1 have landed
+    if (t + 1 < nkt) transpose(t + 1);   // into tile t-1's transposed buffer
+    gemm::fence_proxy_async();
+    gemm::wgmma_wait<0>();
+    gemm::fence_acc(dt);
+    const float f0 = s0 * w, f1 = s1 * w;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[i] = fmaf(dt[i], (i & 2) ? f1 : f0, d[i]);  // i & 2: row + 8
+    __syncthreads();
+  }
+  gemm::cp_async_wait<0>();
+  __syncthreads();
+
+  float* st = reinterpret_cast<float*>(smem);
+  gemm::stage_accumulators<kBN>(st, acc, warp * 16, 0);
+  __syncthreads();
+  gemm::finish_tile<kThreads>(p, rt, maps, st, tid);
+#else
+  (void)args;
+  __trap();
+#endif
+}
+
+void launch(DgradArgs& args, cudaStream_t stream) {
+  const dim3 grid = gemm::grouped_grid(args.p, kBM, (int64_t{args.p.N} + kBN - 1) / kBN);
+  gemm::set_smem_limit(dgrad_kernel, kSmemBytes);
+  dgrad_kernel<<<grid, kThreads, kSmemBytes, stream>>>(args);
+  FP8MOE_CUDA_LAUNCH_CHECK("w8a8 dgrad_kernel");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+std::string dims(const GroupedGemm& g) {
+  const TensorView& b = g.b.data;
+  std::string s = "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
+                  std::string(dtype_name(b.dtype)) + " transposed, scales " + g.b.spec.str();
+  s += std::string(", A ") + (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-");
+  s += g.epilogue == Epilogue::GluBackward ? ", glu-backward" : ", store";
+  return s + (g.lora_a.defined() ? ", LoRA" : "");
+}
+
+}  // namespace
+
+const char* dgrad_name(Dgrad d) { return d == Dgrad::Fp8 ? "fp8" : "bf16"; }
+
+Dgrad parse_dgrad_env(const char* v) {
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "bf16") == 0) return Dgrad::Bf16;
+  if (std::strcmp(v, "fp8") == 0) return Dgrad::Fp8;
+  FP8MOE_FAIL("FP8MOE_W8A8_DGRAD='", v, "' is not one of: fp8, bf16 (unset: bf16, the precise one)");
+}
+
+namespace {
+std::atomic<Dgrad>& dgrad_state() {
+  static std::atomic<Dgrad> setting{parse_dgrad_env(std::getenv("FP8MOE_W8A8_DGRAD"))};
+  return setting;
+}
+}  // namespace
+
+Dgrad dgrad_setting() { return dgrad_state().load(std::memory_order_relaxed); }
+void set_dgrad_setting(Dgrad d) { dgrad_state().store(d, std::memory_order_relaxed); }
+
+std::string dgrad_fits(const GroupedGemm& g) {
+  if (!g.transpose_b) return "W is not read transposed (the FP8 dgrad takes the backward's input-gradient GEMMs)";
+  if (g.epilogue == Epilogue::GluForward) return "GLU-forward epilogue";
+  const TensorView& bd = g.b.data;
+  if (bd.dtype != DType::F8_E4M3) return "W is " + std::string(dtype_name(bd.dtype)) + ", not F8_E4M3";
+  if (bd.rank() != 3) return "W is not [E, K, N]";
+  // The stored matrix is [K, N]: a K tile of 128 stored rows and a column tile of 128 must each
+  // see one scale (segments restart the row blocks: they must start on a tile).
+  const ScaleSpec& s = g.b.spec;
+  const bool k_whole = (s.segments == 1 || s.seg_rows() % kBK == 0) && (s.block_n % kBK == 0 || s.block_n >= s.seg_rows());
+  const bool n_whole = s.block_k % kBN == 0 || s.block_k >= s.cols;
+  const bool blocks = (s.kind == ScaleKind::Block || s.kind == ScaleKind::Tensor) && k_whole && n_whole;
+  if (!blocks && s.kind != ScaleKind::Channel)
+    return "W's scales are " + s.str() + " (the FP8 dgrad takes blocks whole per 128 x 128 tile, or per-channel scales)";
+  const int64_t K = bd.size(1), N = bd.size(2);
+  if (K % 16 != 0) return "K = " + std::to_string(K) + " is not a multiple of 16 (16-byte rows of FP8 codes)";
+  if (N % 8 != 0) return "N = " + std::to_string(N) + " is not a multiple of 8 (8-byte W chunks)";
+  if (!aligned16(bd.data)) return "W is not 16-byte aligned";
+  if (!g.a.defined() || (g.a.src.dtype != DType::BF16 && g.a.src.dtype != DType::F32)) return "A is not BF16 or F32";
+  return "";
+}
+
+bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting) {
+  // Only a transposed FP8 GEMM under W8A8 with the FP8 dgrad asked for; the others are no question.
+  if (precision != GemmPrecision::W8A8 || setting != Dgrad::Fp8 || !g.transpose_b || !is_fp8(g.b.data.dtype)) return false;
+  const std::string why = gemm::sm90_kernels_available() ? dgrad_fits(g) : "the FP8 dgrad needs an sm_90 GPU and sm_90a code";
+  // Asked for and declined: said once per distinct problem, as choose() does for the forward.
+  gemm::log_choice_once(
+      [&] {
+        return "grouped_gemm dgrad (" + dims(g) + ") -> " +
+               (why.empty() ? std::string("W8A8 FP8 dgrad (wgmma on transposed tiles, 1x128 gradient scales)")
+                            : "W8A16 (FP8 dgrad declined: " + why + ")");
+      },
+      /*always=*/!why.empty());
+  return why.empty();
+}
+
+void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
+  FP8MOE_CHECK(gemm::sm90_kernels_available(), "W8A8 FP8 dgrad: needs an sm_90 GPU and a library built for sm_90a");
+  const std::string why = dgrad_fits(g);
+  FP8MOE_CHECK(why.empty(), "W8A8 FP8 dgrad cannot take this problem: ", why);
+  Params p = gemm::checked_params(g, kBK);  // every operand checked as grouped_gemm checks it
+  const RoutingPlan& plan = *g.plan;
+  const int64_t M = plan.rows(), E = plan.experts, K = p.K, N = p.N, groups = (K + kBK - 1) / kBK;
+  const bool channel = g.b.spec.kind == ScaleKind::Channel;
+  if (g.a.fp8.defined()) {
+    FP8MOE_CHECK(g.a.rows == RowSource::Rows, "W8A8 FP8 dgrad: a.fp8 is given for an operand read by token");
+    check_fp8_rows(g.a.fp8, "W8A8 FP8 dgrad a.fp8", M, K, Device::CUDA);
+  }
+  if (g.out_fp8.defined()) check_fp8_rows(g.out_fp8, "W8A8 FP8 dgrad out_fp8", M, g.out.size(1), Device::CUDA);
+  if (M == 0 || N == 0) return;
+
+  // 1. The gradient as E4M3 rows in expert order (per-channel W scales folded in: they run along K).
+  Tensor codes, scales;
+  const bool handed = g.a.fp8.defined() && !channel;
+  if (!handed) {
+    codes = Tensor(DType::F8_E4M3, {M, K}, alloc);
+    scales = Tensor(DType::F32, {M, groups}, alloc);
+    if (channel)
+      quantize_rows_scaled(g.a, plan, g.b.scale.reshape({E, K}), codes, scales, stream);
+    else
+      quantize_rows(g.a, plan, codes, scales, stream);
+  }
+  DgradArgs args;
+  args.qa = static_cast<const uint8_t*>(handed ? g.a.fp8.codes.data : codes.data());
+  args.sa = static_cast<const float*>(handed ? g.a.fp8.scales.data : scales.data());
+  args.groups = static_cast<int>(groups);
+  args.w_scaled = !channel;
+
+  if (!g.lora_a.defined()) {  // 2. the product and the whole epilogue in one kernel
+    args.p = p;
+    launch(args, stream);
+    quantize_out(g, stream);
+    return;
+  }
+  // 2'. With LoRA: the product alone into D (BF16; out itself for a BF16 Store), then the family's
+  //     rank-r GEMM on the LoRA factors with D as its addend, which runs the whole epilogue.
+  GroupedGemm pg = g;
+  pg.lora_a = {};
+  pg.lora_b = {};
+  pg.lora_scale = 0.0;
+  pg.row_scale = {};
+  pg.bias = {};
+  pg.epilogue = Epilogue::Store;
+  pg.aux = {};
+  pg.out_fp8 = {};
+  Tensor d_tmp;
+  if (g.epilogue == Epilogue::Store && g.out.dtype == DType::BF16 && aligned16(g.out.data)) {
+    pg.out = g.out;  // the addend GEMM reads each element before it writes it (the same thread)
+  } else {
+    d_tmp = Tensor(DType::BF16, {M, N}, alloc);
+    pg.out = d_tmp;
+  }
+  args.p = gemm::checked_params(pg, kBK);
+  launch(args, stream);
+  GroupedGemm lg = g;
+  const int64_t R = g.lora_a.src.size(1);
+  lg.a = g.lora_a;
+  lg.b = {g.lora_b, {}, ScaleSpec::none(R, N)};  // stored [E, r, N], read transposed
+  lg.lora_a = {};
+  lg.lora_b = {};
+  lg.lora_scale = 0.0;
+  lg.out_fp8 = {};
+  lg.role = GemmRole::Other;
+  GemmAddend add;
+  add.d = pg.out;
+  add.acc_scale = g.lora_scale;
+  cuda::grouped_gemm(lg, add, stream);
+  quantize_out(g, stream);
+}
+
+}  // namespace fp8moe::cuda::w8a8
