@@ -23,6 +23,7 @@
 #include <string>
 
 #include "backends/cuda/cuda_test_util.hpp"
+#include "backends/cuda/w8a8_test_util.hpp"
 #include "backends/cuda/w8a8.cuh"
 #include "fp8moe/backend.hpp"
 #include "fp8moe/fp8.hpp"
@@ -32,6 +33,7 @@
 namespace fp8moe {
 namespace {
 
+using test::expect_fp8_rows_of;
 using test::fresh_seed;
 using test::poisoned;
 using test::random_host;
@@ -90,34 +92,12 @@ Tensor quantized_rows(const W8Case& c, const HostGemm& h, const RoutingPlan& cpu
     const int64_t src = c.src == RowSource::Tokens ? sorted[r] / c.k : r;
     for (int64_t k = 0; k < K; ++k) g.ptr<float>()[r * K + k] = static_cast<float>(load_as_double(h.x.data(), h.x.dtype(), src * K + k));
   }
-  const int64_t groups = (K + 127) / 128;
-  Tensor codes(DType::F8_E4M3, {M, K}), scales(DType::F32, {M, groups});
-  quantize_activations(g, 128, codes, scales);
-  Tensor q(DType::F64, {M, K});
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t k = 0; k < K; ++k)
-      q.ptr<double>()[r * K + k] =
-          static_cast<double>(decode_e4m3(codes.ptr<uint8_t>()[r * K + k])) * scales.ptr<float>()[r * groups + k / 128];
-  return q;
+  return test::quantize_decode_rows(g);
 }
 
 struct Outs {
   Tensor out, aux;
 };
-
-// Device Fp8Rows (codes, scales) against the host's quantize_activations of `out` (host, as
-// stored): the same bits (GroupedGemm::out_fp8 promises the quantization of out as stored).
-void expect_fp8_rows_of(const Tensor& out, Backend& gpu, const Fp8Rows& f, const char* what) {
-  const int64_t M = out.size(0), cols = out.size(1), groups = (cols + 127) / 128;
-  const Tensor codes = to_host(gpu, f.codes), scales = to_host(gpu, f.scales);
-  Tensor want_codes(DType::F8_E4M3, {M, cols}), want_scales(DType::F32, {M, groups});
-  quantize_activations(out, 128, want_codes, want_scales);
-  int64_t code_diff = 0, scale_diff = 0;
-  for (int64_t i = 0; i < M * cols; ++i) code_diff += codes.ptr<uint8_t>()[i] != want_codes.ptr<uint8_t>()[i];
-  for (int64_t i = 0; i < M * groups; ++i) scale_diff += scales.ptr<float>()[i] != want_scales.ptr<float>()[i];
-  EXPECT_EQ(code_diff, 0) << what << ": codes differing from the host's quantization of out";
-  EXPECT_EQ(scale_diff, 0) << what << ": scales differing from the host's quantization of out";
-}
 
 // Poisoned device Fp8Rows for [rows, cols].
 Fp8Rows poisoned_fp8_rows(Backend& gpu, int64_t rows, int64_t cols) {

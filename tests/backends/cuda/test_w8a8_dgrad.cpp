@@ -20,6 +20,7 @@
 #include <string>
 
 #include "backends/cuda/cuda_test_util.hpp"
+#include "backends/cuda/w8a8_test_util.hpp"
 #include "backends/cuda/grouped_gemm.cuh"
 #include "backends/cuda/w8a8.cuh"
 #include "fp8moe/backend.hpp"
@@ -98,15 +99,7 @@ Tensor quantized_rows(const DgradCase& c, const HostDgrad& h, const RoutingPlan&
       g.ptr<float>()[r * K + k] = static_cast<float>(v);
     }
   }
-  const int64_t groups = (K + 127) / 128;
-  Tensor codes(DType::F8_E4M3, {M, K}), scales(DType::F32, {M, groups});
-  quantize_activations(g, 128, codes, scales);
-  Tensor q(DType::F64, {M, K});
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t k = 0; k < K; ++k)
-      q.ptr<double>()[r * K + k] =
-          static_cast<double>(decode_e4m3(codes.ptr<uint8_t>()[r * K + k])) * scales.ptr<float>()[r * groups + k / 128];
-  return q;
+  return test::quantize_decode_rows(g);
 }
 
 // The CPU backend's dgrad (fp64) with `a` as A and `w` as W (stored [E, K, N], read transposed).
@@ -200,15 +193,7 @@ TEST_P(W8a8Dgrad, MatchesCpu) {
   EXPECT_LT(rel_error(got, kern), 1e-2) << "out vs the quantized-gradient reference";
   EXPECT_LT(rel_error(got, exact), 3e-2) << "out vs the exact reference";
 
-  // out's Fp8Rows: the host's quantization of out as stored.
-  const int64_t groups = (cols + 127) / 128;
-  Tensor want_codes(DType::F8_E4M3, {M, cols}), want_scales(DType::F32, {M, groups});
-  quantize_activations(got, 128, want_codes, want_scales);
-  const Tensor codes = to_host(*gpu, out_codes), scales = to_host(*gpu, out_scales);
-  int64_t diff = 0;
-  for (int64_t i = 0; i < M * cols; ++i) diff += codes.ptr<uint8_t>()[i] != want_codes.ptr<uint8_t>()[i];
-  for (int64_t i = 0; i < M * groups; ++i) diff += scales.ptr<float>()[i] != want_scales.ptr<float>()[i];
-  EXPECT_EQ(diff, 0) << "out_fp8 differs from the host's quantization of out";
+  test::expect_fp8_rows_of(got, *gpu, g.out_fp8, "out_fp8");
 }
 
 const DgradCase kCases[] = {
