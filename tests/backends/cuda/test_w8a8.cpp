@@ -271,10 +271,13 @@ INSTANTIATE_TEST_SUITE_P(Cases, W8a8Gemm, ::testing::ValuesIn(kCases),
 // gathered from tokens or read in order. A ptxas miscompile once broke the partial last group of
 // BF16 tokens at K = 272 (bench/NOTES.md, ninth and tenth sessions): the cases and the
 // preconditions below say which kind fails and whether the input or the gather is at fault.
+// With `scaled`, quantize_rows_scaled (the FP8 dgrad's per-channel W scales folded in): row r of
+// expert e is quantized as A times the expert's column factors.
 struct QuantCase {
   DType a;
   int64_t K;
   RowSource src;
+  bool scaled = false;
 };
 
 void check_quantize(const QuantCase& c, uint64_t seed) {
@@ -292,7 +295,12 @@ void check_quantize(const QuantCase& c, uint64_t seed) {
   gpu->build_plan(gpu->upload(ids), E, gplan);
   const Tensor dx = gpu->upload(x);
   const Tensor codes = poisoned(*gpu, DType::F8_E4M3, {M, K}), scales = poisoned(*gpu, DType::F32, {M, groups});
-  cuda::w8a8::quantize_rows({dx, c.src}, gplan, codes, scales, static_cast<cudaStream_t>(gpu->stream()));
+  const auto stream = static_cast<cudaStream_t>(gpu->stream());
+  const Tensor factors = c.scaled ? random_host(DType::F32, {E, K}, rng, 0.3, 1.0) : Tensor();
+  if (c.scaled)
+    cuda::w8a8::quantize_rows_scaled({dx, c.src}, gplan, gpu->upload(factors), codes, scales, stream);
+  else
+    cuda::w8a8::quantize_rows({dx, c.src}, gplan, codes, scales, stream);
   const Tensor hc = to_host(*gpu, codes), hs = to_host(*gpu, scales);
 
   // Preconditions of the host reference, checked rather than assumed: both plans put the same
@@ -307,9 +315,15 @@ void check_quantize(const QuantCase& c, uint64_t seed) {
     return c.src == RowSource::Tokens ? cplan.sorted_pairs.ptr<int32_t>()[r] / k : r;
   };
   Tensor g(DType::F32, {M, K});
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t kk = 0; kk < K; ++kk)
-      g.ptr<float>()[r * K + kk] = static_cast<float>(load_as_double(x.data(), c.a, src_row(r) * K + kk));
+  int64_t e = 0;  // the expert of row r (rows ascend)
+  for (int64_t r = 0; r < M; ++r) {
+    while (cplan.offsets.ptr<int32_t>()[e + 1] <= r) ++e;
+    for (int64_t kk = 0; kk < K; ++kk) {
+      float v = static_cast<float>(load_as_double(x.data(), c.a, src_row(r) * K + kk));
+      if (c.scaled) v *= factors.ptr<float>()[e * K + kk];  // a float product, as on the device
+      g.ptr<float>()[r * K + kk] = v;
+    }
+  }
   Tensor rc(DType::F8_E4M3, {M, K}), rsc(DType::F32, {M, groups});
   quantize_activations(g, 128, rc, rsc);
   int64_t code_diff = 0, zero_groups = 0, scale_diff = 0;
@@ -341,11 +355,12 @@ TEST(W8a8Quantize, MatchesHostZeroGroupsPartialGroup) {
       {DType::BF16, 272, RowSource::Tokens}, {DType::BF16, 264, RowSource::Tokens}, {DType::BF16, 272, RowSource::Rows},
       {DType::F32, 272, RowSource::Tokens},  {DType::F32, 264, RowSource::Rows},    {DType::BF16, 258, RowSource::Tokens},
       {DType::BF16, 384, RowSource::Tokens},
+      {DType::BF16, 272, RowSource::Tokens, true}, {DType::F32, 264, RowSource::Rows, true},
   };
   for (const QuantCase& c : cases) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(seed) + ", A " + std::string(dtype_name(c.a)) + " [*, " + std::to_string(c.K) + "], " +
-                 (c.src == RowSource::Tokens ? "tokens" : "rows"));
+                 (c.src == RowSource::Tokens ? "tokens" : "rows") + (c.scaled ? ", column factors" : ""));
     check_quantize(c, seed);
   }
 }
