@@ -99,8 +99,13 @@ struct Outs {
   Tensor out, aux;
 };
 
-// Poisoned device Fp8Rows for [rows, cols].
-Fp8Rows poisoned_fp8_rows(Backend& gpu, int64_t rows, int64_t cols) {
+// Poisoned device codes and scales for [rows, cols], owned here: an Fp8Rows only views its
+// tensors, so one made of temporaries would point at freed memory that the next allocation reuses.
+struct PoisonedFp8Rows {
+  Tensor codes, scales;
+  Fp8Rows view() const { return {codes, scales}; }
+};
+PoisonedFp8Rows poisoned_fp8_rows(Backend& gpu, int64_t rows, int64_t cols) {
   return {poisoned(gpu, DType::F8_E4M3, {rows, cols}), poisoned(gpu, DType::F32, {rows, (cols + 127) / 128})};
 }
 
@@ -184,10 +189,10 @@ void run_case(const W8Case& c, const cuda::w8a8::Options& options) {
   if (c.src == RowSource::Rows) {
     // A handed over quantized (GemmOperand::fp8, as GEMM1's out_fp8 reaches GEMM2): the same bits
     // as quantizing A in the call.
-    const Fp8Rows a8 = poisoned_fp8_rows(*gpu, M, c.K);
+    const PoisonedFp8Rows a8 = poisoned_fp8_rows(*gpu, M, c.K);
     cuda::w8a8::quantize_rows(g.a, gplan, a8.codes, a8.scales, stream);
     GroupedGemm g2 = g;
-    g2.a.fp8 = a8;
+    g2.a.fp8 = a8.view();
     const Tensor out2 = poisoned(*gpu, c.out_dtype, {M, cols}), aux2 = glu ? poisoned(*gpu, c.out_dtype, {M, c.N}) : Tensor();
     g2.out = out2;
     g2.aux = aux2;
@@ -296,7 +301,13 @@ void check_quantize(const QuantCase& c, uint64_t seed) {
   const Tensor dx = gpu->upload(x);
   const Tensor codes = poisoned(*gpu, DType::F8_E4M3, {M, K}), scales = poisoned(*gpu, DType::F32, {M, groups});
   const auto stream = static_cast<cudaStream_t>(gpu->stream());
-  const Tensor factors = c.scaled ? random_host(DType::F32, {E, K}, rng, 0.3, 1.0) : Tensor();
+  // Positive factors, as W's scales are (a negative one would turn a zero into -0, code 0x80).
+  Tensor factors;
+  if (c.scaled) {
+    factors = Tensor(DType::F32, {E, K});
+    std::uniform_real_distribution<float> u(0.5f, 1.5f);
+    for (int64_t i = 0; i < E * K; ++i) factors.ptr<float>()[i] = u(rng);
+  }
   if (c.scaled)
     cuda::w8a8::quantize_rows_scaled({dx, c.src}, gplan, gpu->upload(factors), codes, scales, stream);
   else
@@ -387,13 +398,15 @@ TEST(W8a8Quantize, OutFp8OnTheW8a16Path) {
   g.b = {wd, ws, w.spec};
   g.epilogue = Epilogue::GluForward;
   g.out = out;
-  g.out_fp8 = poisoned_fp8_rows(*gpu, M, I);
+  const PoisonedFp8Rows o8 = poisoned_fp8_rows(*gpu, M, I);
+  g.out_fp8 = o8.view();
   g.role = GemmRole::ExpertUp;
   EXPECT_FALSE(gpu->takes_fp8_rows(g));
   gpu->grouped_gemm(g);
   gpu->synchronize();
   expect_fp8_rows_of(to_host(*gpu, out), *gpu, g.out_fp8, "W8A16 out_fp8");
-  g.out_fp8 = poisoned_fp8_rows(*gpu, M, I + 8);
+  const PoisonedFp8Rows wide = poisoned_fp8_rows(*gpu, M, I + 8);
+  g.out_fp8 = wide.view();
   try {
     gpu->grouped_gemm(g);
     ADD_FAILURE() << "out_fp8 of the wrong width was accepted";
