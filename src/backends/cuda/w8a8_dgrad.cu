@@ -81,20 +81,19 @@ using gemm::Params;
 using namespace dgrad_parts;
 
 constexpr int kBM = 128, kBN = 128, kBK = 128;
-constexpr int kThreads = 256;                 // two warpgroups
-constexpr int kStages = 4;                    // A and raw W stages: kStages - 1 tiles in flight
-constexpr int kTile = 128 * 128;              // bytes of an A tile, a raw W tile, a transposed W tile
+constexpr int kThreads = 256;     // two warpgroups
+constexpr int kStages = 4;        // A and raw W stages: kStages - 1 tiles in flight
+constexpr int kTile = 128 * 128;  // bytes of an A tile, a raw W tile, a transposed W tile
 constexpr int kSmemBytes = (2 * kStages + 2) * kTile + 1024;  // +1024: the swizzle's alignment
 static_assert(gemm::kStageBytes<kBM, kBN> + 1024 <= kSmemBytes, "the staged epilogue tile must fit");
 
 struct DgradArgs {
-  gemm::Params p;                  // the family's view of the GEMM: plan, W (stored [E, K, N]), epilogue
+  Params p;                     // the family's view of the GEMM: plan, W (stored [E, K, N]), epilogue
   const uint8_t* qa = nullptr;  // [M, K] E4M3 codes of A, expert order
   const float* sa = nullptr;    // [M, groups]
   int groups = 0;
   bool w_scaled = true;  // W's block scales apply; false: unit (per-channel scales folded into A)
 };
-
 
 __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args) {
 #if FP8MOE_SM90A
