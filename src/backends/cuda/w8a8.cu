@@ -498,6 +498,23 @@ void quantize_rows_scaled(const GemmOperand& a, const RoutingPlan& plan, const T
   quantize_rows_impl(a, plan, &col_factors, codes, scales, stream);
 }
 
+void lora_addend_gemm(const GroupedGemm& g, const TensorView& d, const TensorView& chan, cudaStream_t stream) {
+  GroupedGemm lg = g;
+  lg.a = g.lora_a;
+  const TensorView& lb = g.lora_b;  // [E, N, r], or [E, r, N] read transposed: K = r either way
+  lg.b = {lb, {}, ScaleSpec::none(lb.rank() == 3 ? lb.size(1) : 0, lb.rank() == 3 ? lb.size(2) : 0)};
+  lg.lora_a = {};
+  lg.lora_b = {};
+  lg.lora_scale = 0.0;
+  lg.out_fp8 = {};
+  lg.role = GemmRole::Other;
+  GemmAddend add;
+  add.d = d;
+  add.chan = chan;
+  add.acc_scale = g.lora_scale;
+  cuda::grouped_gemm(lg, add, stream);
+}
+
 void quantize_out(const GroupedGemm& g, cudaStream_t stream) {
   if (!g.out_fp8.defined()) return;
   FP8MOE_CHECK(g.plan != nullptr, "grouped_gemm out_fp8: the GEMM has no plan");
@@ -614,18 +631,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   //    the delta [M, N] is never stored. Otherwise one of this file's passes: lora_epilogue_kernel
   //    with a delta (LoraPath::Pass), epilogue_kernel without.
   if (g.lora_a.defined() && lora == LoraPath::AddendGemm) {
-    GroupedGemm lg = g;
-    lg.a = g.lora_a;
-    lg.b = {g.lora_b, {}, ScaleSpec::none(N, g.lora_b.rank() == 3 ? g.lora_b.size(2) : 0)};
-    lg.lora_a = {};
-    lg.lora_b = {};
-    lg.lora_scale = 0.0;
-    lg.role = GemmRole::Other;
-    GemmAddend add;
-    add.d = TensorView(d, DType::BF16, {M, N}, Device::CUDA);
-    if (channel) add.chan = g.b.scale;
-    add.acc_scale = g.lora_scale;
-    cuda::grouped_gemm(lg, add, stream);
+    lora_addend_gemm(g, TensorView(d, DType::BF16, {M, N}, Device::CUDA), channel ? g.b.scale : TensorView(), stream);
     quantize_out();
     return;
   }

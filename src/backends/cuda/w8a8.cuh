@@ -140,6 +140,13 @@ void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
 void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
                    cudaStream_t stream);
 
+// g's LoRA delta and its whole epilogue (row scale, bias, policy, into g.out / g.aux) on a product
+// D computed elsewhere, BF16 [M, N]: the W8A16 family's rank-r GEMM on g's LoRA factors (K = r,
+// LB as g stores it) with D as its addend, D's columns times `chan` [E, N, 1] where defined (the
+// forward's per-channel scales). D may be g.out itself (read before written, by one thread).
+// The W8A8 forward and the FP8 dgrad add their LoRA delta this way; out_fp8 is the caller's.
+void lora_addend_gemm(const GroupedGemm& g, const TensorView& d, const TensorView& chan, cudaStream_t stream);
+
 // quantize_rows of a[r, k] * col_factors[e, k] for the rows r of expert e (col_factors [E, K] F32):
 // the FP8 dgrad's per-channel weight scales, folded into the gradient. Rows at or past offsets[E]
 // are quantized unscaled. Runs over the M rows (a token's k rows differ), gathered when by token.

@@ -360,19 +360,7 @@ void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   }
   args.p = gemm::checked_params(pg, kBK);
   launch(args, stream);
-  GroupedGemm lg = g;
-  const int64_t R = g.lora_a.src.size(1);
-  lg.a = g.lora_a;
-  lg.b = {g.lora_b, {}, ScaleSpec::none(R, N)};  // stored [E, r, N], read transposed
-  lg.lora_a = {};
-  lg.lora_b = {};
-  lg.lora_scale = 0.0;
-  lg.out_fp8 = {};
-  lg.role = GemmRole::Other;
-  GemmAddend add;
-  add.d = pg.out;
-  add.acc_scale = g.lora_scale;
-  cuda::grouped_gemm(lg, add, stream);
+  lora_addend_gemm(g, pg.out, TensorView(), stream);
   quantize_out(g, stream);
 }
 
