@@ -134,8 +134,9 @@ struct PairDot {
 //             path, on every GPU from sm_80 and on the CPU. The default.
 //   W8A8      activations quantized to FP8 E4M3 per row and 128-wide K group, FP8 x FP8 tensor
 //             cores with the weights' block (or channel) scales: the fast path, CUDA backend on
-//             Hopper only. Problems it cannot take (backward GEMMs, other scale schemes, odd
-//             shapes) run W8A16, and the CUDA backend says so once per distinct problem on stderr.
+//             Hopper only. Problems it cannot take (other scale schemes, odd shapes) run W8A16, and
+//             the CUDA backend says so once per distinct problem on stderr. The backward GEMMs run
+//             W8A16 too, unless the CUDA backend's FP8 dgrad is asked for (FP8MOE_W8A8_DGRAD=fp8).
 //   W8A8Down  W8A8 for the experts' down projection only (GemmRole::ExpertDown), W8A16 for the
 //             rest: E4M3 rounds the activations to 3 mantissa bits (~2.6e-2 per GEMM), and two
 //             such GEMMs in a row compound to ~4e-2 at the layer output; one gives ~2.3e-2

@@ -128,8 +128,8 @@ Dgrad dgrad_setting();
 void set_dgrad_setting(Dgrad d);
 // Empty when the FP8 dgrad takes `g`; else the first condition it fails, in words.
 std::string dgrad_fits(const GroupedGemm& g);
-// Whether `g` runs on the FP8 dgrad: precision W8A8, `setting` Fp8, available(), a transposed FP8
-// GEMM that dgrad_fits. Logged as choose() logs (a declined one once on stderr, with the reason).
+// Whether `g` runs on the FP8 dgrad: precision W8A8, `setting` Fp8, an sm_90 card with this
+// library's sm_90a code, a transposed FP8 GEMM that dgrad_fits. Logged as choose() logs (a declined one once on stderr, with the reason).
 bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting = dgrad_setting());
 // Runs `g` on the FP8 dgrad (dgrad_fits(g) must be empty; checked). g.out_fp8 is written by a pass.
 void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
