@@ -104,8 +104,6 @@ __global__ void pair_dot_kernel(const Tok* __restrict__ tokens, const Row* __res
   if (lane == 0) store_float(out, out_dtype, p, acc);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Calls f(Row*) / f(Out*) with the pointer cast to its element type (BF16 or F32).
 template <typename F>
 void with_float_type(const TensorView& t, F&& f) {

@@ -116,6 +116,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Whether a pointer allows 16-byte vector accesses (the kernels' vector paths ask it of every operand).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 inline unsigned grid_blocks(int64_t work, int per_block) {
   return static_cast<unsigned>((work + per_block - 1) / per_block);
 }

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <string>
 
+#include "backends/cuda/cuda_backend.cuh"
 #include "backends/cuda/cuda_check.cuh"
 #include "backends/cuda/gemm_parts.cuh"
 
@@ -57,8 +58,6 @@ void check_view(const TensorView& t, const char* name, const Shape& shape, std::
   check_dtype(t, name, dtypes);
   check_contiguous(t, name);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Whether W's scale k-part is constant over each K tile of bk and the per-CTA table of it
 // (TileMaps::ktab) covers K. Read transposed, K runs along the stored rows, segment by segment:

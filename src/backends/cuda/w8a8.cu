@@ -391,8 +391,6 @@ __global__ void __launch_bounds__(kLoraThreads) lora_epilogue_kernel(EpiloguePar
 
 // ---- host side
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 Elem elem_of(DType t, const char* name) {
   switch (t) {
     case DType::BF16: return Elem::BF16;

@@ -119,7 +119,6 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
 //         goes through the W8A16 family's rank-r GEMM with the FP8 product as its addend.
 // FP8MOE_W8A8_DGRAD=fp8 | bf16 picks one (unset: bf16); only under GemmPrecision::W8A8.
 enum class Dgrad : uint8_t { Bf16, Fp8 };
-const char* dgrad_name(Dgrad d);
 // FP8MOE_W8A8_DGRAD's value: null or "" -> Bf16, "bf16", "fp8"; anything else throws, naming the
 // value and the accepted ones.
 Dgrad parse_dgrad_env(const char* value);

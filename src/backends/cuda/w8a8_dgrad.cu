@@ -19,7 +19,6 @@
 //             finish_tile's row scale, bias, Store or GluBackward.
 #include <cuda_fp8.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -234,36 +233,7 @@ void launch(DgradArgs& args, cudaStream_t stream) {
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 dgrad_kernel");
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-std::string dims(const GroupedGemm& g) {
-  const TensorView& b = g.b.data;
-  std::string s = "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
-                  std::string(dtype_name(b.dtype)) + " transposed, scales " + g.b.spec.str();
-  s += std::string(", A ") + (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-");
-  s += g.epilogue == Epilogue::GluBackward ? ", glu-backward" : ", store";
-  return s + (g.lora_a.defined() ? ", LoRA" : "");
-}
-
 }  // namespace
-
-const char* dgrad_name(Dgrad d) { return d == Dgrad::Fp8 ? "fp8" : "bf16"; }
-
-Dgrad parse_dgrad_env(const char* v) {
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "bf16") == 0) return Dgrad::Bf16;
-  if (std::strcmp(v, "fp8") == 0) return Dgrad::Fp8;
-  FP8MOE_FAIL("FP8MOE_W8A8_DGRAD='", v, "' is not one of: fp8, bf16 (unset: bf16, the precise one)");
-}
-
-namespace {
-std::atomic<Dgrad>& dgrad_state() {
-  static std::atomic<Dgrad> setting{parse_dgrad_env(std::getenv("FP8MOE_W8A8_DGRAD"))};
-  return setting;
-}
-}  // namespace
-
-Dgrad dgrad_setting() { return dgrad_state().load(std::memory_order_relaxed); }
-void set_dgrad_setting(Dgrad d) { dgrad_state().store(d, std::memory_order_relaxed); }
 
 std::string dgrad_fits(const GroupedGemm& g) {
   if (!g.transpose_b) return "W is not read transposed (the FP8 dgrad takes the backward's input-gradient GEMMs)";
@@ -285,21 +255,6 @@ std::string dgrad_fits(const GroupedGemm& g) {
   if (!aligned16(bd.data)) return "W is not 16-byte aligned";
   if (!g.a.defined() || (g.a.src.dtype != DType::BF16 && g.a.src.dtype != DType::F32)) return "A is not BF16 or F32";
   return "";
-}
-
-bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting) {
-  // Only a transposed FP8 GEMM under W8A8 with the FP8 dgrad asked for; the others are no question.
-  if (precision != GemmPrecision::W8A8 || setting != Dgrad::Fp8 || !g.transpose_b || !is_fp8(g.b.data.dtype)) return false;
-  const std::string why = gemm::sm90_kernels_available() ? dgrad_fits(g) : "the FP8 dgrad needs an sm_90 GPU and sm_90a code";
-  // Asked for and declined: said once per distinct problem, as choose() does for the forward.
-  gemm::log_choice_once(
-      [&] {
-        return "grouped_gemm dgrad (" + dims(g) + ") -> " +
-               (why.empty() ? std::string("W8A8 FP8 dgrad (wgmma on transposed tiles, 1x128 gradient scales)")
-                            : "W8A16 (FP8 dgrad declined: " + why + ")");
-      },
-      /*always=*/!why.empty());
-  return why.empty();
 }
 
 void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {

@@ -1,7 +1,8 @@
 // Which engine runs a grouped GEMM under the CUDA backend's precision policy (backend.hpp:
-// GemmPrecision): the W8A8 path (w8a8.cuh) or the W8A16 family (grouped_gemm.cuh, whose tile
-// shape gemm_heuristics.cpp picks). Kept apart from the kernels.
+// GemmPrecision): the W8A8 path (w8a8.cuh), its FP8 dgrad (w8a8_dgrad.cu) or the W8A16 family
+// (grouped_gemm.cuh, whose tile shape gemm_heuristics.cpp picks). Kept apart from the kernels.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -29,6 +30,15 @@ const char* role_name(GemmRole r) {
   }
   return "";
 }
+// The problem as a path decision sees it: W's shape, dtype, scales and orientation, A's dtype, the
+// epilogue and LoRA (the rows change every step and do not enter the decision).
+std::string problem_key(const GroupedGemm& g) {
+  const TensorView& b = g.b.data;
+  return "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
+         std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") + ", scales " + g.b.spec.str() +
+         ", A " + (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-") + ", " + epilogue_name(g.epilogue) +
+         (g.lora_a.defined() ? ", LoRA" : "") + role_name(g.role);
+}
 }  // namespace
 
 bool choose(const GroupedGemm& g, GemmPrecision precision) {
@@ -45,14 +55,7 @@ bool choose(const GroupedGemm& g, GemmPrecision precision) {
   const bool expected = by_policy || g.transpose_b || g.epilogue == Epilogue::GluBackward || !is_fp8(b.dtype);
   gemm::log_choice_once(
       [&] {
-        // The problem as the decision sees it: W's shape, dtype, scales and orientation, A's dtype,
-        // the epilogue and LoRA (the rows change every step and do not enter the decision).
-        const std::string key = "E " + std::to_string(b.rank() == 3 ? b.size(0) : 0) + ", W " + b.shape.str() + " " +
-                                std::string(dtype_name(b.dtype)) + (g.transpose_b ? " transposed" : "") +
-                                ", scales " + g.b.spec.str() + ", A " +
-                                (g.a.defined() ? std::string(dtype_name(g.a.src.dtype)) : "-") + ", " +
-                                epilogue_name(g.epilogue) + (g.lora_a.defined() ? ", LoRA" : "") + role_name(g.role);
-        return "grouped_gemm (" + key + ") -> " +
+        return "grouped_gemm (" + problem_key(g) + ") -> " +
                (why.empty() ? std::string("W8A8 (CUTLASS sm90 FP8 x FP8, 1x128 activation scales)")
                             : "W8A16 (W8A8 declined: " + why + ")");
       },
@@ -116,6 +119,37 @@ int epilogue_rows_per_block(int64_t rows, int64_t items_per_row, int threads) {
   const int64_t amortised = std::max<int64_t>(1, kItemsPerThread * threads / std::max<int64_t>(items_per_row, 1));
   const int64_t filling = std::max<int64_t>(1, rows / kTargetBlocks);
   return static_cast<int>(std::min(amortised, filling));
+}
+
+Dgrad parse_dgrad_env(const char* v) {
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "bf16") == 0) return Dgrad::Bf16;
+  if (std::strcmp(v, "fp8") == 0) return Dgrad::Fp8;
+  FP8MOE_FAIL("FP8MOE_W8A8_DGRAD='", v, "' is not one of: fp8, bf16 (unset: bf16, the precise one)");
+}
+
+namespace {
+std::atomic<Dgrad>& dgrad_state() {
+  static std::atomic<Dgrad> setting{parse_dgrad_env(std::getenv("FP8MOE_W8A8_DGRAD"))};
+  return setting;
+}
+}  // namespace
+
+Dgrad dgrad_setting() { return dgrad_state().load(std::memory_order_relaxed); }
+void set_dgrad_setting(Dgrad d) { dgrad_state().store(d, std::memory_order_relaxed); }
+
+bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting) {
+  // Only a transposed FP8 GEMM under W8A8 with the FP8 dgrad asked for; the others are no question.
+  if (precision != GemmPrecision::W8A8 || setting != Dgrad::Fp8 || !g.transpose_b || !is_fp8(g.b.data.dtype)) return false;
+  const std::string why = gemm::sm90_kernels_available() ? dgrad_fits(g) : "the FP8 dgrad needs an sm_90 GPU and sm_90a code";
+  // Asked for and declined: said once per distinct problem, as choose() does for the forward.
+  gemm::log_choice_once(
+      [&] {
+        return "grouped_gemm (" + problem_key(g) + ") -> " +
+               (why.empty() ? std::string("W8A8 FP8 dgrad (wgmma on transposed tiles, 1x128 gradient scales)")
+                            : "W8A16 (FP8 dgrad declined: " + why + ")");
+      },
+      /*always=*/!why.empty());
+  return why.empty();
 }
 
 }  // namespace fp8moe::cuda::w8a8
