@@ -496,6 +496,28 @@ void quantize_rows_scaled(const GemmOperand& a, const RoutingPlan& plan, const T
   quantize_rows_impl(a, plan, &col_factors, codes, scales, stream);
 }
 
+void check_a_fp8(const GroupedGemm& g, int64_t K) {
+  if (!g.a.fp8.defined()) return;
+  FP8MOE_CHECK(g.plan != nullptr, "W8A8 grouped GEMM: plan is null");
+  FP8MOE_CHECK(g.a.rows == RowSource::Rows, "W8A8 grouped GEMM: a.fp8 is given for an operand read by token; it "
+               "holds the operand's rows in expert order");
+  check_fp8_rows(g.a.fp8, "W8A8 grouped GEMM a.fp8", g.plan->rows(), K, Device::CUDA);
+}
+
+Fp8Rows quantized_a(const GroupedGemm& g, int64_t K, const TensorView* col_factors, Allocator& alloc,
+                    cudaStream_t stream, OwnedFp8Rows& own) {
+  const RoutingPlan& plan = *g.plan;
+  const int64_t M = plan.rows();
+  if (g.a.fp8.defined() && !col_factors) return g.a.fp8;  // factors change the values: quantized anew below
+  own.codes = Tensor(DType::F8_E4M3, {M, K}, alloc);
+  own.scales = Tensor(DType::F32, {M, (K + kGroup - 1) / kGroup}, alloc);
+  if (col_factors)
+    quantize_rows_scaled(g.a, plan, *col_factors, own.codes, own.scales, stream);
+  else
+    quantize_rows(g.a, plan, own.codes, own.scales, stream);
+  return {own.codes, own.scales};
+}
+
 void lora_addend_gemm(const GroupedGemm& g, const TensorView& d, const TensorView& chan, cudaStream_t stream) {
   GroupedGemm lg = g;
   lg.a = g.lora_a;
@@ -570,11 +592,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     FP8MOE_CHECK(lora != LoraPath::Pass || (R >= 1 && R <= kMaxPassRank), "W8A8 grouped GEMM: the LoRA pass takes rank ",
                  "1 to ", kMaxPassRank, ", found r = ", R, " (the addend GEMM takes any)");
   }
-  if (g.a.fp8.defined()) {
-    FP8MOE_CHECK(g.a.rows == RowSource::Rows, "W8A8 grouped GEMM: a.fp8 is given for an operand read by token; it "
-                 "holds the operand's rows in expert order");
-    check_fp8_rows(g.a.fp8, "W8A8 grouped GEMM a.fp8", M, K, Device::CUDA);
-  }
+  check_a_fp8(g, K);
   if (g.out_fp8.defined()) check_fp8_rows(g.out_fp8, "W8A8 grouped GEMM out_fp8", M, out_cols, Device::CUDA);
   if (M == 0 || N == 0) return;  // nothing to compute, nothing to write
   // out's Fp8Rows by a pass over out, where no pass of this file holds the values (below).
@@ -582,15 +600,8 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
 
   // 1. A -> FP8 codes and 1x128 scales, gathered through the plan (or as the GEMM that wrote A
   //    quantized them).
-  const int64_t groups = (K + kGroup - 1) / kGroup;
-  Tensor codes, scales;
-  if (!g.a.fp8.defined()) {
-    codes = Tensor(DType::F8_E4M3, {M, K}, alloc);
-    scales = Tensor(DType::F32, {M, groups}, alloc);
-    quantize_rows(g.a, plan, codes, scales, stream);
-  }
-  const TensorView a_codes = g.a.fp8.defined() ? g.a.fp8.codes : TensorView(codes);
-  const TensorView a_scales = g.a.fp8.defined() ? g.a.fp8.scales : TensorView(scales);
+  OwnedFp8Rows own;
+  const Fp8Rows a8 = quantized_a(g, K, nullptr, alloc, stream, own);
 
   // 2. The FP8 grouped GEMM into D (BF16): the BF16 [M, N] output itself where there is one (aux
   //    for GluForward, out for Store; the epilogue then rewrites each element in place, read
@@ -612,8 +623,8 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   p.K = static_cast<int>(K);
   p.M = M;
   p.offsets = static_cast<const int32_t*>(plan.offsets.data());
-  p.a = static_cast<const uint8_t*>(a_codes.data);
-  p.sa = static_cast<const float*>(a_scales.data);
+  p.a = static_cast<const uint8_t*>(a8.codes.data);
+  p.sa = static_cast<const float*>(a8.scales.data);
   p.b = static_cast<const uint8_t*>(g.b.data.data);
   p.sb = channel ? nullptr : static_cast<const float*>(g.b.scale.data);
   p.d = d;

@@ -139,6 +139,18 @@ void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
 void quantize_rows(const GemmOperand& a, const RoutingPlan& plan, const TensorView& codes, const TensorView& scales,
                    cudaStream_t stream);
 
+// Throws unless g.a.fp8, where given, holds A's rows in expert order as [M, K] Fp8Rows on the GPU
+// (K the reduction length). Callers check before their early return for an empty problem.
+void check_a_fp8(const GroupedGemm& g, int64_t K);
+// g's A as E4M3 rows in expert order, as an FP8 GEMM of this path reads them (after check_a_fp8):
+// g.a.fp8 where the GEMM that wrote A handed them over and no column factors apply; else
+// quantize_rows (quantize_rows_scaled with `col_factors` [E, K]) into `own`, allocated from `alloc`.
+struct OwnedFp8Rows {
+  Tensor codes, scales;
+};
+Fp8Rows quantized_a(const GroupedGemm& g, int64_t K, const TensorView* col_factors, Allocator& alloc,
+                    cudaStream_t stream, OwnedFp8Rows& own);
+
 // g's LoRA delta and its whole epilogue (row scale, bias, policy, into g.out / g.aux) on a product
 // D computed elsewhere, BF16 [M, N]: the W8A16 family's rank-r GEMM on g's LoRA factors (K = r,
 // LB as g stores it) with D as its addend, D's columns times `chan` [E, N, 1] where defined (the

@@ -263,30 +263,20 @@ void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   FP8MOE_CHECK(why.empty(), "W8A8 FP8 dgrad cannot take this problem: ", why);
   Params p = gemm::checked_params(g, kBK);  // every operand checked as grouped_gemm checks it
   const RoutingPlan& plan = *g.plan;
-  const int64_t M = plan.rows(), E = plan.experts, K = p.K, N = p.N, groups = (K + kBK - 1) / kBK;
+  const int64_t M = plan.rows(), E = plan.experts, K = p.K, N = p.N;
   const bool channel = g.b.spec.kind == ScaleKind::Channel;
-  if (g.a.fp8.defined()) {
-    FP8MOE_CHECK(g.a.rows == RowSource::Rows, "W8A8 FP8 dgrad: a.fp8 is given for an operand read by token");
-    check_fp8_rows(g.a.fp8, "W8A8 FP8 dgrad a.fp8", M, K, Device::CUDA);
-  }
+  check_a_fp8(g, K);
   if (g.out_fp8.defined()) check_fp8_rows(g.out_fp8, "W8A8 FP8 dgrad out_fp8", M, g.out.size(1), Device::CUDA);
   if (M == 0 || N == 0) return;
 
   // 1. The gradient as E4M3 rows in expert order (per-channel W scales folded in: they run along K).
-  Tensor codes, scales;
-  const bool handed = g.a.fp8.defined() && !channel;
-  if (!handed) {
-    codes = Tensor(DType::F8_E4M3, {M, K}, alloc);
-    scales = Tensor(DType::F32, {M, groups}, alloc);
-    if (channel)
-      quantize_rows_scaled(g.a, plan, g.b.scale.reshape({E, K}), codes, scales, stream);
-    else
-      quantize_rows(g.a, plan, codes, scales, stream);
-  }
+  const TensorView factors = channel ? g.b.scale.reshape({E, K}) : TensorView();
+  OwnedFp8Rows own;
+  const Fp8Rows a8 = quantized_a(g, K, channel ? &factors : nullptr, alloc, stream, own);
   DgradArgs args;
-  args.qa = static_cast<const uint8_t*>(handed ? g.a.fp8.codes.data : codes.data());
-  args.sa = static_cast<const float*>(handed ? g.a.fp8.scales.data : scales.data());
-  args.groups = static_cast<int>(groups);
+  args.qa = static_cast<const uint8_t*>(a8.codes.data);
+  args.sa = static_cast<const float*>(a8.scales.data);
+  args.groups = static_cast<int>((K + kBK - 1) / kBK);
   args.w_scaled = !channel;
 
   if (!g.lora_a.defined()) {  // 2. the product and the whole epilogue in one kernel
