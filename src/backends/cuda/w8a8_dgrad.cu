@@ -8,7 +8,10 @@
 //             kernel, gemm_kernel_sm90.cuh, whose helpers this file uses).
 //   fetch     cp.async, 3 tiles ahead: A's codes (the gradient, quantized in expert order by
 //             quantize_rows) straight into the 128-byte-swizzled K-major tile; W's tile [128 K rows
-//             x 128 columns] as raw 8 x 8 byte blocks, one per thread.
+//             x 128 columns] in coalesced 16-byte chunks into a raw tile whose chunks are permuted
+//             per 8 rows, so that the transposing reads (8 rows x 8 bytes a thread) hit every bank
+//             once a wavefront. The W scale of each K tile is looked up once, before the loop (the
+//             lookup divides, and the loop is short: ncu measured it issue-bound).
 //   transpose FP8 wgmma reads K-major operands only, and W is stored N-major for this product: each
 //             thread transposes its 8 x 8 block in registers (byte permutes) into the K-major tile,
 //             one K tile ahead, while the tensor cores work on the current one.
@@ -48,12 +51,6 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, uint64_t desc_a,
 #endif
 }
 
-// 8 bytes global -> shared, zero-filled where src_bytes is 0.
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(gemm::smem_addr(dst)), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
 // The columns c[j] of an 8 x 8 byte block from its rows r[i] (both as two little-endian words:
 // .x bytes 0-3, .y bytes 4-7): four 4 x 4 transposes of 8 byte permutes each.
 __device__ __forceinline__ void transpose8x8(const uint2 (&r)[8], uint2 (&c)[8]) {
@@ -84,6 +81,7 @@ constexpr int kThreads = 256;     // two warpgroups
 constexpr int kStages = 4;        // A and raw W stages: kStages - 1 tiles in flight
 constexpr int kTile = 128 * 128;  // bytes of an A tile, a raw W tile, a transposed W tile
 constexpr int kSmemBytes = (2 * kStages + 2) * kTile + 1024;  // +1024: the swizzle's alignment
+constexpr int kMaxKTiles = 512;   // W scales staged per K tile: K <= 65536 (dgrad_fits)
 static_assert(gemm::kStageBytes<kBM, kBN> + 1024 <= kSmemBytes, "the staged epilogue tile must fit");
 
 struct DgradArgs {
@@ -100,18 +98,22 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (gemm::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* As = smem;                      // [kStages][128 rows][128 K], swizzled
-  uint8_t* Braw = smem + kStages * kTile;  // [kStages][4][kThreads][16 bytes]: row pairs of each thread's block
+  uint8_t* Braw = smem + kStages * kTile;  // [kStages][128 K rows][128 columns], chunks permuted
   uint8_t* Bs = Braw + kStages * kTile;    // [2][128 columns][128 K], swizzled
   __shared__ gemm::TileMaps<kBM, kBN> maps;
+  __shared__ float w_scale[kMaxKTiles];  // per K tile (1 for unit W scales)
 
   const gemm::RowTile rt = gemm::find_row_tile<kThreads, kBM>(p.offsets, p.E, gemm::grid_tile(p.n_tiles));
   if (rt.expert < 0) return;  // uniform across the block
   const int e = rt.expert, tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = tid / 128;
   gemm::build_tile_maps<kThreads, kBM, kBN, true>(p, rt, kBK, maps);  // row scales and columns for the epilogue
+  const int K = p.K, N = p.N, nkt = (K + kBK - 1) / kBK, n0 = rt.col_tile * kBN;
+  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
+  for (int t = tid; t < nkt; t += kThreads) w_scale[t] = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
   __syncthreads();
 
-  const int K = p.K, N = p.N, nkt = (K + kBK - 1) / kBK, n0 = rt.col_tile * kBN;
   // A: four 16-byte chunks per thread, 8 per 128-byte row; rows past the tile's are zero-filled.
+  // The source pointers of both operands advance one K tile per issue (issue takes tiles in order).
   const uint8_t* a_src[4];
   int a_dst[4], a_kc[4];
   bool a_ok[4];
@@ -120,14 +122,30 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
     const int id = tid + i * kThreads, row = id / 8, kc = (id % 8) * 16;
     a_ok[i] = row < rt.rows;
     a_kc[i] = kc;
-    a_src[i] = args.qa + (int64_t{rt.row0} + (a_ok[i] ? row : 0)) * K + kc;
+    a_src[i] = a_ok[i] ? args.qa + (int64_t{rt.row0} + row) * K + kc : args.qa;
     a_dst[i] = row * 128 + (((kc >> 4) ^ (row & 7)) << 4);
   }
-  // W: the 8 x 8 block of K rows 8 kb .. +7 and columns n0 + 8 cb .. +7 of each tile. Consecutive
-  // threads take consecutive K blocks, so a warp's transposed stores cover whole 128-byte rows.
+  // W: four 16-byte chunks per thread, 8 per 128-byte row of the tile (N % 16 == 0, dgrad_fits: a
+  // chunk is whole or outside), chunk c of row r stored at c ^ (r / 8 % 8).
+  const uint8_t* w_e = static_cast<const uint8_t*>(p.b.ptr) + e * p.b.expert_stride;
+  const uint8_t* w_src[4];
+  int w_dst[4], w_row[4];
+  bool w_ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int id = tid + i * kThreads, row = id / 8, c = id % 8, col = n0 + 16 * c;
+    w_ok[i] = col < N;
+    w_row[i] = row;
+    w_src[i] = w_ok[i] ? w_e + int64_t{row} * N + col : w_e;
+    w_dst[i] = row * 128 + ((c ^ ((row >> 3) & 7)) << 4);
+  }
+  // This thread's 8 x 8 block to transpose: K rows 8 kb .. +7, columns 8 cb .. +7 of the tile.
+  // Consecutive threads take consecutive K blocks, so a warp's transposed stores cover whole
+  // 128-byte rows; its reads (rows 8 kb + i of one chunk column) fall on distinct banks but for
+  // kb and kb + 8: two wavefronts for 256 bytes.
+  const int64_t w_step = int64_t{kBK} * N;
   const int kb = tid % 16, cb = tid / 16;
-  const bool w_col_ok = n0 + 8 * cb < N;  // N % 8 == 0 (dgrad_fits): a block is whole or outside
-  const uint8_t* w_src = static_cast<const uint8_t*>(p.b.ptr) + e * p.b.expert_stride + int64_t{8 * kb} * N + n0 + 8 * cb;
+  const int raw_rd = 8 * kb * 128 + (((cb >> 1) ^ (kb & 7)) << 4) + (cb & 1) * 8;
 
   auto issue = [&](int t) {
     if (t >= nkt) return;
@@ -136,24 +154,22 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool ok = a_ok[i] && k0 + a_kc[i] < K;  // K % 16 == 0: whole chunks
-      gemm::cp_async16(a_st + a_dst[i], ok ? a_src[i] + k0 : args.qa, ok ? 16 : 0);
+      gemm::cp_async16(a_st + a_dst[i], ok ? a_src[i] : args.qa, ok ? 16 : 0);
+      a_src[i] += kBK;
     }
     uint8_t* raw = Braw + stage * kTile;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const bool ok = w_col_ok && k0 + 8 * kb + i < K;
-      cp_async8(raw + ((i / 2) * kThreads + tid) * 16 + (i % 2) * 8, ok ? w_src + (int64_t{k0} + i) * N : p.b.ptr, ok ? 8 : 0);
+    for (int i = 0; i < 4; ++i) {
+      const bool ok = w_ok[i] && k0 + w_row[i] < K;
+      gemm::cp_async16(raw + w_dst[i], ok ? w_src[i] : w_e, ok ? 16 : 0);
+      w_src[i] += w_step;
     }
   };
   auto transpose = [&](int t) {
-    const uint4* raw = reinterpret_cast<const uint4*>(Braw + (t % kStages) * kTile);
+    const uint8_t* raw = Braw + (t % kStages) * kTile + raw_rd;
     uint2 r[8], c[8];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 v = raw[j * kThreads + tid];
-      r[2 * j] = make_uint2(v.x, v.y);
-      r[2 * j + 1] = make_uint2(v.z, v.w);
-    }
+    for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const uint2*>(raw + i * 128);
     transpose8x8(r, c);
     uint8_t* b = Bs + (t & 1) * kTile;
 #pragma unroll
@@ -172,7 +188,6 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
   const int lr0 = warp * 16 + lane / 4, lr1 = lr0 + 8;
   const float* sa0 = lr0 < rt.rows ? args.sa + (int64_t{rt.row0} + lr0) * args.groups : nullptr;
   const float* sa1 = lr1 < rt.rows ? args.sa + (int64_t{rt.row0} + lr1) * args.groups : nullptr;
-  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
 
   const uint64_t desc_a0 = gemm::smem_desc(As + wg * 64 * 128), desc_b0 = gemm::smem_desc(Bs);
   const uint32_t da_lo = static_cast<uint32_t>(desc_a0), da_hi = static_cast<uint32_t>(desc_a0 >> 32);
@@ -197,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
   __syncthreads();
   for (int t = 0; t < nkt; ++t) {
     // The scales of tile t, loaded now so that their latency hides behind the MMAs.
-    const float w = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
+    const float w = w_scale[t];
     const float s0 = sa0 ? __ldg(sa0 + t) : 0.0f, s1 = sa1 ? __ldg(sa1 + t) : 0.0f;
     matmul(t);
     // Into tile t-1's stage: its wgmma completed before the barrier that ended iteration t-1.
@@ -251,7 +266,9 @@ std::string dgrad_fits(const GroupedGemm& g) {
     return "W's scales are " + s.str() + " (the FP8 dgrad takes blocks whole per 128 x 128 tile, or per-channel scales)";
   const int64_t K = bd.size(1), N = bd.size(2);
   if (K % 16 != 0) return "K = " + std::to_string(K) + " is not a multiple of 16 (16-byte rows of FP8 codes)";
-  if (N % 8 != 0) return "N = " + std::to_string(N) + " is not a multiple of 8 (8-byte W chunks)";
+  if (N % 16 != 0) return "N = " + std::to_string(N) + " is not a multiple of 16 (16-byte W chunks)";
+  if (K > int64_t{kMaxKTiles} * kBK)
+    return "K = " + std::to_string(K) + " is above " + std::to_string(kMaxKTiles * kBK) + " (the W scales staged per K tile)";
   if (!aligned16(bd.data)) return "W is not 16-byte aligned";
   if (!g.a.defined() || (g.a.src.dtype != DType::BF16 && g.a.src.dtype != DType::F32)) return "A is not BF16 or F32";
   return "";

@@ -11,7 +11,7 @@
 // Cases: both epilogues of a dgrad (Store, GluBackward with either gate/up layout), block scales in
 // one or two row segments, tensor scales, per-channel scales (folded into the gradient), LoRA
 // (the addend GEMM), row scale, bias, F32 in and out, experts with no rows, one expert taking
-// everything, T = 0 and 1, K = 272 and N = 264 (a partial K tile and a partial column tile).
+// everything, T = 0 and 1, K = 272 and N = 208 (a partial K tile and a partial column tile).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -203,9 +203,9 @@ const DgradCase kCases[] = {
      Activation::SiluGlu, GateUpLayout::Halves, 0, false, true, RowSource::Tokens},
     // The dgrad of the gate_up projection: dH1 in expert order, W's two scale segments.
     {"up_store_rows_two_segments", 150, 2, 6, 512, 256, ScaleKind::Block, 2, Epilogue::Store},
-    {"odd_dims_block_store_f32_bias", 90, 2, 5, 272, 264, ScaleKind::Block, 1, Epilogue::Store, Activation::SiluGlu,
+    {"odd_dims_block_store_f32_bias", 90, 2, 5, 272, 208, ScaleKind::Block, 1, Epilogue::Store, Activation::SiluGlu,
      GateUpLayout::Halves, 0, true, false, RowSource::Rows, DType::F32, DType::F32},
-    {"channel_glu_backward_gptoss_interleaved_lora8", 100, 2, 4, 272, 264, ScaleKind::Channel, 1,
+    {"channel_glu_backward_gptoss_interleaved_lora8", 100, 2, 4, 272, 208, ScaleKind::Channel, 1,
      Epilogue::GluBackward, Activation::GptOssGlu, GateUpLayout::Interleaved, 8, false, true, RowSource::Tokens},
     // LoRA with a BF16 Store: D is out itself, read as the addend and rewritten in place.
     {"channel_store_rows_lora16_in_place", 120, 2, 6, 384, 256, ScaleKind::Channel, 1, Epilogue::Store,
@@ -270,9 +270,17 @@ TEST(GemmDispatch, W8a8DgradFitsAndSetting) {
   t.b.data = view(DType::F8_E4M3, {E, 264, N});
   t.b.spec = ScaleSpec::block(264, N, 128, 128);
   EXPECT_NE(cuda::w8a8::dgrad_fits(t).find("K = 264"), std::string::npos);
-  t.b.data = view(DType::F8_E4M3, {E, K, 260});
-  t.b.spec = ScaleSpec::block(K, 260, 128, 128);
-  EXPECT_NE(cuda::w8a8::dgrad_fits(t).find("N = 260"), std::string::npos);
+  t.b.data = view(DType::F8_E4M3, {E, K, 264});
+  t.b.spec = ScaleSpec::block(K, 264, 128, 128);
+  EXPECT_NE(cuda::w8a8::dgrad_fits(t).find("N = 264"), std::string::npos) << "16-byte W chunks";
+  t.b.data = view(DType::F8_E4M3, {E, 65536 + 128, N});
+  t.b.spec = ScaleSpec::block(65536 + 128, N, 128, 128);
+  t.a = {view(DType::BF16, {10, 65536 + 128})};
+  EXPECT_NE(cuda::w8a8::dgrad_fits(t).find("K = 65664"), std::string::npos) << "more K tiles than staged scales";
+  t.b.data = view(DType::F8_E4M3, {E, 65536, N});
+  t.b.spec = ScaleSpec::block(65536, N, 128, 128);
+  t.a = {view(DType::BF16, {10, 65536})};
+  EXPECT_EQ(cuda::w8a8::dgrad_fits(t), "");
   t = g;
   t.b.data = view(DType::F8_E4M3, {E, K, N}, 8);
   EXPECT_NE(cuda::w8a8::dgrad_fits(t).find("aligned"), std::string::npos);
