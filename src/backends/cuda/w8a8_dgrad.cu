@@ -79,6 +79,7 @@ using namespace dgrad_parts;
 constexpr int kBM = 128, kBN = 128, kBK = 128;
 constexpr int kThreads = 256;     // two warpgroups
 constexpr int kStages = 4;        // A and raw W stages: kStages - 1 tiles in flight
+static_assert(kStages >= 3, "a tile is transposed two issues after it is fetched");
 constexpr int kTile = 128 * 128;  // bytes of an A tile, a raw W tile, a transposed W tile
 constexpr int kSmemBytes = (2 * kStages + 2) * kTile + 1024;  // +1024: the swizzle's alignment
 constexpr int kMaxKTiles = 512;   // W scales staged per K tile: K <= 65536 (dgrad_fits)
@@ -206,7 +207,10 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
     issue(i);
     gemm::cp_async_commit();
   }
-  gemm::cp_async_wait<kStages - 2>();  // own copies of tile 0 have landed
+  // A raw W tile is written by every thread's copies and read across threads by the transposes:
+  // each tile is waited for (own copies) and then published by a barrier before it is transposed.
+  gemm::cp_async_wait<kStages - 3>();  // own copies of tiles 0 and 1 have landed
+  __syncthreads();
   if (nkt > 0) transpose(0);
   gemm::fence_proxy_async();
   __syncthreads();
@@ -215,17 +219,18 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
     const float w = w_scale[t];
     const float s0 = sa0 ? __ldg(sa0 + t) : 0.0f, s1 = sa1 ? __ldg(sa1 + t) : 0.0f;
     matmul(t);
-    // Into tile t-1's stage: its wgmma completed before the barrier that ended iteration t-1.
+    // Into tile t-1's stage: its wgmma completed, and its raw W was transposed, before the barrier
+    // that ended iteration t-1.
     issue(t + kStages - 1);
     gemm::cp_async_commit();
-    gemm::cp_async_wait<kStages - 2>();  // own copies of tile t+1 have landed
-    if (t + 1 < nkt) transpose(t + 1);   // into tile t-1's transposed buffer
+    if (t + 1 < nkt) transpose(t + 1);  // tile t+1 was published by that barrier; into tile t-1's buffer
     gemm::fence_proxy_async();
     gemm::wgmma_wait<0>();
     gemm::fence_acc(dt);
     const float f0 = s0 * w, f1 = s1 * w;
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = fmaf(dt[i], (i & 2) ? f1 : f0, d[i]);  // i & 2: row + 8
+    gemm::cp_async_wait<kStages - 3>();  // own copies of tile t+2 have landed: the barrier publishes them
     __syncthreads();
   }
   gemm::cp_async_wait<0>();
