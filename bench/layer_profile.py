@@ -7,11 +7,13 @@ the GPU (bench/model_bench.py's builder), uniform top-k routing, BF16 activation
   glm    E 64, top-4, H 2048, I 1536, per-channel scales
 
     python3 bench/layer_profile.py --models qwen3,glm --tokens 16384 --precisions w8a16,w8a8 [--lora 16]
-        [--json out/layer_profile.json] [--md BENCHMARKS.md]
+        [--dgrad bf16,fp8] [--json out/layer_profile.json] [--md BENCHMARKS.md]
 
 Prints, per (model, tokens, precision, LoRA rank), the total kernel time of a forward and of a
 backward, then each kernel's share (median over --reps profiled iterations); --md writes a table
-of them, the forward split by kernel family, into BENCHMARKS.md.
+of them, each phase split by kernel family, into BENCHMARKS.md. --dgrad profiles W8A8 once per
+setting of its input-gradient GEMMs (FP8MOE_W8A8_DGRAD, read once per process: one child process
+each), labelled "w8a8 (dgrad fp8)" and so on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -58,8 +62,8 @@ def category(short_name: str) -> str:
 
 
 def markdown(results: list[dict], device: str, command: str, date: str) -> str:
-    """BENCHMARKS.md's section: per (model, tokens, precision, LoRA rank), the forward's and the
-    backward's kernel time and the forward's split by kernel family."""
+    """BENCHMARKS.md's section: per (model, tokens, precision, LoRA rank), a row per phase (forward,
+    backward) with its kernel time and its split by kernel family."""
     cats = [c for c, _ in CATEGORIES] + ["other"]
     lines = [f"## {SECTION}", "",
              f"Card: **{device}**; {date}. Written by `bench/layer_profile.py` (`{command}`; "
@@ -68,16 +72,37 @@ def markdown(results: list[dict], device: str, command: str, date: str) -> str:
              "I 1536, per channel), uniform routing, BF16 activations, LoRA on both expert projections where the rank "
              "is not 0. Kernel time from torch.profiler's CUDA activity (medians over the profiled iterations), not "
              "wall time: launch gaps are not counted.", "",
-             "| model | T | precision | LoRA r | forward ms | backward ms | " + " | ".join(f"fwd: {c} µs" for c in cats)
-             + " |", "|---|---|---|---|---|---|" + "---|" * len(cats)]
+             "| model | T | precision | LoRA r | phase | ms | " + " | ".join(f"{c} µs" for c in cats) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(cats)]
     for r in results:
-        split = {c: 0.0 for c in cats}
-        for name, ms in r["forward"]["kernels"]:
-            split[category(name)] += ms
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['lora_rank']} | "
-                     f"{r['forward']['total_ms']:.3f} | {r['backward']['total_ms']:.3f} | "
-                     + " | ".join(f"{split[c] * 1e3:.0f}" if split[c] else "-" for c in cats) + " |")
+        for phase in ("forward", "backward"):
+            split = {c: 0.0 for c in cats}
+            for name, ms in r[phase]["kernels"]:
+                split[category(name)] += ms
+            lines.append(f"| {r['model']} | {r['tokens']} | {r['precision']} | {r['lora_rank']} | {phase} | "
+                         f"{r[phase]['total_ms']:.3f} | "
+                         + " | ".join(f"{split[c] * 1e3:.0f}" if split[c] else "-" for c in cats) + " |")
     return "\n".join(lines) + "\n"
+
+
+def precision_label(precision: str) -> str:
+    """The precision as reported: W8A8's dgrad setting beside it where the environment sets one."""
+    dgrad = os.environ.get("FP8MOE_W8A8_DGRAD", "")
+    return f"{precision} (dgrad {dgrad})" if precision == "w8a8" and dgrad else precision
+
+
+def run_children(a: argparse.Namespace) -> list[dict]:
+    """--dgrad: this script once per setting, each in its own process, and their results in order."""
+    results: list[dict] = []
+    base = [sys.executable, os.path.abspath(__file__), "--models", a.models, "--tokens", a.tokens,
+            "--precisions", "w8a8", "--lora", a.lora, "--reps", str(a.reps)]
+    for setting in a.dgrad.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "results.json")
+            subprocess.run(base + ["--json", out], env=dict(os.environ, FP8MOE_W8A8_DGRAD=setting), check=True)
+            with open(out, encoding="utf-8") as f:
+                results += json.load(f)["results"]
+    return results
 
 
 def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int, device: torch.device) -> dict:
@@ -118,7 +143,7 @@ def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int,
             out.backward(grad)
             torch.cuda.synchronize(device)
         phases["backward"].append(gpu_work(pb))
-    res: dict = {"model": model, "tokens": tokens, "precision": precision, "lora_rank": rank}
+    res: dict = {"model": model, "tokens": tokens, "precision": precision_label(precision), "lora_rank": rank}
     for phase, runs in phases.items():
         names = sorted({n for r in runs for n in r})
         per = {short(n): 0.0 for n in names}
@@ -130,6 +155,24 @@ def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int,
     return res
 
 
+def profile_all(a: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every (model, tokens, LoRA rank, precision) asked for, each printed kernel by kernel."""
+    results = []
+    for model in a.models.split(","):
+        for tokens in (int(t) for t in a.tokens.split(",")):
+            for rank in (int(r) for r in a.lora.split(",")):
+                for precision in a.precisions.split(","):
+                    r = profile_layer(model, tokens, precision, rank, a.reps, device)
+                    results.append(r)
+                    print(f"\n{model} T {tokens} {r['precision']} LoRA r {rank}: forward {r['forward']['total_ms']:.3f} "
+                          f"ms, backward {r['backward']['total_ms']:.3f} ms of kernels")
+                    for phase in ("forward", "backward"):
+                        for name, ms in r[phase]["kernels"]:
+                            print(f"  {phase[:3]}  {ms * 1e3:9.1f} us  {ms / r[phase]['total_ms'] * 100:5.1f}%  {name}")
+                    torch.cuda.empty_cache()
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="qwen3,glm")
@@ -137,6 +180,8 @@ def main() -> int:
     ap.add_argument("--precisions", default="w8a16,w8a8")
     ap.add_argument("--lora", default="0", help="LoRA ranks on both expert projections (0: none), comma-separated")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dgrad", default=None,
+                    help="W8A8 only, once per setting of FP8MOE_W8A8_DGRAD (bf16, fp8), comma-separated")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
     a = ap.parse_args()
@@ -145,19 +190,7 @@ def main() -> int:
         return 2
     device = torch.device("cuda", torch.cuda.current_device())
     print(f"layer_profile on {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    results = []
-    for model in a.models.split(","):
-        for tokens in (int(t) for t in a.tokens.split(",")):
-            for rank in (int(r) for r in a.lora.split(",")):
-                for precision in a.precisions.split(","):
-                    r = profile_layer(model, tokens, precision, rank, a.reps, device)
-                    results.append(r)
-                    print(f"\n{model} T {tokens} {precision} LoRA r {rank}: forward {r['forward']['total_ms']:.3f} ms, "
-                          f"backward {r['backward']['total_ms']:.3f} ms of kernels")
-                    for phase in ("forward", "backward"):
-                        for name, ms in r[phase]["kernels"]:
-                            print(f"  {phase[:3]}  {ms * 1e3:9.1f} us  {ms / r[phase]['total_ms'] * 100:5.1f}%  {name}")
-                    torch.cuda.empty_cache()
+    results = run_children(a) if a.dgrad else profile_all(a, device)
     name = torch.cuda.get_device_name(device)
     if a.json:
         with open(a.json, "w") as f:

@@ -28,7 +28,8 @@
 #   BENCH_ARGS       arguments for `fp8moe bench` (default: --shape all --tokens 256,4096,16384 --routing both)
 #   LAYERPROF_ARGS   arguments of bench/layer_profile.py for the layerprof step (per-kernel GPU time of
 #                    one MoE layer, forward and backward; default: Qwen3 and GLM at 16384 tokens, every
-#                    precision, without LoRA and with rank 16 on both expert projections; ~40 s)
+#                    precision, without LoRA and with rank 16 on both expert projections; ~40 s;
+#                    "--dgrad bf16,fp8 ..." sets W8A8's two input-gradient options side by side)
 #   MODEL_BENCH_MODELS, MODEL_BENCH_ARGS  the model step's models (default qwen3,glm) and extra arguments
 #                    of bench/model_bench.py (e.g. "--compile --configs b"); argument sets separated by
 #                    ';' run one after the other on the same machine (e.g. ";--cuda-graph" for an eager

@@ -35,24 +35,60 @@ def test_short_names_and_families():
     assert lp.category("split_k_sum_kernel") == "other"
 
 
-def test_markdown_section_splits_the_forward_by_family(tmp_path):
-    r = {"model": "qwen3", "tokens": 16384, "precision": "w8a8", "lora_rank": 0,
+def test_markdown_section_splits_each_phase_by_family(tmp_path):
+    r = {"model": "qwen3", "tokens": 16384, "precision": "w8a8 (dgrad fp8)", "lora_rank": 0,
          "forward": {"total_ms": 2.5, "kernels": [["_ZN7cutlass13device_kernelINS", 1.4], ["quantize_rows_kernel", 0.5],
                                                   ["epilogue_kernel", 0.4], ["combine_kernel", 0.2]]},
-         "backward": {"total_ms": 4.4, "kernels": [["grouped_gemm_sm90_rega_kernel", 4.4]]}}
+         "backward": {"total_ms": 4.6, "kernels": [["dgrad_kernel", 4.2], ["quantize_rows_kernel", 0.4]]}}
     md = lp.markdown([r], "NVIDIA H100 80GB HBM3", "bench/layer_profile.py --models qwen3", "2026-12-06 09:30 UTC")
     assert md.startswith(f"## {lp.SECTION}\n")
-    row = next(line for line in md.splitlines() if line.startswith("| qwen3"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     cols = [c.strip() for c in header.strip("|").split("|")]
-    assert len(cells) == len(cols)
-    got = dict(zip(cols, cells))
-    assert got["forward ms"] == "2.500" and got["backward ms"] == "4.400"
-    assert got["fwd: CUTLASS FP8 GEMM µs"] == "1400" and got["fwd: W8A8 quantize µs"] == "500"
-    assert got["fwd: W8A16 GEMM µs"] == "-"  # the forward ran none
+    rows = {}
+    for line in md.splitlines():
+        if line.startswith("| qwen3"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert len(cells) == len(cols)
+            got = dict(zip(cols, cells))
+            rows[got["phase"]] = got
+    assert set(rows) == {"forward", "backward"}
+    fwd, bwd = rows["forward"], rows["backward"]
+    assert fwd["precision"] == "w8a8 (dgrad fp8)"
+    assert fwd["ms"] == "2.500" and bwd["ms"] == "4.600"
+    assert fwd["CUTLASS FP8 GEMM µs"] == "1400" and fwd["W8A8 quantize µs"] == "500"
+    assert fwd["W8A16 GEMM µs"] == "-" and fwd["W8A8 FP8 dgrad µs"] == "-"  # the forward ran neither
+    assert bwd["W8A8 FP8 dgrad µs"] == "4200" and bwd["W8A8 quantize µs"] == "400"
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# B\n\n## Other\n\nkeep\n")
     lp.md_sections.replace_section(str(path), lp.SECTION, md)
     text = path.read_text()
     assert "keep" in text and text.count(f"## {lp.SECTION}") == 1
+
+
+def test_precision_label_names_the_dgrad_setting(monkeypatch):
+    monkeypatch.delenv("FP8MOE_W8A8_DGRAD", raising=False)
+    assert lp.precision_label("w8a8") == "w8a8"
+    monkeypatch.setenv("FP8MOE_W8A8_DGRAD", "fp8")
+    assert lp.precision_label("w8a8") == "w8a8 (dgrad fp8)"
+    assert lp.precision_label("w8a16") == "w8a16"  # the setting applies to W8A8 only
+    assert lp.precision_label("w8a8-down") == "w8a8-down"
+
+
+def test_dgrad_runs_one_child_per_setting_in_order(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, env, check):
+        assert check
+        calls.append((env["FP8MOE_W8A8_DGRAD"], cmd))
+        out = cmd[cmd.index("--json") + 1]
+        with open(out, "w", encoding="utf-8") as f:
+            lp.json.dump({"device": "x", "results": [{"precision": f"w8a8 (dgrad {env['FP8MOE_W8A8_DGRAD']})"}]}, f)
+
+    monkeypatch.setattr(lp.subprocess, "run", fake_run)
+    a = lp.argparse.Namespace(models="qwen3,glm", tokens="16384", lora="0,16", reps=2, dgrad="bf16,fp8")
+    got = lp.run_children(a)
+    assert [r["precision"] for r in got] == ["w8a8 (dgrad bf16)", "w8a8 (dgrad fp8)"]
+    assert [c[0] for c in calls] == ["bf16", "fp8"]
+    cmd = calls[0][1]
+    assert cmd[cmd.index("--precisions") + 1] == "w8a8" and cmd[cmd.index("--lora") + 1] == "0,16"
+    assert "--dgrad" not in cmd and "--md" not in cmd
