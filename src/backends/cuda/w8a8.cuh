@@ -117,21 +117,26 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
 //         Per-channel W scales run along the reduction, where an FP8 MMA cannot apply them: they
 //         are folded into the gradient before it is quantized (quantize_rows_scaled). A LoRA delta
 //         goes through the W8A16 family's rank-r GEMM with the FP8 product as its addend.
-// FP8MOE_W8A8_DGRAD=fp8 | bf16 picks one (unset: bf16); only under GemmPrecision::W8A8.
-enum class Dgrad : uint8_t { Bf16, Fp8 };
-// FP8MOE_W8A8_DGRAD's value: null or "" -> Bf16, "bf16", "fp8"; anything else throws, naming the
-// value and the accepted ones.
+//   Fp8RegW  the same product with W as the MMA's M side from registers (no transposed tile, a
+//         producer warpgroup and two consumers: w8a8_dgrad.cu, dgrad_regw_kernel). Not yet run on a
+//         GPU (bench/NOTES.md, twenty-first session): the next GPU session tests and times it
+//         against Fp8, which measured slower than Bf16 (4.24 against 3.62 ms per Qwen3 layer at
+//         16384 tokens, H100).
+// FP8MOE_W8A8_DGRAD=fp8 | fp8-regw | bf16 picks one (unset: bf16); only under GemmPrecision::W8A8.
+enum class Dgrad : uint8_t { Bf16, Fp8, Fp8RegW };
+// FP8MOE_W8A8_DGRAD's value: null or "" -> Bf16, "bf16", "fp8", "fp8-regw"; anything else throws,
+// naming the value and the accepted ones.
 Dgrad parse_dgrad_env(const char* value);
 // The process's setting: FP8MOE_W8A8_DGRAD at the first call, or the last set_dgrad_setting.
 Dgrad dgrad_setting();
 void set_dgrad_setting(Dgrad d);
 // Empty when the FP8 dgrad takes `g`; else the first condition it fails, in words.
 std::string dgrad_fits(const GroupedGemm& g);
-// Whether `g` runs on the FP8 dgrad: precision W8A8, `setting` Fp8, an sm_90 card with this
+// Whether `g` runs on an FP8 dgrad: precision W8A8, `setting` Fp8 or Fp8RegW, an sm_90 card with this
 // library's sm_90a code, a transposed FP8 GEMM that dgrad_fits. Logged as choose() logs (a declined one once on stderr, with the reason).
 bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting = dgrad_setting());
-// Runs `g` on the FP8 dgrad (dgrad_fits(g) must be empty; checked). g.out_fp8 is written by a pass.
-void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream);
+// Runs `g` on an FP8 dgrad kernel (dgrad_fits(g) must be empty; checked). g.out_fp8 is written by a pass.
+void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, Dgrad kernel = dgrad_setting());
 
 // ---- the phases, exposed for tests and benchmarks
 

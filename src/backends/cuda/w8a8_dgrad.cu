@@ -20,6 +20,9 @@
 //             block is one W block row: dgrad_fits). Per-channel W scales were folded into A.
 //   epilogue  the grouped GEMM family's (gemm_parts.cuh): staged through shared memory, then
 //             finish_tile's row scale, bias, Store or GluBackward.
+// ncu found this kernel issue-bound (bench/NOTES.md, twenty-first session): its threads load,
+// transpose, promote and meet at a barrier per K tile. dgrad_regw_kernel below (Dgrad::Fp8RegW) is
+// the other design: W from registers, a producer warpgroup, no transposed tile.
 #include <cuda_fp8.h>
 
 #include <cstdlib>
@@ -28,6 +31,7 @@
 
 #include "backends/cuda/cuda_backend.cuh"
 #include "backends/cuda/gemm_kernel_sm90.cuh"
+#include "backends/cuda/gemm_kernel_sm90_rega.cuh"
 #include "backends/cuda/grouped_gemm.cuh"
 #include "backends/cuda/w8a8.cuh"
 
@@ -50,6 +54,28 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float* d, uint64_t desc_a,
   __trap();
 #endif
 }
+
+// D[64 x 128] (= or +=, scale_d) A[64 x 32] (registers: this thread's fragment) B[32 x 128]
+// (E4M3, K-major in shared memory).
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float* d, const uint32_t* a, uint64_t desc_b, int scale_d) {
+#if FP8MOE_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+      : "+f"(d[0]),"+f"(d[1]),"+f"(d[2]),"+f"(d[3]),"+f"(d[4]),"+f"(d[5]),"+f"(d[6]),"+f"(d[7]),"+f"(d[8]),"+f"(d[9]),"+f"(d[10]),"+f"(d[11]),"+f"(d[12]),"+f"(d[13]),"+f"(d[14]),"+f"(d[15]),"+f"(d[16]),"+f"(d[17]),"+f"(d[18]),"+f"(d[19]),"+f"(d[20]),"+f"(d[21]),"+f"(d[22]),"+f"(d[23]),"+f"(d[24]),"+f"(d[25]),"+f"(d[26]),"+f"(d[27]),"+f"(d[28]),"+f"(d[29]),"+f"(d[30]),"+f"(d[31]),"+f"(d[32]),"+f"(d[33]),"+f"(d[34]),"+f"(d[35]),"+f"(d[36]),"+f"(d[37]),"+f"(d[38]),"+f"(d[39]),"+f"(d[40]),"+f"(d[41]),"+f"(d[42]),"+f"(d[43]),"+f"(d[44]),"+f"(d[45]),"+f"(d[46]),"+f"(d[47]),"+f"(d[48]),"+f"(d[49]),"+f"(d[50]),"+f"(d[51]),"+f"(d[52]),"+f"(d[53]),"+f"(d[54]),"+f"(d[55]),"+f"(d[56]),"+f"(d[57]),"+f"(d[58]),"+f"(d[59]),"+f"(d[60]),"+f"(d[61]),"+f"(d[62]),"+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+#else
+  (void)d, (void)a, (void)desc_b, (void)scale_d;
+  __trap();
+#endif
+}
+
+// Byte offset of 16-byte unit u of stored K row r in the register-W kernel's W tile (128-byte
+// rows): u ^ f(r), f injective on each 8-row set one ldmatrix matrix reads ({0,1,4,5,8,9,12,13}
+// and {2,3,6,7,10,11,14,15}, plus multiples of 16), so every ldmatrix is conflict-free.
+__device__ __forceinline__ int regw_unit(int r, int u) { return r * 128 + ((u ^ ((r & 1) | ((r >> 1) & 6))) << 4); }
 
 // The columns c[j] of an 8 x 8 byte block from its rows r[i] (both as two little-endian words:
 // .x bytes 0-3, .y bytes 4-7): four 4 x 4 transposes of 8 byte permutes each.
@@ -246,11 +272,202 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
 #endif
 }
 
+// ---- Dgrad::Fp8RegW: W as wgmma's M side, from registers (not yet run on a GPU)
+//
+// FP8 wgmma reads a shared-memory operand K-major only, but an operand in registers in any order
+// the fragment is built in. So W, stored [K rows][N columns], becomes the MMA's A (M = output
+// columns) straight from the tile as copied, and the quantized gradient rows (K-major as they are)
+// its B (N = gradient rows): no transposed tile, no transposing threads. As in the register-A
+// W8A16 kernel (gemm_kernel_sm90_rega.cuh), whose pipeline this follows:
+//   warps     warpgroup 0 copies (cp.async) the gradient's codes into the 128-byte-swizzled tile,
+//             W's bytes as stored into regw_unit's layout and the tile's 128 activation scales;
+//             warpgroups 1-2 consume, each owning 64 output columns; full / empty mbarriers.
+//   W frag    thread (g, q) of a warp needs, per k32 step, K rows 4q .. 4q+3 (and + 16) of two
+//             output columns. One ldmatrix.x4.trans, its lanes addressing K rows {0,1,4,5,8,9,12,13}
+//             and {2,3,6,7,10,11,14,15} (+ 16) as the rows of its four 8 x 8 b16 matrices, hands the
+//             thread K rows 4q, 4q+1 | 4q+2, 4q+3 at columns 2g, 2g+1; two byte permutes make each
+//             register's four K bytes of one column. The warp's M rows g and g + 8 are thus output
+//             columns 2g and 2g + 1, which the staged epilogue follows.
+//   promote   a K tile's sums scaled into FP32 accumulators by the W block scale and each gradient
+//             row's activation scale (read from the stage: the rows are the MMA's N here).
+// Register budgets: producer 56, consumers 224 (setmaxnreg; 128 x 56 + 256 x 224 <= 64K).
+namespace regw {
+constexpr int kBM = 128, kBN = 128, kBK = 128;  // gradient rows (N), output columns (M), K per tile
+constexpr int kThreads = 384;                   // producer warpgroup + 2 consumer warpgroups
+constexpr int kStages = 6, kLag = kStages - 2;
+constexpr int kATile = kBM * kBK, kWTile = kBK * kBN, kScaleBytes = kBM * 4;
+constexpr int kStageLd = kBN + 4;  // staged epilogue: the transposed writes conflict-free
+constexpr int kSmemBytes = kStages * (kATile + kWTile + kScaleBytes) + 1024;
+static_assert(kBM * kStageLd * 4 + 1024 <= kSmemBytes, "the staged epilogue tile must fit the pipeline buffers");
+}  // namespace regw
+
+__global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const DgradArgs args) {
+#if FP8MOE_SM90A
+  // This kernel's tile (regw), in the names the other kernel's constants have in this file.
+  constexpr int kBM = regw::kBM, kBN = regw::kBN, kBK = regw::kBK, kThreads = regw::kThreads,
+                kStages = regw::kStages, kLag = regw::kLag, kATile = regw::kATile, kWTile = regw::kWTile,
+                kStageLd = regw::kStageLd;
+  const Params& p = args.p;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (gemm::smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint8_t* As = smem;                                          // [kStages][128 rows][128 K], swizzled
+  uint8_t* Ws = As + kStages * kATile;                         // [kStages][128 K rows][128 columns], regw_unit
+  float* Sa = reinterpret_cast<float*>(Ws + kStages * kWTile);  // [kStages][128 rows]
+  __shared__ gemm::TileMaps<kBM, kBN> maps;
+  __shared__ float w_scale[kMaxKTiles];
+  __shared__ uint64_t full[kStages], empty[kStages];
+
+  const gemm::RowTile rt = gemm::find_row_tile<kThreads, kBM>(p.offsets, p.E, gemm::grid_tile(p.n_tiles));
+  if (rt.expert < 0) return;  // uniform across the block
+  const int e = rt.expert, tid = threadIdx.x;
+  gemm::build_tile_maps<kThreads, kBM, kBN, true>(p, rt, kBK, maps);
+  const int K = p.K, N = p.N, nkt = (K + kBK - 1) / kBK, n0 = rt.col_tile * kBN;
+  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
+  for (int t = tid; t < nkt; t += kThreads) w_scale[t] = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
+  if (tid < kBM && tid >= rt.rows)  // rows past the tile's: scale 0 in every stage (their codes are 0)
+    for (int s = 0; s < kStages; ++s) Sa[s * kBM + tid] = 0.0f;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      gemm::mbar_init(&full[s], 128);  // every producer thread
+      gemm::mbar_init(&empty[s], 256);  // every consumer thread
+    }
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // ---- producer: tile t into stage t % kStages once its consumers released it. A thread's 8
+    // chunks of each operand are 16 rows apart, so their shared-memory offsets differ by a
+    // constant (both layouts repeat every 16 rows).
+    gemm::setmaxnreg_dec<56>();
+    const int row = tid / 8, u = tid % 8;
+    const uint8_t* a_src = args.qa + (int64_t{rt.row0} + row) * K + 16 * u;
+    const int a_dst = row * 128 + ((u ^ (row & 7)) << 4);
+    uint32_t a_rows = 0;  // bit i: gradient row row + 16 i is in the tile
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a_rows |= uint32_t{row + 16 * i < rt.rows} << i;
+    const bool w_col = n0 + 16 * u < N;  // N % 16 == 0 (dgrad_fits): a chunk is whole or outside
+    const uint8_t* w_src = static_cast<const uint8_t*>(p.b.ptr) + e * p.b.expert_stride + int64_t{row} * N + n0 + 16 * u;
+    const int w_dst = regw_unit(row, u);
+    const float* sa_src = args.sa + (int64_t{rt.row0} + tid) * args.groups;
+    const bool sa_row = tid < rt.rows;
+    int s = 0;
+    uint32_t phase = 0;
+    for (int t = 0; t < nkt; ++t) {
+      if (t >= kStages) gemm::mbar_wait(&empty[s], phase ^ 1);
+      const int k0 = t * kBK;
+      uint8_t* a_st = As + s * kATile;
+      uint8_t* w_st = Ws + s * kWTile;
+      const bool a_k = k0 + 16 * u < K;  // K % 16 == 0: whole chunks
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const bool ok = a_k && (a_rows >> i & 1);
+        gemm::cp_async16(a_st + a_dst + i * 16 * 128, ok ? a_src + int64_t{16 * i} * K + k0 : args.qa, ok ? 16 : 0);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const bool ok = w_col && k0 + row + 16 * i < K;
+        gemm::cp_async16(w_st + w_dst + i * 16 * 128, ok ? w_src + (int64_t{k0} + 16 * i) * N : p.b.ptr, ok ? 16 : 0);
+      }
+      if (sa_row) gemm::cp_async<4>(Sa + s * kBM + tid, sa_src + t);
+      gemm::cp_async_commit();
+      if (t >= kLag) {  // tile t - kLag has landed: visible to the consumers and to wgmma
+        gemm::cp_async_wait<kLag>();
+        gemm::fence_proxy_async();
+        gemm::mbar_arrive(&full[(t - kLag) % kStages]);
+      }
+      if (++s == kStages) s = 0, phase ^= 1;
+    }
+    gemm::cp_async_wait<0>();
+    gemm::fence_proxy_async();
+    for (int t = nkt > kLag ? nkt - kLag : 0; t < nkt; ++t) gemm::mbar_arrive(&full[t % kStages]);
+    return;  // the consumers run the epilogue
+  } else {
+    gemm::setmaxnreg_inc<224>();
+    // ---- consumers: warpgroup cw owns output columns 64 cw .. 64 cw + 63 of the tile; warp w of
+    // it the 16 of W's 16-byte unit 4 cw + w.
+    const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, q = lane % 4;
+    const int mi = lane / 8, j = lane % 8;  // this lane addresses row j of ldmatrix matrix mi
+    const int krow = 16 * (mi / 2) + 4 * (j / 2) + j % 2 + 2 * (mi % 2);
+    const int ld_off = regw_unit(krow, 4 * cw + warp);  // + 32 rows per k32 step: same unit order
+    const uint64_t desc0 = gemm::smem_desc(As);
+    const uint32_t d_lo = static_cast<uint32_t>(desc0), d_hi = static_cast<uint32_t>(desc0 >> 32);
+    float acc[64], dt[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = dt[i] = 0.0f;
+    uint32_t a[16];  // this thread's W fragments of the tile's 4 k32 steps
+    int s = 0;
+    uint32_t phase = 0;
+    for (int t = 0; t < nkt; ++t) {
+      const float w = w_scale[t];
+      gemm::mbar_wait(&full[s], phase);
+      const uint8_t* wt = Ws + s * kWTile + ld_off;
+#pragma unroll
+      for (int kk = 0; kk < kBK / 32; ++kk) {
+        uint32_t v[4];  // K rows 4q, 4q+1 | 4q+2, 4q+3 | + 16, at columns 2g, 2g+1 (byte pairs)
+        gemm::ldmatrix_x4_trans(v, wt + kk * 32 * 128);
+        a[4 * kk + 0] = __byte_perm(v[0], v[1], 0x6420);  // column 2g, K 4q .. 4q+3
+        a[4 * kk + 1] = __byte_perm(v[0], v[1], 0x7531);  // column 2g + 1
+        a[4 * kk + 2] = __byte_perm(v[2], v[3], 0x6420);  // column 2g, K 16 + 4q ..
+        a[4 * kk + 3] = __byte_perm(v[2], v[3], 0x7531);
+      }
+      gemm::wgmma_fence();
+      const uint32_t b = d_lo + s * (kATile >> 4);
+#pragma unroll
+      for (int kk = 0; kk < kBK / 32; ++kk)  // +32 bytes per K step: 2 in the descriptor's 16-byte units
+        wgmma_m64n128k32_e4m3_rs(dt, a + 4 * kk, (uint64_t{d_hi} << 32) | (b + 2 * kk), kk);
+      gemm::wgmma_commit();
+      // Each accumulator's gradient row is 8 jn + 2 q + (i & 1): its activation scale, times W's.
+      float2 f[16];
+      const float* sa = Sa + s * kBM + 2 * q;
+#pragma unroll
+      for (int jn = 0; jn < 16; ++jn) f[jn] = *reinterpret_cast<const float2*>(sa + 8 * jn);
+      gemm::wgmma_wait<0>();
+      gemm::fence_acc(dt);
+      gemm::fence_regs(a);
+      gemm::mbar_arrive(&empty[s]);  // this thread is done with stage s
+#pragma unroll
+      for (int jn = 0; jn < 16; ++jn) {
+        const float f0 = f[jn].x * w, f1 = f[jn].y * w;
+        acc[4 * jn + 0] = fmaf(dt[4 * jn + 0], f0, acc[4 * jn + 0]);
+        acc[4 * jn + 1] = fmaf(dt[4 * jn + 1], f1, acc[4 * jn + 1]);
+        acc[4 * jn + 2] = fmaf(dt[4 * jn + 2], f0, acc[4 * jn + 2]);
+        acc[4 * jn + 3] = fmaf(dt[4 * jn + 3], f1, acc[4 * jn + 3]);
+      }
+      if (++s == kStages) s = 0, phase ^= 1;
+    }
+    // Every tile was consumed, so every copy has landed; once both consumer warpgroups' MMAs are
+    // done the pipeline buffers are free. acc[4 jn + 2 h + b] is output column 64 cw + 16 warp +
+    // 2 g + h of gradient row 8 jn + 2 q + b.
+    gemm::consumer_sync();
+    float* st = reinterpret_cast<float*>(smem);
+    const int col = 64 * cw + 16 * warp + 2 * (lane / 4);
+#pragma unroll
+    for (int jn = 0; jn < 16; ++jn)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) st[(8 * jn + 2 * q + b) * kStageLd + col + h] = acc[4 * jn + 2 * h + b];
+    gemm::consumer_sync();
+    gemm::finish_tile<256, kBM, kBN, kStageLd>(p, rt, maps, st, ct);
+  }
+#else
+  (void)args;
+  __trap();
+#endif
+}
+
 void launch(DgradArgs& args, cudaStream_t stream) {
   const dim3 grid = gemm::grouped_grid(args.p, kBM, (int64_t{args.p.N} + kBN - 1) / kBN);
   gemm::set_smem_limit(dgrad_kernel, kSmemBytes);
   dgrad_kernel<<<grid, kThreads, kSmemBytes, stream>>>(args);
   FP8MOE_CUDA_LAUNCH_CHECK("w8a8 dgrad_kernel");
+}
+
+void launch_regw(DgradArgs& args, cudaStream_t stream) {
+  const dim3 grid = gemm::grouped_grid(args.p, regw::kBM, (int64_t{args.p.N} + regw::kBN - 1) / regw::kBN);
+  gemm::set_smem_limit(dgrad_regw_kernel, regw::kSmemBytes);
+  dgrad_regw_kernel<<<grid, regw::kThreads, regw::kSmemBytes, stream>>>(args);
+  FP8MOE_CUDA_LAUNCH_CHECK("w8a8 dgrad_regw_kernel");
 }
 
 }  // namespace
@@ -279,10 +496,12 @@ std::string dgrad_fits(const GroupedGemm& g) {
   return "";
 }
 
-void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
+void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, Dgrad kernel) {
   FP8MOE_CHECK(gemm::sm90_kernels_available(), "W8A8 FP8 dgrad: needs an sm_90 GPU and a library built for sm_90a");
   const std::string why = dgrad_fits(g);
   FP8MOE_CHECK(why.empty(), "W8A8 FP8 dgrad cannot take this problem: ", why);
+  FP8MOE_CHECK(kernel != Dgrad::Bf16, "W8A8 FP8 dgrad: asked for the BF16 one (the W8A16 kernels run that)");
+  const auto run = [&](DgradArgs& args) { kernel == Dgrad::Fp8RegW ? launch_regw(args, stream) : launch(args, stream); };
   Params p = gemm::checked_params(g, kBK);  // every operand checked as grouped_gemm checks it
   const RoutingPlan& plan = *g.plan;
   const int64_t M = plan.rows(), E = plan.experts, K = p.K, N = p.N;
@@ -303,7 +522,7 @@ void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
 
   if (!g.lora_a.defined()) {  // 2. the product and the whole epilogue in one kernel
     args.p = p;
-    launch(args, stream);
+    run(args);
     quantize_out(g, stream);
     return;
   }
@@ -326,7 +545,7 @@ void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
     pg.out = d_tmp;
   }
   args.p = gemm::checked_params(pg, kBK);
-  launch(args, stream);
+  run(args);
   lora_addend_gemm(g, pg.out, TensorView(), stream);
   quantize_out(g, stream);
 }

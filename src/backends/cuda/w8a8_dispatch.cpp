@@ -124,7 +124,8 @@ int epilogue_rows_per_block(int64_t rows, int64_t items_per_row, int threads) {
 Dgrad parse_dgrad_env(const char* v) {
   if (v == nullptr || *v == '\0' || std::strcmp(v, "bf16") == 0) return Dgrad::Bf16;
   if (std::strcmp(v, "fp8") == 0) return Dgrad::Fp8;
-  FP8MOE_FAIL("FP8MOE_W8A8_DGRAD='", v, "' is not one of: fp8, bf16 (unset: bf16, the precise one)");
+  if (std::strcmp(v, "fp8-regw") == 0) return Dgrad::Fp8RegW;
+  FP8MOE_FAIL("FP8MOE_W8A8_DGRAD='", v, "' is not one of: fp8, fp8-regw, bf16 (unset: bf16, the precise one)");
 }
 
 namespace {
@@ -139,13 +140,15 @@ void set_dgrad_setting(Dgrad d) { dgrad_state().store(d, std::memory_order_relax
 
 bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting) {
   // Only a transposed FP8 GEMM under W8A8 with the FP8 dgrad asked for; the others are no question.
-  if (precision != GemmPrecision::W8A8 || setting != Dgrad::Fp8 || !g.transpose_b || !is_fp8(g.b.data.dtype)) return false;
+  if (precision != GemmPrecision::W8A8 || setting == Dgrad::Bf16 || !g.transpose_b || !is_fp8(g.b.data.dtype)) return false;
   const std::string why = gemm::sm90_kernels_available() ? dgrad_fits(g) : "the FP8 dgrad needs an sm_90 GPU and sm_90a code";
   // Asked for and declined: said once per distinct problem, as choose() does for the forward.
   gemm::log_choice_once(
       [&] {
         return "grouped_gemm (" + problem_key(g) + ") -> " +
-               (why.empty() ? std::string("W8A8 FP8 dgrad (wgmma on transposed tiles, 1x128 gradient scales)")
+               (why.empty() ? std::string(setting == Dgrad::Fp8RegW
+                                              ? "W8A8 FP8 dgrad (W from registers, 1x128 gradient scales)"
+                                              : "W8A8 FP8 dgrad (wgmma on transposed tiles, 1x128 gradient scales)")
                             : "W8A16 (FP8 dgrad declined: " + why + ")");
       },
       /*always=*/!why.empty());

@@ -355,7 +355,7 @@ const LayerCase kW8a8Cases[] = {
 INSTANTIATE_TEST_SUITE_P(Cases, CudaLayerW8a8, ::testing::ValuesIn(kW8a8Cases),
                          [](const ::testing::TestParamInfo<LayerCase>& i) { return i.param.name; });
 
-// W8A8 with the FP8 dgrad (w8a8.cuh: Dgrad::Fp8): the input-gradient GEMMs also quantize their
+// W8A8 with either FP8 dgrad kernel (w8a8.cuh: Dgrad::Fp8, Fp8RegW): the input-gradient GEMMs also quantize their
 // input, the output gradient and dL/dH1 (E4M3, ~2.5e-2 each), on top of the forward's roundings that
 // the saved activations carry. The float model of the forward alone gives 4.4e-2; the bound is
 // looser than W8A8's by the two extra roundings, and the errors are printed for the record.
@@ -369,8 +369,11 @@ TEST_P(CudaLayerW8a8Fp8Dgrad, ForwardBackwardMatchCpu) {
     cuda::w8a8::Dgrad was = cuda::w8a8::dgrad_setting();
     ~Restore() { cuda::w8a8::set_dgrad_setting(was); }
   } restore;
-  cuda::w8a8::set_dgrad_setting(cuda::w8a8::Dgrad::Fp8);
-  match_cpu(GetParam(), GemmPrecision::W8A8, kW8a8Fp8DgradTolerance);
+  for (const cuda::w8a8::Dgrad kernel : {cuda::w8a8::Dgrad::Fp8, cuda::w8a8::Dgrad::Fp8RegW}) {
+    SCOPED_TRACE(kernel == cuda::w8a8::Dgrad::Fp8 ? "FP8 dgrad on transposed tiles" : "FP8 dgrad with W from registers");
+    cuda::w8a8::set_dgrad_setting(kernel);
+    match_cpu(GetParam(), GemmPrecision::W8A8, kW8a8Fp8DgradTolerance);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaLayerW8a8Fp8Dgrad, ::testing::ValuesIn(kW8a8Cases),

@@ -1,6 +1,7 @@
 // The W8A8 FP8 dgrad (src/backends/cuda/w8a8_dgrad.cu): the backward's input-gradient GEMMs on FP8
 // tensor cores, W read transposed, against the CPU backend (fp64), fresh random inputs, outputs
-// poisoned with NaN.
+// poisoned with NaN. Each case runs both kernels: Fp8 (transposed tiles) and Fp8RegW (W from
+// registers).
 //
 // Two references, as test_w8a8.cpp's:
 //   kernel    the CPU GEMM on the *same quantized gradient* (the host's quantize_activations of
@@ -148,52 +149,58 @@ TEST_P(W8a8Dgrad, MatchesCpu) {
   const Tensor wd = gpu->upload(h.w.data), ws = gpu->upload(h.w.scale), x = gpu->upload(h.x);
   const auto up = [&](const Tensor& t) { return t.defined() ? gpu->upload(t) : Tensor(); };
   const Tensor rs = up(h.rs), bias = up(h.bias), aux = up(h.aux), la = up(h.la), lb = up(h.lb);
-  const int64_t cols = glu ? 2 * c.N : c.N;
-  const Tensor out = poisoned(*gpu, c.out_dtype, {M, cols});
-  const Tensor out_codes = poisoned(*gpu, DType::F8_E4M3, {M, cols});
-  const Tensor out_scales = poisoned(*gpu, DType::F32, {M, (cols + 127) / 128});
-  GroupedGemm g;
-  g.plan = &gplan;
-  g.a = {x, c.src};
-  g.b = {wd, ws, h.w.spec};
-  g.transpose_b = true;
-  if (c.rank > 0) {
-    g.lora_a = {la, c.src};
-    g.lora_b = lb;
-    g.lora_scale = 0.75;
-  }
-  g.row_scale = rs;
-  g.bias = bias;
-  g.epilogue = c.epi;
-  g.act = {c.act, c.layout};
-  g.aux = aux;
-  g.out = out;
-  g.out_fp8 = {out_codes, out_scales};
-  ASSERT_EQ(cuda::w8a8::dgrad_fits(g), "");
-  EXPECT_TRUE(cuda::w8a8::choose_dgrad(g, GemmPrecision::W8A8, cuda::w8a8::Dgrad::Fp8));
-  EXPECT_FALSE(cuda::w8a8::choose_dgrad(g, GemmPrecision::W8A8, cuda::w8a8::Dgrad::Bf16)) << "bf16: the W8A16 kernels";
-  EXPECT_FALSE(cuda::w8a8::choose_dgrad(g, GemmPrecision::W8A16, cuda::w8a8::Dgrad::Fp8)) << "only under W8A8";
-  cuda::w8a8::dgrad(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()));
-  gpu->synchronize();
-  if (M == 0) return;
-
-  const Tensor got = to_host(*gpu, out);
   // The kernel's question: the same quantized gradient; per-channel scales are in it, so W's codes
   // enter bare (unit scales).
-  const Tensor aq = quantized_rows(c, h, cplan);
-  QuantTensor w_kernel = h.w.view();
-  Tensor ones;
-  if (c.scale == ScaleKind::Channel) {
-    ones = Tensor(DType::F32, h.w.scale.shape());
-    for (int64_t i = 0; i < ones.numel(); ++i) ones.ptr<float>()[i] = 1.0f;
-    w_kernel.scale = ones;
+  Tensor kern, exact, ones;
+  if (M > 0) {
+    const Tensor aq = quantized_rows(c, h, cplan);
+    QuantTensor w_kernel = h.w.view();
+    if (c.scale == ScaleKind::Channel) {
+      ones = Tensor(DType::F32, h.w.scale.shape());
+      for (int64_t i = 0; i < ones.numel(); ++i) ones.ptr<float>()[i] = 1.0f;
+      w_kernel.scale = ones;
+    }
+    kern = cpu_dgrad(*cpu, c, h, cplan, {aq, RowSource::Rows}, w_kernel);
+    exact = cpu_dgrad(*cpu, c, h, cplan, {h.x, c.src}, h.w.view());
   }
-  const Tensor kern = cpu_dgrad(*cpu, c, h, cplan, {aq, RowSource::Rows}, w_kernel);
-  const Tensor exact = cpu_dgrad(*cpu, c, h, cplan, {h.x, c.src}, h.w.view());
-  EXPECT_LT(rel_error(got, kern), 1e-2) << "out vs the quantized-gradient reference";
-  EXPECT_LT(rel_error(got, exact), 3e-2) << "out vs the exact reference";
 
-  test::expect_fp8_rows_of(got, *gpu, g.out_fp8, "out_fp8");
+  const int64_t cols = glu ? 2 * c.N : c.N;
+  // Both FP8 dgrad kernels (transposed tiles; W from registers), each on freshly poisoned outputs.
+  for (const cuda::w8a8::Dgrad kernel : {cuda::w8a8::Dgrad::Fp8, cuda::w8a8::Dgrad::Fp8RegW}) {
+    SCOPED_TRACE(kernel == cuda::w8a8::Dgrad::Fp8 ? "kernel fp8 (transposed tiles)" : "kernel fp8-regw (W from registers)");
+    const Tensor out = poisoned(*gpu, c.out_dtype, {M, cols});
+    const Tensor out_codes = poisoned(*gpu, DType::F8_E4M3, {M, cols});
+    const Tensor out_scales = poisoned(*gpu, DType::F32, {M, (cols + 127) / 128});
+    GroupedGemm g;
+    g.plan = &gplan;
+    g.a = {x, c.src};
+    g.b = {wd, ws, h.w.spec};
+    g.transpose_b = true;
+    if (c.rank > 0) {
+      g.lora_a = {la, c.src};
+      g.lora_b = lb;
+      g.lora_scale = 0.75;
+    }
+    g.row_scale = rs;
+    g.bias = bias;
+    g.epilogue = c.epi;
+    g.act = {c.act, c.layout};
+    g.aux = aux;
+    g.out = out;
+    g.out_fp8 = {out_codes, out_scales};
+    ASSERT_EQ(cuda::w8a8::dgrad_fits(g), "");
+    EXPECT_TRUE(cuda::w8a8::choose_dgrad(g, GemmPrecision::W8A8, kernel));
+    EXPECT_FALSE(cuda::w8a8::choose_dgrad(g, GemmPrecision::W8A8, cuda::w8a8::Dgrad::Bf16)) << "bf16: the W8A16 kernels";
+    EXPECT_FALSE(cuda::w8a8::choose_dgrad(g, GemmPrecision::W8A16, kernel)) << "only under W8A8";
+    cuda::w8a8::dgrad(g, gpu->allocator(), static_cast<cudaStream_t>(gpu->stream()), kernel);
+    gpu->synchronize();
+    if (M == 0) continue;
+
+    const Tensor got = to_host(*gpu, out);
+    EXPECT_LT(rel_error(got, kern), 1e-2) << "out vs the quantized-gradient reference";
+    EXPECT_LT(rel_error(got, exact), 3e-2) << "out vs the exact reference";
+    test::expect_fp8_rows_of(got, *gpu, g.out_fp8, "out_fp8");
+  }
 }
 
 const DgradCase kCases[] = {
@@ -289,6 +296,7 @@ TEST(GemmDispatch, W8a8DgradFitsAndSetting) {
   EXPECT_EQ(cuda::w8a8::parse_dgrad_env(""), cuda::w8a8::Dgrad::Bf16);
   EXPECT_EQ(cuda::w8a8::parse_dgrad_env("bf16"), cuda::w8a8::Dgrad::Bf16);
   EXPECT_EQ(cuda::w8a8::parse_dgrad_env("fp8"), cuda::w8a8::Dgrad::Fp8);
+  EXPECT_EQ(cuda::w8a8::parse_dgrad_env("fp8-regw"), cuda::w8a8::Dgrad::Fp8RegW);
   try {
     cuda::w8a8::parse_dgrad_env("FP8 ");
     ADD_FAILURE() << "expected an error for a bad FP8MOE_W8A8_DGRAD";
