@@ -119,6 +119,15 @@ struct DgradArgs {
   bool w_scaled = true;  // W's block scales apply; false: unit (per-channel scales folded into A)
 };
 
+// The W scale of each K tile for this CTA's columns (1 where the scales were folded into A),
+// into shared memory before the K loop: the lookup divides. kBK-wide K tiles (both kernels').
+template <int kThreads>
+__device__ __forceinline__ void stage_w_scales(const DgradArgs& args, int e, int n0, int nkt, float* w_scale) {
+  const Params& p = args.p;
+  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
+  for (int t = threadIdx.x; t < nkt; t += kThreads) w_scale[t] = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
+}
+
 __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args) {
 #if FP8MOE_SM90A
   const Params& p = args.p;
@@ -135,8 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
   const int e = rt.expert, tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = tid / 128;
   gemm::build_tile_maps<kThreads, kBM, kBN, true>(p, rt, kBK, maps);  // row scales and columns for the epilogue
   const int K = p.K, N = p.N, nkt = (K + kBK - 1) / kBK, n0 = rt.col_tile * kBN;
-  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
-  for (int t = tid; t < nkt; t += kThreads) w_scale[t] = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
+  stage_w_scales<kThreads>(args, e, n0, nkt, w_scale);
   __syncthreads();
 
   // A: four 16-byte chunks per thread, 8 per 128-byte row; rows past the tile's are zero-filled.
@@ -294,18 +302,19 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
 namespace regw {
 constexpr int kBM = 128, kBN = 128, kBK = 128;  // gradient rows (N), output columns (M), K per tile
 constexpr int kThreads = 384;                   // producer warpgroup + 2 consumer warpgroups
-constexpr int kStages = 6, kLag = kStages - 2;
+constexpr int kStages = 6;  // the producer runs kStages - 2 tiles ahead of its own arrivals
 constexpr int kATile = kBM * kBK, kWTile = kBK * kBN, kScaleBytes = kBM * 4;
 constexpr int kStageLd = kBN + 4;  // staged epilogue: the transposed writes conflict-free
 constexpr int kSmemBytes = kStages * (kATile + kWTile + kScaleBytes) + 1024;
 static_assert(kBM * kStageLd * 4 + 1024 <= kSmemBytes, "the staged epilogue tile must fit the pipeline buffers");
 }  // namespace regw
+static_assert(regw::kBK == kBK && regw::kBN == kBN, "dgrad_fits and stage_w_scales: one W scale per 128 x 128 tile");
 
 __global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const DgradArgs args) {
 #if FP8MOE_SM90A
   // This kernel's tile (regw), in the names the other kernel's constants have in this file.
   constexpr int kBM = regw::kBM, kBN = regw::kBN, kBK = regw::kBK, kThreads = regw::kThreads,
-                kStages = regw::kStages, kLag = regw::kLag, kATile = regw::kATile, kWTile = regw::kWTile,
+                kStages = regw::kStages, kLag = kStages - 2, kATile = regw::kATile, kWTile = regw::kWTile,
                 kStageLd = regw::kStageLd;
   const Params& p = args.p;
   extern __shared__ uint8_t smem_raw[];
@@ -322,8 +331,7 @@ __global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const Dgr
   const int e = rt.expert, tid = threadIdx.x;
   gemm::build_tile_maps<kThreads, kBM, kBN, true>(p, rt, kBK, maps);
   const int K = p.K, N = p.N, nkt = (K + kBK - 1) / kBK, n0 = rt.col_tile * kBN;
-  const float* sw = args.w_scaled ? p.b.scale + e * p.b.scale_stride + p.b.spec.col_index(n0) : nullptr;
-  for (int t = tid; t < nkt; t += kThreads) w_scale[t] = sw ? __ldg(sw + p.b.spec.row_index(int64_t{t} * kBK)) : 1.0f;
+  stage_w_scales<kThreads>(args, e, n0, nkt, w_scale);
   if (tid < kBM && tid >= rt.rows)  // rows past the tile's: scale 0 in every stage (their codes are 0)
     for (int s = 0; s < kStages; ++s) Sa[s * kBM + tid] = 0.0f;
   if (tid == 0) {
