@@ -138,6 +138,23 @@ bool choose_dgrad(const GroupedGemm& g, GemmPrecision precision, Dgrad setting =
 // Runs `g` on an FP8 dgrad kernel (dgrad_fits(g) must be empty; checked). g.out_fp8 is written by a pass.
 void dgrad(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, Dgrad kernel = dgrad_setting());
 
+// The register-W kernel's addressing, shared with a host test of its fragment algebra.
+namespace regw_layout {
+// Byte offset of 16-byte unit u of stored K row r in the W tile (128-byte rows): u ^ f(r), f
+// injective on each 8-row set one ldmatrix matrix reads ({0,1,4,5,8,9,12,13}, {2,3,6,7,10,11,14,15},
+// plus multiples of 16), so every ldmatrix is conflict-free.
+__host__ __device__ constexpr int w_unit(int r, int u) { return r * 128 + ((u ^ ((r & 1) | ((r >> 1) & 6))) << 4); }
+// The K row of a k32 step whose 16 bytes lane `lane` addresses in ldmatrix.x4.trans: row j = lane % 8
+// of matrix lane / 8, so that thread (g, q) receives K rows 4q, 4q+1 (matrix 0), 4q+2, 4q+3 (1), and
+// the same + 16 (2, 3), each at columns 2g, 2g + 1.
+__host__ __device__ constexpr int ldsm_row(int lane) {
+  return 16 * (lane / 16) + 4 * (lane % 8 / 2) + lane % 2 + 2 * (lane / 8 % 2);
+}
+// Byte permutes making a register's four K bytes of column 2g (kLow) or 2g + 1 (kHigh) from the
+// matrices holding K rows 4q, 4q+1 and 4q+2, 4q+3.
+constexpr uint32_t kLow = 0x6420, kHigh = 0x7531;
+}  // namespace regw_layout
+
 // ---- the phases, exposed for tests and benchmarks
 
 // codes [M, K] F8_E4M3, scales [M, ceil(K/128)] F32 from `a` (BF16 or F32) read through `plan`.

@@ -72,11 +72,6 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float* d, const uint32_
 #endif
 }
 
-// Byte offset of 16-byte unit u of stored K row r in the register-W kernel's W tile (128-byte
-// rows): u ^ f(r), f injective on each 8-row set one ldmatrix matrix reads ({0,1,4,5,8,9,12,13}
-// and {2,3,6,7,10,11,14,15}, plus multiples of 16), so every ldmatrix is conflict-free.
-__device__ __forceinline__ int regw_unit(int r, int u) { return r * 128 + ((u ^ ((r & 1) | ((r >> 1) & 6))) << 4); }
-
 // The columns c[j] of an 8 x 8 byte block from its rows r[i] (both as two little-endian words:
 // .x bytes 0-3, .y bytes 4-7): four 4 x 4 transposes of 8 byte permutes each.
 __device__ __forceinline__ void transpose8x8(const uint2 (&r)[8], uint2 (&c)[8]) {
@@ -288,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
 // its B (N = gradient rows): no transposed tile, no transposing threads. As in the register-A
 // W8A16 kernel (gemm_kernel_sm90_rega.cuh), whose pipeline this follows:
 //   warps     warpgroup 0 copies (cp.async) the gradient's codes into the 128-byte-swizzled tile,
-//             W's bytes as stored into regw_unit's layout and the tile's 128 activation scales;
+//             W's bytes as stored into regw_layout::w_unit's layout and the tile's 128 activation scales;
 //             warpgroups 1-2 consume, each owning 64 output columns; full / empty mbarriers.
 //   W frag    thread (g, q) of a warp needs, per k32 step, K rows 4q .. 4q+3 (and + 16) of two
 //             output columns. One ldmatrix.x4.trans, its lanes addressing K rows {0,1,4,5,8,9,12,13}
@@ -320,7 +315,7 @@ __global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const Dgr
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (gemm::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* As = smem;                                          // [kStages][128 rows][128 K], swizzled
-  uint8_t* Ws = As + kStages * kATile;                         // [kStages][128 K rows][128 columns], regw_unit
+  uint8_t* Ws = As + kStages * kATile;                         // [kStages][128 K rows][128 columns], w_unit
   float* Sa = reinterpret_cast<float*>(Ws + kStages * kWTile);  // [kStages][128 rows]
   __shared__ gemm::TileMaps<kBM, kBN> maps;
   __shared__ float w_scale[kMaxKTiles];
@@ -355,7 +350,7 @@ __global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const Dgr
     for (int i = 0; i < 8; ++i) a_rows |= uint32_t{row + 16 * i < rt.rows} << i;
     const bool w_col = n0 + 16 * u < N;  // N % 16 == 0 (dgrad_fits): a chunk is whole or outside
     const uint8_t* w_src = static_cast<const uint8_t*>(p.b.ptr) + e * p.b.expert_stride + int64_t{row} * N + n0 + 16 * u;
-    const int w_dst = regw_unit(row, u);
+    const int w_dst = regw_layout::w_unit(row, u);
     const float* sa_src = args.sa + (int64_t{rt.row0} + tid) * args.groups;
     const bool sa_row = tid < rt.rows;
     int s = 0;
@@ -394,9 +389,7 @@ __global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const Dgr
     // ---- consumers: warpgroup cw owns output columns 64 cw .. 64 cw + 63 of the tile; warp w of
     // it the 16 of W's 16-byte unit 4 cw + w.
     const int ct = tid - 128, cw = ct / 128, warp = (ct / 32) % 4, lane = ct % 32, q = lane % 4;
-    const int mi = lane / 8, j = lane % 8;  // this lane addresses row j of ldmatrix matrix mi
-    const int krow = 16 * (mi / 2) + 4 * (j / 2) + j % 2 + 2 * (mi % 2);
-    const int ld_off = regw_unit(krow, 4 * cw + warp);  // + 32 rows per k32 step: same unit order
+    const int ld_off = regw_layout::w_unit(regw_layout::ldsm_row(lane), 4 * cw + warp);  // + 32 rows per k32 step
     const uint64_t desc0 = gemm::smem_desc(As);
     const uint32_t d_lo = static_cast<uint32_t>(desc0), d_hi = static_cast<uint32_t>(desc0 >> 32);
     float acc[64], dt[64];
@@ -413,10 +406,10 @@ __global__ void __launch_bounds__(regw::kThreads, 1) dgrad_regw_kernel(const Dgr
       for (int kk = 0; kk < kBK / 32; ++kk) {
         uint32_t v[4];  // K rows 4q, 4q+1 | 4q+2, 4q+3 | + 16, at columns 2g, 2g+1 (byte pairs)
         gemm::ldmatrix_x4_trans(v, wt + kk * 32 * 128);
-        a[4 * kk + 0] = __byte_perm(v[0], v[1], 0x6420);  // column 2g, K 4q .. 4q+3
-        a[4 * kk + 1] = __byte_perm(v[0], v[1], 0x7531);  // column 2g + 1
-        a[4 * kk + 2] = __byte_perm(v[2], v[3], 0x6420);  // column 2g, K 16 + 4q ..
-        a[4 * kk + 3] = __byte_perm(v[2], v[3], 0x7531);
+        a[4 * kk + 0] = __byte_perm(v[0], v[1], regw_layout::kLow);   // column 2g, K 4q .. 4q+3
+        a[4 * kk + 1] = __byte_perm(v[0], v[1], regw_layout::kHigh);  // column 2g + 1
+        a[4 * kk + 2] = __byte_perm(v[2], v[3], regw_layout::kLow);   // column 2g, K 16 + 4q ..
+        a[4 * kk + 3] = __byte_perm(v[2], v[3], regw_layout::kHigh);
       }
       gemm::wgmma_fence();
       const uint32_t b = d_lo + s * (kATile >> 4);

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "backends/cuda/cuda_test_util.hpp"
 #include "backends/cuda/w8a8_test_util.hpp"
@@ -231,6 +232,60 @@ const DgradCase kCases[] = {
 
 INSTANTIATE_TEST_SUITE_P(Cases, W8a8Dgrad, ::testing::ValuesIn(kCases),
                          [](const ::testing::TestParamInfo<DgradCase>& i) { return i.param.name; });
+
+// The register-W kernel's fragment algebra, on the host (CI runs GemmDispatch.*): W's tile laid out
+// by w_unit, read by an emulated ldmatrix.x4.trans at the lanes' ldsm_row addresses and combined by
+// emulated byte permutes, must give every warp's wgmma A fragment (rows g and g + 8 of the warp's 16,
+// as output columns 2g and 2g + 1 of its 16-byte unit; k 4q .. 4q+3 and 16 + 4q ..), and each
+// ldmatrix matrix's 8 rows must fall on distinct 16-byte bank groups.
+TEST(GemmDispatch, W8a8DgradRegWFragments) {
+  namespace L = cuda::w8a8::regw_layout;
+  std::mt19937_64 rng(fresh_seed());
+  uint8_t w[128][128];  // [K row][column] of a tile
+  for (auto& row : w)
+    for (auto& b : row) b = static_cast<uint8_t>(rng());
+  std::vector<uint8_t> smem(128 * 128);
+  for (int r = 0; r < 128; ++r)
+    for (int u = 0; u < 8; ++u)
+      for (int i = 0; i < 16; ++i) smem[L::w_unit(r, u) + i] = w[r][16 * u + i];
+  auto byte_perm = [](uint32_t x, uint32_t y, uint32_t sel) {
+    const uint64_t xy = uint64_t{y} << 32 | x;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) r |= uint32_t((xy >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+  };
+  int mismatches = 0, conflicts = 0;
+  for (int unit = 0; unit < 8; ++unit)  // warp w of consumer warpgroup cw: unit 4 cw + w
+    for (int kk = 0; kk < 4; ++kk) {
+      int addr[32];
+      for (int lane = 0; lane < 32; ++lane) addr[lane] = L::w_unit(L::ldsm_row(lane), unit) + kk * 32 * 128;
+      for (int m = 0; m < 4; ++m) {
+        unsigned groups = 0;
+        for (int j = 0; j < 8; ++j) {
+          const unsigned bit = 1u << (addr[8 * m + j] % 128 / 16);
+          conflicts += (groups & bit) != 0;
+          groups |= bit;
+        }
+      }
+      for (int t = 0; t < 32; ++t) {
+        const int g = t / 4, q = t % 4;
+        uint32_t v[4];  // ldmatrix.trans: thread t gets b16 column g of matrix rows 2q, 2q + 1
+        for (int m = 0; m < 4; ++m) {
+          auto elem = [&](int row) { return uint32_t{smem[addr[8 * m + row] + 2 * g]} | uint32_t{smem[addr[8 * m + row] + 2 * g + 1]} << 8; };
+          v[m] = elem(2 * q) | elem(2 * q + 1) << 16;
+        }
+        const uint32_t a[4] = {byte_perm(v[0], v[1], L::kLow), byte_perm(v[0], v[1], L::kHigh),
+                               byte_perm(v[2], v[3], L::kLow), byte_perm(v[2], v[3], L::kHigh)};
+        for (int reg = 0; reg < 4; ++reg)
+          for (int i = 0; i < 4; ++i) {  // reg: row g (even) or g + 8 (odd), k 4q + i (+ 16 for reg >= 2)
+            const int col = 16 * unit + 2 * g + (reg & 1), k = 32 * kk + 16 * (reg / 2) + 4 * q + i;
+            mismatches += static_cast<uint8_t>(a[reg] >> (8 * i)) != w[k][col];
+          }
+      }
+    }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_EQ(conflicts, 0);
+}
 
 // The conditions and the setting, on the host (CI runs GemmDispatch.*). Views carry fake, 16-byte
 // aligned device pointers; nothing is read through them.
