@@ -255,8 +255,10 @@ class CudaBackend final : public Backend {
   bool takes_fp8_rows(const GroupedGemm& gg) const override { return cuda::w8a8::choose(gg, precision_); }
   void grouped_gemm(const GroupedGemm& gg) override {
     DeviceGuard g(device_);
-    if (cuda::w8a8::choose_dgrad(gg, precision_)) {  // FP8MOE_W8A8_DGRAD=fp8 under W8A8
-      cuda::w8a8::dgrad(gg, allocator(), stream_);
+    // FP8MOE_W8A8_DGRAD=fp8 or fp8-regw under W8A8: the setting read once, so that the choice and
+    // the kernel that runs agree even if another thread changes it meanwhile.
+    if (const cuda::w8a8::Dgrad dgrad = cuda::w8a8::dgrad_setting(); cuda::w8a8::choose_dgrad(gg, precision_, dgrad)) {
+      cuda::w8a8::dgrad(gg, allocator(), stream_, dgrad);
       return;
     }
     if (cuda::w8a8::choose(gg, precision_)) {
