@@ -183,9 +183,58 @@ def host_profile(p) -> dict:
             "top_self_cpu": [(a.key[:60], a.count, a.self_cpu_time_total / 1e3) for a in avg]}
 
 
+def live_at_peak(trace: list, top: int = 12) -> tuple[int, list]:
+    """Replays an allocator trace (torch.cuda.memory._snapshot()'s device_traces entry) to its
+    highest point: the bytes then live, and those blocks grouped by the innermost frame in fp8moe,
+    transformers, PEFT or this script (else the innermost frame), largest first, as
+    (where, bytes, blocks)."""
+    live: dict[int, tuple[int, list]] = {}
+    peak_live: dict[int, tuple[int, list]] = {}
+    cur = peak = 0
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], ev.get("frames") or [])
+            cur += ev["size"]
+            if cur > peak:
+                peak, peak_live = cur, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])[0]
+
+    def where(frames: list) -> str:
+        for f in frames:
+            name = f.get("filename", "")
+            if any(k in name for k in ("fp8moe", "transformers", "peft", "model_bench")):
+                return f"{os.path.basename(name)}:{f.get('line')} {f.get('name')}"
+        return f"{os.path.basename(frames[0].get('filename', '?'))}:{frames[0].get('line')}" if frames else "?"
+
+    groups: dict[str, list] = {}
+    for size, frames in peak_live.values():
+        g = groups.setdefault(where(frames), [0, 0])
+        g[0] += size
+        g[1] += 1
+    return peak, [(k, v[0], v[1]) for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]]
+
+
+def memory_at_peak(step, device) -> dict:
+    """What is live at the peak of one step (live_at_peak over torch's allocator history of the
+    step). Blocks allocated before the step (weights, adapters, optimizer state) are the baseline."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+    try:
+        step()
+        torch.cuda.synchronize(device)
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, top = live_at_peak(snap["device_traces"][device.index or 0])
+    return {"baseline_gib": base / 2**30, "step_peak_gib": peak / 2**30,
+            "top": [(k, b / 2**30, n) for k, b, n in top]}
+
+
 def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
             compile_layers: bool = False, compile_mode: Optional[str] = None, step_in_backward: bool = False,
-            cuda_graph: bool = False) -> dict:
+            cuda_graph: bool = False, memory: bool = False) -> dict:
     import peft
     from fp8moe.graphs import CudaGraphStep
     from fp8moe.optim import StepAfterBackward, StepInBackward
@@ -247,6 +296,9 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    if memory and device.type == "cuda" and graphed is None:  # a replayed graph allocates nothing
+        out["memory"] = memory_at_peak(step, device)
+        print(json.dumps(out["memory"], indent=1), flush=True)
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -303,6 +355,9 @@ def main() -> int:
                         "replay it (fp8moe.graphs.CudaGraphStep; the peer too, a failure to capture is reported)")
     p.add_argument("--profile", action="store_true",
                    help="profile one step of every fp8moe configuration run (default: (b) in eager runs only)")
+    p.add_argument("--memory", action="store_true",
+                   help="after the timed steps, what is live at one eager step's peak (torch's allocator "
+                        "history), grouped by where it was allocated; printed and in the JSON")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
     p.add_argument("--out", default="out", help="folder for model_bench*.json and model_bench*.md (suffix: the variant)")
     p.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
@@ -359,7 +414,7 @@ def main() -> int:
                                   profile=impl == "fp8moe" and (a.profile or (k == "b" and not a.compile)),
                                   compile_layers=a.compile, compile_mode=a.compile_mode,
                                   step_in_backward=a.step_in_backward and impl == "fp8moe",
-                                  cuda_graph=a.cuda_graph)
+                                  cuda_graph=a.cuda_graph, memory=a.memory and impl == "fp8moe")
                 except Exception as e:  # a side that fails is a result too (say, the peer under torch.compile)
                     failed = k
                     res = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}

@@ -105,3 +105,23 @@ def test_gpu_work_drops_label_spans():
               ev("Optimizer.step#AdamW.step", cuda, True, 500), ev("gemm_kernel", cuda, False, 300),
               ev("gemm_kernel", cuda, False, 200), ev("aten::mm", cpu, False, 50)]
     assert model_bench.gpu_work(NS(events=lambda: events)) == {"gemm_kernel": 0.5}
+
+
+def test_live_at_peak_replays_a_trace_to_its_highest_point():
+    """The memory breakdown counts the blocks live at the trace's peak, not at its end, and groups
+    them by the innermost frame of the project's code."""
+    fp8 = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+           {"filename": "/src/python/fp8moe/ops.py", "line": 42, "name": "moe_forward"}]
+    hf = [{"filename": "/y/transformers/models/qwen3_moe/modeling.py", "line": 7, "name": "forward"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": fp8},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": hf},
+        {"action": "free_requested", "addr": 1, "size": 100},  # not yet free: the stream may use it
+        {"action": "alloc", "addr": 3, "size": 30, "frames": fp8},  # the peak: 180
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 3, "size": 30},
+        {"action": "alloc", "addr": 4, "size": 120, "frames": []},  # 170: below the peak
+    ]
+    peak, top = model_bench.live_at_peak(trace)
+    assert peak == 180
+    assert top == [("ops.py:42 moe_forward", 130, 2), ("modeling.py:7 forward", 50, 1)]
