@@ -263,6 +263,13 @@ int main() {
     problems.push_back({"dense lora_u K" + std::to_string(K), 2048, 1, 1, 16, K, false, false, false, false, false, 1, true});
   problems.push_back({"dense lora_q K4096", 2048, 1, 1, 16, 4096, false, true, false, false, false, 1, true});
   problems.push_back({"qwen3 lora_u T256", 256, 8, 128, 16, 2048, true, false, false, false, false, 1, true});
+  // The experts' four at T 2048 (the full-size step: ~128 rows per expert): U = Xp A^T (X by
+  // token), V = Act A_d^T, and the backward's Q = G B_d (G by token) and R = dH1 B_gu (B read
+  // transposed).
+  problems.push_back({"qwen3 lora_u T2048", 2048, 8, 128, 16, 2048, true, false, false, false, false, 1, true});
+  problems.push_back({"qwen3 lora_v T2048", 2048, 8, 128, 16, 768, false, false, false, false, false, 1, true});
+  problems.push_back({"qwen3 lora_q T2048", 2048, 8, 128, 16, 2048, true, true, false, false, false, 1, true});
+  problems.push_back({"qwen3 lora_r T2048", 2048, 8, 128, 16, 1536, false, true, false, false, false, 1, true});
   // The W8A8 path's LoRA GEMMs (K = r = 16, CUTLASS's product as the addend): its GEMM1 (GLU, aux
   // kept) and GEMM2, where the addend GEMM took 3.6 ms at 16384 Qwen3 tokens (bench/NOTES.md,
   // thirteenth session). LAB_ONLY=addend.
