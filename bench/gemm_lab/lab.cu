@@ -313,6 +313,11 @@ int main() {
           else
             cuda::grouped_gemm(b.g, nullptr, s);
         });
+    if (gp.plain_sum)  // the narrow tile with K split by hand: where gemm_k_splits' rule stands
+      for (int splits : {2, 4, 8})
+        report(("m128n32 /" + std::to_string(splits)).c_str(), [&] {
+          cuda::grouped_gemm(b.g, dev, nullptr, cuda::gemm::TileShape::M128N32, splits);
+        });
     report("chosen", [&] {
       if (pb.addend)
         cuda::grouped_gemm(b.g, b.addend, nullptr);

@@ -281,8 +281,15 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
   using namespace gemm;
   const GemmProblem gp = describe(g);  // describe checks plan and b
   const TileShape shape = choose_tile_shape(gp);
-  const int splits = choose_k_splits(gp, shape);
+  grouped_gemm(g, alloc, stream, shape, choose_k_splits(gp, shape));
+}
+
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, gemm::TileShape shape, int splits) {
+  using namespace gemm;
   if (splits == 1) return grouped_gemm(g, stream, shape);
+  FP8MOE_CHECK(splits > 1 && splits <= kMaxKSplits && shape == TileShape::M128N32 && describe(g).plain_sum,
+               "grouped_gemm: ", splits, " K splits need a plain sum on the ", tile_shape_name(TileShape::M128N32),
+               " shape and at most ", kMaxKSplits, ", found shape ", tile_shape_name(shape));
   const GemmDims d = check_gemm(g);
   Params p = gemm_params(g, d, shape);
   if (d.M == 0 || d.N == 0) return;

@@ -161,5 +161,8 @@ void log_choice_once(MakeLine&& make_line, bool always = false) {
 // run every shape; the result is the same up to fp32 summation order).
 void grouped_gemm(const GroupedGemm& g, cudaStream_t stream, gemm::TileShape shape);
 void grouped_gemm(const GroupedGemm& g, const GemmAddend& addend, cudaStream_t stream, gemm::TileShape shape);
+// ... and K split `splits` ways (> 1: F32 partials from `alloc`, summed in split order by a second
+// pass; only plain sums on the M128N32 shape, as gemm_k_splits allows).
+void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, gemm::TileShape shape, int splits);
 
 }  // namespace fp8moe::cuda
