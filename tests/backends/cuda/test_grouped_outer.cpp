@@ -108,10 +108,10 @@ TEST(GroupedOuter, LoraGradientShapes) {
   run_outer(f);
 }
 
-// The small-side kernel (min(N, Q) <= 32): a thread per column of the wide side, more than one
-// 256-column block of it and a partial last one, both narrow widths it instantiates (16, 32),
-// the narrow side on either operand, gathered rows on the wide side, one hot expert; 33 takes
-// the general kernel.
+// The small-side kernel (min(N, Q) <= 32): more than one column block of the wide side and a
+// partial last one, both narrow widths it instantiates (16, 32), the narrow side on either
+// operand, gathered rows on the wide side, one hot expert (its rows through many rounds of the
+// shared-memory stages); 33 takes the general kernel.
 TEST(GroupedOuter, NarrowSideKernel) {
   FP8MOE_REQUIRE_GPU();
   OuterCase b;  // dB-like: wide left (600), narrow right (24: the 32-wide instance)
@@ -128,6 +128,10 @@ TEST(GroupedOuter, NarrowSideKernel) {
   a.right_rows = RowSource::Tokens;
   a.routing = Routing::SomeEmpty;
   a.out_dtype = DType::BF16;
+  run_outer(a);
+  a.routing = Routing::Hot;  // one expert's 1000 rows: 16 chunks, many rounds of the stages
+  a.T = 1000, a.k = 1;
+  ASSERT_EQ(cuda::gemm::outer_row_splits(a.T, a.E, 5), 1);
   run_outer(a);
   for (int64_t narrow : {32, 33}) {  // the largest the kernel takes, and the first it does not
     OuterCase c;
