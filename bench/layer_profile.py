@@ -37,7 +37,7 @@ SECTION = "One MoE layer, kernel by kernel (layer_profile.py)"
 # The kernel families a layer's time is reported in (BENCHMARKS.md), by the kernel's short name.
 CATEGORIES = (("W8A16 GEMM", ("grouped_gemm",)), ("CUTLASS FP8 GEMM", ("cutlass", "_ZN7cutlass")),
               ("W8A8 quantize", ("quantize_rows",)), ("W8A8 epilogue", ("epilogue_kernel",)),
-              ("W8A8 FP8 dgrad", ("dgrad_kernel",)),
+              ("W8A8 FP8 dgrad", ("dgrad_kernel", "dgrad_regw_kernel")),
               ("LoRA outer", ("grouped_outer", "outer_split")), ("combine", ("combine",)), ("plan", ("plan_",)))
 
 SHAPES = {"qwen3": dict(E=128, k=8, H=2048, I=768, scheme="block"),

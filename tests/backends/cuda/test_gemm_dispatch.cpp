@@ -215,6 +215,10 @@ TEST(GemmDispatch, KSplits) {
   EXPECT_EQ(gemm_k_splits(p, TileShape::M64N128), 1);  // only the narrow tile splits
   p.rows = 32768, p.experts = 128;                     // experts at 256 rows each: 384 CTAs
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);
+  p.rows = 16384;  // 128 rows each (a 2048-token step of Qwen3): 256 CTAs, half of them short
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 2);
+  p.rows = 2048;  // 16 rows each: 144 CTAs
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 3);
   p.rows = 0;
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);
 }
