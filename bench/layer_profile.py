@@ -61,11 +61,18 @@ def category(short_name: str) -> str:
     return "other"
 
 
-def markdown(results: list[dict], device: str, command: str, date: str) -> str:
+def section_title(dgrad: bool, ranks: list[int]) -> str:
+    """The run's BENCHMARKS.md section: the plain one, or a variant of its own for W8A8's dgrad
+    options and for runs with LoRA on every layer, so that each kind of run keeps its table."""
+    variant = (["W8A8 dgrad options"] if dgrad else []) + (["LoRA r " + ",".join(map(str, ranks))] if ranks and all(ranks) else [])
+    return SECTION + (" - " + ", ".join(variant) if variant else "")
+
+
+def markdown(results: list[dict], device: str, command: str, date: str, title: str = SECTION) -> str:
     """BENCHMARKS.md's section: per (model, tokens, precision, LoRA rank), a row per phase (forward,
     backward) with its kernel time and its split by kernel family."""
     cats = [c for c, _ in CATEGORIES] + ["other"]
-    lines = [f"## {SECTION}", "",
+    lines = [f"## {title}", "",
              f"Card: **{device}**; {date}. Written by `bench/layer_profile.py` (`{command}`; "
              "`STEPS=layerprof scripts/gpu_check.sh` runs it). The experts module with random FP8 weights at the "
              "model's dimensions (qwen3: E 128, top-8, H 2048, I 768, 128x128 blocks; glm: E 64, top-4, H 2048, "
@@ -198,7 +205,8 @@ def main() -> int:
     if a.md:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         command = "bench/layer_profile.py " + " ".join(sys.argv[1:])
-        md_sections.replace_section(a.md, SECTION, markdown(results, name, command, date))
+        title = section_title(bool(a.dgrad), [int(r) for r in a.lora.split(",")])
+        md_sections.replace_section(a.md, title, markdown(results, name, command, date, title))
     return 0
 
 

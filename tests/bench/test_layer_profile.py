@@ -92,3 +92,11 @@ def test_dgrad_runs_one_child_per_setting_in_order(monkeypatch):
     cmd = calls[0][1]
     assert cmd[cmd.index("--precisions") + 1] == "w8a8" and cmd[cmd.index("--lora") + 1] == "0,16"
     assert "--dgrad" not in cmd and "--md" not in cmd
+
+
+def test_each_kind_of_run_has_its_own_section():
+    assert lp.section_title(False, [0]) == lp.SECTION
+    assert lp.section_title(False, [0, 16]) == lp.SECTION  # the plain table, with and without LoRA
+    assert lp.section_title(False, [16]) == lp.SECTION + " - LoRA r 16"
+    assert lp.section_title(True, [0]) == lp.SECTION + " - W8A8 dgrad options"
+    assert lp.section_title(True, [8, 16]) == lp.SECTION + " - W8A8 dgrad options, LoRA r 8,16"
