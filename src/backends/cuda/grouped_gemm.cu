@@ -287,9 +287,11 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream) {
 void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, gemm::TileShape shape, int splits) {
   using namespace gemm;
   if (splits == 1) return grouped_gemm(g, stream, shape);
-  FP8MOE_CHECK(splits > 1 && splits <= kMaxKSplits && shape == TileShape::M128N32 && describe(g).plain_sum,
-               "grouped_gemm: ", splits, " K splits need a plain sum on the ", tile_shape_name(TileShape::M128N32),
-               " shape and at most ", kMaxKSplits, ", found shape ", tile_shape_name(shape));
+  const bool plain = describe(g).plain_sum;
+  FP8MOE_CHECK(splits > 1 && splits <= kMaxKSplits && shape == TileShape::M128N32 && plain,
+               "grouped_gemm: a K split needs 2..", kMaxKSplits, " splits of a plain sum (no scales, epilogue, row "
+               "scale, bias or LoRA) on the ", tile_shape_name(TileShape::M128N32), " shape; found ", splits,
+               " splits, shape ", tile_shape_name(shape), ", ", plain ? "a plain sum" : "not a plain sum");
   const GemmDims d = check_gemm(g);
   Params p = gemm_params(g, d, shape);
   if (d.M == 0 || d.N == 0) return;
