@@ -149,9 +149,10 @@ struct SmallOuterParams {
 // The small-side kernel's pipeline: chunks of kChunk rows; the wide operand's slice of each
 // chunk (kChunk rows x the CTA's columns) is copied into one of kStages shared-memory stages by
 // cp.async, kStages - 1 chunks ahead of the one being summed. A typical expert (~128 rows in a
-// training step) is then in flight at once: the earlier version loaded each warp's rows into
-// registers a batch of 8 at a time, with 4 of its 8 warps idle below 256 rows, and ran at ~10%
-// of both the memory and the FMA rate (28 ms of a Qwen3-30B-A3B LoRA step on an H100).
+// training step) is then in flight at once. The earlier version loaded each warp's rows into
+// registers a batch of 8 at a time, with 4 of its 8 warps idle below 256 rows; this one is
+// 15-19% faster at 128 rows per expert and even at 1024 (H100, bench/NOTES.md twenty-second
+// session), where both run at ~30% of the FP32 FMA rate.
 constexpr int kChunk = 64, kStages = 3, kChunkRowsPerWarp = kChunk / kSmallWarps;
 static_assert(kChunk % kSmallWarps == 0, "every warp takes the same number of rows of a chunk");
 
