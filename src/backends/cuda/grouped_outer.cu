@@ -151,7 +151,7 @@ struct SmallOuterParams {
 // cp.async, kStages - 1 chunks ahead of the one being summed. A typical expert (~128 rows in a
 // training step) is then in flight at once. The earlier version loaded each warp's rows into
 // registers a batch of 8 at a time, with 4 of its 8 warps idle below 256 rows; this one is
-// 15-19% faster at 128 rows per expert and even at 1024 (H100, bench/NOTES.md twenty-second
+// 15-19% faster at 128 rows per expert and within 3% at 1024 (H100, bench/NOTES.md twenty-second
 // session), where both run at ~30% of the FP32 FMA rate.
 constexpr int kChunk = 64, kStages = 3, kChunkRowsPerWarp = kChunk / kSmallWarps;
 static_assert(kChunk % kSmallWarps == 0, "every warp takes the same number of rows of a chunk");
