@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.cuh"
+#include "backends/cuda/gemm_parts.cuh"  // set_smem_limit
 #include "backends/cuda/gemm_tile.cuh"
 #include "backends/cuda/grouped_gemm.cuh"
 
@@ -167,7 +168,7 @@ struct SmallOuterSmem {
   static constexpr int kBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
 };
 
-// Row `i` of this CTA's range as the wide operand's byte offset (< 0: past the range).
+// Plan row r's wide-operand row as a byte offset into it (< 0: r is past the range).
 __device__ __forceinline__ int64_t big_row_offset(const SmallOuterParams& p, int r, int r_end, int bytes) {
   if (r >= r_end) return -1;
   const int row = p.big_tokens ? p.sorted_pairs[r] / p.top_k : r;
@@ -458,8 +459,7 @@ void grouped_outer(const GroupedOuter& g, Allocator& alloc, cudaStream_t stream)
       const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(E), static_cast<unsigned>(sp.splits));
       // 16-byte copies of the wide operand: W a multiple of a 16-byte piece, the base aligned.
       const auto run = [&](auto kernel) {
-        // Past the 48 KB default; a host-side attribute, safe under graph capture.
-        FP8MOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kBytes));
+        gemm::set_smem_limit(kernel, Sm::kBytes);  // past the 48 KB default
         kernel<<<grid, kThreads, Sm::kBytes, stream>>>(sp);
       };
       if (sp.W % (16 / Sm::kBigBytes) == 0 && reinterpret_cast<uintptr_t>(sp.big) % 16 == 0)
