@@ -118,10 +118,10 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
 //         are folded into the gradient before it is quantized (quantize_rows_scaled). A LoRA delta
 //         goes through the W8A16 family's rank-r GEMM with the FP8 product as its addend.
 //   Fp8RegW  the same product with W as the MMA's M side from registers (no transposed tile, a
-//         producer warpgroup and two consumers: w8a8_dgrad.cu, dgrad_regw_kernel). Not yet run on a
-//         GPU (bench/NOTES.md, twenty-first session): the next GPU session tests and times it
-//         against Fp8, which measured slower than Bf16 (4.24 against 3.62 ms per Qwen3 layer at
-//         16384 tokens, H100).
+//         producer warpgroup and two consumers: w8a8_dgrad.cu, dgrad_regw_kernel). Both FP8
+//         kernels pass the same tests and take the same time, slower than Bf16 (4.20 against
+//         3.67 ms per Qwen3 layer at 16384 tokens, H100, bench/NOTES.md twenty-second session):
+//         what they share, one tile per CTA with its fill and epilogue, is the limit.
 // FP8MOE_W8A8_DGRAD=fp8 | fp8-regw | bf16 picks one (unset: bf16); only under GemmPrecision::W8A8.
 enum class Dgrad : uint8_t { Bf16, Fp8, Fp8RegW };
 // FP8MOE_W8A8_DGRAD's value: null or "" -> Bf16, "bf16", "fp8", "fp8-regw"; anything else throws,

@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) dgrad_kernel(const DgradArgs args
 #endif
 }
 
-// ---- Dgrad::Fp8RegW: W as wgmma's M side, from registers (not yet run on a GPU)
+// ---- Dgrad::Fp8RegW: W as wgmma's M side, from registers
 //
 // FP8 wgmma reads a shared-memory operand K-major only, but an operand in registers in any order
 // the fragment is built in. So W, stored [K rows][N columns], becomes the MMA's A (M = output
