@@ -163,23 +163,33 @@ struct SmallOuterSmem {
   static constexpr int kBigBytes = kBigF32 ? 4 : 2, kRowBytes = kCols * kBigBytes;
   static constexpr int kStageBytes = kChunk * kRowBytes;
   static constexpr int kSwFloats = kChunk * kS;  // one chunk's rs(r) * small[r, s]
-  static constexpr int kPipeBytes = kStages * kStageBytes + 2 * kSwFloats * 4;
+  static constexpr int kOffBytes = kStages * kChunk * 8;  // each stage's row offsets (int64)
+  static constexpr int kPipeBytes = kStages * kStageBytes + 2 * kSwFloats * 4 + kOffBytes;
   static constexpr int kRedBytes = (kSmallWarps / 2) * kS * kCols * 4;  // the warps' tree sum
   static constexpr int kBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
 };
 
-// Plan row r's wide-operand row as a byte offset into it (< 0: r is past the range).
-__device__ __forceinline__ int64_t big_row_offset(const SmallOuterParams& p, int r, int r_end, int bytes) {
+// The wide operand's row offsets are looked up once per row, not once per 16-byte piece: thread
+// i < kChunk publishes row i's byte offset of a chunk into that chunk's slot of a small table,
+// from a lookup it loaded a chunk earlier. Per piece, the lookup, the division by top_k and the
+// 64-bit product had made the copies ~60 instructions each, about as many per chunk as the
+// sums (SASS of the first version).
+// Row r of the plan as its wide-operand row's source: the pair (by token) or r itself; -1 past
+// r_end. The division by top_k waits for big_row_offset, when the offset is published.
+__device__ __forceinline__ int big_row_source(const SmallOuterParams& p, int r, int r_end) {
   if (r >= r_end) return -1;
-  const int row = p.big_tokens ? p.sorted_pairs[r] / p.top_k : r;
-  return int64_t{row} * p.W * bytes;
+  return p.big_tokens ? p.sorted_pairs[r] : r;
+}
+__device__ __forceinline__ int64_t big_row_offset(const SmallOuterParams& p, int src, int bytes) {
+  if (src < 0) return -1;
+  return int64_t{p.big_tokens ? src / p.top_k : src} * p.W * bytes;
 }
 
-// Queues chunk rows [r0, r0 + kChunk) of the wide operand, columns [w0, w0 + kCols), into
-// `stage`; zeros past the range and past W. kVec: 16-byte cp.async pieces (W a multiple of a
+// Queues a chunk of the wide operand (its rows' byte offsets `offs`, < 0 past the range),
+// columns [w0, w0 + kCols), into `stage`; zeros past the range and past W. kVec: 16-byte cp.async pieces (W a multiple of a
 // piece, base aligned); else element by element (odd widths: correctness, not speed).
 template <int kS, bool kBigF32, bool kVec>
-__device__ __forceinline__ void issue_big_chunk(const SmallOuterParams& p, char* stage, int r0, int r_end, int w0) {
+__device__ __forceinline__ void issue_big_chunk(const SmallOuterParams& p, char* stage, const int64_t* offs, int w0) {
   using Sm = SmallOuterSmem<kS, kBigF32>;
   const char* big = static_cast<const char*>(p.big);
   if constexpr (kVec) {
@@ -189,7 +199,7 @@ __device__ __forceinline__ void issue_big_chunk(const SmallOuterParams& p, char*
     for (int j = 0; j < kPer; ++j) {
       const int i = threadIdx.x + kThreads * j, row = i / kPieces, pc = i % kPieces;
       const int col = w0 + pc * (16 / Sm::kBigBytes);
-      const int64_t off = big_row_offset(p, r0 + row, r_end, Sm::kBigBytes);
+      const int64_t off = offs[row];
       const bool valid = off >= 0 && col < p.W;
       gemm::cp_async16(stage + row * Sm::kRowBytes + pc * 16, valid ? big + off + int64_t{col} * Sm::kBigBytes : big,
                        valid ? 16 : 0);
@@ -197,7 +207,7 @@ __device__ __forceinline__ void issue_big_chunk(const SmallOuterParams& p, char*
   } else {
     for (int i = threadIdx.x; i < kChunk * Sm::kCols; i += kThreads) {
       const int row = i / Sm::kCols, c = i % Sm::kCols;
-      const int64_t off = big_row_offset(p, r0 + row, r_end, Sm::kBigBytes);
+      const int64_t off = offs[row];
       const uint32_t x = off >= 0 && w0 + c < p.W ? raw_elem(p.big, kBigF32, off / Sm::kBigBytes + w0 + c) : 0u;
       if constexpr (kBigF32) reinterpret_cast<uint32_t*>(stage)[i] = x;
       else reinterpret_cast<uint16_t*>(stage)[i] = static_cast<uint16_t>(x);
@@ -224,7 +234,7 @@ __device__ __forceinline__ SmallShare<kS> load_small_chunk(const SmallOuterParam
 #pragma unroll
   for (int j = 0; j < Share::kPer; ++j) raw[j] = 0u;
   if (r < r_end) {  // all loads first, then the conversions
-    const int pair = p.sorted_pairs[r];
+    const int pair = p.small_tokens || p.row_scale ? p.sorted_pairs[r] : 0;
     const int64_t base = int64_t{p.small_tokens ? pair / p.top_k : r} * p.S;
 #pragma unroll
     for (int j = 0; j < Share::kPer; ++j)
@@ -244,6 +254,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
   extern __shared__ float4 smem_dyn[];
   char* stages = reinterpret_cast<char*>(smem_dyn);
   float* sw = reinterpret_cast<float*>(stages + kStages * Sm::kStageBytes);  // [2][kChunk][kS]
+  int64_t* offs = reinterpret_cast<int64_t*>(sw + 2 * Sm::kSwFloats);         // [kStages][kChunk]
   const int e = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int w0 = blockIdx.x * kCols;
   // This CTA's rows: split blockIdx.z of the expert's, in whole chunks.
@@ -261,11 +272,19 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
 #pragma unroll
     for (int s = 0; s < kS; ++s) acc[c][s] = 0.0f;
 
-  // Chunk t sits in stage t % kStages; a group is committed per chunk, empty past the last, so
-  // that wait<kStages - 2> always means "chunk t has landed".
+  // Chunk t sits in stage t % kStages, its row offsets in slot t % kStages; a group is committed
+  // per chunk, empty past the last, so that wait<kStages - 2> always means "chunk t has landed".
+  int src_next = -1;  // thread i < kChunk: the source of row i of the next chunk to publish
+  if (tid < kChunk) {
+#pragma unroll
+    for (int t = 0; t < kStages; ++t)
+      offs[t * kChunk + tid] = big_row_offset(p, big_row_source(p, r_begin + t * kChunk + tid, r_end), Sm::kBigBytes);
+    src_next = big_row_source(p, r_begin + kStages * kChunk + tid, r_end);
+  }
+  __syncthreads();
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < chunks) issue_big_chunk<kS, kBigF32, kVec>(p, stages + t * Sm::kStageBytes, r_begin + t * kChunk, r_end, w0);
+    if (t < chunks) issue_big_chunk<kS, kBigF32, kVec>(p, stages + t * Sm::kStageBytes, offs + t * kChunk, w0);
     gemm::cp_async_commit();
   }
   SmallShare<kS> next = load_small_chunk<kS>(p, r_begin, r_end);
@@ -280,8 +299,14 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_outer_small_kernel(const 
     __syncthreads();  // chunk t's stage and narrow values are visible; chunk t - 1 is summed
     if (t + kStages - 1 < chunks)  // into the stage chunk t - 1 used
       issue_big_chunk<kS, kBigF32, kVec>(p, stages + (t + kStages - 1) % kStages * Sm::kStageBytes,
-                                         r_begin + (t + kStages - 1) * kChunk, r_end, w0);
+                                         offs + (t + kStages - 1) % kStages * kChunk, w0);
     gemm::cp_async_commit();
+    // Chunk t + kStages's offsets into slot t % kStages: chunk t's, read when chunk t was queued
+    // (two barriers ago); read in turn after the next barrier, when chunk t + kStages is queued.
+    if (tid < kChunk && t + kStages < chunks) {
+      offs[t % kStages * kChunk + tid] = big_row_offset(p, src_next, Sm::kBigBytes);
+      src_next = big_row_source(p, r_begin + (t + kStages + 1) * kChunk + tid, r_end);
+    }
     if (t + 1 < chunks) next = load_small_chunk<kS>(p, r_begin + (t + 1) * kChunk, r_end);
     // Warp w sums rows [w kChunkRowsPerWarp, (w + 1) kChunkRowsPerWarp) of the chunk: a fixed
     // order. A lane reads its kC columns of a row; the narrow values are a broadcast.
