@@ -261,7 +261,8 @@ int main() {
   // same kernel unsplit, so the two give the split's gain on the card.
   for (int64_t K : {int64_t{2048}, int64_t{4096}})
     problems.push_back({"dense lora_u K" + std::to_string(K), 2048, 1, 1, 16, K, false, false, false, false, false, 1, true});
-  problems.push_back({"dense lora_q K4096", 2048, 1, 1, 16, 4096, false, true, false, false, false, 1, true});
+  for (int64_t K : {int64_t{512}, int64_t{2048}, int64_t{4096}})  // k/v_proj's, o_proj's and q_proj's G
+    problems.push_back({"dense lora_q K" + std::to_string(K), 2048, 1, 1, 16, K, false, true, false, false, false, 1, true});
   problems.push_back({"qwen3 lora_u T256", 256, 8, 128, 16, 2048, true, false, false, false, false, 1, true});
   // The experts' four at T 2048 (the full-size step: ~128 rows per expert): U = Xp A^T (X by
   // token), V = Act A_d^T, and the backward's Q = G B_d (G by token) and R = dH1 B_gu (B read
