@@ -188,17 +188,24 @@ def live_at_peak(trace: list, top: int = 12) -> tuple[int, list]:
     highest point: the bytes then live, and those blocks grouped by the innermost frame in fp8moe,
     transformers, PEFT or this script (else the innermost frame), largest first, as
     (where, bytes, blocks)."""
-    live: dict[int, tuple[int, list]] = {}
-    peak_live: dict[int, tuple[int, list]] = {}
-    cur = peak = 0
-    for ev in trace:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = (ev["size"], ev.get("frames") or [])
-            cur += ev["size"]
-            if cur > peak:
-                peak, peak_live = cur, dict(live)
-        elif ev["action"] == "free_completed" and ev["addr"] in live:
-            cur -= live.pop(ev["addr"])[0]
+    def replay(stop: int) -> tuple[dict, int, int]:  # live blocks after event `stop`, and the peak's event
+        live: dict[int, tuple[int, list]] = {}
+        cur = peak = 0
+        at = -1
+        for i, ev in enumerate(trace[:stop + 1]):
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = (ev["size"], ev.get("frames") or [])
+                cur += ev["size"]
+                if cur > peak:
+                    peak, at = cur, i
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                cur -= live.pop(ev["addr"])[0]
+        return live, peak, at
+
+    # Two passes: the peak's event first, then the blocks live there (copying the live set at
+    # every new high would be quadratic in a step's ~10^4-10^5 allocations).
+    _, peak, at = replay(len(trace) - 1)
+    peak_live = replay(at)[0] if at >= 0 else {}
 
     def where(frames: list) -> str:
         for f in frames:

@@ -76,6 +76,7 @@ struct Problem {
   // The W8A8 path's LoRA GEMM: W plain F32 (PEFT's LB, [E, N, r]), and a BF16 [M, N] addend (the
   // FP8 product) folded into the epilogue: v = rs * (2 * A W^T + D).
   bool addend = false;
+  bool w_f32 = false;  // plain W in F32 (PEFT's LoRA factors are F32 parameters)
 };
 
 struct Built {
@@ -120,8 +121,8 @@ Built build(const Problem& pb, std::mt19937_64& rng) {
   std::normal_distribution<double> nd;
   b.a = Tensor(DType::BF16, {pb.tokens ? pb.T : M, pb.K});
   for (int64_t i = 0; i < b.a.numel(); ++i) store_from_double(b.a.data(), DType::BF16, i, nd(rng));
-  if (pb.plain) {  // BF16 (F32 for an addend problem) values around 1/sqrt(K)
-    const DType wt = pb.addend ? DType::F32 : DType::BF16;
+  if (pb.plain) {  // BF16 (F32 for an addend or w_f32 problem) values around 1/sqrt(K)
+    const DType wt = pb.addend || pb.w_f32 ? DType::F32 : DType::BF16;
     b.w = Tensor(wt, {pb.E, SR, SC});
     for (int64_t i = 0; i < b.w.numel(); ++i) store_from_double(b.w.data(), wt, i, nd(rng) / std::sqrt(double(pb.K)));
     b.spec = ScaleSpec::none(SR, SC);
@@ -263,6 +264,9 @@ int main() {
     problems.push_back({"dense lora_u K" + std::to_string(K), 2048, 1, 1, 16, K, false, false, false, false, false, 1, true});
   for (int64_t K : {int64_t{512}, int64_t{2048}, int64_t{4096}})  // k/v_proj's, o_proj's and q_proj's G
     problems.push_back({"dense lora_q K" + std::to_string(K), 2048, 1, 1, 16, K, false, true, false, false, false, 1, true});
+  // The same with the factors in F32, as PEFT holds them (the narrow GEMMs of a training step).
+  problems.push_back({"dense lora_u K2048 f32w", 2048, 1, 1, 16, 2048, false, false, false, false, false, 1, true, false, true});
+  problems.push_back({"dense lora_q K4096 f32w", 2048, 1, 1, 16, 4096, false, true, false, false, false, 1, true, false, true});
   problems.push_back({"qwen3 lora_u T256", 256, 8, 128, 16, 2048, true, false, false, false, false, 1, true});
   // The experts' four at T 2048 (the full-size step: ~128 rows per expert): U = Xp A^T (X by
   // token), V = Act A_d^T, and the backward's Q = G B_d (G by token) and R = dH1 B_gu (B read
