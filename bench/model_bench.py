@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from typing import Optional
 
 import torch
@@ -426,6 +427,7 @@ def main() -> int:
                     failed = k
                     res = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
                     print(f"{name} {impl} ({k}): FAILED {res['error']}", flush=True)
+                    traceback.print_exc()  # the whole chain (a capture's first failing op is in its cause)
                 else:
                     print(f"{name} {impl} ({k}): {res['step_ms']:.0f} ms/step, peak "
                           f"{res.get('peak_gib', float('nan')):.1f} GiB, LoRA tensors with grad "
