@@ -5,6 +5,9 @@ The layer is fp8moe's experts module at a model's real dimensions with random FP
 the GPU (bench/model_bench.py's builder), uniform top-k routing, BF16 activations:
   qwen3  E 128, top-8, H 2048, I 768, 128x128 block scales
   glm    E 64, top-4, H 2048, I 1536, per-channel scales
+or, for `--models qwen3-attn`, each of Qwen3-30B-A3B's attention projections alone as an FP8 dense
+linear (q_proj 2048 -> 4096, k_proj and v_proj 2048 -> 512, o_proj 4096 -> 2048; 128x128 blocks),
+x and its LoRA factors (F32, as PEFT holds them) taking gradients.
 
     python3 bench/layer_profile.py --models qwen3,glm --tokens 16384 --precisions w8a16,w8a8 [--lora 16]
         [--dgrad bf16,fp8] [--json out/layer_profile.json] [--md BENCHMARKS.md]
@@ -31,22 +34,33 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import md_sections  # noqa: E402  (bench/, beside this script)
-from model_bench import build_experts, gpu_work  # noqa: E402
+from model_bench import _fp8_codes, _scales, build_experts, gpu_work  # noqa: E402
 
 SECTION = "One MoE layer, kernel by kernel (layer_profile.py)"
+# The narrow mma.sync tiles (N <= 32: the rank-r LoRA projections U = X A^T and Q = G B) under a
+# short name of their own: the same kernel template as the other mma.sync tiles, so their own family.
+NARROW = "grouped_gemm_kernel_narrow"
 # The kernel families a layer's time is reported in (BENCHMARKS.md), by the kernel's short name.
-CATEGORIES = (("W8A16 GEMM", ("grouped_gemm",)), ("CUTLASS FP8 GEMM", ("cutlass", "_ZN7cutlass")),
+CATEGORIES = (("LoRA projection GEMM", (NARROW, "split_k_sum")), ("W8A16 GEMM", ("grouped_gemm",)),
+              ("CUTLASS FP8 GEMM", ("cutlass", "_ZN7cutlass")),
               ("W8A8 quantize", ("quantize_rows",)), ("W8A8 epilogue", ("epilogue_kernel",)),
               ("W8A8 FP8 dgrad", ("dgrad_kernel", "dgrad_regw_kernel")),
               ("LoRA outer", ("grouped_outer", "outer_split")), ("combine", ("combine",)), ("plan", ("plan_",)))
 
 SHAPES = {"qwen3": dict(E=128, k=8, H=2048, I=768, scheme="block"),
           "glm": dict(E=64, k=4, H=2048, I=1536, scheme="channel")}
+# FP8 dense projections (fp8moe's Fp8Linear, G = 1), by model: (name, out N, in K), the scales'
+# scheme. qwen3-attn: Qwen3-30B-A3B's attention (32 query and 4 key/value heads of 128, H 2048).
+LINEARS = {"qwen3-attn": dict(scheme="block", projections=(("q_proj", 4096, 2048), ("k_proj", 512, 2048),
+                                                           ("v_proj", 512, 2048), ("o_proj", 2048, 4096)))}
 
 
 def short(name: str) -> str:
     """A kernel's name without return type, namespaces, template arguments and parameters (the
-    CUTLASS kernel's run to pages); mangled names are cut to 60 characters."""
+    CUTLASS kernel's run to pages); mangled names are cut to 60 characters. The narrow GEMM tiles
+    (Tile<128, 32, ...>) are NARROW."""
+    if "grouped_gemm_kernel<" in name and "Tile<128, 32," in name:
+        return NARROW
     base = name.replace("(anonymous namespace)::", "")
     base = base.split("<", 1)[0].split("(", 1)[0].strip()
     base = base.rsplit(" ", 1)[-1]  # "void f" -> "f"
@@ -112,6 +126,47 @@ def run_children(a: argparse.Namespace) -> list[dict]:
     return results
 
 
+def profile_phases(fwd, grad: torch.Tensor, leaves: list, reps: int, device: torch.device) -> dict:
+    """Each kernel's GPU time in a forward (`fwd()`) and a backward (from `grad`), medians over
+    `reps` profiled iterations after two warm-ups. The leaves' gradients are dropped before every
+    backward, so that no accumulation kernel of a repeated backward is counted."""
+    def drop_grads():
+        for t in leaves:
+            t.grad = None
+
+    for _ in range(2):  # warm-up: tile choices, caching allocator
+        drop_grads()
+        fwd().backward(grad)
+    torch.cuda.synchronize(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    phases: dict[str, list[dict]] = {"forward": [], "backward": []}
+    for _ in range(reps):
+        drop_grads()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pf:
+            out = fwd()
+            torch.cuda.synchronize(device)
+        phases["forward"].append(gpu_work(pf))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pb:
+            out.backward(grad)
+            torch.cuda.synchronize(device)
+        phases["backward"].append(gpu_work(pb))
+    res: dict = {}
+    for phase, runs in phases.items():
+        names = sorted({n for r in runs for n in r})
+        per = {short(n): 0.0 for n in names}
+        for n in names:  # kernels that share a short name (template instances) add up
+            per[short(n)] += statistics.median(r.get(n, 0.0) for r in runs)
+        res[phase] = {"total_ms": sum(per.values()),
+                      "kernels": sorted(([k, v] for k, v in per.items()), key=lambda kv: -kv[1])}
+    return res
+
+
+def lora_factor(*shape, device, gen) -> torch.Tensor:
+    """A LoRA factor as PEFT holds one: F32, trainable, small random values."""
+    return (torch.randn(*shape, device=device, generator=gen) * 0.02).requires_grad_()
+
+
 def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int, device: torch.device) -> dict:
     import fp8moe
 
@@ -122,42 +177,40 @@ def profile_layer(model: str, tokens: int, precision: str, rank: int, reps: int,
     x = torch.randn(tokens, s["H"], device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
     ids = torch.rand(tokens, s["E"], device=device, generator=gen).topk(s["k"], dim=1).indices.to(torch.int32)
     w = torch.softmax(torch.randn(tokens, s["k"], device=device, generator=gen), dim=1).requires_grad_()
-    lora = None
+    lora, leaves = None, [x, w]
     if rank:
         E, H, I = s["E"], s["H"], s["I"]
-
-        def p(*shape):
-            return (torch.randn(*shape, device=device, generator=gen) * 0.02).requires_grad_()
-
-        lora = {"gate_up_proj": (p(E, rank, H), p(E, 2 * I, rank), 2.0), "down_proj": (p(E, rank, I), p(E, H, rank), 2.0)}
+        f = [lora_factor(*shape, device=device, gen=gen) for shape in ((E, rank, H), (E, 2 * I, rank), (E, rank, I), (E, H, rank))]
+        lora = {"gate_up_proj": (f[0], f[1], 2.0), "down_proj": (f[2], f[3], 2.0)}
+        leaves += f
     grad = torch.randn(tokens, s["H"], device=device, dtype=torch.bfloat16, generator=gen)
-
-    def fwd():
-        return experts(x, ids, w, lora)
-
-    for _ in range(2):  # warm-up: tile choices, caching allocator
-        fwd().backward(grad)
-    torch.cuda.synchronize(device)
-    from torch.profiler import ProfilerActivity, profile
-
-    phases: dict[str, list[dict]] = {"forward": [], "backward": []}
-    for _ in range(reps):
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pf:
-            out = fwd()
-            torch.cuda.synchronize(device)
-        phases["forward"].append(gpu_work(pf))
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pb:
-            out.backward(grad)
-            torch.cuda.synchronize(device)
-        phases["backward"].append(gpu_work(pb))
     res: dict = {"model": model, "tokens": tokens, "precision": precision_label(precision), "lora_rank": rank}
-    for phase, runs in phases.items():
-        names = sorted({n for r in runs for n in r})
-        per = {short(n): 0.0 for n in names}
-        for n in names:  # kernels that share a short name (template instances) add up
-            per[short(n)] += statistics.median(r.get(n, 0.0) for r in runs)
-        res[phase] = {"total_ms": sum(per.values()),
-                      "kernels": sorted(([k, v] for k, v in per.items()), key=lambda kv: -kv[1])}
+    res.update(profile_phases(lambda: experts(x, ids, w, lora), grad, leaves, reps, device))
+    fp8moe.set_gemm_precision("w8a16", device)
+    return res
+
+
+def profile_linear(model: str, proj: tuple, tokens: int, precision: str, rank: int, reps: int,
+                   device: torch.device) -> dict:
+    """One FP8 dense projection (LINEARS) with LoRA r on it, as the attention of a training step
+    runs it: x and the factors take gradients."""
+    import fp8moe
+    from fp8moe.modeling import Fp8Linear, QuantStack
+
+    name, N, K = proj
+    gen = torch.Generator(device=device).manual_seed(0)
+    sc, spec = _scales(N, K, 1, LINEARS[model]["scheme"], device, K ** -0.5)
+    lin = Fp8Linear(QuantStack(_fp8_codes((1, N, K), device, gen), sc, spec, 1))
+    fp8moe.set_gemm_precision(precision, device)
+    x = torch.randn(tokens, K, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    lora, leaves = None, [x]
+    if rank:
+        A, B = lora_factor(rank, K, device=device, gen=gen), lora_factor(N, rank, device=device, gen=gen)
+        lora, leaves = (A, B, 2.0), [x, A, B]
+    grad = torch.randn(tokens, N, device=device, dtype=torch.bfloat16, generator=gen)
+    res: dict = {"model": f"{model} {name}", "tokens": tokens, "precision": precision_label(precision),
+                 "lora_rank": rank}
+    res.update(profile_phases(lambda: lin(x, lora), grad, leaves, reps, device))
     fp8moe.set_gemm_precision("w8a16", device)
     return res
 
@@ -169,20 +222,23 @@ def profile_all(a: argparse.Namespace, device: torch.device) -> list[dict]:
         for tokens in (int(t) for t in a.tokens.split(",")):
             for rank in (int(r) for r in a.lora.split(",")):
                 for precision in a.precisions.split(","):
-                    r = profile_layer(model, tokens, precision, rank, a.reps, device)
-                    results.append(r)
-                    print(f"\n{model} T {tokens} {r['precision']} LoRA r {rank}: forward {r['forward']['total_ms']:.3f} "
-                          f"ms, backward {r['backward']['total_ms']:.3f} ms of kernels")
-                    for phase in ("forward", "backward"):
-                        for name, ms in r[phase]["kernels"]:
-                            print(f"  {phase[:3]}  {ms * 1e3:9.1f} us  {ms / r[phase]['total_ms'] * 100:5.1f}%  {name}")
+                    runs = [profile_layer(model, tokens, precision, rank, a.reps, device)] if model in SHAPES else \
+                        [profile_linear(model, proj, tokens, precision, rank, a.reps, device)
+                         for proj in LINEARS[model]["projections"]]
+                    for r in runs:
+                        results.append(r)
+                        print(f"\n{r['model']} T {tokens} {r['precision']} LoRA r {rank}: forward "
+                              f"{r['forward']['total_ms']:.3f} ms, backward {r['backward']['total_ms']:.3f} ms of kernels")
+                        for phase in ("forward", "backward"):
+                            for name, ms in r[phase]["kernels"]:
+                                print(f"  {phase[:3]}  {ms * 1e3:9.1f} us  {ms / r[phase]['total_ms'] * 100:5.1f}%  {name}")
                     torch.cuda.empty_cache()
     return results
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="qwen3,glm")
+    ap.add_argument("--models", default="qwen3,glm", help=f"of {', '.join([*SHAPES, *LINEARS])}, comma-separated")
     ap.add_argument("--tokens", default="16384")
     ap.add_argument("--precisions", default="w8a16,w8a8")
     ap.add_argument("--lora", default="0", help="LoRA ranks on both expert projections (0: none), comma-separated")
@@ -192,6 +248,9 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
     a = ap.parse_args()
+    unknown = [m for m in a.models.split(",") if m not in SHAPES and m not in LINEARS]
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join([*SHAPES, *LINEARS])})")
     if not torch.cuda.is_available():
         print("layer_profile: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -32,7 +32,14 @@ def test_short_names_and_families():
     assert fam["plan_scan_columns"] == "plan"
     assert fam["_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS"] == "CUTLASS FP8 GEMM"
     assert lp.category("grouped_outer_small_kernel") == "LoRA outer"
-    assert lp.category("split_k_sum_kernel") == "other"
+    # The narrow tiles (the rank-r projections) and their split-K sums are a family of their own;
+    # the other mma.sync tiles stay W8A16 GEMMs.
+    narrow = ("void fp8moe::cuda::gemm::grouped_gemm_kernel<fp8moe::cuda::gemm::Tile<128, 32, 32, 4, 1, 5, 3, true>, "
+              "2, 2, true>(fp8moe::cuda::gemm::Params)")
+    wide = "void fp8moe::cuda::gemm::grouped_gemm_kernel<fp8moe::cuda::gemm::Tile<64, 128, 32, 2, 4, 4, 2>, 2, 1, false>(x)"
+    assert lp.short(narrow) == lp.NARROW and lp.category(lp.short(narrow)) == "LoRA projection GEMM"
+    assert lp.category(lp.short(wide)) == "W8A16 GEMM"
+    assert lp.category("split_k_sum_kernel") == "LoRA projection GEMM"
 
 
 def test_markdown_section_splits_each_phase_by_family(tmp_path):
