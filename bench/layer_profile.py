@@ -241,7 +241,8 @@ def main() -> int:
     ap.add_argument("--models", default="qwen3,glm", help=f"of {', '.join([*SHAPES, *LINEARS])}, comma-separated")
     ap.add_argument("--tokens", default="16384")
     ap.add_argument("--precisions", default="w8a16,w8a8")
-    ap.add_argument("--lora", default="0", help="LoRA ranks on both expert projections (0: none), comma-separated")
+    ap.add_argument("--lora", default="0", help="LoRA ranks on both expert projections, or on the dense projection "
+                    "(qwen3-attn); 0: none; comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dgrad", default=None,
                     help="W8A8 only, once per setting of FP8MOE_W8A8_DGRAD (bf16, fp8), comma-separated")
