@@ -309,7 +309,8 @@ int main() {
       std::printf("LAB %-26s %-12s %8.3f ms %7.1f TFLOP/s  rel err %.2e%s\n", pb.name.c_str(), variant, ms,
                   flop / ms / 1e9, err, err < 1e-2 ? "" : "  WRONG");
     };
-    const cuda::gemm::GemmProblem gp = cuda::gemm::describe(b.g);
+    cuda::gemm::GemmProblem gp = cuda::gemm::describe(b.g);
+    if (pb.addend) gp.plain_sum = false;  // as the addend call describes it: not the whole result
     for (cuda::gemm::TileShape s : cuda::gemm::kTileShapes)
       if (cuda::gemm::tile_shape_fits(s, gp))
         report(cuda::gemm::tile_shape_name(s), [&] {

@@ -176,6 +176,7 @@ struct SmallOuterSmem {
 // sums (SASS of the first version). The four LoRA gradients of a layer, H100 (bench/NOTES.md,
 // twenty-third session): Qwen3 276 -> 249 us at T 2048, 1469 -> 1172 at T 16384; GLM 190 -> 172
 // and 959 -> 801.
+
 // Row r of the plan as its wide-operand row's source: the pair (by token) or r itself; -1 past
 // r_end. The division by top_k waits for big_row_offset, when the offset is published.
 __device__ __forceinline__ int big_row_source(const SmallOuterParams& p, int r, int r_end) {
