@@ -306,7 +306,7 @@ int main() {
       FP8MOE_CUDA_CHECK(cudaDeviceSynchronize());
       const double err = check(b, ref);
       const double ms = median_ms(fn);
-      std::printf("LAB %-26s %-12s %8.3f ms %7.1f TFLOP/s  rel err %.2e%s\n", pb.name.c_str(), variant, ms,
+      std::printf("LAB %-26s %-20s %8.3f ms %7.1f TFLOP/s  rel err %.2e%s\n", pb.name.c_str(), variant, ms,
                   flop / ms / 1e9, err, err < 1e-2 ? "" : "  WRONG");
     };
     cuda::gemm::GemmProblem gp = cuda::gemm::describe(b.g);
@@ -319,11 +319,12 @@ int main() {
           else
             cuda::grouped_gemm(b.g, nullptr, s);
         });
-    if (gp.plain_sum)  // the narrow tile with K split by hand: where gemm_k_splits' rule stands
-      for (int splits : {2, 4, 8})
-        report(("m128n32 /" + std::to_string(splits)).c_str(), [&] {
-          cuda::grouped_gemm(b.g, dev, nullptr, cuda::gemm::TileShape::M128N32, splits);
-        });
+    if (gp.plain_sum)  // the narrow tiles with K split by hand: where gemm_k_splits' rule stands
+      for (cuda::gemm::TileShape s : {cuda::gemm::TileShape::M128N32, cuda::gemm::TileShape::M128N32Plain})
+        for (int splits : {2, 4, 8})
+          report((std::string(cuda::gemm::tile_shape_name(s)) + " /" + std::to_string(splits)).c_str(), [&] {
+            cuda::grouped_gemm(b.g, dev, nullptr, s, splits);
+          });
     report("chosen", [&] {
       if (pb.addend)
         cuda::grouped_gemm(b.g, b.addend, nullptr);

@@ -38,7 +38,7 @@ int64_t rows_bucket(int64_t rows, int64_t experts) {
 bool tile_shape_supported(TileShape s) { return is_sm90(s) ? sm90_kernels_available() : true; }
 
 bool tile_shape_fits(TileShape s, const GemmProblem& p) {
-  return tile_shape_supported(s) && (!is_rega(s) || p.rega_fits);
+  return tile_shape_supported(s) && (!is_rega(s) || p.rega_fits) && (!is_plain(s) || p.plain_sum);
 }
 
 TileShape choose_tile_shape(const GemmProblem& p) {
@@ -74,7 +74,9 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   //   is at least 3/4 padding; the narrow mma.sync tile streams A with 3 CTAs per SM. The four
   //   projections of Qwen3's LoRA at T 16384: 3.84 ms on the 128-wide wgmma tile, 1.22 ms on
   //   this one (sixth session).
-  if (p.n <= kNarrowN) return TileShape::M128N32;
+  //   Plain sums (all of a training step's LoRA projections) take the same tile compiled without
+  //   the policies' code.
+  if (p.n <= kNarrowN) return p.plain_sum ? TileShape::M128N32Plain : TileShape::M128N32;
   // - K no longer than one mma.sync K step (W8A8's LoRA GEMM, K = r, adding CUTLASS's product
   //   in its epilogue): the epilogue's loads and stores are the work, and the mma.sync tiles fit
   //   more CTAs per SM than the wgmma one. Qwen3's pair at 16384 tokens: 1.08 + 1.15 ms on the
@@ -87,7 +89,7 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
 }
 
 int gemm_k_splits(const GemmProblem& p, TileShape s) {
-  if (!p.plain_sum || s != TileShape::M128N32 || p.rows <= 0) return 1;
+  if (!p.plain_sum || !is_narrow(s) || p.rows <= 0) return 1;
   // Up to ~3 CTAs per SM of an H100/H200 (the narrow tile's occupancy); each split keeps at
   // least 256 of K (8 tiles: the 5-stage pipeline reaches its steady state). Measured on an
   // H100 (gemm_lab, twenty-second session), Qwen3's expert projections at 128 rows per expert

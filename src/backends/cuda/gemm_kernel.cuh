@@ -10,9 +10,12 @@ namespace fp8moe::cuda::gemm {
 
 constexpr int kPad = 8;  // BF16 elements of row padding: ldmatrix rows hit distinct banks
 
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, bool PLAIN_ = false>
 struct Tile {
   static constexpr int BM = BM_, BN = BN_, kWarpsM = WARPS_M_, kWarpsN = WARPS_N_;
+  // Plain sums only (GemmProblem::plain_sum: unscaled W, Store with no row scale, bias, LoRA or
+  // addend): the policies' code compiles away (tile_shapes.def, MmaPlain).
+  static constexpr bool kPlain = PLAIN_;
   static constexpr int kBK = BK_;                 // K extent of a tile
   static constexpr int kStages = STAGES_;         // A / raw-W pipeline depth (kStages - 1 tiles in flight)
   static constexpr int kMinBlocks = MIN_BLOCKS_;  // CTAs per SM the register budget must allow
@@ -49,6 +52,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   constexpr int kRawChunk = 8 * kBBytes;  // bytes of one raw W chunk
   constexpr int kChunksPerARow = kBK / 8;
   constexpr int kChunksPerBRow = kTrans ? BN / 8 : kBK / 8;
+  constexpr bool kPlain = Cfg::kPlain;
 
   // Dynamic shared memory (SmemLayout): A stages [kStages][BM][kAStride] BF16 read by ldmatrix
   // directly; converted W [2][kBRows][kBStride] BF16; raw W stages [kStages][chunk][thread].
@@ -62,7 +66,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   if (rt.expert < 0) return;  // uniform across the block
   const int e = rt.expert, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / Cfg::kWarpsN, wn = warp % Cfg::kWarpsN;
-  build_tile_maps<Cfg::kThreads, BM, BN, kTrans>(p, rt, kBK, maps);
+  build_tile_maps<Cfg::kThreads, BM, BN, kTrans, kPlain>(p, rt, kBK, maps);
   __syncthreads();
 
   // Per-thread chunk geometry, fixed across K tiles.
@@ -82,7 +86,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
 
   const char* b_base = static_cast<const char*>(p.b.ptr) + e * p.b.expert_stride * kBBytes;
   const int nkt = (p.K + kBK - 1) / kBK;                // main K tiles
-  const int nlt = p.R > 0 ? (p.R + kBK - 1) / kBK : 0;  // LoRA K tiles
+  const int nlt = !kPlain && p.R > 0 ? (p.R + kBK - 1) / kBK : 0;  // LoRA K tiles
   // This CTA's tiles [t_begin, t_end): all of them, or with split K (main tiles only, no LoRA)
   // range blockIdx.z. An empty range still stores its zeros.
   int t_begin = 0, t_end = nkt + nlt;
@@ -99,8 +103,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
     const int stage = t % kStages;
     __nv_bfloat16* a_st = As + stage * BM * kAStride;
 #pragma unroll
-    for (int i = 0; i < Cfg::kAChunks; ++i)
-      load_a_chunk<kABytes>(p, maps, t, nkt, kBK, a_row[i], a_kc[i], a_st + a_row[i] * kAStride + a_kc[i]);
+    for (int i = 0; i < Cfg::kAChunks; ++i) {
+      __nv_bfloat16* dst = a_st + a_row[i] * kAStride + a_kc[i];
+      if constexpr (kPlain)
+        load_plain_a_chunk<kABytes>(p, maps, t, kBK, a_row[i], a_kc[i], dst);
+      else
+        load_a_chunk<kABytes>(p, maps, t, nkt, kBK, a_row[i], a_kc[i], dst);
+    }
 #pragma unroll
     for (int i = 0; i < Cfg::kBChunks; ++i)
       if (b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK) == 1)
@@ -114,8 +123,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
 #pragma unroll
     for (int i = 0; i < Cfg::kBChunks; ++i) {
       const int mode = b_chunk_mode<kTrans>(p, bc[i], t, nkt, kBK);
-      *reinterpret_cast<uint4*>(b_st + bc[i].r * kBStride + bc[i].c) =
-          convert_b_chunk<kBBytes, kTrans>(p, maps, bc[i], mode, raw_chunk(t % kStages, i), t, nkt, kBK, e);
+      uint4* dst = reinterpret_cast<uint4*>(b_st + bc[i].r * kBStride + bc[i].c);
+      if constexpr (kPlain)
+        *dst = convert_plain_b_chunk<kBBytes, kTrans>(p, maps, bc[i], mode, raw_chunk(t % kStages, i), t, kBK, e);
+      else
+        *dst = convert_b_chunk<kBBytes, kTrans>(p, maps, bc[i], mode, raw_chunk(t % kStages, i), t, nkt, kBK, e);
     }
   };
 
@@ -154,10 +166,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   };
 
   // ---- main loop: kStages-1 tiles in flight; one barrier per tile
+  if constexpr (kPlain) {  // one copy of the issue code, not kStages - 1 (the plain kernel is kept small)
+#pragma unroll 1
+    for (int t = 0; t < kStages - 1; ++t) {
+      issue(t_begin + t);
+      cp_async_commit();
+    }
+  } else {
 #pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) {
-    issue(t_begin + t);
-    cp_async_commit();
+    for (int t = 0; t < kStages - 1; ++t) {
+      issue(t_begin + t);
+      cp_async_commit();
+    }
   }
   cp_async_wait<kStages - 2>();  // this thread's copies of the first tile have landed
   if (t_end > t_begin) convert_b(t_begin);
@@ -177,7 +197,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   static_assert(kStageBytes<BM, BN> <= Layout::kBytes, "the staged epilogue tile must fit the pipeline's shared memory");
   stage_accumulators<BN>(st, acc, wm * Cfg::WTM, wn * Cfg::WTN);
   __syncthreads();
-  finish_tile<Cfg::kThreads>(p, rt, maps, st, threadIdx.x);
+  if constexpr (kPlain)
+    finish_plain_tile<Cfg::kThreads>(p, rt, maps, st, threadIdx.x);
+  else
+    finish_tile<Cfg::kThreads>(p, rt, maps, st, threadIdx.x);
 }
 
 // Tile<BM, BN, BK, warps along M, warps along N, stages, CTAs per SM>; BM, BN, BK must be the
@@ -187,6 +210,11 @@ using TileM32N128 = Tile<32, 128, 32, 1, 4, 4, 4>;  // 4 warps of 32 x 32; four 
 // Narrow N: 4 warps of 32 x 32 stacked along M; 5 stages (66 KB), three CTAs per SM, so ~96 KB
 // of A per SM are in flight: these GEMMs are A streams with little math per byte.
 using TileM128N32 = Tile<128, 32, 32, 4, 1, 5, 3>;
+// The same for plain sums alone (the rank-r projections of a training step): ~2.4k SASS
+// instructions against the general instance's ~39k (sm_90a, BF16 A and W). These launches are
+// short (8 K tiles per CTA after the split) and took 30-40 µs each in a training step for reads
+// of 2-16 MB; a cold instruction cache is the suspect (bench/NOTES.md, twenty-third session).
+using TileM128N32Plain = Tile<128, 32, 32, 4, 1, 5, 3, true>;
 
 template <class Cfg_, int AB, int BB, bool TR>
 struct KernelMma {

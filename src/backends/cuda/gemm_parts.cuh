@@ -142,18 +142,25 @@ struct alignas(16) TileMaps {  // 16-byte aligned: the epilogue reads col[] as i
   int ktab[kMaxKTiles];  // scale k-part of each K tile (b_tile_uniform)
 };
 
-// Fills `m` for row tile `rt` and its column tile; the caller synchronises afterwards.
-template <int kThreads, int BM, int BN, bool kTrans>
+// Fills `m` for row tile `rt` and its column tile; the caller synchronises afterwards. kPlain: a
+// plain sum (no row scale, LoRA, GLU or scales), whose maps are the A rows and the columns alone.
+template <int kThreads, int BM, int BN, bool kTrans, bool kPlain = false>
 __device__ void build_tile_maps(const Params& p, const RowTile& rt, int kBK, TileMaps<BM, BN>& m) {
   const int tid = threadIdx.x;
   for (int i = tid; i < BM; i += kThreads) {
     int ar = -1, lr = -1;
     float rs = 0.0f;
     if (i < rt.rows) {
-      const int r = rt.row0 + i, pair = p.sorted_pairs[r], tok = pair / p.top_k;
-      ar = p.a.tokens ? tok : r;
-      lr = p.la.tokens ? tok : r;
-      rs = p.row_scale ? load_elem(p.row_scale, p.rs_type, pair) : 1.0f;
+      const int r = rt.row0 + i;
+      if constexpr (kPlain) {
+        ar = p.a.tokens ? p.sorted_pairs[r] / p.top_k : r;
+        rs = 1.0f;
+      } else {
+        const int pair = p.sorted_pairs[r], tok = pair / p.top_k;
+        ar = p.a.tokens ? tok : r;
+        lr = p.la.tokens ? tok : r;
+        rs = p.row_scale ? load_elem(p.row_scale, p.rs_type, pair) : 1.0f;
+      }
     }
     m.arow[i] = ar;
     m.larow[i] = lr;
@@ -161,7 +168,7 @@ __device__ void build_tile_maps(const Params& p, const RowTile& rt, int kBK, Til
   }
   for (int c = tid; c < BN; c += kThreads) {
     int n;
-    if (p.epi == Epilogue::GluForward) {
+    if (!kPlain && p.epi == Epilogue::GluForward) {
       // Each 16 columns hold 8 gate columns then their 8 up columns, so a thread's accumulators
       // for n-tiles 2q and 2q+1 are the gate and up of the same output column j.
       const int I = p.N / 2, j = rt.col_tile * (BN / 2) + (c / 16) * 8 + c % 8;
@@ -172,7 +179,7 @@ __device__ void build_tile_maps(const Params& p, const RowTile& rt, int kBK, Til
     }
     m.col[c] = n;
   }
-  if (p.b_tile_uniform)
+  if (!kPlain && p.b_tile_uniform)
     for (int t = tid; t < (p.K + kBK - 1) / kBK; t += kThreads)
       m.ktab[t] = static_cast<int>(kTrans ? p.b.spec.row_index(int64_t{t} * kBK) : p.b.spec.col_index(int64_t{t} * kBK));
 }
@@ -280,6 +287,38 @@ __device__ __forceinline__ uint4 convert_b_chunk(const Params& p, const TileMaps
   return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
 }
 
+// Element i of W in the storage of a kBBytes instance without Elem's four-way switch (the plain
+// kernel's per-element path): FP8 codes for 1 byte, BF16 or F32 for 2 (dispatch_storage).
+template <int kBBytes>
+__device__ __forceinline__ float plain_w_elem(const OperandB& o, int64_t i) {
+  if constexpr (kBBytes == 1) {
+    const uint8_t c = static_cast<const uint8_t*>(o.ptr)[i];
+    return o.type == Elem::E5M2 ? decode_e5m2(c) : decode_e4m3(c);
+  } else {
+    return o.type == Elem::F32 ? static_cast<const float*>(o.ptr)[i]
+                               : __bfloat162float(static_cast<const __nv_bfloat16*>(o.ptr)[i]);
+  }
+}
+
+// convert_b_chunk for a plain sum (Tile::kPlain): unscaled W, main K tiles only.
+template <int kBBytes, bool kTrans, int BM, int BN>
+__device__ __forceinline__ uint4 convert_plain_b_chunk(const Params& p, const TileMaps<BM, BN>& m, const BChunk& b,
+                                                       int mode, const uint8_t* raw, int t, int kBK, int e) {
+  if (mode == 0) return make_uint4(0, 0, 0, 0);
+  if (mode == 1) return chunk_to_bf16(*reinterpret_cast<const Chunk<kBBytes>*>(raw), 1.0f, p.b.type == Elem::E5M2);
+  const int k0 = t * kBK;
+  uint4 wide;
+  if (p.wide_b && wide_chunk<kTrans>(p.b, m, b, e, k0 + (kTrans ? b.r : b.c), p.K, wide)) return wide;
+  float f[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int n = kTrans ? m.col[b.c + j] : b.n, k = k0 + (kTrans ? b.r : b.c + j);
+    const int64_t sr = kTrans ? k : n, sc = kTrans ? n : k;  // stored coordinates
+    f[j] = n >= 0 && k < p.K ? plain_w_elem<kBBytes>(p.b, e * p.b.expert_stride + sr * p.b.ld + sc) : 0.0f;
+  }
+  return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
+}
+
 // ---- A chunks: 8 BF16 of tile row `row`, K offset kc, into shared memory at `dst`: by cp.async
 // (zero-filled past the rows / K), or converted in place (F32 A, per-element chunks, LoRA tiles).
 template <int kABytes, int BM, int BN>
@@ -305,6 +344,36 @@ __device__ __forceinline__ void load_a_chunk(const Params& p, const TileMaps<BM,
   } else {
     *reinterpret_cast<uint4*>(dst) = lora ? slow_a_chunk(p.la, m.larow[row], k, p.R) : slow_a_chunk(p.a, m.arow[row], k, p.K);
   }
+}
+
+// load_a_chunk for a plain sum (Tile::kPlain): main K tiles only, and a per-element path typed by
+// the instance (A is BF16 for 2 bytes, F32 for 4) instead of Elem's switch.
+template <int kABytes, int BM, int BN>
+__device__ __forceinline__ void load_plain_a_chunk(const Params& p, const TileMaps<BM, BN>& m, int t, int kBK, int row,
+                                                   int kc, __nv_bfloat16* dst) {
+  const int k = t * kBK + kc, src = m.arow[row];
+  if (p.vec_a) {
+    const bool valid = src >= 0 && k < p.K;
+    const char* g = static_cast<const char*>(p.a.ptr) + (valid ? (src * p.a.ld + k) * kABytes : 0);
+    if constexpr (kABytes == 2) {
+      cp_async16(dst, g, valid ? 16 : 0);
+    } else {
+      Chunk<kABytes> c;
+      if (valid) load_chunk(c, g); else zero_chunk(c);
+      *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
+    }
+    return;
+  }
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int64_t i = src * p.a.ld + k + j;
+    if (src < 0 || k + j >= p.K) v[j] = 0.0f;
+    else if constexpr (kABytes == 4) v[j] = static_cast<const float*>(p.a.ptr)[i];
+    else v[j] = __bfloat162float(static_cast<const __nv_bfloat16*>(p.a.ptr)[i]);
+  }
+  *reinterpret_cast<uint4*>(dst) =
+      make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
 }
 
 // ---- epilogue: v = rs * acc + bias, then the policy, staged through shared memory
@@ -466,6 +535,25 @@ __device__ __forceinline__ void finish_tile(const Params& p, const RowTile& rt, 
       jn[j] = j0 + j < I ? j0 + j : -1;
     }
     store8(p.out, p.out_type, r * I, jn, o, p.out_vec8);
+  }
+}
+
+// finish_tile for a plain sum (Tile::kPlain; Store with no row scale, bias or addend): the staged
+// tile into out, 8 columns per step; with split K, into this split's [M, N] slice of partials.
+template <int kThreads, int BM, int BN, int kLd = kStageLd<BN>>
+__device__ __forceinline__ void finish_plain_tile(const Params& p, const RowTile& rt, const TileMaps<BM, BN>& m,
+                                                  const float* st, int tid) {
+  constexpr int kSteps = BN / 8;
+  const int64_t split = p.k_splits > 1 ? int64_t{blockIdx.z} * p.M : 0;
+  for (int u = tid; u < rt.rows * kSteps; u += kThreads) {
+    const int lr = u / kSteps, c0 = (u % kSteps) * 8;
+    const int4* cm = reinterpret_cast<const int4*>(m.col + c0);  // c0 % 8 == 0
+    const int4 ca = cm[0], cb = cm[1];
+    const int n[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+    const float4* s = reinterpret_cast<const float4*>(st + lr * kLd + c0);
+    const float4 a = s[0], b = s[1];
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    store8(p.out, p.out_type, (split + rt.row0 + lr) * p.N, n, v, p.out_vec8);
   }
 }
 

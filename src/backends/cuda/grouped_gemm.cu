@@ -236,6 +236,12 @@ void launch_gemm(const GroupedGemm& g, Params& p, TileShape shape, cudaStream_t 
                  "(transposed: N % 16 == 0, no GLU forward); found ",
                  dtype_name(bd.dtype), " W", g.transpose_b ? " (transposed)" : "", ", ", dtype_name(g.a.src.dtype),
                  " A, N = ", p.N, ", K = ", p.K, g.lora_a.defined() ? ", LoRA r = " + std::to_string(g.lora_a.src.size(1)) : "");
+  if (is_plain(shape))  // its kernel has no code for the rest
+    FP8MOE_CHECK(p.epi == Epilogue::Store && !p.b.scale && !p.row_scale && !p.bias && p.R == 0 && !p.addend,
+                 "grouped_gemm: tile shape ", tile_shape_name(shape), " takes plain sums only (unscaled W, a stored "
+                 "result, no row scale, bias, LoRA or addend); found ", p.b.scale ? "scaled W" : "unscaled W",
+                 p.epi != Epilogue::Store ? ", an activation epilogue" : "", p.row_scale ? ", a row scale" : "",
+                 p.bias ? ", a bias" : "", p.R > 0 ? ", LoRA" : "", p.addend ? ", an addend" : "");
   const int a_bytes = static_cast<int>(dtype_size(g.a.src.dtype));
   const int b_bytes = is_fp8(bd.dtype) ? 1 : 2;
   const int64_t N = p.N, bn = tile_bn(shape);  // GLU forward: bn / 2 gate + bn / 2 up columns
@@ -288,9 +294,10 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, g
   using namespace gemm;
   if (splits == 1) return grouped_gemm(g, stream, shape);
   const bool plain = describe(g).plain_sum;
-  FP8MOE_CHECK(splits > 1 && splits <= kMaxKSplits && shape == TileShape::M128N32 && plain,
+  FP8MOE_CHECK(splits > 1 && splits <= kMaxKSplits && is_narrow(shape) && plain,
                "grouped_gemm: a K split needs 2..", kMaxKSplits, " splits of a plain sum (no scales, epilogue, row "
-               "scale, bias or LoRA) on the ", tile_shape_name(TileShape::M128N32), " shape; found ", splits,
+               "scale, bias or LoRA) on a narrow shape (", tile_shape_name(TileShape::M128N32), ", ",
+               tile_shape_name(TileShape::M128N32Plain), "); found ", splits,
                " splits, shape ", tile_shape_name(shape), ", ", plain ? "a plain sum" : "not a plain sum");
   const GemmDims d = check_gemm(g);
   Params p = gemm_params(g, d, shape);

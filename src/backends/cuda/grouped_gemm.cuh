@@ -58,7 +58,7 @@ inline constexpr TileShape kTileShapes[] = {
 #undef FP8MOE_TILE_SHAPE
 };
 // The kernel family a shape runs on (tile_shapes.def: engine).
-enum class Engine : uint8_t { Mma, Sm90, Sm90RegA };
+enum class Engine : uint8_t { Mma, MmaPlain, Sm90, Sm90RegA };
 // The operand storage a shape is compiled for (tile_shapes.def: storage).
 enum class Storage : uint8_t { AnyStorage, Bf16AFp8W };
 struct TileTraits {
@@ -75,7 +75,9 @@ inline constexpr TileTraits kTileTraits[] = {
 constexpr const TileTraits& tile_traits(TileShape s) { return kTileTraits[static_cast<int>(s)]; }
 constexpr const char* tile_shape_name(TileShape s) { return tile_traits(s).name; }
 constexpr bool is_rega(TileShape s) { return tile_traits(s).engine == Engine::Sm90RegA; }
-constexpr bool is_sm90(TileShape s) { return tile_traits(s).engine != Engine::Mma; }
+constexpr bool is_sm90(TileShape s) { return tile_traits(s).engine == Engine::Sm90 || is_rega(s); }
+// Whether `s` runs plain sums alone (GemmProblem::plain_sum; tile_shape_fits).
+constexpr bool is_plain(TileShape s) { return tile_traits(s).engine == Engine::MmaPlain; }
 constexpr int tile_bm(TileShape s) { return tile_traits(s).bm; }
 constexpr int tile_bn(TileShape s) { return tile_traits(s).bn; }
 constexpr int tile_bk(TileShape s) { return tile_traits(s).bk; }
@@ -86,6 +88,8 @@ constexpr bool tile_takes_storage(TileShape s, int a_bytes, int b_bytes) {
 }
 // The widest N that choose_tile_shape gives the narrow tile.
 constexpr int64_t kNarrowN = 32;
+// Whether `s` is a narrow-N tile (M128N32 and its plain twin: gemm_k_splits may split their K).
+constexpr bool is_narrow(TileShape s) { return tile_bn(s) <= kNarrowN && !is_sm90(s); }
 // The longest reduction that choose_tile_shape treats as one K step (the epilogue is the work).
 constexpr int64_t kShortK = 32;
 // Whether `s` can run on the current device (tests and benchmarks skip the others).

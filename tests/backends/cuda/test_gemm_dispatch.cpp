@@ -124,8 +124,10 @@ TEST(GemmDispatch, LoraOnlyWithWholeBf16Chunks) {
 // The thresholds of choose_tile_shape (measured in bench/NOTES.md), on both kinds of device.
 TEST(GemmDispatch, TileShapeChoice) {
   using cuda::gemm::TileShape;
-  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90, int64_t n = 2048, int64_t k = 2048) {
+  auto choose = [](int64_t rows_per_expert, bool rega, bool fine_k, bool sm90, int64_t n = 2048, int64_t k = 2048,
+                   bool plain = false) {
     cuda::gemm::GemmProblem p;
+    p.plain_sum = plain;
     p.experts = 128;
     p.n = n;
     p.k = k;
@@ -157,6 +159,11 @@ TEST(GemmDispatch, TileShapeChoice) {
     EXPECT_EQ(choose(16, false, true, sm90, 32), TileShape::M128N32);
     EXPECT_EQ(choose(0, false, false, sm90, 1), TileShape::M128N32);
     EXPECT_NE(choose(1024, false, false, sm90, 33), TileShape::M128N32);
+    // Plain sums (a training step's LoRA projections) on its twin without the policies' code;
+    // wider N takes the usual tiles.
+    EXPECT_EQ(choose(128, false, false, sm90, 16, 2048, true), TileShape::M128N32Plain);
+    EXPECT_EQ(choose(0, false, false, sm90, 1, 2048, true), TileShape::M128N32Plain);
+    EXPECT_NE(choose(128, false, false, sm90, 33, 2048, true), TileShape::M128N32Plain);
   }
   EXPECT_EQ(choose(1024, true, false, true, 16), TileShape::Sm90RegAT256);
   // K of one mma.sync step (W8A8's rank-r GEMM with its addend): an mma.sync tile at every size.
@@ -180,6 +187,18 @@ TEST(GemmDispatch, TileShapeTable) {
   }
   EXPECT_STREQ(tile_shape_name(TileShape::M128N32), "m128n32k32");
   EXPECT_EQ(tile_bn(TileShape::M128N32), kNarrowN);
+  // The plain twin: the same tile, mma.sync, narrow; the only plain shape.
+  EXPECT_EQ(tile_bm(TileShape::M128N32Plain), tile_bm(TileShape::M128N32));
+  EXPECT_EQ(tile_bn(TileShape::M128N32Plain), kNarrowN);
+  EXPECT_TRUE(is_plain(TileShape::M128N32Plain) && !is_sm90(TileShape::M128N32Plain));
+  for (TileShape s : kTileShapes) EXPECT_EQ(is_narrow(s), s == TileShape::M128N32 || s == TileShape::M128N32Plain);
+  for (TileShape s : kTileShapes) EXPECT_EQ(is_plain(s), s == TileShape::M128N32Plain);
+  // A plain shape fits plain sums alone.
+  GemmProblem plain, general;
+  plain.plain_sum = true;
+  EXPECT_TRUE(tile_shape_fits(TileShape::M128N32Plain, plain));
+  EXPECT_FALSE(tile_shape_fits(TileShape::M128N32Plain, general));
+  EXPECT_TRUE(tile_shape_fits(TileShape::M128N32, general));
   EXPECT_EQ(tile_bm(TileShape::Sm90RegAT256), 256);
 }
 
@@ -205,6 +224,7 @@ TEST(GemmDispatch, KSplits) {
   GemmProblem p;
   p.rows = 2048, p.experts = 1, p.n = 16, p.k = 2048, p.plain_sum = true;  // q/k/v LoRA U = X A^T
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 8);                      // 17 CTAs -> 8 x 256 of K
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32Plain), 8);                 // the plain twin alike
   p.k = 4096;                                                                // the B-side dgrad of q_proj
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 16);
   p.k = 300;

@@ -512,12 +512,16 @@ TEST(GroupedGemm, NarrowNProjections) {
     SCOPED_TRACE("N " + std::to_string(s.N) + " K " + std::to_string(s.K) + (s.trans ? " transposed" : ""));
     run_case(c);
   }
-  // The choice itself, on a projection-like descriptor (the cases above run every shape).
+  // The choice itself, on a projection-like descriptor (the cases above run every shape): a plain
+  // sum takes the plain twin, a row scale the general narrow tile.
   Case c;
   c.T = 64, c.N = 16, c.K = 256, c.w = WKind::BF16;
   Rng rng(fresh_seed());
   auto P = build(c, rng);
-  EXPECT_EQ(cuda::gemm::choose_tile_shape(cuda::gemm::describe(P->g)), cuda::gemm::TileShape::M128N32);
+  EXPECT_EQ(cuda::gemm::choose_tile_shape(cuda::gemm::describe(P->g)), cuda::gemm::TileShape::M128N32Plain);
+  c.row_scale = true;
+  auto Q = build(c, rng);
+  EXPECT_EQ(cuda::gemm::choose_tile_shape(cuda::gemm::describe(Q->g)), cuda::gemm::TileShape::M128N32);
 }
 
 TEST(GroupedGemm, BiasWithoutRowScale) {
