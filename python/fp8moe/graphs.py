@@ -22,7 +22,10 @@ This is torch's whole-network capture, packaged for a transformers/PEFT model:
   on the device, and LR schedulers update it in place;
 - under gradient checkpointing the recomputation may not restore RNG state (it cannot be read
   during capture), so checkpointing is switched to `preserve_rng_state=False`, and a model with
-  active dropout is refused (its recomputation would draw other masks).
+  active dropout is refused (its recomputation would draw other masks);
+- under gradient checkpointing, the capture passes each layer the attention mask of the eager
+  steps where the batch has no attention mask or position ids (transformers would otherwise build
+  an explicit causal mask while capturing, which slows SDPA and recompiles compiled layers).
 """
 
 from __future__ import annotations
@@ -62,22 +65,61 @@ def _refuse_dropout_under_checkpointing(model: nn.Module) -> None:
             "be read while a graph is captured. Set the dropout to 0 or turn off gradient checkpointing")
 
 
-def _graph_safe_checkpointing(model: nn.Module) -> int:
-    """Turns off RNG-state preservation in transformers' gradient checkpointing (torch cannot read a
-    CUDA generator's state during capture; without dropout there is nothing to preserve). Returns
-    how many modules checkpoint."""
-    modules = _checkpointing_modules(model)
-    for m in modules:
+# The batch arguments that never feed transformers' mask creation: with no others, every layer's
+# attention mask is a function of the shapes alone.
+_SHAPE_ONLY_MASK_ARGS = frozenset({"input_ids", "inputs_embeds", "labels", "num_items_in_batch"})
+
+
+class _CheckpointCall:
+    """A transformers layer's checkpoint function under CudaGraphStep.
+
+    - It saves no RNG state: torch cannot read a CUDA generator's state during capture, and without
+      dropout there is nothing to restore.
+    - In "reuse" mode it passes the layer the attention mask that the last eager step passed
+      ("record" mode). While a stream captures, transformers builds an explicit causal mask (it
+      cannot read a padding mask or position ids then) where eager steps pass none and SDPA applies
+      causality itself. The explicit mask takes SDPA off its fast path (Qwen3-30B-A3B's attention
+      ran ~2.5x slower in the graph, bench/NOTES.md), and a compiled layer recompiles for it inside
+      the capture, which fails. CudaGraphStep reuses the eager mask only where the batch makes it
+      exact (_SHAPE_ONLY_MASK_ARGS).
+    """
+
+    _UNSET = object()
+
+    def __init__(self, checkpoint, keywords: dict[str, Any]):
+        self.checkpoint = checkpoint
+        self.keywords = keywords  # torch.utils.checkpoint's options, preserve_rng_state=False among them
+        self.mode: Optional[str] = None
+        self.mask: Any = self._UNSET
+
+    def __call__(self, layer_call, *args):
+        if isinstance(layer_call, functools.partial) and "attention_mask" in layer_call.keywords:
+            if self.mode == "record":
+                self.mask = layer_call.keywords["attention_mask"]
+            elif self.mode == "reuse" and self.mask is not self._UNSET:
+                layer_call = functools.partial(layer_call.func, *layer_call.args,
+                                               **{**layer_call.keywords, "attention_mask": self.mask})
+        return self.checkpoint(layer_call, *args, **self.keywords)
+
+
+def _graph_safe_checkpointing(model: nn.Module) -> list[_CheckpointCall]:
+    """Puts a _CheckpointCall in each of transformers' gradient-checkpointing layers (their options
+    kept, RNG-state preservation off) and returns them."""
+    calls = []
+    for m in _checkpointing_modules(model):
         f = m._gradient_checkpointing_func
-        if isinstance(f, functools.partial):
-            m._gradient_checkpointing_func = functools.partial(f.func, *f.args,
-                                                               **{**f.keywords, "preserve_rng_state": False})
+        if isinstance(f, _CheckpointCall):
+            call = f
+        elif isinstance(f, functools.partial) and not f.args:
+            call = _CheckpointCall(f.func, {**f.keywords, "preserve_rng_state": False})
         elif f is torch.utils.checkpoint.checkpoint:
-            m._gradient_checkpointing_func = functools.partial(f, preserve_rng_state=False)
+            call = _CheckpointCall(f, {"preserve_rng_state": False})
         else:
             raise Fp8MoeError(f"CudaGraphStep: {type(m).__name__} checkpoints through {f!r}, which this step cannot "
                               "make capture-safe; use transformers' gradient_checkpointing_enable")
-    return len(modules)
+        m._gradient_checkpointing_func = call
+        calls.append(call)
+    return calls
 
 
 def _fixed_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
@@ -108,7 +150,7 @@ class CudaGraphStep:
             found = sorted({str(p.device) for p in params})
             raise Fp8MoeError("CudaGraphStep: CUDA graphs need the trainable parameters on a CUDA device, "
                               f"found {found}")
-        _graph_safe_checkpointing(model)
+        self._checkpoints = _graph_safe_checkpointing(model)
         self.model, self.stepper, self.warmup_steps = model, stepper, warmup_steps
         self.device = params[0].device
         self.steps = 0
@@ -118,10 +160,19 @@ class CudaGraphStep:
         self._hyper: list[list[dict[str, Any]]] = []
         self._side = torch.cuda.Stream(self.device)
 
-    def _step(self, batch: dict[str, Tensor]) -> Tensor:
-        loss = self.model(**batch).loss
-        loss.backward()
-        self.stepper.finish()
+    def _step(self, batch: dict[str, Tensor], masks: Optional[str]) -> Tensor:
+        """One step; masks: the checkpointed layers' attention-mask mode (_CheckpointCall)."""
+        if masks is not None and not set(batch) <= _SHAPE_ONLY_MASK_ARGS:
+            masks = None  # a padding mask or position ids: the mask may depend on the data
+        for call in self._checkpoints:
+            call.mode = masks
+        try:
+            loss = self.model(**batch).loss
+            loss.backward()
+            self.stepper.finish()
+        finally:
+            for call in self._checkpoints:
+                call.mode = None
         return loss.detach()
 
     def _check_batch(self, batch: dict[str, Any]) -> None:
@@ -157,7 +208,7 @@ class CudaGraphStep:
         if self.graph is None and self.steps < self.warmup_steps:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
-                loss = self._step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                loss = self._step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, "record")
             torch.cuda.current_stream(self.device).wait_stream(self._side)
             if not self._inputs:  # fixes the names, shapes and dtypes every later call must match
                 self._inputs = {k: torch.empty_like(v, device=self.device) for k, v in batch.items()}
@@ -182,7 +233,7 @@ class CudaGraphStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._loss = self._step(self._inputs)
+                self._loss = self._step(self._inputs, "reuse")
         except Fp8MoeError:
             raise
         except Exception as e:
@@ -195,5 +246,7 @@ class CudaGraphStep:
         """Releases the graph and its memory pool (the model and optimizers stay as trained). A
         later call starts over: warm-up steps, then a new capture (of any shape)."""
         self.graph, self._loss, self._inputs, self.steps = None, None, {}, 0
+        for call in self._checkpoints:  # the next warm-up records them again, for its shapes
+            call.mask = _CheckpointCall._UNSET
         gc.collect()
         torch.cuda.empty_cache()

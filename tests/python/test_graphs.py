@@ -1,8 +1,9 @@
 """CudaGraphStep: the training step captured as one CUDA graph trains as the eager loop does (same
-losses and updates from the same start and data, with either stepper), takes a fresh batch at
-every replay, follows a tensor learning rate changed in place, and refuses what a replay would get
-wrong (a new shape, a Python-number hyperparameter changed after capture, dropout under gradient
-checkpointing, a non-capturable optimizer, a CPU model) with a clear error."""
+losses and updates from the same start and data, with either stepper, with compiled layers too,
+and with the eager steps' attention masks in the capture), takes a fresh batch at every replay,
+follows a tensor learning rate changed in place, and refuses what a replay would get wrong (a new
+shape, a Python-number hyperparameter changed after capture, dropout under gradient checkpointing,
+a non-capturable optimizer, a CPU model) with a clear error."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def test_graphed_steps_train_as_the_eager_loop(ckpt, gen, stepper):
     start = [p.detach().clone() for p in graph_params]
     eager_step, step = stepper(eager, _adamw), CudaGraphStep(graphed, stepper(graphed, _adamw), warmup_steps=2)
     batches = [torch.randint(0, vocab, (2, 40), generator=gen).cuda() for _ in range(6)]
+    layers = graphed.base_model.model.model.layers
+    captured_masks = []  # what each layer gets while the step is captured: the eager steps' (none)
+    for layer in layers:
+        layer.register_forward_pre_hook(
+            lambda m, a, kw: captured_masks.append(kw.get("attention_mask", "absent"))
+            if torch.cuda.is_current_stream_capturing() else None, with_kwargs=True)
     eager_losses, graph_losses = [], []
     for i, ids in enumerate(batches):
         loss = eager(input_ids=ids, labels=ids).loss
@@ -64,6 +71,7 @@ def test_graphed_steps_train_as_the_eager_loop(ckpt, gen, stepper):
         graph_losses.append(float(step(input_ids=ids, labels=ids)))
         assert (step.graph is not None) == (i >= 2)
     torch.cuda.synchronize()
+    assert len(captured_masks) == 2 * len(layers) and all(m is None for m in captured_masks)  # forward, recompute
     # Replays read each new batch: their losses differ from one another and follow the eager ones.
     assert len(set(graph_losses[2:])) == 4
     for a, b in zip(eager_losses, graph_losses):
@@ -71,6 +79,24 @@ def test_graphed_steps_train_as_the_eager_loop(ckpt, gen, stepper):
     for p, q, s in zip(eager_params, graph_params, start):
         assert not torch.equal(q.detach(), s)  # the captured step updates every adapter tensor
         assert ref.rel_err(q.detach() - s, p.detach() - s) < 5e-2
+
+
+@cuda
+def test_compiled_layers_capture_and_train_as_the_eager_loop(ckpt, gen):
+    # The capture must not recompile a layer (a compile inside a capture fails): the layers get the
+    # eager steps' attention mask, the guard they were compiled under.
+    eager, graphed = _model(ckpt, 10, "cuda"), _model(ckpt, 10, "cuda")
+    assert fp8moe.compile_decoder_layers(graphed) == len(graphed.base_model.model.model.layers)
+    eager_step = StepAfterBackward(eager, _adamw)
+    step = CudaGraphStep(graphed, StepAfterBackward(graphed, _adamw), warmup_steps=2)
+    for i in range(5):
+        ids = torch.randint(0, eager.config.vocab_size, (2, 40), generator=gen).cuda()
+        loss = eager(input_ids=ids, labels=ids).loss
+        loss.backward()
+        eager_step.finish()
+        got = float(step(input_ids=ids, labels=ids))
+        assert (step.graph is not None) == (i >= 2)
+        assert abs(got - float(loss)) <= 1e-2 * abs(float(loss))
 
 
 @cuda
@@ -136,11 +162,46 @@ def test_checkpointing_keeps_its_options_and_stops_saving_rng_state(ckpt, gen):
     model(input_ids=ids, labels=ids).loss.backward()
     before = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
-    n = _graph_safe_checkpointing(model)
+    calls = _graph_safe_checkpointing(model)
     layers = model.base_model.model.model.layers
-    assert n >= len(layers)
+    assert len(calls) >= len(layers)
     for layer in layers:
         assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False, "preserve_rng_state": False}
     model(input_ids=ids, labels=ids).loss.backward()  # without dropout, the same gradients
     after = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_capture_reuses_the_eager_steps_attention_masks(ckpt, gen, monkeypatch):
+    """While a stream captures, transformers builds an explicit causal mask; the checkpointed layers
+    then get the eager steps' mask instead (none: SDPA's own causality), with the same loss. Run on
+    the CPU by making transformers believe a stream captures."""
+    from transformers.utils import import_utils
+
+    model = _model(ckpt, 9, "cpu")
+    calls = _graph_safe_checkpointing(model)
+    layers = model.base_model.model.model.layers
+    seen = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=gen)
+
+    def loss(mode):
+        seen.clear()
+        for c in calls:
+            c.mode = mode
+        try:
+            with torch.no_grad():
+                return float(model(input_ids=ids, labels=ids).loss)
+        finally:
+            for c in calls:
+                c.mode = None
+
+    eager = loss("record")
+    assert len(seen) == len(layers) and all(m is None for m in seen)
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    masked = loss(None)  # what a capture would run: every layer gets a materialized mask
+    assert len(seen) == len(layers) and all(torch.is_tensor(m) for m in seen)
+    reused = loss("reuse")
+    assert len(seen) == len(layers) and all(m is None for m in seen)
+    assert reused == eager and abs(masked - eager) <= 1e-4 * abs(eager)
