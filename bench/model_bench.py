@@ -284,8 +284,12 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     torch.cuda.synchronize() if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    mem = None
     if graphed is not None:  # the capture: the graph's memory is what it allocates here, so the peak counts it
-        step()
+        if memory and device.type == "cuda":  # what is live at the capture's peak: the replays' memory
+            mem = memory_at_peak(step, device)
+        else:
+            step()
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -304,8 +308,8 @@ def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, 
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    if memory and device.type == "cuda" and graphed is None:  # a replayed graph allocates nothing
-        out["memory"] = memory_at_peak(step, device)
+    if memory and device.type == "cuda":
+        out["memory"] = mem if graphed is not None else memory_at_peak(step, device)
         print(json.dumps(out["memory"], indent=1), flush=True)
     if profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile as prof
@@ -364,8 +368,10 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="profile one step of every fp8moe configuration run (default: (b) in eager runs only)")
     p.add_argument("--memory", action="store_true",
-                   help="after the timed steps, what is live at one eager step's peak (torch's allocator "
-                        "history), grouped by where it was allocated; printed and in the JSON")
+                   help="what is live at one step's peak (torch's allocator history), grouped by where it was "
+                        "allocated; printed and in the JSON. Eager: one step after the timed ones; with "
+                        "--cuda-graph: the capture (the baseline then holds the warm-up's gradients, which "
+                        "the capture frees before it allocates its own)")
     p.add_argument("--configs", default="a,b", help="the LoRA configurations to run: a (attention), b (+ experts)")
     p.add_argument("--out", default="out", help="folder for model_bench*.json and model_bench*.md (suffix: the variant)")
     p.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
