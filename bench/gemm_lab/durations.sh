@@ -5,7 +5,9 @@
 # variant launches its kernel 19 times (a check, 3 warm-ups, 15 timed).
 # Usage, from the repository root, after bench/gemm_lab/run.sh has built the lab in BUILD:
 #   bench/gemm_lab/durations.sh BUILD PROBLEM KERNEL_REGEX OUTDIR
-#   e.g. bench/gemm_lab/durations.sh build-gpu "dense lora_u K2048 f32w" "Tile<128, 32" "$OUT"
+#   e.g. bench/gemm_lab/durations.sh build-gpu "dense lora_u K2048 f32w" "Tile<.int.128, .int.32" "$OUT"
+# ncu matches the demangled name as it prints it with --kernel-name-base demangled, template values
+# cast: "Tile<(int)128, (int)32, ..., (bool)1>" (hence the dots for the parentheses).
 # Writes OUTDIR/durations.csv (ncu's raw rows). ncu flushes the caches before each launch (its
 # default cache control), so these are cold-cache times.
 set -euo pipefail

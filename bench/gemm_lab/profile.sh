@@ -3,8 +3,9 @@
 # SASS lines where warps stall most (sampled), so a run answers "what is this kernel waiting on".
 # Usage, from the repository root, after bench/gemm_lab/run.sh has built the lab in BUILD:
 #   bench/gemm_lab/profile.sh BUILD PROBLEM KERNEL_REGEX OUTDIR
-#   e.g. bench/gemm_lab/profile.sh build-gpu "qwen3 gemm1 T4096" "RegA<2>" "$OUT"
-# KERNEL_REGEX matches the demangled name, template arguments included.
+#   e.g. bench/gemm_lab/profile.sh build-gpu "qwen3 gemm1 T4096" "RegA<.int.2" "$OUT"
+# KERNEL_REGEX matches the demangled name, template arguments included, as ncu prints them cast
+# ("TileSm90RegA<(int)2, ...>"; a dot stands for each parenthesis).
 # Writes OUTDIR/ncu_details.txt and OUTDIR/ncu_stalls.txt.
 set -euo pipefail
 B=$1 PROBLEM=$2 KERNEL=$3 OUTDIR=$4
