@@ -319,24 +319,32 @@ __device__ __forceinline__ uint4 convert_plain_b_chunk(const Params& p, const Ti
   return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
 }
 
-// ---- A chunks: 8 BF16 of tile row `row`, K offset kc, into shared memory at `dst`: by cp.async
-// (zero-filled past the rows / K), or converted in place (F32 A, per-element chunks, LoRA tiles).
+// ---- A chunks: 8 BF16 of a tile row at K offset k, into shared memory at `dst`.
+
+// The A chunk of source row `src` (< 0: none) at K offset k when A's rows allow whole 16-byte
+// chunks (Params::vec_a): BF16 by cp.async, zero-filled past the rows / K; F32 loaded and converted.
+template <int kABytes>
+__device__ __forceinline__ void load_vec_a_chunk(const Params& p, int src, int k, __nv_bfloat16* dst) {
+  const bool valid = src >= 0 && k < p.K;
+  const char* g = static_cast<const char*>(p.a.ptr) + (valid ? (src * p.a.ld + k) * kABytes : 0);
+  if constexpr (kABytes == 2) {
+    cp_async16(dst, g, valid ? 16 : 0);
+  } else {
+    Chunk<kABytes> c;
+    if (valid) load_chunk(c, g); else zero_chunk(c);
+    *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
+  }
+}
+
+// Tile row `row`'s chunk at K offset kc of K tile t (main or LoRA): by cp.async (zero-filled past
+// the rows / K), or converted in place (F32 A, per-element chunks, LoRA tiles).
 template <int kABytes, int BM, int BN>
 __device__ __forceinline__ void load_a_chunk(const Params& p, const TileMaps<BM, BN>& m, int t, int nkt, int kBK,
                                              int row, int kc, __nv_bfloat16* dst) {
   const bool lora = t >= nkt;
   const int k = (lora ? t - nkt : t) * kBK + kc;
   if (!lora && p.vec_a) {
-    const int src = m.arow[row];
-    const bool valid = src >= 0 && k < p.K;
-    const char* g = static_cast<const char*>(p.a.ptr) + (valid ? (src * p.a.ld + k) * kABytes : 0);
-    if constexpr (kABytes == 2) {
-      cp_async16(dst, g, valid ? 16 : 0);
-    } else {
-      Chunk<kABytes> c;
-      if (valid) load_chunk(c, g); else zero_chunk(c);
-      *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
-    }
+    load_vec_a_chunk<kABytes>(p, m.arow[row], k, dst);
   } else if (lora && p.vec_lora) {
     const int src = m.larow[row];
     const bool valid = src >= 0 && k < p.R;  // r % 8 == 0: whole chunks
@@ -353,15 +361,7 @@ __device__ __forceinline__ void load_plain_a_chunk(const Params& p, const TileMa
                                                    int kc, __nv_bfloat16* dst) {
   const int k = t * kBK + kc, src = m.arow[row];
   if (p.vec_a) {
-    const bool valid = src >= 0 && k < p.K;
-    const char* g = static_cast<const char*>(p.a.ptr) + (valid ? (src * p.a.ld + k) * kABytes : 0);
-    if constexpr (kABytes == 2) {
-      cp_async16(dst, g, valid ? 16 : 0);
-    } else {
-      Chunk<kABytes> c;
-      if (valid) load_chunk(c, g); else zero_chunk(c);
-      *reinterpret_cast<uint4*>(dst) = chunk_to_bf16(c, 1.0f, false);
-    }
+    load_vec_a_chunk<kABytes>(p, src, k, dst);
     return;
   }
   float v[8];
