@@ -212,8 +212,9 @@ using TileM32N128 = Tile<32, 128, 32, 1, 4, 4, 4>;  // 4 warps of 32 x 32; four 
 using TileM128N32 = Tile<128, 32, 32, 4, 1, 5, 3>;
 // The same for plain sums alone (the rank-r projections of a training step): ~2.4k SASS
 // instructions against the general instance's ~39k (sm_90a, BF16 A and W). These launches are
-// short (8 K tiles per CTA after the split) and took 30-40 µs each in a training step for reads
-// of 2-16 MB; a cold instruction cache is the suspect (bench/NOTES.md, twenty-third session).
+// short (8 K tiles per CTA after the split): the dense projections' took 17-38 µs each on the
+// general instance and 10-18 µs on this one (H100, layer_profile; bench/NOTES.md, twenty-fourth
+// session), with IPC 0.69 against 0.55.
 using TileM128N32Plain = Tile<128, 32, 32, 4, 1, 5, 3, true>;
 
 template <class Cfg_, int AB, int BB, bool TR>
