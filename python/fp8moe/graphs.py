@@ -110,8 +110,9 @@ def _graph_safe_checkpointing(model: nn.Module) -> list[_CheckpointCall]:
         f = m._gradient_checkpointing_func
         if isinstance(f, _CheckpointCall):
             call = f
-        elif isinstance(f, functools.partial) and not f.args:
-            call = _CheckpointCall(f.func, {**f.keywords, "preserve_rng_state": False})
+        elif isinstance(f, functools.partial):
+            run = functools.partial(f.func, *f.args) if f.args else f.func
+            call = _CheckpointCall(run, {**f.keywords, "preserve_rng_state": False})
         elif f is torch.utils.checkpoint.checkpoint:
             call = _CheckpointCall(f, {"preserve_rng_state": False})
         else:
