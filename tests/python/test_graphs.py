@@ -205,3 +205,22 @@ def test_capture_reuses_the_eager_steps_attention_masks(ckpt, gen, monkeypatch):
     reused = loss("reuse")
     assert len(seen) == len(layers) and all(m is None for m in seen)
     assert reused == eager and abs(masked - eager) <= 1e-4 * abs(eager)
+
+
+def test_checkpoint_functions_given_as_partials_with_arguments_are_wrapped(ckpt, gen):
+    model = _model(ckpt, 11, "cpu")
+    layers = model.base_model.model.model.layers
+    seen = []
+
+    def tagged(tag, fn, *args, **kwargs):  # a user's checkpoint function with a leading argument
+        seen.append((tag, kwargs.get("preserve_rng_state")))
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    for layer in layers:
+        layer._gradient_checkpointing_func = functools.partial(tagged, "mine", use_reentrant=False)
+    calls = _graph_safe_checkpointing(model)
+    assert len(calls) >= len(layers) and all(c.keywords == {"use_reentrant": False, "preserve_rng_state": False}
+                                             for c in calls)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [("mine", False)] * len(layers)
