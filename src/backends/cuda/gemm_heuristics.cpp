@@ -91,12 +91,14 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
 int gemm_k_splits(const GemmProblem& p, TileShape s) {
   if (!p.plain_sum || !is_narrow(s) || p.rows <= 0) return 1;
   // Up to ~3 CTAs per SM of an H100/H200 (the narrow tile's occupancy); each split keeps at
-  // least 256 of K (8 tiles: the 5-stage pipeline reaches its steady state). Measured on an
+  // least 64 of K (two K tiles). At 17 CTAs (one group of 2048 rows) and K 512, the plain tile
+  // takes 22.3 us unsplit, 13.7 at 2 splits, 10.0 at 4 and 9.1 at 8 (ncu, cold caches, H100,
+  // twenty-fourth session): a short range per split costs less than the idle SMs. Measured on an
   // H100 (gemm_lab, twenty-second session), Qwen3's expert projections at 128 rows per expert
   // (256 CTAs, about half of them an expert's short last tile): 2 splits take U 52 -> 40 us,
   // Q 83 -> 56, R 71 -> 56, V 27 -> 26; 4 and 8 are slower than 2. At 256 rows per expert
   // (384 CTAs) and above, no split.
-  constexpr int64_t kTargetCtas = 384, kMinK = 256;
+  constexpr int64_t kTargetCtas = 384, kMinK = 64;
   const int64_t ctas = ((p.rows + tile_bm(s) - 1) / tile_bm(s) + std::min(p.experts, p.rows)) * ((p.n + tile_bn(s) - 1) / tile_bn(s));
   if (ctas >= kTargetCtas) return 1;
   const int64_t by_grid = (kTargetCtas + ctas - 1) / ctas, by_k = p.k / kMinK;

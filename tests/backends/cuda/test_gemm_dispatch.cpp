@@ -216,7 +216,7 @@ TEST(GemmDispatch, OuterKernelChoice) {
 }
 
 // Split K on the narrow tile: plain sums only, where the row tiles leave the card idle, never
-// below 256 of K a split.
+// below 64 of K a split.
 TEST(GemmDispatch, KSplits) {
   using cuda::gemm::gemm_k_splits;
   using cuda::gemm::GemmProblem;
@@ -227,8 +227,12 @@ TEST(GemmDispatch, KSplits) {
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32Plain), 8);                 // the plain twin alike
   p.k = 4096;                                                                // the B-side dgrad of q_proj
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 16);
-  p.k = 300;
-  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);  // one 256-long range only
+  p.k = 512;                                           // the B-side dgrad of k_proj and v_proj
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32Plain), 8);
+  p.k = 200;
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 3);  // three 64-long ranges at most
+  p.k = 100;
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);  // one 64-long range only
   p.k = 4096, p.plain_sum = false;                     // an epilogue, a row scale, LoRA, FP8 W
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 1);
   p.plain_sum = true;

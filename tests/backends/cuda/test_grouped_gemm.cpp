@@ -465,7 +465,8 @@ TEST(GroupedGemm, SplitKNarrowProjections) {
   const Shape shapes[] = {{1000, 1, 16, 2048, false, DType::BF16, Routing::Uniform},
                           {700, 1, 13, 1030, true, DType::F32, Routing::Uniform},
                           {900, 2, 16, 4096, false, DType::BF16, Routing::Hot},
-                          {2048, 1, 32, 777, false, DType::F32, Routing::Uniform}};
+                          {2048, 1, 32, 777, false, DType::F32, Routing::Uniform},
+                          {1500, 1, 16, 200, true, DType::F32, Routing::Uniform}};  // 3 short ranges and a K tail
   for (const Shape& s : shapes) {
     Case c;
     c.T = s.T, c.k = 1, c.E = s.E, c.N = s.N, c.K = s.K;
