@@ -1,4 +1,5 @@
-"""fp8moe.loss: the chunked causal-LM loss against transformers' own ForCausalLMLoss."""
+"""fp8moe.loss: the chunked causal-LM loss, and the one that makes the logits from the hidden
+states, against transformers' own ForCausalLMLoss."""
 
 from __future__ import annotations
 
@@ -67,6 +68,51 @@ def root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("loss"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_items", [None, 17])
+def test_linear_matches_head_then_transformers(dtype, num_items, gen, monkeypatch):
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 97 * 4)  # 4 rows a chunk: 33 rows give a partial last chunk
+    _, labels, V = _case(gen, dtype)
+    H = 24
+    hidden = torch.randn(3, 11, H, generator=gen).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(dtype)
+    n = None if num_items is None else torch.tensor(num_items)
+    ours = L.linear_causal_lm_loss(hidden, labels, V, weight=weight, num_items_in_batch=n)
+    g_ours, = torch.autograd.grad(ours * 1.7, hidden)
+    want = ForCausalLMLoss(torch.nn.functional.linear(hidden, weight), labels, V, num_items_in_batch=n)
+    g_want, = torch.autograd.grad(want * 1.7, hidden)
+    assert ours.dtype == want.dtype == torch.float32
+    assert torch.allclose(ours, want, rtol=1e-6, atol=0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # BF16: the logits' gradient rounded before the product, as the head's
+    assert (g_ours.float() - g_want.float()).abs().max() <= tol * g_want.float().abs().max()
+    assert torch.count_nonzero(g_ours[0, :3]) == 0  # rows predicting ignored labels get no gradient
+    assert torch.count_nonzero(g_ours[1]) > 0
+
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    a = L.linear_causal_lm_loss(hidden, None, V, weight=weight, shift_labels=shifted)
+    assert torch.allclose(a, ForCausalLMLoss(torch.nn.functional.linear(hidden, weight), None, V, shift_labels=shifted),
+                          rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="does not map hidden size"):
+        L.linear_causal_lm_loss(hidden, labels, V + 1, weight=weight)
+
+
+def test_linear_keeps_no_logits(gen, monkeypatch):
+    """Backward holds the gradient to the hidden states only: nothing of [rows, vocab]."""
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 97 * 8)
+    _, labels, V = _case(gen, torch.bfloat16)
+    hidden = torch.randn(3, 11, 16, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(V, 16, generator=gen, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        L.linear_causal_lm_loss(hidden, labels, V, weight=weight)
+    assert saved and max(t.numel() for t in saved) <= hidden.numel()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("loss"))
+
+
 def test_from_pretrained_uses_it(root):
     import models
 
@@ -74,3 +120,45 @@ def test_from_pretrained_uses_it(root):
     assert model.loss_function is L.chunked_causal_lm_loss
     off = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu", chunked_loss=False)
     assert off.loss_function is not L.chunked_causal_lm_loss
+    assert "_fp8moe_head_in_loss" not in dir(off.forward)
+
+
+def test_model_training_forward_makes_no_logits(root, gen):
+    """With labels and gradients, the model's loss comes from the hidden states (no logits returned):
+    the same loss and LoRA gradients as transformers' head and loss; other forwards are unchanged."""
+    import copy
+
+    import models
+    import peft
+
+    path = models.fp8_checkpoint(root, "qwen3_moe")
+    ours = fp8moe.from_pretrained(path, device="cpu")
+    theirs = fp8moe.from_pretrained(path, device="cpu", chunked_loss=False)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
+    torch.manual_seed(3)
+    pa = peft.get_peft_model(ours, peft.LoraConfig(**cfg))
+    torch.manual_seed(3)
+    pb = peft.get_peft_model(theirs, peft.LoraConfig(**cfg))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out_a, out_b = pa(input_ids=ids, labels=labels), pb(input_ids=ids, labels=labels)
+    assert out_a.logits is None and out_b.logits is not None
+    assert torch.allclose(out_a.loss, out_b.loss, rtol=1e-5, atol=0)
+    out_a.loss.backward()
+    out_b.loss.backward()
+    grads = [(n, p.grad) for n, p in pa.named_parameters() if p.requires_grad]
+    want = dict((n, p.grad) for n, p in pb.named_parameters() if p.requires_grad)
+    assert grads and all(g is not None and torch.count_nonzero(g) > 0 for _, g in grads)
+    for n, g in grads:
+        assert (g - want[n]).abs().max() <= 2e-2 * want[n].abs().max(), n
+    assert isinstance(ours.lm_head, torch.nn.Linear)  # the head is back after the forward
+    with torch.no_grad():  # evaluation keeps the logits, and the same loss
+        ev = pa(input_ids=ids, labels=labels)
+    assert ev.logits is not None and torch.allclose(ev.loss, out_b.loss, rtol=1e-5, atol=0)
+    assert pa(input_ids=ids).logits.shape == (2, 9, ours.config.vocab_size)
+    import inspect
+
+    assert list(inspect.signature(ours.forward).parameters)[:2] == ["input_ids", "attention_mask"]  # Trainer reads it
+    twin = copy.deepcopy(ours)  # a copy's forward runs the copy
+    assert twin.forward.__self__ is twin
