@@ -223,8 +223,8 @@ TEST(GemmDispatch, KSplits) {
   using cuda::gemm::TileShape;
   GemmProblem p;
   p.rows = 2048, p.experts = 1, p.n = 16, p.k = 2048, p.plain_sum = true;  // q/k/v LoRA U = X A^T
-  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 8);                      // 17 CTAs -> 8 x 256 of K
-  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32Plain), 8);                 // the plain twin alike
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 16);                     // 17 CTAs -> 16 x 128 of K
+  EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32Plain), 16);                // the plain twin alike
   p.k = 4096;                                                                // the B-side dgrad of q_proj
   EXPECT_EQ(gemm_k_splits(p, TileShape::M128N32), 16);
   p.k = 512;                                           // the B-side dgrad of k_proj and v_proj
