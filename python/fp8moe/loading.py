@@ -181,8 +181,9 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
 
     quantize: None (load as stored), "fp8" / "fp8-block" (128x128 block scales) or "fp8-channel":
     quantize a BF16 checkpoint's experts and projections while loading. chunked_loss: compute the
-    training loss (`labels=`) with `fp8moe.loss.chunked_causal_lm_loss`, which never holds an F32
-    copy of the logits (same result as transformers' loss). precision: None (leave the device's
+    training loss (`labels=`) a chunk of rows at a time (`fp8moe.loss.use_chunked_loss`: same
+    result as transformers' loss; a forward with labels and gradients returns no logits, its loss
+    made from the hidden states). precision: None (leave the device's
     setting), "w8a16", "w8a8" or "w8a8-down": the forward FP8 GEMMs' precision on `device`
     (fp8moe.set_gemm_precision). Raises Fp8MoeError naming the tensor for anything the checkpoint
     gets wrong.
