@@ -496,7 +496,7 @@ def markdown(res: dict) -> str:
              "Step: median of CUDA-event "
              "timings after warm-up; peak: torch.cuda.max_memory_allocated. The peer is the same transformers "
              "model in BF16 (`grouped_mm` experts) with PEFT and the same LoRA, in the same process. fp8moe's side computes "
-             "the loss as `fp8moe.from_pretrained` sets it up (`fp8moe.loss`, chunked: no F32 copy of the logits); the "
+             "the loss as `fp8moe.from_pretrained` sets it up (`fp8moe.loss`: made from the hidden states a chunk of rows at a time, no logits held whole); the "
              "peer's is transformers' own." + (
                  " Both sides' whole step (forward, loss, backward, AdamW) is captured in one CUDA graph after the "
                  "warm-up and replayed (`fp8moe.graphs.CudaGraphStep`); the peak counts the capture's allocations, "

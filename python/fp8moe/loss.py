@@ -116,11 +116,13 @@ def chunked_causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int,
     return _reduce(total, target, ignore_index, num_items_in_batch)
 
 
-def linear_causal_lm_loss(hidden: Tensor, labels: Tensor, vocab_size: int, *, weight: Tensor,
+def linear_causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, *, weight: Tensor,
                           num_items_in_batch: Optional[Tensor] = None, ignore_index: int = -100,
                           shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
     """`ForCausalLMLoss` of the logits `hidden @ weight^T` (an output head without bias), without
-    ever holding them whole: the same result as the head followed by `chunked_causal_lm_loss`."""
+    ever holding them whole: the same result as the head followed by `chunked_causal_lm_loss`.
+    `logits` takes the hidden states [..., hidden]: the models pass the head's output by that name."""
+    hidden = logits
     if weight.shape[0] != vocab_size or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"causal LM loss: output head weight {tuple(weight.shape)} does not map hidden size "
                          f"{hidden.shape[-1]} to vocabulary {vocab_size}")
@@ -157,18 +159,18 @@ def _fusable(model: nn.Module, head: nn.Module, kwargs: dict) -> bool:
             and getattr(config, "logit_scale", None) is None)
 
 
-def use_chunked_loss(model: nn.Module) -> bool:
+def use_chunked_loss(model: nn.Module, keep_logits: bool = False) -> bool:
     """Makes a transformers causal LM compute its training loss in row chunks, never holding its
-    logits whole. A forward with labels and gradients on, through a plain frozen output head, passes
-    the hidden states to `linear_causal_lm_loss` and returns no logits (`logits` is None, as with
-    TRL's fused head or Liger's). Other forwards compute the logits as usual and their loss with
-    `chunked_causal_lm_loss`. Returns whether it did: only a model on transformers' default
-    causal-LM loss is changed."""
+    logits whole. Unless `keep_logits`, a forward with labels and gradients on, through a plain
+    frozen output head, passes the hidden states to `linear_causal_lm_loss` and returns no logits
+    (`logits` is None, as with TRL's fused head or Liger's). Other forwards compute the logits as
+    usual and their loss with `chunked_causal_lm_loss`. Returns whether it did: only a model on
+    transformers' default causal-LM loss is changed."""
     if getattr(model, "loss_type", None) not in (None, "ForCausalLM") or not hasattr(model, "loss_function"):
         return False
     model.loss_function = chunked_causal_lm_loss
     name = _head_name(model)
-    if name is None or getattr(model.forward, "_fp8moe_head_in_loss", False):
+    if keep_logits or name is None or getattr(model.forward, "_fp8moe_head_in_loss", False):
         return True
     inner = model.__dict__.get("forward")  # an instance's own forward (hooks) goes on being called
 

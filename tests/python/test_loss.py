@@ -118,12 +118,20 @@ def test_from_pretrained_uses_it(root):
 
     model = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu")
     assert model.loss_function is L.chunked_causal_lm_loss
+    assert getattr(model.forward, "_fp8moe_head_in_loss", False)
     off = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu", chunked_loss=False)
     assert off.loss_function is not L.chunked_causal_lm_loss
-    assert "_fp8moe_head_in_loss" not in dir(off.forward)
+    assert not getattr(off.forward, "_fp8moe_head_in_loss", False)
+    kept = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu", chunked_loss="logits")
+    assert kept.loss_function is L.chunked_causal_lm_loss and not getattr(kept.forward, "_fp8moe_head_in_loss", False)
+    ids = torch.randint(0, kept.config.vocab_size, (1, 5))
+    assert kept(input_ids=ids, labels=ids).logits is not None
+    with pytest.raises(fp8moe.Fp8MoeError, match="chunked_loss: expected True, False or \"logits\", found 'hidden'"):
+        fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu", chunked_loss="hidden")
 
 
-def test_model_training_forward_makes_no_logits(root, gen):
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe_lite"])  # the loss called positionally, and by keyword
+def test_model_training_forward_makes_no_logits(root, gen, family):
     """With labels and gradients, the model's loss comes from the hidden states (no logits returned):
     the same loss and LoRA gradients as transformers' head and loss; other forwards are unchanged."""
     import copy
@@ -131,10 +139,10 @@ def test_model_training_forward_makes_no_logits(root, gen):
     import models
     import peft
 
-    path = models.fp8_checkpoint(root, "qwen3_moe")
+    path = models.fp8_checkpoint(root, family)
     ours = fp8moe.from_pretrained(path, device="cpu")
     theirs = fp8moe.from_pretrained(path, device="cpu", chunked_loss=False)
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=False)
     torch.manual_seed(3)
     pa = peft.get_peft_model(ours, peft.LoraConfig(**cfg))
     torch.manual_seed(3)
