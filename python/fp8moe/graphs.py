@@ -123,6 +123,21 @@ def _graph_safe_checkpointing(model: nn.Module) -> list[_CheckpointCall]:
     return calls
 
 
+def _recover_from_failed_capture(stream: torch.cuda.Stream) -> None:
+    """Undoes what torch.cuda.graph leaves behind when its capture fails at the end: its exit stops
+    before making `stream` current again, and the CUDA generators registered for the capture still
+    count as capturing, so the process' next random draw outside a graph fails ("Offset increment
+    outside graph capture"). A capture that ends cleanly closes the generators' capture."""
+    torch.cuda.set_stream(stream)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.zeros(1, device=stream.device).add_(1)
+        del graph
+    except Exception:  # the caller reports the capture's own error
+        pass
+
+
 def _fixed_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
     """Each group's hyperparameters that a captured step bakes in (the Python numbers)."""
     return [[{k: v for k, v in g.items() if k not in ("params", "initial_lr") and not torch.is_tensor(v)}
@@ -232,12 +247,15 @@ class CudaGraphStep:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's pool is separate
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph):
                 self._loss = self._step(self._inputs, "reuse")
         except Fp8MoeError:
+            _recover_from_failed_capture(stream)
             raise
         except Exception as e:
+            _recover_from_failed_capture(stream)
             raise Fp8MoeError(f"CudaGraphStep: the training step could not be captured as a CUDA graph: "
                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         self._hyper = _fixed_hyperparameters(self.stepper.optimizers)

@@ -140,6 +140,28 @@ def test_refuses_what_a_replay_would_get_wrong(ckpt, gen):
     assert step.graph is None and step.steps == 1
 
 
+@cuda
+def test_a_failed_capture_leaves_the_process_usable(ckpt, gen):
+    # A step that syncs with the host cannot be captured: the error says so, and afterwards the
+    # stream, the CUDA generator and a new capture work (torch leaves the first two behind).
+    model = _model(ckpt, 12, "cuda")
+    stepper = StepAfterBackward(model, _adamw)
+    finish = stepper.finish
+    stepper.finish = lambda: (finish(), float(stepper.optimizers[0].param_groups[0]["lr"]))  # .item(): a sync
+    before = torch.cuda.current_stream()
+    step = CudaGraphStep(model, stepper, warmup_steps=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=gen).cuda()
+    step(input_ids=ids, labels=ids)
+    with pytest.raises(fp8moe.Fp8MoeError, match="could not be captured as a CUDA graph"):
+        step(input_ids=ids, labels=ids)
+    assert torch.cuda.current_stream() == before
+    assert torch.isfinite(torch.rand(8, device="cuda")).all()
+    stepper.finish = finish
+    again = CudaGraphStep(model, stepper, warmup_steps=1)
+    losses = [float(again(input_ids=ids, labels=ids)) for _ in range(3)]
+    assert again.graph is not None and all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_refuses_a_cpu_model_a_non_capturable_optimizer_and_dropout_under_checkpointing(ckpt):
     model = _model(ckpt, 6, "cpu")
     with pytest.raises(fp8moe.Fp8MoeError, match=r"optimizer 0 \(AdamW\) group 0 is not capturable"):
