@@ -37,7 +37,8 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             x = logits[s:s + chunk].float()
             lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
             picked = x.gather(1, safe[s:s + chunk, None]).squeeze(1)
-            total += torch.where(valid[s:s + chunk], lse[s:s + chunk] - picked, 0.0).sum()
+            # Out of place: torch.compile (2.11) loses the gradient of an output summed in place.
+            total = total + torch.where(valid[s:s + chunk], lse[s:s + chunk] - picked, 0.0).sum()
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.chunk = chunk
         return total
@@ -71,7 +72,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             e = s + chunk
             x = nn.functional.linear(hidden[s:e], weight).float()  # the head's logits, rounded as it rounds them
             lse = torch.logsumexp(x, dim=-1)
-            total += torch.where(valid[s:e], lse - x.gather(1, safe[s:e, None]).squeeze(1), 0.0).sum()
+            # Out of place, as in _ChunkedCrossEntropySum.
+            total = total + torch.where(valid[s:e], lse - x.gather(1, safe[s:e, None]).squeeze(1), 0.0).sum()
             if grad is not None:
                 p = x.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 p.scatter_add_(1, safe[s:e, None], torch.full_like(lse[:, None], -1.0))
@@ -176,7 +178,9 @@ def use_chunked_loss(model: nn.Module, keep_logits: bool = False) -> bool:
 
     @functools.wraps(type(model).forward)  # its signature, which Trainer and generate() read
     def head_in_loss(self, *args, **kwargs):
-        forward = inner if inner is not None else type(self).forward.__get__(self)
+        def forward(*a, **k):  # (a plain call: torch.compile traces no function.__get__)
+            return inner(*a, **k) if inner is not None else type(self).forward(self, *a, **k)
+
         head = getattr(self, name)
         if not _fusable(self, head, kwargs):
             return forward(*args, **kwargs)

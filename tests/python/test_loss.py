@@ -96,6 +96,26 @@ def test_linear_matches_head_then_transformers(dtype, num_items, gen, monkeypatc
         L.linear_causal_lm_loss(hidden, labels, V + 1, weight=weight)
 
 
+@pytest.mark.parametrize("which", ["chunked", "linear"])
+def test_compiled_loss_has_the_eager_gradient(which, gen, monkeypatch):
+    """torch.compile traces both autograd functions; an output summed in place lost its gradient
+    there (all zeros) in torch 2.11."""
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 97 * 4)
+    logits, labels, V = _case(gen, torch.float32)
+    weight = torch.randn(V, 16, generator=gen) / 4
+    x = torch.randn(3, 11, 16, generator=gen, requires_grad=True) if which == "linear" else logits
+
+    def f(t):
+        if which == "linear":
+            return L.linear_causal_lm_loss(t, labels, V, weight=weight)
+        return L.chunked_causal_lm_loss(t, labels, V)
+
+    want, = torch.autograd.grad(f(x), x)
+    torch._dynamo.reset()
+    got, = torch.autograd.grad(torch.compile(f, backend="aot_eager")(x), x)
+    assert torch.count_nonzero(want) > 0 and torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_linear_keeps_no_logits(gen, monkeypatch):
     """Backward holds the gradient to the hidden states only: nothing of [rows, vocab]."""
     monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 97 * 8)
@@ -170,3 +190,26 @@ def test_model_training_forward_makes_no_logits(root, gen, family):
     assert list(inspect.signature(ours.forward).parameters)[:2] == ["input_ids", "attention_mask"]  # Trainer reads it
     twin = copy.deepcopy(ours)  # a copy's forward runs the copy
     assert twin.forward.__self__ is twin
+
+
+def test_compiled_model_takes_the_same_path(root, gen):
+    """torch.compile of the whole PEFT model traces the bound forward (the head swap included)
+    without a warning and gives the eager loss and gradients."""
+    import warnings
+
+    import models
+    import peft
+
+    model = fp8moe.from_pretrained(models.fp8_checkpoint(root, "qwen3_moe"), device="cpu", dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    eager = pm(input_ids=ids, labels=ids)
+    want = torch.autograd.grad(eager.loss, [p for p in pm.parameters() if p.requires_grad])
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "Dynamo does not know how to trace ..."
+        out = torch.compile(pm, backend="aot_eager")(input_ids=ids, labels=ids)
+    got = torch.autograd.grad(out.loss, [p for p in pm.parameters() if p.requires_grad])
+    assert out.logits is None and torch.allclose(out.loss, eager.loss, rtol=1e-6, atol=0)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-7)
