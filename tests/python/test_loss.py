@@ -188,6 +188,7 @@ def test_model_training_forward_makes_no_logits(root, gen, family):
     import inspect
 
     assert list(inspect.signature(ours.forward).parameters)[:2] == ["input_ids", "attention_mask"]  # Trainer reads it
+    assert ours.generate(ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 11)  # generate() validates by it
     twin = copy.deepcopy(ours)  # a copy's forward runs the copy
     assert twin.forward.__self__ is twin
 
