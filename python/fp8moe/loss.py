@@ -150,10 +150,12 @@ def _head_name(model: nn.Module) -> Optional[str]:
 
 def _fusable(model: nn.Module, head: nn.Module, kwargs: dict) -> bool:
     """A training forward with labels through a plain frozen head: softcapped or scaled logits, a
-    trained or adapted head (PEFT wraps it), a head that accelerate's hooks move (offloading) and
-    forwards without a gradient keep the logits."""
+    trained or adapted head (PEFT wraps it), a head that accelerate's hooks move (offloading),
+    tuple outputs (their logits slot would hold the hidden states) and forwards without a gradient
+    keep the logits."""
     config = getattr(model, "config", None)
     return (torch.is_grad_enabled() and (kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None)
+            and kwargs.get("return_dict", getattr(config, "return_dict", True)) is not False
             and type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
             and not hasattr(head, "_hf_hook")
             and head.out_features == getattr(config, "vocab_size", None)

@@ -189,6 +189,8 @@ def test_model_training_forward_makes_no_logits(root, gen, family):
 
     assert list(inspect.signature(ours.forward).parameters)[:2] == ["input_ids", "attention_mask"]  # Trainer reads it
     assert ours.generate(ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 11)  # generate() validates by it
+    as_tuple = pa(input_ids=ids, labels=labels, return_dict=False)  # a tuple keeps real logits in its slot
+    assert torch.allclose(as_tuple[0], out_b.loss, rtol=1e-5, atol=0) and as_tuple[1].shape[-1] == ours.config.vocab_size
     twin = copy.deepcopy(ours)  # a copy's forward runs the copy
     assert twin.forward.__self__ is twin
 
