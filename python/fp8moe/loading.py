@@ -195,8 +195,8 @@ def from_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     result as transformers' loss). True: a forward with labels and gradients makes its loss from
     the hidden states and returns no logits; "logits": such a forward keeps its logits (0.6 GB
     more for Qwen3 at 2048 tokens, twice that at the loss's backward); False: transformers' own
-    loss. precision: None (leave the device's
-    setting), "w8a16", "w8a8" or "w8a8-down": the forward FP8 GEMMs' precision on `device`
+    loss. precision: None (leave the device's setting), "w8a16", "w8a8" or "w8a8-down": the
+    forward FP8 GEMMs' precision on `device`
     (fp8moe.set_gemm_precision). Raises Fp8MoeError naming the tensor for anything the checkpoint
     gets wrong.
     """
