@@ -66,12 +66,15 @@ def _router_near_ties(layer, run) -> tuple[object, torch.Tensor]:
 
 
 def test_decoder_layer_compiles_fullgraph(peft_models, device, gen):
-    inner, x, pos, pe = _layer_inputs(peft_models(device.type), 24, gen)
+    # 48 tokens: the near-tie count varies more than a binomial with the inputs (0-7 of 24, 2-11 of
+    # 48 over 30-60 seeds); at least 24 tokens are always compared (18 of 24 before, which a
+    # seed with 7 near ties missed in CI).
+    inner, x, pos, pe = _layer_inputs(peft_models(device.type), 48, gen)
     layer = inner.layers[1]
     eager, ties = _router_near_ties(layer, lambda: layer(x, position_embeddings=pe, position_ids=pos,
                                                           attention_mask=None))
     eager = eager[0] if isinstance(eager, tuple) else eager
-    assert int(ties.sum()) <= 6, "too many router near-ties to compare the rest (random router weights?)"
+    assert int((~ties).sum()) >= 24, "too many router near-ties to compare the rest (random router weights?)"
     # A near-tie token is left out of the comparison and, by a zero output gradient, out of the
     # backward: its expert output reaches no other token (the MLP comes after the attention).
     keep = ~ties.to(eager.device)
