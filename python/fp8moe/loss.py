@@ -24,21 +24,39 @@ from torch import Tensor, nn
 _CHUNK_ELEMENTS = 1 << 25
 
 
+def _targets(target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(valid rows, targets with ignored rows pointed at column 0) for gather and scatter."""
+    valid = target != ignore_index
+    return valid, torch.where(valid, target, torch.zeros_like(target))
+
+
+def _chunk_nll(x: Tensor, safe: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """A chunk of F32 logits: (log-sum-exp per row, sum over valid rows of lse - logit[target])."""
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
+
+
+def _nll_grad_(x: Tensor, lse: Tensor, safe: Tensor, scale: Tensor) -> Tensor:
+    """The chunk's gradient of lse - logit[target], times `scale` per row, in place of `x`:
+    softmax minus the target's one-hot."""
+    p = x.sub_(lse[:, None]).exp_()
+    p.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+    return p.mul_(scale[:, None])
+
+
 class _ChunkedCrossEntropySum(torch.autograd.Function):
     """sum over valid rows of (logsumexp(logits[i]) - logits[i, target[i]]), in F32."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int, chunk: int) -> Tensor:
-        valid = target != ignore_index
-        safe = torch.where(valid, target, torch.zeros_like(target))
+        valid, safe = _targets(target, ignore_index)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for s in range(0, logits.shape[0], chunk):
-            x = logits[s:s + chunk].float()
-            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            e = s + chunk
+            lse[s:e], part = _chunk_nll(logits[s:e].float(), safe[s:e], valid[s:e])
             # Out of place: torch.compile (2.11) loses the gradient of an output summed in place.
-            total = total + torch.where(valid[s:s + chunk], lse[s:s + chunk] - picked, 0.0).sum()
+            total = total + part
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.chunk = chunk
         return total
@@ -49,10 +67,9 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            p = torch.exp(logits[s:e].float() - lse[s:e, None])  # softmax of the chunk
-            p.scatter_add_(1, safe[s:e, None], torch.full_like(lse[s:e, None], -1.0))
-            p *= torch.where(valid[s:e], grad_total, 0.0)[:, None]
-            grad[s:e] = p.to(grad.dtype)
+            scale = torch.where(valid[s:e], grad_total, 0.0)
+            x = logits[s:e].to(torch.float32, copy=True)  # a copy even of F32 logits: the gradient is made in place
+            grad[s:e] = _nll_grad_(x, lse[s:e], safe[s:e], scale).to(grad.dtype)
         return grad, None, None, None
 
 
@@ -64,21 +81,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, ignore_index: int, chunk: int) -> Tensor:
-        valid = target != ignore_index
-        safe = torch.where(valid, target, torch.zeros_like(target))
+        valid, safe = _targets(target, ignore_index)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, hidden.shape[0], chunk):
             e = s + chunk
             x = nn.functional.linear(hidden[s:e], weight).float()  # the head's logits, rounded as it rounds them
-            lse = torch.logsumexp(x, dim=-1)
-            # Out of place, as in _ChunkedCrossEntropySum.
-            total = total + torch.where(valid[s:e], lse - x.gather(1, safe[s:e, None]).squeeze(1), 0.0).sum()
+            lse, part = _chunk_nll(x, safe[s:e], valid[s:e])
+            total = total + part  # out of place, as in _ChunkedCrossEntropySum
             if grad is not None:
-                p = x.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                p.scatter_add_(1, safe[s:e, None], torch.full_like(lse[:, None], -1.0))
-                p *= valid[s:e, None]
-                grad[s:e] = p.to(weight.dtype) @ weight
+                grad[s:e] = _nll_grad_(x, lse, safe[s:e], valid[s:e].float()).to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 
