@@ -7,12 +7,12 @@
 
 # Tested versions; pip keeps a newer installed torch (>= 2.10) as it is.
 FP8MOE_PY_REQS=("torch>=2.10" "transformers==5.17.0" "peft==0.21.2" "accelerate>=1.0" "safetensors" "tqdm" "compressed-tensors"
-                "numpy" "nanobind>=2.4" "scikit-build-core>=0.10" "pytest")
+                "numpy" "nanobind>=2.4" "scikit-build-core>=0.10" "pytest" "trl==1.16.0" "datasets")
 
 fp8moe_gpu_usable() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
 
 fp8moe_python_deps() {
-  if python3 -c "import torch, transformers, peft, accelerate, nanobind, scikit_build_core, pytest, tqdm, compressed_tensors" 2>/dev/null; then
+  if python3 -c "import torch, transformers, peft, accelerate, nanobind, scikit_build_core, pytest, tqdm, compressed_tensors, trl, datasets" 2>/dev/null; then
     return 0
   fi
   echo "setup: installing the Python dependencies (torch, transformers, peft, ...) from PyPI" >&2
