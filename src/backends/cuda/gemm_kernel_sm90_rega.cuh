@@ -5,7 +5,7 @@
 // BF16 shared-memory tile, fences it into the async proxy and meets every other thread at a
 // barrier per K tile; the tensor cores idle ~75% of the time (bench/NOTES.md). Here:
 //   roles     W rows are wgmma's M (64 per consumer warpgroup, 128 per CTA) and token rows its
-//             N (64, 128, or 2 x 128 with kNT = 2): the accumulator holds the transposed tile, which
+//             N (64, 128, 192, or 2 x 128 with kNT = 2): the accumulator holds the transposed tile, which
 //             the epilogue stages transposed. W enters the MMA from registers, so the dequantized W never goes
 //             through shared memory: no converted tile, no proxy fence for it, no barrier.
 //   warps     warpgroup 0 produces (cp.async of the gathered token rows into the swizzled
@@ -41,14 +41,21 @@ namespace fp8moe::cuda::gemm {
 // warpgroups trade registers (setmaxnreg: producer 80, consumers 208). One block of 64 serves
 // experts with few rows (a 128-token block would be mostly padding): half the MMA work per W
 // byte and smaller stages, so more of them stream W.
+//
+// One block of 192 (kNT 1) serves experts of ~100-190 rows, a full-size model's 2048-token step
+// (128 rows per expert on average, uniform routing): one tile per expert like the 256-token tile,
+// with a quarter fewer MMAs, all of them on real or near-real rows.
 template <int kNT_, int kTN_ = 128>
 struct TileSm90RegA {
   static constexpr int kNT = kNT_, kTN = kTN_;
-  static_assert(kTN == 128 || (kTN == 64 && kNT == 1), "token blocks: 1 or 2 of 128, or 1 of 64");
+  static_assert(kTN == 128 || (kNT == 1 && (kTN == 64 || kTN == 192)),
+                "token blocks: 1 or 2 of 128, or 1 of 64 or 192");
   static constexpr int BM = kTN * kNT;  // token rows per CTA (kNT wgmmas of N = kTN)
   static constexpr int BN = 128;        // W rows = output columns per CTA (2 x wgmma M)
   static constexpr int kBK = 64;
-  static constexpr int kStages = kNT == 2 ? 5 : kTN == 64 ? 12 : 8, kLag = kStages - 2;
+  // More than 64 accumulators per consumer thread: the warpgroups trade registers (setmaxnreg).
+  static constexpr bool kWideAcc = BM > 128;
+  static constexpr int kStages = kNT == 2 ? 5 : kTN == 192 ? 6 : kTN == 64 ? 12 : 8, kLag = kStages - 2;
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kTokTileBytes = BM * kBK * 2, kWTileBytes = BN * kBK;
   static constexpr int kStageLd = BN + 4;  // staged epilogue: transposed writes conflict-free
@@ -88,11 +95,28 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const uint32_t (&a)
   __trap();
 #endif
 }
+// D[64 x 192] += A[64 x 16] (registers) B[16 x 192] (descriptor).
+__device__ __forceinline__ void wgmma_m64n192k16_rs(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+#if FP8MOE_SM90A
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}, "
+      "{%96, %97, %98, %99}, %100, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]),"+f"(d[1]),"+f"(d[2]),"+f"(d[3]),"+f"(d[4]),"+f"(d[5]),"+f"(d[6]),"+f"(d[7]),"+f"(d[8]),"+f"(d[9]),"+f"(d[10]),"+f"(d[11]),"+f"(d[12]),"+f"(d[13]),"+f"(d[14]),"+f"(d[15]),"+f"(d[16]),"+f"(d[17]),"+f"(d[18]),"+f"(d[19]),"+f"(d[20]),"+f"(d[21]),"+f"(d[22]),"+f"(d[23]),"+f"(d[24]),"+f"(d[25]),"+f"(d[26]),"+f"(d[27]),"+f"(d[28]),"+f"(d[29]),"+f"(d[30]),"+f"(d[31]),"+f"(d[32]),"+f"(d[33]),"+f"(d[34]),"+f"(d[35]),"+f"(d[36]),"+f"(d[37]),"+f"(d[38]),"+f"(d[39]),"+f"(d[40]),"+f"(d[41]),"+f"(d[42]),"+f"(d[43]),"+f"(d[44]),"+f"(d[45]),"+f"(d[46]),"+f"(d[47]),"+f"(d[48]),"+f"(d[49]),"+f"(d[50]),"+f"(d[51]),"+f"(d[52]),"+f"(d[53]),"+f"(d[54]),"+f"(d[55]),"+f"(d[56]),"+f"(d[57]),"+f"(d[58]),"+f"(d[59]),"+f"(d[60]),"+f"(d[61]),"+f"(d[62]),"+f"(d[63]),"+f"(d[64]),"+f"(d[65]),"+f"(d[66]),"+f"(d[67]),"+f"(d[68]),"+f"(d[69]),"+f"(d[70]),"+f"(d[71]),"+f"(d[72]),"+f"(d[73]),"+f"(d[74]),"+f"(d[75]),"+f"(d[76]),"+f"(d[77]),"+f"(d[78]),"+f"(d[79]),"+f"(d[80]),"+f"(d[81]),"+f"(d[82]),"+f"(d[83]),"+f"(d[84]),"+f"(d[85]),"+f"(d[86]),"+f"(d[87]),"+f"(d[88]),"+f"(d[89]),"+f"(d[90]),"+f"(d[91]),"+f"(d[92]),"+f"(d[93]),"+f"(d[94]),"+f"(d[95])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+  (void)d, (void)a, (void)desc_b;
+  __trap();
+#endif
+}
 // The m64nNk16 MMA of a kTN-token block.
 template <int kTN>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
   if constexpr (kTN == 64)
     wgmma_m64n64k16_rs(d, a, desc_b);
+  else if constexpr (kTN == 192)
+    wgmma_m64n192k16_rs(d, a, desc_b);
   else
     wgmma_m64n128k16_rs(d, a, desc_b);
 }
@@ -185,12 +209,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
 
   if (tid < 128) {
     // ---- producer: tile t into stage t % kStages once its consumers released it
-    if constexpr (kNT == 2) setmaxnreg_dec<80>();
+    if constexpr (Cfg::kWideAcc) setmaxnreg_dec<80>();
     constexpr int kTokChunks = BM * kBK / 8 / 128, kWChunks = BN * kBK / 16 / 128;
     // Chunk i of a thread is 16 tile rows (tokens; transposed W) or 32 (forward W) past chunk
     // 0, so its shared-memory offset is chunk 0's plus a constant (the swizzles repeat every 8
     // rows); sources are kept per chunk, zero-fill flags as bit masks (few registers: the
-    // producer runs on 80 with two token blocks).
+    // producer runs on 80 beside wide accumulators).
     const char* a_src[kTokChunks];
     uint32_t a_valid = 0;
     const int a_dst = swz(tid / 8, (tid % 8) * 8) * 2;  // chunk i: + i * 16 rows * 128 bytes
@@ -273,7 +297,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) grouped_gemm_sm90_rega_kerne
   } else {
     // The CTA holds 384 x 168 registers (launch bounds): 128 x 80 + 256 x 208 fit in them. An
     // increase past the pool would block forever.
-    if constexpr (kNT == 2) setmaxnreg_inc<208>();
+    if constexpr (Cfg::kWideAcc) setmaxnreg_inc<208>();
     float acc[kNT][kTN / 2];  // per token block: the m64 x kTN fragment
 #pragma unroll
     for (int tt = 0; tt < kNT; ++tt)

@@ -136,12 +136,16 @@ TEST(GemmDispatch, TileShapeChoice) {
     p.fine_k_scale = fine_k;
     return cuda::gemm::choose_tile_shape(p, sm90);
   };
-  // The register-A engine where it fits: 64 tokens below 64 rows per expert, 256 from 128 on.
+  // The register-A engine where it fits: 64 tokens below 64 rows per expert, 192 at 112-175,
+  // 256 from 176 on.
   EXPECT_EQ(choose(16, true, false, true), TileShape::Sm90RegAT64);
   EXPECT_EQ(choose(63, true, false, true), TileShape::Sm90RegAT64);
   EXPECT_EQ(choose(64, true, false, true), TileShape::Sm90RegA);
-  EXPECT_EQ(choose(127, true, false, true), TileShape::Sm90RegA);
-  EXPECT_EQ(choose(128, true, false, true), TileShape::Sm90RegAT256);
+  EXPECT_EQ(choose(111, true, false, true), TileShape::Sm90RegA);
+  EXPECT_EQ(choose(112, true, false, true), TileShape::Sm90RegAT192);
+  EXPECT_EQ(choose(128, true, false, true), TileShape::Sm90RegAT192);  // a 2048-token step
+  EXPECT_EQ(choose(175, true, false, true), TileShape::Sm90RegAT192);
+  EXPECT_EQ(choose(176, true, false, true), TileShape::Sm90RegAT256);
   EXPECT_EQ(choose(256, true, false, true), TileShape::Sm90RegAT256);
   EXPECT_EQ(choose(0, true, false, true), TileShape::Sm90RegAT64);  // T = 0
   // Else the shared-memory wgmma kernel from 128 rows per expert, or for fine K scales.
