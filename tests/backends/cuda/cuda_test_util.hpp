@@ -40,7 +40,8 @@ inline uint64_t fresh_seed() {
     if (!::fp8moe::cuda_available()) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
 
-// A GPU and the W8A8 kernel (built with -DFP8MOE_W8A8=ON, an sm_90 card); skips with the reason.
+// A GPU and the W8A8 kernel (built by default where sm_90a is targeted and CUTLASS is found; an
+// sm_90 card); skips with the reason.
 #define FP8MOE_REQUIRE_W8A8()                                                                         \
   do {                                                                                                \
     FP8MOE_REQUIRE_GPU();                                                                             \
