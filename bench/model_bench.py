@@ -240,6 +240,39 @@ def memory_at_peak(step, device) -> dict:
             "top": [(k, b / 2**30, n) for k, b, n in top]}
 
 
+def routing_stats(model: nn.Module, seq: int, device) -> dict:
+    """Rows per expert in each MoE layer for one forward of `seq` random tokens (the timed steps'
+    kind of input): the tile dispatch sees only the average, so the spread is what a tile shape's
+    measured gain on uniform routing (gemm_lab) may not carry over to. Per layer: the largest
+    expert's rows over the average, and the share of rows in experts above 1.5x the average."""
+    from fp8moe.modeling import Fp8Experts
+
+    layers: list[dict] = []
+
+    def hook(mod, args):
+        idx = args[1].reshape(-1)
+        counts = torch.bincount(idx, minlength=mod.num_experts).float()
+        mean = counts.sum() / counts.numel()
+        layers.append({"mean": float(mean), "max": float(counts.max()),
+                       "share_over_1_5x": float(counts[counts > 1.5 * mean].sum() / counts.sum())})
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, Fp8Experts)]
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, model.config.vocab_size, (1, seq), device=device, generator=gen))
+    finally:
+        for h in handles:
+            h.remove()
+    if not layers:
+        return {}
+    ratios = sorted(l["max"] / max(l["mean"], 1e-9) for l in layers)
+    return {"layers": len(layers), "rows_per_expert_mean": layers[0]["mean"],
+            "max_over_mean_median": ratios[len(ratios) // 2], "max_over_mean_max": ratios[-1],
+            "share_over_1_5x_median": sorted(l["share_over_1_5x"] for l in layers)[len(layers) // 2],
+            "per_layer_max": [l["max"] for l in layers]}
+
+
 def measure(model: nn.Module, targets: dict, seq: int, steps: int, warmup: int, device, profile: bool,
             compile_layers: bool = False, compile_mode: Optional[str] = None, step_in_backward: bool = False,
             cuda_graph: bool = False, memory: bool = False) -> dict:
@@ -418,6 +451,10 @@ def main() -> int:
             t0 = time.time()
             model = build_fp8moe(cfg, scheme, device, 0) if impl == "fp8moe" else build_peer(cfg, device, 0)
             built = time.time() - t0
+            if impl == "fp8moe":
+                r["routing"] = routing_stats(model, a.seq, device)
+                print(f"{name} routing: {json.dumps({k: v for k, v in r['routing'].items() if k != 'per_layer_max'})}",
+                      flush=True)
             failed = None
             for k in a.configs.split(","):
                 if failed:  # the model may still hold the failed configuration's adapters
@@ -520,6 +557,14 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {what} | {step(o)} | {step(q)} | {sp} | {peak(o)} | {peak(q)} | {mem} |")
     if failures:
         lines += ["", "Failed (measured nothing):", ""] + failures
+    for name, r in res["models"].items():
+        rt = r.get("routing")
+        if rt:  # what the tile dispatch, which sees the average only, meets in this model
+            lines.append(f"\n{name} routing (one forward of the step's kind of random tokens): "
+                         f"{rt['rows_per_expert_mean']:.0f} rows per expert on average; the largest expert holds "
+                         f"{rt['max_over_mean_median']:.1f}x that in the median layer and {rt['max_over_mean_max']:.1f}x "
+                         f"at most; experts above 1.5x the average hold {rt['share_over_1_5x_median']:.0%} of the "
+                         "rows (median layer).")
     q = res["models"].get("qwen3", {})
     if all(_ok(q.get(x)) for x in ("fp8moe_a", "fp8moe_b", "peer_a", "peer_b")):
         a, b, pa, pb = q["fp8moe_a"], q["fp8moe_b"], q["peer_a"], q["peer_b"]

@@ -125,3 +125,28 @@ def test_live_at_peak_replays_a_trace_to_its_highest_point():
     peak, top = model_bench.live_at_peak(trace)
     assert peak == 180
     assert top == [("ops.py:42 moe_forward", 130, 2), ("modeling.py:7 forward", 50, 1)]
+
+
+def test_routing_stats_count_rows_per_expert():
+    """model_bench's routing summary (what the tile dispatch meets beyond the average): one forward
+    of a tiny fp8moe model on the CPU, the counts against the router's own top-k."""
+    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    cfg = model_bench.config("qwen3", tiny=True)
+    model = model_bench.build_fp8moe(cfg, "block", torch.device("cpu"), 0)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[-1] if isinstance(out, tuple) else out))
+             for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    try:
+        st = model_bench.routing_stats(model, 8, torch.device("cpu"))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert st["layers"] == cfg.num_hidden_layers and len(st["per_layer_max"]) == st["layers"]
+    assert st["rows_per_expert_mean"] == pytest.approx(8 * cfg.num_experts_per_tok / cfg.num_experts)
+    # the largest expert's rows, from the router's own top-k indices of the same forward
+    want = [float(torch.bincount(i.reshape(-1), minlength=cfg.num_experts).max()) for i in seen]
+    assert st["per_layer_max"] == want
+    assert 1.0 <= st["max_over_mean_median"] <= st["max_over_mean_max"] and 0.0 <= st["share_over_1_5x_median"] <= 1.0
+    md = model_bench.markdown(_run(qwen3={"fp8moe_b": _side(400.0, 37.0), "routing": st}))
+    assert "qwen3 routing (one forward" in md and "rows per expert on average" in md
