@@ -416,14 +416,7 @@ __device__ __forceinline__ bool run_of_8(const int (&n)[8]) {
 // v[j] -> row[n[j]] (n < 0: skipped). `vec`: the row allows 16-byte-aligned 8-element stores.
 __device__ __forceinline__ void store8(void* p, Elem t, int64_t row, const int (&n)[8], const float (&v)[8], bool vec) {
   if (vec && run_of_8(n)) {
-    if (t == Elem::BF16) {
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + row + n[0]) =
-          make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
-    } else {
-      float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + row + n[0]);
-      q[0] = make_float4(v[0], v[1], v[2], v[3]);
-      q[1] = make_float4(v[4], v[5], v[6], v[7]);
-    }
+    store_run8(p, t, row + n[0], v);
     return;
   }
 #pragma unroll

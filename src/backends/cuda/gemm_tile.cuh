@@ -67,6 +67,17 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
+// 8 values to consecutive BF16 or F32 elements from index i (16-byte aligned).
+__device__ __forceinline__ void store_run8(void* p, Elem t, int64_t i, const float (&v)[8]) {
+  if (t == Elem::BF16) {
+    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + i) =
+        make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+  } else {
+    float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + i);
+    q[0] = make_float4(v[0], v[1], v[2], v[3]);
+    q[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+}
 
 // ---- 8-element chunks held in registers between the global load and the shared-memory store
 
