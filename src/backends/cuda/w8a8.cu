@@ -170,13 +170,12 @@ struct EpilogueParams {
   void* out = nullptr;     // [M, N] or [M, N / 2]
   Elem out_type = Elem::BF16;
   bool out_vec8 = false, aux_vec8 = false, chan_vec8 = false;
-  bool out_pair = false, aux_pair = false;  // 2-element stores allowed (lora_epilogue_kernel)
   int rows_per_block = 1;
-  // out's Fp8Rows, written from the values as stored (epilogue_kernel only; else null).
+  // out's Fp8Rows, written from the values as stored (else null).
   uint8_t* q_codes = nullptr;  // [M, cols]
   float* q_scales = nullptr;   // [M, ceil(cols / 128)]
-  // LoRA delta (lora_epilogue_kernel only): + lora_scale * sum_q L[row, q] LB_e[n, q], before the
-  // row scale, as GroupedGemm's v.
+  // LoRA delta (vector_epilogue_kernel with kR > 0): + lora_scale * sum_q L[row, q] LB_e[n, q],
+  // before the row scale, as GroupedGemm's v.
   const void* l = nullptr;  // [M, R], or [T, R] read through the plan (l_tokens)
   Elem l_type = Elem::BF16;
   bool l_tokens = false;
@@ -188,12 +187,12 @@ struct EpilogueParams {
 };
 
 // GroupedGemm's v from D = the FP8 product: ch, the channel scale (1 without); delta, the scaled
-// LoRA term (0 without); rs, the row scale; bias (0 without). Both passes below apply it.
+// LoRA term (0 without); rs, the row scale; bias (0 without). v_run8 applies the same terms.
 __device__ __forceinline__ float epilogue_value(float d, float ch, float delta, float rs, float bias) {
   return (d * ch + delta) * rs + bias;
 }
 
-// v[j] for columns n[j] of row r (n < 0: 0), without LoRA (lora_epilogue_kernel adds it). The 8
+// v[j] for columns n[j] of row r (n < 0: 0), without LoRA. The 8
 // values of D and the channel scales come as vector loads where n is a run of 8 (the halves
 // layout, or a Store); e is only read when there are channel scales or a bias.
 __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, float rs, const int (&n)[8], float (&v)[8]) {
@@ -280,113 +279,205 @@ __global__ void epilogue_kernel(EpilogueParams p) {
   }
 }
 
-// The same pass with the LoRA delta (LoraPath::Pass). An addend GEMM of K = r spends its time
-// in a strided epilogue; here the delta is r FMAs per element of a coalesced pass. A thread owns
-// two columns of v (a Store: two adjacent outputs; a GLU: the gate and up columns of one output)
-// and keeps LB_e's rows for them in registers, reloaded when its rows reach the next expert, while
-// it walks the block's run of rows (blockIdx.x; blockIdx.y: the column slice). The block stages
-// the run's L rows and row scales in shared memory first, and a thread loads D for kBatch rows
-// before using any, to keep enough DRAM reads in flight. kR: the rank rounded up (LB and L are
-// zero past R).
-constexpr int kLoraThreads = 256, kLoraRows = 64, kLoraBatch = 8;
+// ---- the vector pass (EpilogueForm::Vector; w8a8.cuh: vector_tile)
 
-// v[i] into row[n[i]] (n < 0: nothing); both in one store where `pair` (n[1] = n[0] + 1, n[0]
-// even, the array aligned to two elements).
-__device__ __forceinline__ void store2(void* p, Elem t, int64_t row, const int (&n)[2], const float (&v)[2], bool pair) {
-  if (pair && t == Elem::BF16) {
-    *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p) + row + n[0]) = gemm::pack_bf16x2(v[0], v[1]);
-  } else if (pair) {
-    *reinterpret_cast<float2*>(static_cast<float*>(p) + row + n[0]) = make_float2(v[0], v[1]);
-  } else {
+namespace vt = vector_tile;
+
+// The 8 v values of row r at v columns col .. col + 7 (col a multiple of 8): GroupedGemm's
+// (d * ch + lora_scale * delta) * rs + bias, as epilogue_value, each term a 16-byte run. `delta`:
+// the run in the block's F32 delta tile (kLora only). Terms are applied one by one rather than
+// through epilogue_value: that call with arrays of neutral defaults doubled the kernel's registers.
+template <bool kLora>
+__device__ __forceinline__ void v_run8(const EpilogueParams& p, int64_t r, int e, float rs, int col, const float* delta,
+                                       float (&v)[8]) {
+  gemm::load_run8(p.d, Elem::BF16, r * p.N + col, v);
+  if (p.chan) {
+    float ch[8];
+    gemm::load_run8(p.chan, Elem::F32, static_cast<int64_t>(e) * p.N + col, ch);
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-      if (n[i] >= 0) gemm::store_elem(p, t, row + n[i], v[i]);
+    for (int j = 0; j < 8; ++j) v[j] *= ch[j];
+  }
+  if constexpr (kLora) {
+    const float4 a = reinterpret_cast<const float4*>(delta)[0], b = reinterpret_cast<const float4*>(delta)[1];
+    const float dl[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = fmaf(p.lora_scale, dl[j], v[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] *= rs;
+  if (p.bias) {
+    float b[8];
+    gemm::load_run8(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + col, b);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] += b[j];
   }
 }
 
-template <int kR>
-__global__ void __launch_bounds__(kLoraThreads) lora_epilogue_kernel(EpilogueParams p) {
-  __shared__ float ls[kLoraRows][kR];
-  __shared__ float rss[kLoraRows];
-  const bool glu = p.epi == Epilogue::GluForward;
-  const int cols = glu ? p.N / 2 : p.N;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kLoraRows;
-  const int64_t r_end = min(static_cast<int64_t>(p.offsets[p.E]), min(p.M, r0 + kLoraRows));
+// The block's LoRA delta tile: delta[lr][j] = sum_q L[r0 + lr, q] LB_e[v_col(j), q] for each row
+// lr < rows, e the row's expert. L's rows (read through the plan) are staged once; then, for each
+// expert the rows hold, LB_e's rows for the tile's v columns, and one MMA of the whole tile whose
+// rows of that expert are kept. Ranks past R are zero in both operands.
+template <int kR, bool kGlu, bool kInter>
+__device__ void lora_delta_tile(const EpilogueParams& p, int64_t r0, int rows, int tile, int cols, uint32_t* smem) {
+  constexpr int kW = vt::words(kR), kPairs = kR / 2, kVc = vt::v_cols(kGlu), kNt = vt::n_tiles(kGlu);
+  uint32_t* ls = smem;
+  uint32_t* lbs = ls + vt::kRows * kW;
+  float* delta = reinterpret_cast<float*>(lbs + kVc * kW);
+  for (int i = threadIdx.x; i < vt::kRows * kPairs; i += vt::kThreads) {
+    const int lr = i / kPairs, w = i % kPairs, q = 2 * w;
+    float x0 = 0.0f, x1 = 0.0f;
+    if (lr < rows) {
+      const int64_t r = r0 + lr, src = p.l_tokens ? p.sorted_pairs[r] / p.top_k : r;
+      if (q < p.R) x0 = gemm::load_elem(p.l, p.l_type, src * p.R + q);
+      if (q + 1 < p.R) x1 = gemm::load_elem(p.l, p.l_type, src * p.R + q + 1);
+    }
+    ls[lr * kW + w] = gemm::pack_bf16x2(x0, x1);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int e_first = expert_of(p.offsets, p.E, r0), e_last = expert_of(p.offsets, p.E, r0 + rows - 1);
+  for (int e = e_first; e <= e_last; ++e) {
+    const int64_t lo = p.offsets[e], hi = p.offsets[e + 1];
+    if (lo == hi) continue;  // the same for the whole block: no barrier is skipped by part of it
+    __syncthreads();         // L staged; the last expert's reads of lbs done
+    for (int i = threadIdx.x; i < kVc * kPairs; i += vt::kThreads) {
+      const int j = i / kPairs, w = i % kPairs, q = 2 * w;
+      const int n = vt::v_col(j, tile, cols, kGlu, kInter);
+      float x0 = 0.0f, x1 = 0.0f;
+      if (n >= 0) {
+        const int64_t base = (static_cast<int64_t>(e) * p.N + n) * p.R;
+        if (q < p.R) x0 = gemm::load_elem(p.lb, p.lb_type, base + q);
+        if (q + 1 < p.R) x1 = gemm::load_elem(p.lb, p.lb_type, base + q + 1);
+      }
+      lbs[j * kW + w] = gemm::pack_bf16x2(x0, x1);
+    }
+    __syncthreads();
+    float acc[2][kNt][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kR / 16; ++kk) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mh = 0; mh < 2; ++mh)
+#pragma unroll
+        for (int reg = 0; reg < 4; ++reg) a[mh][reg] = ls[vt::a_row(16 * mh, reg, lane) * kW + vt::a_word(reg, lane, kk)];
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+        const int n0 = (warp * kNt + nt) * 8;
+        const uint32_t b0 = lbs[vt::b_row(n0, lane) * kW + vt::b_word(0, lane, kk)];
+        const uint32_t b1 = lbs[vt::b_row(n0, lane) * kW + vt::b_word(1, lane, kk)];
+#pragma unroll
+        for (int mh = 0; mh < 2; ++mh) gemm::mma_bf16_16816(acc[mh][nt], a[mh], b0, b1);
+      }
+    }
+#pragma unroll
+    for (int mh = 0; mh < 2; ++mh)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int lr = vt::c_row(16 * mh, h, lane);
+        if (r0 + lr < lo || r0 + lr >= hi) continue;  // another expert's row, or past the rows
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+          const int col = (warp * kNt + nt) * 8 + vt::c_col(lane);
+          *reinterpret_cast<float2*>(delta + lr * vt::delta_ld(kGlu) + col) =
+              make_float2(acc[mh][nt][2 * h], acc[mh][nt][2 * h + 1]);
+        }
+      }
+  }
+  __syncthreads();  // the delta tile complete
+}
+
+// epilogue_kernel's work in tiles of 32 rows x 128 outputs (blockIdx.x: the row tile, .y: the column
+// tile), with the LoRA delta where kR > 0 (the rank rounded up to 16 or 32). kGlu: GluForward;
+// kInter: its gate and up columns interleaved (GPT-OSS), else halves; template arguments, so that
+// every run index is a constant (a runtime choice would index the runs in local memory). Every
+// item reads and writes 16-byte runs, with no index arrays: 40 to 63 registers (sm_90a, CUDA 13.0)
+// against epilogue_kernel's 93, which left that pass latency-bound at two blocks per SM
+// (bench/NOTES.md, twenty-seventh session).
+// Rows at or past offsets[E] are not written. With q_codes, a half warp holds one row's 128-wide
+// group (16 chunks) and takes its amax with shuffles, as epilogue_kernel does.
+template <int kR, bool kGlu, bool kInter>
+__global__ void __launch_bounds__(vt::kThreads, 4) vector_epilogue_kernel(EpilogueParams p) {
+  constexpr bool kLora = kR > 0;
+  extern __shared__ uint32_t lora_smem[];
+  const int cols = kGlu ? p.N / 2 : p.N, tile = static_cast<int>(blockIdx.y);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * vt::kRows;
+  const int64_t r_end = min(static_cast<int64_t>(p.offsets[p.E]), min(p.M, r0 + vt::kRows));
   if (r0 >= r_end) return;  // the whole block: no barrier is skipped by part of it
   const int rows = static_cast<int>(r_end - r0);
-  for (int i = threadIdx.x; i < rows * kR; i += blockDim.x) {
-    const int lr = i / kR, q = i % kR;
+  const float* delta = nullptr;
+  if constexpr (kLora) {
+    lora_delta_tile<kR, kGlu, kInter>(p, r0, rows, tile, cols, lora_smem);
+    delta = reinterpret_cast<const float*>(lora_smem + (vt::kRows + vt::v_cols(kGlu)) * vt::words(kR));
+  }
+  const bool need_e = p.chan || p.bias;
+  // A thread's items ascend by row: its expert is searched once, then advanced.
+  int e = need_e ? expert_of(p.offsets, p.E, r0 + threadIdx.x / vt::kChunks) : 0;
+#pragma unroll
+  for (int s = 0; s < vt::kItemsPerThread; ++s) {
+    const int i = static_cast<int>(threadIdx.x) + s * vt::kThreads, lr = i / vt::kChunks, chunk = i % vt::kChunks;
+    const int c0 = tile * vt::kCols + 8 * chunk;  // the item's first output
+    const bool live = lr < rows && c0 < cols;     // cols % 8 == 0: a live item is 8 outputs
     const int64_t r = r0 + lr;
-    const int64_t src = p.l_tokens ? p.sorted_pairs[r] / p.top_k : r;
-    ls[lr][q] = q < p.R ? gemm::load_elem(p.l, p.l_type, src * p.R + q) : 0.0f;
-  }
-  for (int lr = threadIdx.x; lr < rows; lr += blockDim.x)
-    rss[lr] = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r0 + lr]) : 1.0f;
-  __syncthreads();
-
-  const int c = (static_cast<int>(blockIdx.y) * kLoraThreads + static_cast<int>(threadIdx.x)) * (glu ? 1 : 2);
-  if (c >= cols) return;  // after the barrier
-  int vn[2];
-  if (glu) {
-    vn[0] = static_cast<int>(p.act.gate_row(c, cols));
-    vn[1] = static_cast<int>(p.act.up_row(c, cols));
-  } else {
-    vn[0] = c;
-    vn[1] = c + 1 < cols ? c + 1 : -1;
-  }
-  float lb[2][kR], ch[2] = {1.0f, 1.0f}, bs[2] = {0.0f, 0.0f};
-  int e = expert_of(p.offsets, p.E, r0), loaded = -1;
-  const unsigned short* d = reinterpret_cast<const unsigned short*>(p.d);
-  const bool pair = vn[1] == vn[0] + 1;  // a Store's two columns, or GPT-OSS's interleaved gate and up
-  for (int b0 = 0; b0 < rows; b0 += kLoraBatch) {
-    uint32_t raw[kLoraBatch][2];  // BF16 bits
-#pragma unroll
-    for (int u = 0; u < kLoraBatch; ++u) {
-      const int64_t row = (r0 + b0 + u) * p.N;
-      if (b0 + u >= rows) {
-        raw[u][0] = raw[u][1] = 0;
-      } else if (pair) {  // one 4-byte load of both (vn[0] even, rows of even length, D 4-byte aligned)
-        const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(d + row + vn[0]));
-        raw[u][0] = w & 0xFFFFu, raw[u][1] = w >> 16;
+    float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (live) {
+      if (need_e)
+        while (p.offsets[e + 1] <= r) ++e;
+      const float rs = p.row_scale ? gemm::load_elem(p.row_scale, p.rs_type, p.sorted_pairs[r]) : 1.0f;
+      const int ja = vt::run_a(chunk, kGlu, kInter);
+      const float* drow = kLora ? delta + lr * vt::delta_ld(kGlu) : nullptr;
+      if constexpr (!kGlu) {
+        v_run8<kLora>(p, r, e, rs, c0, kLora ? drow + ja : nullptr, o);
       } else {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) raw[u][i] = vn[i] >= 0 ? __ldg(d + row + vn[i]) : 0u;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kLoraBatch; ++u) {
-      const int lr = b0 + u;
-      if (lr >= rows) break;
-      const int64_t r = r0 + lr;
-      while (p.offsets[e + 1] <= r) ++e;
-      if (e != loaded) {  // LB_e, the channel scales and the bias of this thread's columns
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int64_t base = (static_cast<int64_t>(e) * p.N + vn[i]) * p.R;
-#pragma unroll
-          for (int q = 0; q < kR; ++q) lb[i][q] = vn[i] >= 0 && q < p.R ? gemm::load_elem(p.lb, p.lb_type, base + q) : 0.0f;
-          if (vn[i] < 0) continue;
-          if (p.chan) ch[i] = p.chan[static_cast<int64_t>(e) * p.N + vn[i]];
-          if (p.bias) bs[i] = gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + vn[i]);
+        const int jb = vt::run_b(chunk, kInter);
+        const int na = vt::v_col(ja, tile, cols, true, kInter), nb = vt::v_col(jb, tile, cols, true, kInter);
+        float a[8], b[8];
+        v_run8<kLora>(p, r, e, rs, na, kLora ? drow + ja : nullptr, a);
+        v_run8<kLora>(p, r, e, rs, nb, kLora ? drow + jb : nullptr, b);
+        if (p.aux_store) {
+          gemm::store_run8(p.aux, p.aux_type, r * p.N + na, a);
+          gemm::store_run8(p.aux, p.aux_type, r * p.N + nb, b);
         }
-        loaded = e;
-      }
-      float v[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float delta = 0.0f;
-#pragma unroll
-        for (int q = 0; q < kR; ++q) delta = fmaf(ls[lr][q], lb[i][q], delta);
-        v[i] = epilogue_value(__uint_as_float(raw[u][i] << 16), ch[i], p.lora_scale * delta, rss[lr], bs[i]);
+        for (int j = 0; j < 8; ++j) {
+          const bool kGateB = vt::glu_in_b(j, false, kInter), kUpB = vt::glu_in_b(j, true, kInter);  // j unrolled: constants
+          const float gate = kGateB ? b[vt::glu_index(j, false, kInter)] : a[vt::glu_index(j, false, kInter)];
+          const float up = kUpB ? b[vt::glu_index(j, true, kInter)] : a[vt::glu_index(j, true, kInter)];
+          o[j] = gemm::act_forward(p.act, gate, up);
+        }
       }
-      if (!glu) {
-        store2(p.out, p.out_type, r * p.N, vn, v, pair && p.out_pair);
-        continue;
-      }
-      if (p.aux_store) store2(p.aux, p.aux_type, r * p.N, vn, v, pair && p.aux_pair);
-      gemm::store_elem(p.out, p.out_type, r * cols + c, gemm::act_forward(p.act, v[0], v[1]));
+      gemm::store_run8(p.out, p.out_type, r * cols + c0, o);
     }
+    if (!p.q_codes) continue;
+    // The values as stored, then their codes (epilogue_kernel's quantization, with no padding
+    // past the row: a tile is one group).
+    if (p.out_type == Elem::BF16) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = __bfloat162float(__float2bfloat16_rn(o[j]));
+    }
+    const float amax = half_warp_amax(o);
+    if (!live) continue;
+    const float scale = group_scale(amax);
+    if (chunk == 0) p.q_scales[r * ((cols + kGroup - 1) / kGroup) + tile] = scale;
+    uint32_t word[2];
+    encode8(o, scale, word);
+    store_codes8(p.q_codes + r * cols + c0, word, 8, true);
   }
+}
+
+// One vector_epilogue_kernel launch for the problem's shape; kR: 0 (no LoRA), 16 or 32.
+template <int kR>
+void launch_vector_epilogue(const EpilogueParams& ep, bool glu, bool inter, dim3 grid, cudaStream_t stream) {
+  const auto launch = [&](auto kernel, bool kernel_glu) {
+    const int smem = kR > 0 ? vt::smem_bytes(kR, kernel_glu) : 0;
+    if (smem > 48 * 1024) gemm::set_smem_limit(kernel, smem);
+    kernel<<<grid, vt::kThreads, smem, stream>>>(ep);
+  };
+  if (!glu)
+    launch(vector_epilogue_kernel<kR, false, false>, false);
+  else if (inter)
+    launch(vector_epilogue_kernel<kR, true, true>, true);
+  else
+    launch(vector_epilogue_kernel<kR, true, false>, true);
+  FP8MOE_CUDA_LAUNCH_CHECK("w8a8 vector_epilogue_kernel");
 }
 
 // ---- host side
@@ -437,6 +528,24 @@ std::string fits(const GroupedGemm& g) {
   if (!aligned16(bd.data)) return "W is not 16-byte aligned";
   if (!g.a.defined() || (g.a.src.dtype != DType::BF16 && g.a.src.dtype != DType::F32)) return "A is not BF16 or F32";
   return "";
+}
+
+std::string epilogue_vector_fits(const GroupedGemm& g) {
+  const bool glu = g.epilogue == Epilogue::GluForward;
+  const int64_t N = g.b.data.rank() == 3 ? g.b.data.size(1) : 0, cols = glu ? N / 2 : N;
+  if (cols % 8 != 0) return std::to_string(cols) + " output columns, not a multiple of 8";
+  if (!aligned16(g.out.data)) return "out is not 16-byte aligned";
+  if (g.aux.defined() && !aligned16(g.aux.data)) return "aux is not 16-byte aligned";
+  if (g.bias.defined() && !aligned16(g.bias.data)) return "bias is not 16-byte aligned";
+  if (g.b.spec.kind == ScaleKind::Channel && !aligned16(g.b.scale.data)) return "W's channel scales are not 16-byte aligned";
+  return "";
+}
+
+std::string lora_pass_fits(const GroupedGemm& g) {
+  const int64_t R = g.lora_a.src.rank() == 2 ? g.lora_a.src.size(1) : 0;
+  if (R < 1 || R > kMaxPassRank)
+    return "the pass takes rank 1 to " + std::to_string(kMaxPassRank) + ", found r = " + std::to_string(R);
+  return epilogue_vector_fits(g);
 }
 
 namespace {
@@ -550,6 +659,15 @@ const char* sm90_tile_name(Sm90Tile t) {
   return "?";
 }
 
+const char* epilogue_form_name(EpilogueForm f) {
+  switch (f) {
+    case EpilogueForm::Auto: return "auto";
+    case EpilogueForm::General: return "general";
+    case EpilogueForm::Vector: return "vector";
+  }
+  return "?";
+}
+
 const char* lora_path_name(LoraPath p) {
   switch (p) {
     case LoraPath::Auto: return "auto";
@@ -589,8 +707,11 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     R = g.lora_a.src.size(1);
     check_view(g.lora_a.src, "W8A8 grouped GEMM lora_a", {g.lora_a.rows == RowSource::Tokens ? plan.tokens : M, R});
     check_view(g.lora_b, "W8A8 grouped GEMM lora_b [E, N, r]", {E, N, R});
-    FP8MOE_CHECK(lora != LoraPath::Pass || (R >= 1 && R <= kMaxPassRank), "W8A8 grouped GEMM: the LoRA pass takes rank ",
-                 "1 to ", kMaxPassRank, ", found r = ", R, " (the addend GEMM takes any)");
+    if (lora == LoraPath::Pass) {
+      const std::string pass_why = lora_pass_fits(g);
+      FP8MOE_CHECK(pass_why.empty(), "W8A8 grouped GEMM: the LoRA pass cannot take this problem: ", pass_why,
+                   " (the addend GEMM takes any)");
+    }
   }
   check_a_fp8(g, K);
   if (g.out_fp8.defined()) check_fp8_rows(g.out_fp8, "W8A8 grouped GEMM out_fp8", M, out_cols, Device::CUDA);
@@ -637,8 +758,9 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   // 3. The epilogue policies on D. With a LoRA delta on LoraPath::AddendGemm: the W8A16 family's
   //    rank-r GEMM (K = r, the LoRA factors as its operands) with D as its addend, so that the
   //    whole epilogue (channel scales, the delta, row scale, bias, GLU) runs in that kernel's and
-  //    the delta [M, N] is never stored. Otherwise one of this file's passes: lora_epilogue_kernel
-  //    with a delta (LoraPath::Pass), epilogue_kernel without.
+  //    the delta [M, N] is never stored. Otherwise one of this file's passes: vector_epilogue_kernel
+  //    with the delta on tensor cores (LoraPath::Pass), or without LoRA it or epilogue_kernel
+  //    (EpilogueForm).
   if (g.lora_a.defined() && lora == LoraPath::AddendGemm) {
     lora_addend_gemm(g, TensorView(d, DType::BF16, {M, N}, Device::CUDA), channel ? g.b.scale : TensorView(), stream);
     quantize_out();
@@ -657,7 +779,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   ep.epi = g.epilogue;
   ep.act = g.act;
   ep.chan_vec8 = aligned16(ep.chan);  // rows of N % 8 == 0 (fits) floats
-  const bool nothing_to_apply = !ep.chan && !ep.row_scale && !ep.bias;
+  const bool nothing_to_apply = !ep.chan && !ep.row_scale && !ep.bias && R == 0;
   if (g.aux.defined()) {
     ep.aux = g.aux.data;
     ep.aux_type = elem_of(g.aux.dtype, "aux");
@@ -668,7 +790,7 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   ep.out = g.out.data;
   ep.out_type = elem_of(g.out.dtype, "out");
   ep.out_vec8 = out_cols % 8 == 0 && aligned16(ep.out);
-  if (R > 0) {  // LoraPath::Pass
+  if (R > 0) {  // LoraPath::Pass (lora_pass_fits held above)
     ep.l = g.lora_a.src.data;
     ep.l_type = elem_of(g.lora_a.src.dtype, "lora_a");
     ep.l_tokens = g.lora_a.rows == RowSource::Tokens;
@@ -677,26 +799,6 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     ep.lb_type = elem_of(g.lora_b.dtype, "lora_b");
     ep.R = static_cast<int>(R);
     ep.lora_scale = static_cast<float>(g.lora_scale);
-    if (g.aux.defined()) ep.aux_store = true;  // the delta changes v, D included
-    const auto aligned_pair = [](const void* ptr, Elem t) {
-      return reinterpret_cast<uintptr_t>(ptr) % (t == Elem::BF16 ? 4 : 8) == 0;
-    };
-    ep.out_pair = aligned_pair(ep.out, ep.out_type);
-    ep.aux_pair = ep.aux && aligned_pair(ep.aux, ep.aux_type);
-    const int64_t per_thread = glu ? 1 : 2;  // output columns
-    const int64_t slices = (out_cols + per_thread * kLoraThreads - 1) / (per_thread * kLoraThreads);
-    const int64_t row_runs = (M + kLoraRows - 1) / kLoraRows;
-    FP8MOE_CHECK(slices <= 65535 && row_runs <= INT32_MAX, "W8A8 LoRA pass: M = ", M, ", N = ", N, " too large");
-    const dim3 grid(static_cast<unsigned>(row_runs), static_cast<unsigned>(slices));
-    if (R <= 8)
-      lora_epilogue_kernel<8><<<grid, kLoraThreads, 0, stream>>>(ep);
-    else if (R <= 16)
-      lora_epilogue_kernel<16><<<grid, kLoraThreads, 0, stream>>>(ep);
-    else
-      lora_epilogue_kernel<32><<<grid, kLoraThreads, 0, stream>>>(ep);
-    FP8MOE_CUDA_LAUNCH_CHECK("w8a8 lora_epilogue_kernel");
-    quantize_out();
-    return;
   }
   // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done, but
   // for out's codes (a read of out, cheaper than the pass's rewrite of it).
@@ -707,6 +809,22 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
   if (g.out_fp8.defined()) {
     ep.q_codes = static_cast<uint8_t*>(g.out_fp8.codes.data);
     ep.q_scales = static_cast<float*>(g.out_fp8.scales.data);
+  }
+  EpilogueForm form = R > 0 ? EpilogueForm::Vector : options.form == EpilogueForm::Auto ? choose_epilogue_form(g) : options.form;
+  if (form == EpilogueForm::Vector && !epilogue_vector_fits(g).empty()) form = EpilogueForm::General;
+  if (form == EpilogueForm::Vector) {
+    const int64_t row_tiles = (M + vector_tile::kRows - 1) / vector_tile::kRows;
+    const int64_t col_tiles = (out_cols + vector_tile::kCols - 1) / vector_tile::kCols;
+    FP8MOE_CHECK(row_tiles <= INT32_MAX && col_tiles <= 65535, "W8A8 epilogue: M = ", M, ", N = ", N, " too large");
+    const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+    const bool inter = glu && g.act.layout == GateUpLayout::Interleaved;
+    if (R == 0)
+      launch_vector_epilogue<0>(ep, glu, inter, grid, stream);
+    else if (R <= 16)
+      launch_vector_epilogue<16>(ep, glu, inter, grid, stream);
+    else
+      launch_vector_epilogue<32>(ep, glu, inter, grid, stream);
+    return;
   }
   // Items of 8 outputs; with codes, a row's items are padded to a multiple of 16 (epilogue_kernel).
   constexpr int kThreads = 256;  // a multiple of 32: epilogue_kernel's half warps

@@ -58,20 +58,43 @@ std::string fits(const GroupedGemm& g);
 
 // Where the LoRA delta of a W8A8 GEMM is added to the FP8 product D:
 //   AddendGemm  the W8A16 family's rank-r GEMM (K = r, an mma.sync tile) with D as its addend;
-//   Pass        this path's epilogue pass: each thread keeps LB_e for its columns in registers and
-//               walks a run of rows, r FMAs per element (r <= kMaxPassRank);
+//   Pass        this path's vector epilogue pass (EpilogueForm::Vector, below) with the rank-r product
+//               of its tile computed in it on tensor cores (r <= kMaxPassRank; lora_pass_fits);
 //   Auto        choose_lora_path.
 enum class LoraPath : uint8_t { Auto, AddendGemm, Pass };
 inline constexpr int kMaxPassRank = 32;
 const char* lora_path_name(LoraPath p);
-// The choice (w8a8_dispatch.cpp): AddendGemm, which takes any rank. The pass measured the same
-// (~2.2 ms for both projections at 16384 Qwen3 tokens, H100: bench/NOTES.md, eighteenth session),
-// so it is not the default. FP8MOE_W8A8_LORA=pass | addend-gemm forces one (the pass only where
-// r <= kMaxPassRank), for timing both in a whole layer.
+// The choice (w8a8_dispatch.cpp): AddendGemm, which takes any rank and every shape, until a GPU run
+// has measured the tensor-core pass against it (bench/NOTES.md, twenty-eighth session).
+// FP8MOE_W8A8_LORA=pass | addend-gemm forces one (the pass only where lora_pass_fits), for timing
+// both in a whole layer.
 LoraPath choose_lora_path(const GroupedGemm& g);
 // FP8MOE_W8A8_LORA's value: null or "" -> Auto, "pass", "addend-gemm"; anything else throws, naming
 // the value and the accepted ones (never a silent default).
 LoraPath parse_lora_path_env(const char* value);
+// Empty when the pass takes g's LoRA delta: rank 1 to kMaxPassRank and what epilogue_vector_fits
+// asks; else the first condition it fails, in words.
+std::string lora_pass_fits(const GroupedGemm& g);
+
+// How the epilogue pass after the CUTLASS GEMM walks its outputs (without LoRA, or with
+// LoraPath::Pass):
+//   General  epilogue_kernel: items of 8 outputs at any column, index arrays per item, rows per
+//            block by epilogue_rows_per_block; any shape and alignment.
+//   Vector   vector_epilogue_kernel: tiles of 32 rows x 128 outputs (vector_tile below), every
+//            read and write a 16-byte run, the tile's LoRA delta from an MMA in shared memory.
+//            Needs epilogue_vector_fits.
+//   Auto     choose_epilogue_form.
+enum class EpilogueForm : uint8_t { Auto, General, Vector };
+const char* epilogue_form_name(EpilogueForm f);
+// Empty when the vector form takes g: output columns (N, or N / 2 for a GLU) a multiple of 8 and
+// out, aux, bias and per-channel scales 16-byte aligned; else the first condition it fails.
+std::string epilogue_vector_fits(const GroupedGemm& g);
+// The choice (w8a8_dispatch.cpp): General, until a GPU run has measured Vector (bench/NOTES.md,
+// twenty-eighth session); FP8MOE_W8A8_EPILOGUE=vector | general forces one (Vector only where it
+// fits; a problem it does not fit takes General, logged).
+EpilogueForm choose_epilogue_form(const GroupedGemm& g);
+// FP8MOE_W8A8_EPILOGUE's value: null or "" -> Auto, "vector", "general"; anything else throws.
+EpilogueForm parse_epilogue_form_env(const char* value);
 
 // The CUTLASS kernel's tile (cutlass/fp8_grouped_sm90.cu):
 //   M128  cooperative 128 x 128 x 128, both consumer warpgroups on one tile;
@@ -95,8 +118,9 @@ int epilogue_rows_per_block(int64_t rows, int64_t items_per_row, int threads);
 
 // How one call runs; Auto leaves a choice to the functions above.
 struct Options {
-  LoraPath lora = LoraPath::Auto;  // where a LoRA delta is added (Pass with r > kMaxPassRank is refused)
+  LoraPath lora = LoraPath::Auto;  // where a LoRA delta is added (Pass where lora_pass_fits fails is refused)
   Sm90Tile tile = Sm90Tile::Auto;  // the CUTLASS kernel's tile
+  EpilogueForm form = EpilogueForm::Auto;  // the pass without LoRA (Vector where it does not fit: General)
 };
 
 // Runs `g` on the W8A8 path (fits(g) must be empty and available() true; both are checked).
@@ -154,6 +178,62 @@ __host__ __device__ constexpr int ldsm_row(int lane) {
 // matrices holding K rows 4q, 4q+1 and 4q+2, 4q+3.
 constexpr uint32_t kLow = 0x6420, kHigh = 0x7531;
 }  // namespace regw_layout
+
+// The vector epilogue pass's tile (w8a8.cu, vector_epilogue_kernel) and its rank-r MMA's operand
+// addressing, shared with a host test that replays the tile (CI runs GemmDispatch.*).
+//
+// A block takes kRows rows and kCols outputs (one 128-wide quantization group of out's FP8 rows) of
+// column tile `tile`. Its v columns (the GEMM's N side: the outputs themselves for a Store; for a GLU
+// the gate and up columns of its outputs) are tile columns j < v_cols(glu). An item is 8 outputs of
+// a row: chunk c (kChunks per row, so a half warp holds one row's group) reads runs of 8 v columns
+// at tile columns run_a(c) and run_b(c) (a GLU's second run). With LoRA, L's rows and LB_e's rows for
+// the tile's v columns are staged as BF16 pairs (`words(kR)` 32-bit words a row) and multiplied on
+// mma.sync m16n8k16 (A = L [rows, r], B = LB_e^T), each warp kNTiles(glu) n8 tiles of both m16
+// halves, into an F32 tile [kRows, delta_ld(glu)] in shared memory.
+namespace vector_tile {
+inline constexpr int kRows = 32, kCols = 128, kThreads = 256, kChunks = kCols / 8;
+inline constexpr int kItemsPerThread = kRows * kChunks / kThreads;
+__host__ __device__ constexpr int v_cols(bool glu) { return glu ? 2 * kCols : kCols; }
+// n8 tiles per warp (8 warps over the v columns).
+__host__ __device__ constexpr int n_tiles(bool glu) { return v_cols(glu) / 8 / (kThreads / 32); }
+// Row strides: 4 words past a multiple of 8, so the 8 rows a fragment load touches (g = lane / 4,
+// word q = lane % 4) fall on distinct bank quads; 8 floats past the tile, so that a half warp's
+// float2 stores of rows g and g + 4 do not collide.
+__host__ __device__ constexpr int words(int rank) { return rank / 2 + 4; }
+__host__ __device__ constexpr int delta_ld(bool glu) { return v_cols(glu) + 8; }
+// Shared memory of a block with rank kR (L rows, LB rows, the F32 delta tile).
+__host__ __device__ constexpr int smem_bytes(int rank, bool glu) {
+  return 4 * ((kRows + v_cols(glu)) * words(rank) + kRows * delta_ld(glu));
+}
+// The GEMM column (v column) of tile column j, or -1 where the tile runs past the outputs. `cols`:
+// the outputs (N for a Store, N / 2 for a GLU).
+__host__ __device__ constexpr int v_col(int j, int tile, int cols, bool glu, bool interleaved) {
+  if (!glu) return tile * kCols + j < cols ? tile * kCols + j : -1;
+  if (interleaved) return 2 * tile * kCols + j < 2 * cols ? 2 * tile * kCols + j : -1;  // gate 2n, up 2n + 1
+  const int n = tile * kCols + j % kCols;  // halves: gate n, up cols + n
+  return n < cols ? (j < kCols ? n : cols + n) : -1;
+}
+// Tile columns of chunk c's runs: a Store's outputs; a GLU's gate and up runs (halves), or its
+// 16 interleaved columns (gate, up, gate, ...) as two runs.
+__host__ __device__ constexpr int run_a(int c, bool glu, bool interleaved) { return glu && interleaved ? 16 * c : 8 * c; }
+__host__ __device__ constexpr int run_b(int c, bool interleaved) { return interleaved ? 16 * c + 8 : kCols + 8 * c; }
+// Where output o (0..7) of a GLU item finds its gate (up = false) or up value: in run b or a
+// (glu_in_b), at index glu_index of the run.
+__host__ __device__ constexpr bool glu_in_b(int o, bool up, bool interleaved) { return interleaved ? o >= 4 : up; }
+__host__ __device__ constexpr int glu_index(int o, bool up, bool interleaved) {
+  return interleaved ? 2 * (o % 4) + (up ? 1 : 0) : o;
+}
+// mma.sync m16n8k16 fragments of lane `lane` (g = lane / 4, q = lane % 4) at k step kk, as row and
+// word of the staged operand: A register reg (0..3) of the m16 half at row0; B register reg (0..1)
+// of the n8 tile at column n0 (B's column n is LB row n); accumulator pair h (0: row g, 1: g + 8)
+// at tile column n0 + c_col.
+__host__ __device__ constexpr int a_row(int row0, int reg, int lane) { return row0 + lane / 4 + 8 * (reg % 2); }
+__host__ __device__ constexpr int a_word(int reg, int lane, int kk) { return 8 * kk + lane % 4 + 4 * (reg / 2); }
+__host__ __device__ constexpr int b_row(int n0, int lane) { return n0 + lane / 4; }
+__host__ __device__ constexpr int b_word(int reg, int lane, int kk) { return 8 * kk + lane % 4 + 4 * reg; }
+__host__ __device__ constexpr int c_row(int row0, int h, int lane) { return row0 + lane / 4 + 8 * h; }
+__host__ __device__ constexpr int c_col(int lane) { return 2 * (lane % 4); }
+}  // namespace vector_tile
 
 // ---- the phases, exposed for tests and benchmarks
 

@@ -75,13 +75,34 @@ LoraPath choose_lora_path(const GroupedGemm& g) {
   // layer (bench/layer_profile.py). Read once per process.
   static const LoraPath forced = parse_lora_path_env(std::getenv("FP8MOE_W8A8_LORA"));
   const int64_t R = g.lora_a.defined() && g.lora_a.src.rank() == 2 ? g.lora_a.src.size(1) : 0;
-  LoraPath path = LoraPath::AddendGemm;
-  if (forced == LoraPath::Pass && R <= kMaxPassRank) path = LoraPath::Pass;
+  const std::string why = forced == LoraPath::Pass ? lora_pass_fits(g) : "";
+  const LoraPath path = forced == LoraPath::Pass && why.empty() ? LoraPath::Pass : LoraPath::AddendGemm;
   gemm::log_choice_once([&] {
     return "W8A8 LoRA delta (r " + std::to_string(R) + ", N " + std::to_string(g.b.data.rank() == 3 ? g.b.data.size(1) : 0) +
-           ") -> " + lora_path_name(path) + (forced != LoraPath::Auto ? " (FP8MOE_W8A8_LORA)" : "");
+           ") -> " + lora_path_name(path) + (forced != LoraPath::Auto ? " (FP8MOE_W8A8_LORA)" : "") +
+           (why.empty() ? "" : " (the pass declined: " + why + ")");
   });
   return path;
+}
+
+EpilogueForm parse_epilogue_form_env(const char* v) {
+  if (v == nullptr || *v == '\0') return EpilogueForm::Auto;
+  if (std::strcmp(v, "vector") == 0) return EpilogueForm::Vector;
+  if (std::strcmp(v, "general") == 0) return EpilogueForm::General;
+  FP8MOE_FAIL("FP8MOE_W8A8_EPILOGUE='", v, "' is not one of: vector, general (unset: the library's choice, choose_epilogue_form)");
+}
+
+EpilogueForm choose_epilogue_form(const GroupedGemm& g) {
+  // FP8MOE_W8A8_EPILOGUE overrides the choice, for measuring one form against the other in a whole
+  // layer. Read once per process.
+  static const EpilogueForm forced = parse_epilogue_form_env(std::getenv("FP8MOE_W8A8_EPILOGUE"));
+  const std::string why = forced == EpilogueForm::Vector ? epilogue_vector_fits(g) : "";
+  const EpilogueForm form = forced == EpilogueForm::Vector && why.empty() ? EpilogueForm::Vector : EpilogueForm::General;
+  gemm::log_choice_once([&] {
+    return "W8A8 epilogue pass (" + problem_key(g) + ") -> " + epilogue_form_name(form) +
+           (forced != EpilogueForm::Auto ? " (FP8MOE_W8A8_EPILOGUE)" : "") + (why.empty() ? "" : " (vector declined: " + why + ")");
+  });
+  return form;
 }
 
 Sm90Tile parse_tile_env(const char* v) {
