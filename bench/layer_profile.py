@@ -10,13 +10,17 @@ linear (q_proj 2048 -> 4096, k_proj and v_proj 2048 -> 512, o_proj 4096 -> 2048;
 x and its LoRA factors (F32, as PEFT holds them) taking gradients.
 
     python3 bench/layer_profile.py --models qwen3,glm --tokens 16384 --precisions w8a16,w8a8 [--lora 16]
-        [--dgrad bf16,fp8] [--json out/layer_profile.json] [--md BENCHMARKS.md]
+        [--dgrad bf16,fp8 | --w8a8-env "epilogue=general;epilogue=vector,lora=pass"]
+        [--json out/layer_profile.json] [--md BENCHMARKS.md]
 
 Prints, per (model, tokens, precision, LoRA rank), the total kernel time of a forward and of a
 backward, then each kernel's share (median over --reps profiled iterations); --md writes a table
 of them, each phase split by kernel family, into BENCHMARKS.md. --dgrad profiles W8A8 once per
 setting of its input-gradient GEMMs (FP8MOE_W8A8_DGRAD, read once per process: one child process
-each), labelled "w8a8 (dgrad fp8)" and so on.
+each), labelled "w8a8 (dgrad fp8)" and so on. --w8a8-env does the same for any of W8A8's settings
+(FP8MOE_W8A8_DGRAD, _EPILOGUE, _LORA, _TILE: `dgrad`, `epilogue`, `lora`, `tile`), one child per
+`;`-separated group of `knob=value` pairs, every --precisions in each, labelled
+"w8a8 (epilogue vector, lora pass)" and so on.
 """
 
 from __future__ import annotations
@@ -75,10 +79,12 @@ def category(short_name: str) -> str:
     return "other"
 
 
-def section_title(dgrad: bool, ranks: list[int]) -> str:
-    """The run's BENCHMARKS.md section: the plain one, or a variant of its own for W8A8's dgrad
-    options and for runs with LoRA on every layer, so that each kind of run keeps its table."""
-    variant = (["W8A8 dgrad options"] if dgrad else []) + (["LoRA r " + ",".join(map(str, ranks))] if ranks and all(ranks) else [])
+def section_title(options: str | None, ranks: list[int]) -> str:
+    """The run's BENCHMARKS.md section: the plain one, or a variant of its own for W8A8's options
+    (`options`: "dgrad" for --dgrad, "settings" for --w8a8-env) and for runs with LoRA on every
+    layer, so that each kind of run keeps its table."""
+    label = {"dgrad": "W8A8 dgrad options", "settings": "W8A8 settings"}.get(options or "")
+    variant = ([label] if label else []) + (["LoRA r " + ",".join(map(str, ranks))] if ranks and all(ranks) else [])
     return SECTION + (" - " + ", ".join(variant) if variant else "")
 
 
@@ -106,21 +112,49 @@ def markdown(results: list[dict], device: str, command: str, date: str, title: s
     return "\n".join(lines) + "\n"
 
 
+# W8A8's settings that --w8a8-env sets, each read once per process by the library.
+W8A8_KNOBS = ("dgrad", "epilogue", "lora", "tile")
+
+
 def precision_label(precision: str) -> str:
-    """The precision as reported: W8A8's dgrad setting beside it where the environment sets one."""
-    dgrad = os.environ.get("FP8MOE_W8A8_DGRAD", "")
-    return f"{precision} (dgrad {dgrad})" if precision == "w8a8" and dgrad else precision
+    """The precision as reported: the W8A8 settings the environment sets beside it (the dgrad one for
+    w8a8 only: w8a8-down's backward is W8A16's)."""
+    if precision not in ("w8a8", "w8a8-down"):
+        return precision
+    knobs = [k for k in W8A8_KNOBS if k != "dgrad" or precision == "w8a8"]
+    set_ = [f"{k} {os.environ[f'FP8MOE_W8A8_{k.upper()}']}" for k in knobs if os.environ.get(f"FP8MOE_W8A8_{k.upper()}")]
+    return f"{precision} ({', '.join(set_)})" if set_ else precision
+
+
+def parse_w8a8_env(spec: str) -> list[dict[str, str]]:
+    """--w8a8-env's groups: "epilogue=general;epilogue=vector,lora=pass" -> one environment update
+    per group. An unknown knob or a pair without "=" is an error naming it."""
+    groups = []
+    for group in spec.split(";"):
+        env = {}
+        for pair in filter(None, (p.strip() for p in group.split(","))):
+            knob, eq, value = pair.partition("=")
+            if not eq or knob not in W8A8_KNOBS or not value:
+                raise ValueError(f"--w8a8-env: '{pair}' is not knob=value with a knob of {', '.join(W8A8_KNOBS)}")
+            env[f"FP8MOE_W8A8_{knob.upper()}"] = value
+        groups.append(env)
+    return groups
 
 
 def run_children(a: argparse.Namespace) -> list[dict]:
-    """--dgrad: this script once per setting, each in its own process, and their results in order."""
+    """--dgrad or --w8a8-env: this script once per setting, each in its own process (the library reads
+    them once per process), and their results in order. --dgrad runs W8A8 only."""
     results: list[dict] = []
+    if a.dgrad:
+        groups, precisions = [{"FP8MOE_W8A8_DGRAD": s} for s in a.dgrad.split(",")], "w8a8"
+    else:
+        groups, precisions = parse_w8a8_env(a.w8a8_env), a.precisions
     base = [sys.executable, os.path.abspath(__file__), "--models", a.models, "--tokens", a.tokens,
-            "--precisions", "w8a8", "--lora", a.lora, "--reps", str(a.reps)]
-    for setting in a.dgrad.split(","):
+            "--precisions", precisions, "--lora", a.lora, "--reps", str(a.reps)]
+    for group in groups:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "results.json")
-            subprocess.run(base + ["--json", out], env=dict(os.environ, FP8MOE_W8A8_DGRAD=setting), check=True)
+            subprocess.run(base + ["--json", out], env=dict(os.environ, **group), check=True)
             with open(out, encoding="utf-8") as f:
                 results += json.load(f)["results"]
     return results
@@ -246,9 +280,19 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dgrad", default=None,
                     help="W8A8 only, once per setting of FP8MOE_W8A8_DGRAD (bf16, fp8), comma-separated")
+    ap.add_argument("--w8a8-env", default=None,
+                    help="W8A8 settings side by side: ';'-separated groups of knob=value (knobs: "
+                    + ", ".join(W8A8_KNOBS) + "), one child process per group")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None, help="also write the section into this BENCHMARKS.md (its other sections stay)")
     a = ap.parse_args()
+    if a.dgrad and a.w8a8_env:
+        ap.error("--dgrad and --w8a8-env: one or the other (--dgrad X is --w8a8-env dgrad=X)")
+    if a.w8a8_env:
+        try:
+            parse_w8a8_env(a.w8a8_env)
+        except ValueError as e:
+            ap.error(str(e))
     unknown = [m for m in a.models.split(",") if m not in SHAPES and m not in LINEARS]
     if unknown:
         ap.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join([*SHAPES, *LINEARS])})")
@@ -257,7 +301,7 @@ def main() -> int:
         return 2
     device = torch.device("cuda", torch.cuda.current_device())
     print(f"layer_profile on {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    results = run_children(a) if a.dgrad else profile_all(a, device)
+    results = run_children(a) if a.dgrad or a.w8a8_env else profile_all(a, device)
     name = torch.cuda.get_device_name(device)
     if a.json:
         with open(a.json, "w") as f:
@@ -265,7 +309,7 @@ def main() -> int:
     if a.md:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         command = "bench/layer_profile.py " + " ".join(sys.argv[1:])
-        title = section_title(bool(a.dgrad), [int(r) for r in a.lora.split(",")])
+        title = section_title("dgrad" if a.dgrad else "settings" if a.w8a8_env else None, [int(r) for r in a.lora.split(",")])
         md_sections.replace_section(a.md, title, markdown(results, name, command, date, title))
     return 0
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import layer_profile as lp  # noqa: E402
 
@@ -81,6 +83,44 @@ def test_precision_label_names_the_dgrad_setting(monkeypatch):
     assert lp.precision_label("w8a8-down") == "w8a8-down"
 
 
+def test_precision_label_names_every_w8a8_setting(monkeypatch):
+    for k in lp.W8A8_KNOBS:
+        monkeypatch.delenv(f"FP8MOE_W8A8_{k.upper()}", raising=False)
+    monkeypatch.setenv("FP8MOE_W8A8_EPILOGUE", "vector")
+    monkeypatch.setenv("FP8MOE_W8A8_LORA", "pass")
+    monkeypatch.setenv("FP8MOE_W8A8_DGRAD", "fp8")
+    assert lp.precision_label("w8a8") == "w8a8 (dgrad fp8, epilogue vector, lora pass)"
+    assert lp.precision_label("w8a8-down") == "w8a8-down (epilogue vector, lora pass)"  # its backward is W8A16's
+    assert lp.precision_label("w8a16") == "w8a16"
+
+
+def test_w8a8_env_groups_and_errors():
+    assert lp.parse_w8a8_env("epilogue=general;epilogue=vector, lora=pass") == [
+        {"FP8MOE_W8A8_EPILOGUE": "general"}, {"FP8MOE_W8A8_EPILOGUE": "vector", "FP8MOE_W8A8_LORA": "pass"}]
+    for bad in ("epilog=vector", "epilogue", "lora=", "epilogue=vector;tiles=m64"):
+        with pytest.raises(ValueError, match="knob=value"):
+            lp.parse_w8a8_env(bad)
+
+
+def test_w8a8_env_runs_one_child_per_group_with_every_precision(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, env, check):
+        calls.append(({k: v for k, v in env.items() if k.startswith("FP8MOE_W8A8_")}, cmd))
+        with open(cmd[cmd.index("--json") + 1], "w", encoding="utf-8") as f:
+            lp.json.dump({"device": "x", "results": [{"precision": "p"}]}, f)
+
+    monkeypatch.delenv("FP8MOE_W8A8_LORA", raising=False)
+    monkeypatch.delenv("FP8MOE_W8A8_EPILOGUE", raising=False)
+    monkeypatch.setattr(lp.subprocess, "run", fake_run)
+    a = lp.argparse.Namespace(models="qwen3", tokens="2048", lora="16", reps=1, dgrad=None,
+                              precisions="w8a8,w8a8-down", w8a8_env="lora=addend-gemm;lora=pass,epilogue=vector")
+    assert len(lp.run_children(a)) == 2
+    assert [c[0].get("FP8MOE_W8A8_LORA") for c in calls] == ["addend-gemm", "pass"]
+    assert calls[1][0]["FP8MOE_W8A8_EPILOGUE"] == "vector" and "FP8MOE_W8A8_EPILOGUE" not in calls[0][0]
+    assert all(c[1][c[1].index("--precisions") + 1] == "w8a8,w8a8-down" for c in calls)
+
+
 def test_dgrad_runs_one_child_per_setting_in_order(monkeypatch):
     calls = []
 
@@ -92,7 +132,8 @@ def test_dgrad_runs_one_child_per_setting_in_order(monkeypatch):
             lp.json.dump({"device": "x", "results": [{"precision": f"w8a8 (dgrad {env['FP8MOE_W8A8_DGRAD']})"}]}, f)
 
     monkeypatch.setattr(lp.subprocess, "run", fake_run)
-    a = lp.argparse.Namespace(models="qwen3,glm", tokens="16384", lora="0,16", reps=2, dgrad="bf16,fp8")
+    a = lp.argparse.Namespace(models="qwen3,glm", tokens="16384", lora="0,16", reps=2, dgrad="bf16,fp8", w8a8_env=None,
+                              precisions="w8a16")
     got = lp.run_children(a)
     assert [r["precision"] for r in got] == ["w8a8 (dgrad bf16)", "w8a8 (dgrad fp8)"]
     assert [c[0] for c in calls] == ["bf16", "fp8"]
@@ -102,8 +143,9 @@ def test_dgrad_runs_one_child_per_setting_in_order(monkeypatch):
 
 
 def test_each_kind_of_run_has_its_own_section():
-    assert lp.section_title(False, [0]) == lp.SECTION
-    assert lp.section_title(False, [0, 16]) == lp.SECTION  # the plain table, with and without LoRA
-    assert lp.section_title(False, [16]) == lp.SECTION + " - LoRA r 16"
-    assert lp.section_title(True, [0]) == lp.SECTION + " - W8A8 dgrad options"
-    assert lp.section_title(True, [8, 16]) == lp.SECTION + " - W8A8 dgrad options, LoRA r 8,16"
+    assert lp.section_title(None, [0]) == lp.SECTION
+    assert lp.section_title(None, [0, 16]) == lp.SECTION  # the plain table, with and without LoRA
+    assert lp.section_title(None, [16]) == lp.SECTION + " - LoRA r 16"
+    assert lp.section_title("dgrad", [0]) == lp.SECTION + " - W8A8 dgrad options"
+    assert lp.section_title("dgrad", [8, 16]) == lp.SECTION + " - W8A8 dgrad options, LoRA r 8,16"
+    assert lp.section_title("settings", [0, 16]) == lp.SECTION + " - W8A8 settings"
