@@ -41,17 +41,25 @@ bool tile_shape_fits(TileShape s, const GemmProblem& p) {
   return tile_shape_supported(s) && (!is_rega(s) || p.rega_fits) && (!is_plain(s) || p.plain_sum);
 }
 
+bool parse_t192_env(const char* v) {
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "on") == 0) return true;
+  if (std::strcmp(v, "off") == 0) return false;
+  FP8MOE_FAIL("FP8MOE_GEMM_T192='", v, "' is not one of: on, off (unset: on)");
+}
+
 TileShape choose_tile_shape(const GemmProblem& p) {
-  const TileShape s = choose_tile_shape(p, sm90_kernels_available());
+  // Read once per process, as the W8A8 settings are.
+  static const bool t192 = parse_t192_env(std::getenv("FP8MOE_GEMM_T192"));
+  const TileShape s = choose_tile_shape(p, sm90_kernels_available(), t192);
   log_choice_once([&] {
     return "grouped_gemm N " + std::to_string(p.n) + ", " + std::to_string(p.experts) + " experts, ~" +
            std::to_string(rows_bucket(p.rows, p.experts)) + " rows each" + (p.fine_k_scale ? ", fine K scale" : "") +
-           (p.rega_fits ? ", reg-A fits" : "") + " -> " + tile_shape_name(s);
+           (p.rega_fits ? ", reg-A fits" : "") + " -> " + tile_shape_name(s) + (t192 ? "" : " (FP8MOE_GEMM_T192=off)");
   });
   return s;
 }
 
-TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
+TileShape choose_tile_shape(const GemmProblem& p, bool sm90, bool t192) {
   const int64_t rows = p.rows, experts = p.experts;
   // Measured on H100 (bench/gemm_lab, bench/NOTES.md), all four GEMMs of both model shapes:
   // - wgmma beats mma.sync everywhere once experts average a full 128-row tile (1.4-3.3x);
@@ -72,7 +80,7 @@ TileShape choose_tile_shape(const GemmProblem& p, bool sm90) {
   //   256-token tile on all eight GEMMs (H100, twenty-sixth session); the edges 112 and 176 are
   //   not measured. In the graphed 2048-token steps GLM gained 5 ms and Qwen3 lost 1-3.
   if (sm90 && p.rega_fits) {
-    if (rows >= 112 * experts && rows < 176 * experts) return TileShape::Sm90RegAT192;
+    if (t192 && rows >= 112 * experts && rows < 176 * experts) return TileShape::Sm90RegAT192;
     if (rows >= 128 * experts) return TileShape::Sm90RegAT256;
     return rows >= 64 * experts ? TileShape::Sm90RegA : TileShape::Sm90RegAT64;
   }

@@ -116,9 +116,14 @@ GemmProblem describe(const GroupedGemm& g);
 // problem).
 bool tile_shape_fits(TileShape s, const GemmProblem& p);
 // The one place that picks a tile shape: for this device, or (pure, host-testable) for a device
-// that can (`sm90`) or cannot run the wgmma kernels.
+// that can (`sm90`) or cannot run the wgmma kernels, with (`t192`) or without the 192-token
+// register-A tile. FP8MOE_GEMM_T192=off leaves that tile out on this device, for the A/B against
+// the 256-token tile in whole training steps (bench/NOTES.md, twenty-sixth to twenty-eighth sessions).
 TileShape choose_tile_shape(const GemmProblem& p);
-TileShape choose_tile_shape(const GemmProblem& p, bool sm90);
+TileShape choose_tile_shape(const GemmProblem& p, bool sm90, bool t192 = true);
+// FP8MOE_GEMM_T192's value: null, "" or "on" -> true, "off" -> false; anything else throws, naming
+// the value and the accepted ones.
+bool parse_t192_env(const char* value);
 // How many K ranges the chosen launch splits the reduction into (1: none), each a CTA writing F32
 // partial sums that a second pass adds in split order (deterministic). Only for plain sums on the
 // narrow tile: the rank-r projections of a dense layer's LoRA (one group, 2048 rows: 16 CTAs

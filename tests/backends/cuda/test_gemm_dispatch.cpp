@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #include "backends/cuda/grouped_gemm.cuh"
 #include "fp8moe/backend.hpp"
@@ -148,6 +150,30 @@ TEST(GemmDispatch, TileShapeChoice) {
   EXPECT_EQ(choose(176, true, false, true), TileShape::Sm90RegAT256);
   EXPECT_EQ(choose(256, true, false, true), TileShape::Sm90RegAT256);
   EXPECT_EQ(choose(0, true, false, true), TileShape::Sm90RegAT64);  // T = 0
+  {  // Without the 192-token tile (FP8MOE_GEMM_T192=off): 128 tokens below 128 rows, 256 from 128.
+    cuda::gemm::GemmProblem p;
+    p.experts = 128;
+    p.n = p.k = 2048;
+    p.rega_fits = true;
+    for (const auto& [per, want] : {std::pair{111, TileShape::Sm90RegA}, {112, TileShape::Sm90RegA},
+                                    {127, TileShape::Sm90RegA}, {128, TileShape::Sm90RegAT256},
+                                    {175, TileShape::Sm90RegAT256}, {16, TileShape::Sm90RegAT64}}) {
+      p.rows = per * p.experts;
+      EXPECT_EQ(cuda::gemm::choose_tile_shape(p, true, false), want) << per << " rows per expert";
+    }
+  }
+  EXPECT_TRUE(cuda::gemm::parse_t192_env(nullptr));
+  EXPECT_TRUE(cuda::gemm::parse_t192_env(""));
+  EXPECT_TRUE(cuda::gemm::parse_t192_env("on"));
+  EXPECT_FALSE(cuda::gemm::parse_t192_env("off"));
+  for (const char* bad : {"0", "OFF", "false", "no"}) {
+    try {
+      cuda::gemm::parse_t192_env(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("'") + bad + "' is not one of: on, off"), std::string::npos) << e.what();
+    }
+  }
   // Else the shared-memory wgmma kernel from 128 rows per expert, or for fine K scales.
   EXPECT_EQ(choose(128, false, false, true), TileShape::Sm90M128N128);
   EXPECT_EQ(choose(16, false, true, true), TileShape::Sm90M128N128);
