@@ -810,8 +810,9 @@ void grouped_gemm(const GroupedGemm& g, Allocator& alloc, cudaStream_t stream, c
     ep.q_codes = static_cast<uint8_t*>(g.out_fp8.codes.data);
     ep.q_scales = static_cast<float*>(g.out_fp8.scales.data);
   }
+  // With LoRA the vector form always (lora_pass_fits held above: epilogue_kernel has no delta).
   EpilogueForm form = R > 0 ? EpilogueForm::Vector : options.form == EpilogueForm::Auto ? choose_epilogue_form(g) : options.form;
-  if (form == EpilogueForm::Vector && !epilogue_vector_fits(g).empty()) form = EpilogueForm::General;
+  if (R == 0 && form == EpilogueForm::Vector && !epilogue_vector_fits(g).empty()) form = EpilogueForm::General;
   if (form == EpilogueForm::Vector) {
     const int64_t row_tiles = (M + vector_tile::kRows - 1) / vector_tile::kRows;
     const int64_t col_tiles = (out_cols + vector_tile::kCols - 1) / vector_tile::kCols;
