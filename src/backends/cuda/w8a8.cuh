@@ -18,14 +18,15 @@
 //   epilogue  exactly GroupedGemm's semantics on D: (channel scale), + lora_scale * L LB^T, row
 //             scale, bias, then Store or GluForward (aux = pre-activation, out = act(gate, up)).
 //             D is the BF16 output itself where there is one (out of a Store, aux of a GLU), the
-//             epilogue rewriting it in place. Without LoRA, a pass of this path's, which a Store
-//             with nothing to apply skips and a GLU whose D is aux does not rewrite. With LoRA
-//             (LoraPath), either the W8A16 family's rank-r GEMM (K = r) on the LoRA factors with D
-//             as an addend (grouped_gemm.cuh: GemmAddend), or this path's pass with the rank-r
-//             product computed in it (r <= kMaxPassRank). Neither stores the delta.
-//             GroupedGemm::out_fp8 (out's E4M3 rows for the next GEMM): written by the pass without
-//             LoRA from the values it stores; after the LoRA paths, and where no pass runs, by
-//             quantize_rows over out.
+//             epilogue rewriting it in place. Without LoRA, a pass of this path's
+//             (w8a8_epilogue.cu, EpilogueForm), which a Store with nothing to apply skips and a GLU
+//             whose D is aux does not rewrite. With LoRA (LoraPath), either the W8A16 family's
+//             rank-r GEMM (K = r) on the LoRA factors with D as an addend (grouped_gemm.cuh:
+//             GemmAddend), or this path's pass with the rank-r product computed in it on tensor
+//             cores (r <= kMaxPassRank). Neither stores the delta.
+//             GroupedGemm::out_fp8 (out's E4M3 rows for the next GEMM): written by the pass from the
+//             values it stores; after the addend GEMM, and where no pass runs, by quantize_rows
+//             over out.
 //
 // What it takes (w8a8_fits says which condition failed): b F8_E4M3 with 128x128 block scales
 // (one grid, or two segments each a multiple of 128 rows: then the grid is the plain one) or
@@ -265,6 +266,14 @@ void lora_addend_gemm(const GroupedGemm& g, const TensorView& d, const TensorVie
 // are quantized unscaled. Runs over the M rows (a token's k rows differ), gathered when by token.
 void quantize_rows_scaled(const GemmOperand& a, const RoutingPlan& plan, const TensorView& col_factors,
                           const TensorView& codes, const TensorView& scales, cudaStream_t stream);
+
+// The epilogue policies of g (channel scales, its LoRA delta, row scale, bias, Store or GluForward)
+// on D, the FP8 product (BF16 [M, N]; may be g.out or g.aux itself, rewritten in place), into
+// g.out, g.aux and g.out_fp8 by one of w8a8_epilogue.cu's passes: with LoRA the vector form with the
+// delta (g must pass lora_pass_fits: LoraPath::Pass), else the form `form` asks (Auto:
+// choose_epilogue_form; Vector where it does not fit: General). A Store into D itself with nothing
+// to apply writes out_fp8 alone.
+void epilogue_pass(const GroupedGemm& g, const void* d, EpilogueForm form, cudaStream_t stream);
 
 // g.out_fp8 (when defined) from g.out, by a quantize_rows pass over it: for the GEMMs whose
 // epilogue does not write them (the W8A16 kernels, W8A8 with LoRA).
