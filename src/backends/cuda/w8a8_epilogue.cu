@@ -46,6 +46,7 @@ struct EpilogueParams {
   const void* lb = nullptr;  // [E, N, R]
   Elem lb_type = Elem::F32;
   int R = 0;
+  bool l_pairs = false, lb_pairs = false;  // R even and the array aligned to two elements (load_pair)
   float lora_scale = 0.0f;
 };
 
@@ -176,6 +177,18 @@ __device__ __forceinline__ void v_run8(const EpilogueParams& p, int64_t r, int e
   }
 }
 
+// Elements q and q + 1 (q even) of the row of R starting at `base` of a BF16 or F32 array, as a
+// BF16 pair (q low), zero past R: one 4- or 8-byte load where `pairs` (R even, the array aligned to
+// two elements), else two.
+__device__ __forceinline__ uint32_t load_pair(const void* p, Elem t, int64_t base, int q, int R, bool pairs) {
+  if (pairs && q < R) {
+    if (t == Elem::BF16) return __ldg(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(p) + base + q));
+    const float2 f = __ldg(reinterpret_cast<const float2*>(static_cast<const float*>(p) + base + q));
+    return gemm::pack_bf16x2(f.x, f.y);
+  }
+  return gemm::pack_bf16x2(q < R ? gemm::load_elem(p, t, base + q) : 0.0f, q + 1 < R ? gemm::load_elem(p, t, base + q + 1) : 0.0f);
+}
+
 // The block's LoRA delta tile: delta[lr][j] = sum_q L[r0 + lr, q] LB_e[v_col(j), q] for each row
 // lr < rows, e the row's expert. L's rows (read through the plan) are staged once; then, for each
 // expert the rows hold, LB_e's rows for the tile's v columns, and one MMA of the whole tile whose
@@ -187,14 +200,13 @@ __device__ void lora_delta_tile(const EpilogueParams& p, int64_t r0, int rows, i
   uint32_t* lbs = ls + vt::kRows * kW;
   float* delta = reinterpret_cast<float*>(lbs + kVc * kW);
   for (int i = threadIdx.x; i < vt::kRows * kPairs; i += vt::kThreads) {
-    const int lr = i / kPairs, w = i % kPairs, q = 2 * w;
-    float x0 = 0.0f, x1 = 0.0f;
+    const int lr = i / kPairs, w = i % kPairs;
+    uint32_t x = 0;
     if (lr < rows) {
       const int64_t r = r0 + lr, src = p.l_tokens ? p.sorted_pairs[r] / p.top_k : r;
-      if (q < p.R) x0 = gemm::load_elem(p.l, p.l_type, src * p.R + q);
-      if (q + 1 < p.R) x1 = gemm::load_elem(p.l, p.l_type, src * p.R + q + 1);
+      x = load_pair(p.l, p.l_type, src * p.R, 2 * w, p.R, p.l_pairs);
     }
-    ls[lr * kW + w] = gemm::pack_bf16x2(x0, x1);
+    ls[lr * kW + w] = x;
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int e_first = expert_of(p.offsets, p.E, r0), e_last = expert_of(p.offsets, p.E, r0 + rows - 1);
@@ -203,15 +215,9 @@ __device__ void lora_delta_tile(const EpilogueParams& p, int64_t r0, int rows, i
     if (lo == hi) continue;  // the same for the whole block: no barrier is skipped by part of it
     __syncthreads();         // L staged; the last expert's reads of lbs done
     for (int i = threadIdx.x; i < kVc * kPairs; i += vt::kThreads) {
-      const int j = i / kPairs, w = i % kPairs, q = 2 * w;
+      const int j = i / kPairs, w = i % kPairs;
       const int n = vt::v_col(j, tile, cols, kGlu, kInter);
-      float x0 = 0.0f, x1 = 0.0f;
-      if (n >= 0) {
-        const int64_t base = (static_cast<int64_t>(e) * p.N + n) * p.R;
-        if (q < p.R) x0 = gemm::load_elem(p.lb, p.lb_type, base + q);
-        if (q + 1 < p.R) x1 = gemm::load_elem(p.lb, p.lb_type, base + q + 1);
-      }
-      lbs[j * kW + w] = gemm::pack_bf16x2(x0, x1);
+      lbs[j * kW + w] = n >= 0 ? load_pair(p.lb, p.lb_type, (static_cast<int64_t>(e) * p.N + n) * p.R, 2 * w, p.R, p.lb_pairs) : 0u;
     }
     __syncthreads();
     float acc[2][kNt][4] = {};
@@ -416,6 +422,11 @@ void epilogue_pass(const GroupedGemm& g, const void* d, EpilogueForm asked, cuda
     ep.lb_type = elem_of(g.lora_b.dtype, "lora_b");
     ep.R = static_cast<int>(R);
     ep.lora_scale = static_cast<float>(g.lora_scale);
+    const auto pairs = [&](const void* ptr, Elem t) {
+      return R % 2 == 0 && reinterpret_cast<uintptr_t>(ptr) % (t == Elem::BF16 ? 4 : 8) == 0;
+    };
+    ep.l_pairs = pairs(ep.l, ep.l_type);
+    ep.lb_pairs = pairs(ep.lb, ep.lb_type);
   }
   // A Store into D itself with nothing to apply (GEMM2 of a layer without LoRA or bias): done, but
   // for out's codes, by a pass over out (a read of it, cheaper than this pass's rewrite).
