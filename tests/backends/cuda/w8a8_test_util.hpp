@@ -1,10 +1,12 @@
-// Helpers of the W8A8 tests (test_w8a8.cpp, test_w8a8_dgrad.cpp): the host's side of the device's
-// activation quantization, against which both the FP8 GEMMs' inputs and their out_fp8 are checked.
+// Helpers of the W8A8 tests (test_w8a8.cpp, test_w8a8_dgrad.cpp, test_w8a8_epilogue.cpp): the host's
+// side of the device's activation quantization, against which both the FP8 GEMMs' inputs and their
+// out_fp8 are checked, and the environment parsers' refusal.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <string>
 
 #include "backends/cuda/cuda_test_util.hpp"
 #include "fp8moe/backend.hpp"
@@ -39,6 +41,19 @@ inline void expect_fp8_rows_of(const Tensor& out, Backend& gpu, const Fp8Rows& f
   for (int64_t i = 0; i < M * groups; ++i) scale_diff += scales.ptr<float>()[i] != want_scales.ptr<float>()[i];
   EXPECT_EQ(code_diff, 0) << what << ": codes differing from the host's quantization of out";
   EXPECT_EQ(scale_diff, 0) << what << ": scales differing from the host's quantization of out";
+}
+
+// An environment parser refuses `bad` with an error naming it and the accepted values.
+template <class Parse>
+inline void expect_env_refused(Parse parse, const char* bad, const std::string& accepted) {
+  try {
+    parse(bad);
+    ADD_FAILURE() << "'" << bad << "' was accepted";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(std::string("'") + bad + "'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(accepted), std::string::npos) << msg;
+  }
 }
 
 }  // namespace fp8moe::test
