@@ -91,6 +91,21 @@ inline double rel_error(const TensorView& a, const TensorView& ref) {
   return std::sqrt(num / den);
 }
 
+// Elements of `a` farther from `ref` than tol * (|ref| + RMS(ref)) (non-finite ones included):
+// where a Frobenius error hides a few misplaced values, this counts them.
+inline int64_t count_far(const TensorView& a, const TensorView& ref, double tol) {
+  EXPECT_EQ(a.shape, ref.shape);
+  double ss = 0.0;
+  for (int64_t i = 0; i < ref.numel(); ++i) ss += std::pow(load_as_double(ref.data, ref.dtype, i), 2);
+  const double rms = ref.numel() > 0 ? std::sqrt(ss / static_cast<double>(ref.numel())) : 0.0;
+  int64_t far = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double x = load_as_double(a.data, a.dtype, i), y = load_as_double(ref.data, ref.dtype, i);
+    far += !(std::fabs(x - y) <= tol * (std::fabs(y) + rms));
+  }
+  return far;
+}
+
 inline bool bytes_equal(const TensorView& a, const TensorView& b) {
   return a.nbytes() == b.nbytes() && std::memcmp(a.data, b.data, static_cast<size_t>(a.nbytes())) == 0;
 }
