@@ -19,8 +19,9 @@
 #                    fine-tuning benchmark (bench/model_bench.py) beside transformers + PEFT BF16.
 #   PYTHON_TESTS     what the python step passes to pytest (default tests/python; e.g.
 #                    "tests/python/test_graphs.py" for one file)
-#   WHEELS           a folder of Python wheels to install first (default .whl; PEFT, pytest and
-#                    nanobind travel this way to a machine without a network)
+#   WHEELS           a folder of Python wheels to install first (default .whl: what the device image
+#                    lacks travels this way to a machine without a network; scripts/device_prep.sh
+#                    fills it, and .deps/, on a machine with one)
 #   BUILD_DIR        build folder (default build-gpu)
 #   W8A8             ON (default) or OFF: build the W8A8 (CUTLASS) kernel; OFF builds in about half
 #                    the time for runs that need no W8A8 path (its tests then skip)
