@@ -50,11 +50,9 @@ struct EpilogueParams {
   float lora_scale = 0.0f;
 };
 
-// GroupedGemm's v from D = the FP8 product: ch, the channel scale (1 without); delta, the scaled
-// LoRA term (0 without); rs, the row scale; bias (0 without). v_run8 applies the same terms.
-__device__ __forceinline__ float epilogue_value(float d, float ch, float delta, float rs, float bias) {
-  return (d * ch + delta) * rs + bias;
-}
+// GroupedGemm's v from D = the FP8 product without LoRA: ch, the channel scale (1 without); rs, the
+// row scale; bias (0 without). v_run8 applies the same terms with the LoRA delta before rs.
+__device__ __forceinline__ float epilogue_value(float d, float ch, float rs, float bias) { return d * ch * rs + bias; }
 
 // v[j] for columns n[j] of row r (n < 0: 0), without LoRA. The 8
 // values of D and the channel scales come as vector loads where n is a run of 8 (the halves
@@ -67,8 +65,27 @@ __device__ __forceinline__ void v8(const EpilogueParams& p, int64_t r, int e, fl
   for (int j = 0; j < 8; ++j) {
     if (n[j] < 0) continue;
     const float bias = p.bias ? gemm::load_elem(p.bias, p.bias_type, static_cast<int64_t>(e) * p.N + n[j]) : 0.0f;
-    v[j] = epilogue_value(v[j], p.chan ? ch[j] : 1.0f, 0.0f, rs, bias);
+    v[j] = epilogue_value(v[j], p.chan ? ch[j] : 1.0f, rs, bias);
   }
+}
+
+// out's FP8 codes for an item's 8 values o (row r, columns c0 ..), quantized from the values as
+// stored (what the next GEMM's quantize pass would read): both passes lay their items out so that
+// a half warp holds one row's 128-wide group, whose amax it takes with shuffles. Every lane of the
+// warp calls it; a lane with `live` false (o zero) only takes part in the shuffles.
+__device__ __forceinline__ void store_item_codes(const EpilogueParams& p, float (&o)[8], bool live, int64_t r, int c0,
+                                                 int cols) {
+  if (p.out_type == Elem::BF16) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = __bfloat162float(__float2bfloat16_rn(o[j]));
+  }
+  const float amax = half_warp_amax(o);
+  if (!live) return;
+  const float scale = group_scale(amax);
+  if (c0 % kGroup == 0) p.q_scales[r * ((cols + kGroup - 1) / kGroup) + c0 / kGroup] = scale;
+  uint32_t word[2];
+  encode8(o, scale, word);
+  store_codes8(p.q_codes + r * cols + c0, word, cols - c0, cols % 8 == 0);
 }
 
 // A block covers a run of EpilogueParams::rows_per_block rows, one thread per 8 output columns of a
@@ -127,19 +144,8 @@ __global__ void epilogue_kernel(EpilogueParams p) {
       }
       gemm::store8(p.out, p.out_type, r * cols, n, o, p.out_vec8);
     }
-    if (!p.q_codes) continue;
-    // The values as stored (the next GEMM's quantize pass would read those), then their codes.
-    if (p.out_type == Elem::BF16) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = __bfloat162float(__float2bfloat16_rn(o[j]));
-    }
-    const float amax = half_warp_amax(o);
-    if (n[0] < 0) continue;  // padding past the row's end, or past the items
-    const float scale = group_scale(amax);
-    if (c0 % kGroup == 0) p.q_scales[r * ((cols + kGroup - 1) / kGroup) + c0 / kGroup] = scale;
-    uint32_t word[2];
-    encode8(o, scale, word);
-    store_codes8(p.q_codes + r * cols + c0, word, cols - c0, cols % 8 == 0);
+    // n[0] < 0: padding past the row's end, or past the items.
+    if (p.q_codes) store_item_codes(p, o, n[0] >= 0, r, c0, cols);
   }
 }
 
@@ -148,9 +154,9 @@ __global__ void epilogue_kernel(EpilogueParams p) {
 namespace vt = vector_tile;
 
 // The 8 v values of row r at v columns col .. col + 7 (col a multiple of 8): GroupedGemm's
-// (d * ch + lora_scale * delta) * rs + bias, as epilogue_value, each term a 16-byte run. `delta`:
-// the run in the block's F32 delta tile (kLora only). Terms are applied one by one rather than
-// through epilogue_value: that call with arrays of neutral defaults doubled the kernel's registers.
+// (d * ch + lora_scale * delta) * rs + bias, each term a 16-byte run. `delta`: the run in the
+// block's F32 delta tile (kLora only). Terms are applied one by one rather than through a per-element
+// helper: one with arrays of neutral defaults doubled the kernel's registers.
 template <bool kLora>
 __device__ __forceinline__ void v_run8(const EpilogueParams& p, int64_t r, int e, float rs, int col, const float* delta,
                                        float (&v)[8]) {
@@ -258,7 +264,7 @@ __device__ void lora_delta_tile(const EpilogueParams& p, int64_t r0, int rows, i
 // tile), with the LoRA delta where kR > 0 (the rank rounded up to 16 or 32). kGlu: GluForward;
 // kInter: its gate and up columns interleaved (GPT-OSS), else halves; template arguments, so that
 // every run index is a constant (a runtime choice would index the runs in local memory). Every
-// item reads and writes 16-byte runs, with no index arrays: 40 to 63 registers (sm_90a, CUDA 13.0)
+// item reads and writes 16-byte runs, with no index arrays: 40 to 64 registers (sm_90a, CUDA 13.0)
 // against epilogue_kernel's 93, which left that pass latency-bound at two blocks per SM
 // (bench/NOTES.md, twenty-seventh session).
 // Rows at or past offsets[E] are not written. With q_codes, a half warp holds one row's 128-wide
@@ -315,20 +321,7 @@ __global__ void __launch_bounds__(vt::kThreads, 4) vector_epilogue_kernel(Epilog
       }
       gemm::store_run8(p.out, p.out_type, r * cols + c0, o);
     }
-    if (!p.q_codes) continue;
-    // The values as stored, then their codes (epilogue_kernel's quantization, with no padding
-    // past the row: a tile is one group).
-    if (p.out_type == Elem::BF16) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = __bfloat162float(__float2bfloat16_rn(o[j]));
-    }
-    const float amax = half_warp_amax(o);
-    if (!live) continue;
-    const float scale = group_scale(amax);
-    if (chunk == 0) p.q_scales[r * ((cols + kGroup - 1) / kGroup) + tile] = scale;
-    uint32_t word[2];
-    encode8(o, scale, word);
-    store_codes8(p.q_codes + r * cols + c0, word, 8, true);
+    if (p.q_codes) store_item_codes(p, o, live, r, c0, cols);  // a tile is one group: a half warp, one row's
   }
 }
 
